@@ -1,0 +1,266 @@
+//! The command bus: commands to supervisors, configuration broadcasts, and device events.
+//!
+//! Delivery is at-least-once. A consumer gets [`Delivery`]s and acknowledges
+//! each one explicitly once it has done its work; a delivery that was never
+//! acknowledged comes again to the next subscriber of the same stream (after
+//! a restart, say). So consumers must be idempotent, by correlation id.
+//!
+//! Every queue is bounded: when a consumer falls behind, senders wait
+//! (back-pressure) rather than memory growing without limit.
+
+use std::fmt::{self, Debug};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CorrelationId};
+use crate::config::ConfigRef;
+use crate::error::{Error, Result};
+use crate::event::DeviceEvent;
+use crate::id::{GroupName, SupervisorId};
+use crate::status::Labels;
+use crate::time::Timestamp;
+
+/// Where a backend records acknowledgements.
+///
+/// Backends implement this; users only see it through [`Acker`].
+#[async_trait]
+pub trait AckSink: Send + Sync + Debug + 'static {
+    /// Records that the delivery identified by `token` was handled.
+    async fn ack(&self, token: u64) -> Result<()>;
+}
+
+/// Acknowledges one delivery. Dropping it without acking leaves the delivery
+/// unacknowledged: it comes again to the next subscriber.
+#[must_use = "a delivery that is not acknowledged is delivered again"]
+pub struct Acker {
+    sink: Arc<dyn AckSink>,
+    token: u64,
+}
+
+impl Acker {
+    /// An acker that reports `token` to `sink` (for backends).
+    pub fn new(sink: Arc<dyn AckSink>, token: u64) -> Self {
+        Acker { sink, token }
+    }
+
+    /// Acknowledges the delivery.
+    pub async fn ack(self) -> Result<()> {
+        self.sink.ack(self.token).await
+    }
+}
+
+impl Debug for Acker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acker").field("token", &self.token).finish()
+    }
+}
+
+/// A message handed to a consumer, to be acknowledged once handled.
+#[derive(Debug)]
+pub struct Delivery<T> {
+    message: T,
+    acker: Acker,
+}
+
+impl<T> Delivery<T> {
+    /// A delivery of `message` acknowledged through `acker` (for backends).
+    pub fn new(message: T, acker: Acker) -> Self {
+        Delivery { message, acker }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &T {
+        &self.message
+    }
+
+    /// Splits into the message and its acker, to ack after the work is done.
+    pub fn into_parts(self) -> (T, Acker) {
+        (self.message, self.acker)
+    }
+
+    /// Acknowledges the delivery.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+}
+
+/// A stream of deliveries from one subscription.
+///
+/// Dropping the stream ends the subscription; what it delivered but was not
+/// acknowledged goes to the next subscriber.
+#[async_trait]
+pub trait MessageStream<T: Send>: Send + Debug {
+    /// The next delivery; waits for one. `Ok(None)` once the subscription has
+    /// ended (the bus closed, or a newer subscriber took the stream over).
+    async fn next(&mut self) -> Result<Option<Delivery<T>>>;
+}
+
+/// A subscription, as returned by the bus traits.
+pub type Subscription<T> = Box<dyn MessageStream<T>>;
+
+/// A configuration change announced to every supervisor.
+///
+/// Supervisors answer it by pushing `config` to each connected device of
+/// `config.agent_type` whose labels include every `selector` label (an empty
+/// selector selects them all) and whose applied configuration differs.
+///
+/// On the `opamp.config-updates` topic it is one JSON object:
+/// `{"agent_type": "fluentbit", "config_version": "v2", "selector": {"ring": "canary"},
+///   "timestamp": "2026-01-27T10:30:00Z", "correlation_id": "…"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ConfigUpdate {
+    /// The configuration to run.
+    #[serde(flatten)]
+    pub config: ConfigRef,
+    /// Which devices of that agent type: those with all of these labels.
+    #[serde(default)]
+    pub selector: Labels,
+    /// When it was issued.
+    #[serde(rename = "timestamp")]
+    pub issued_at: Timestamp,
+    /// Ties the update to its rollout and audit trail.
+    pub correlation_id: CorrelationId,
+}
+
+impl ConfigUpdate {
+    /// An update to `config` for the devices matching `selector`, with a fresh correlation id.
+    pub fn new(config: ConfigRef, selector: Labels, issued_at: Timestamp) -> Self {
+        ConfigUpdate {
+            config,
+            selector,
+            issued_at,
+            correlation_id: CorrelationId::new(),
+        }
+    }
+
+    /// Whether a device with `labels` is selected.
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.selector
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    }
+
+    /// The JSON form.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Validated names, strings and timestamps serialise infallibly.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the JSON form; errors name what was wrong.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|err| Error::invalid_input(format!("config update JSON: {err}")))
+    }
+}
+
+/// Commands to supervisors, and configuration broadcasts to all of them.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::time::Duration;
+/// use opamp_core::{Command, CommandBus, CommandKind, DeviceId, SupervisorId, Timestamp};
+/// use opamp_bus::memory::MemoryBus;
+///
+/// let bus = MemoryBus::new();
+/// let s3 = SupervisorId::new("supervisor-pod-3")?;
+/// let mut commands = bus.subscribe(&s3).await?;
+///
+/// let toggle = CommandKind::SetEmission { state: true };
+/// let cmd = Command::new(DeviceId::new("device-5")?, toggle, Timestamp::now(), Duration::from_secs(5));
+/// bus.send(&s3, &cmd).await?;
+///
+/// let delivery = commands.next().await?.expect("one command");
+/// assert_eq!(delivery.message(), &cmd);
+/// delivery.ack().await?; // only after the device acknowledged it
+/// # Ok(())
+/// # }
+/// ```
+#[async_trait]
+pub trait CommandBus: Send + Sync + Debug + 'static {
+    /// Queues `command` for `supervisor`. Commands for one device arrive in
+    /// the order they were sent. Waits while the supervisor's queue is full.
+    async fn send(&self, supervisor: &SupervisorId, command: &Command) -> Result<()>;
+
+    /// The commands for `supervisor`. A new subscription takes the stream over
+    /// from an older one, and gets what the older one left unacknowledged.
+    async fn subscribe(&self, supervisor: &SupervisorId) -> Result<Subscription<Command>>;
+
+    /// Sends `update` to every supervisor.
+    async fn broadcast(&self, update: &ConfigUpdate) -> Result<()>;
+
+    /// The broadcasts for `supervisor`, from the time it first subscribed.
+    async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>>;
+}
+
+/// Device events, keyed by device, shared out among the members of consumer groups.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::{DeviceEvent, DeviceId, EventBus, EventKind, GroupName, SupervisorId, Timestamp};
+/// use opamp_bus::memory::MemoryBus;
+///
+/// let bus = MemoryBus::new();
+/// let mut servers = bus.subscribe_events(&GroupName::new("servers")?).await?;
+/// let connected = EventKind::Connected { supervisor: SupervisorId::new("s1")? };
+/// bus.publish_event(&DeviceEvent::new(DeviceId::new("device-5")?, connected, Timestamp::now())).await?;
+/// let delivery = servers.next().await?.expect("one event");
+/// assert_eq!(delivery.message().device.as_str(), "device-5");
+/// delivery.ack().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[async_trait]
+pub trait EventBus: Send + Sync + Debug + 'static {
+    /// Publishes `event`. Every group gets it; within a group, one member.
+    /// Events of one device reach a group in the order they were published.
+    async fn publish_event(&self, event: &DeviceEvent) -> Result<()>;
+
+    /// Joins `group`: this subscription gets its share of the group's events.
+    async fn subscribe_events(&self, group: &GroupName) -> Result<Subscription<DeviceEvent>>;
+}
+
+/// A complete bus: commands, broadcasts and events. Implemented for every
+/// type that implements both parts.
+pub trait Bus: CommandBus + EventBus {}
+
+impl<T: CommandBus + EventBus + ?Sized> Bus for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentType, ConfigVersion};
+
+    #[test]
+    fn config_update_json_and_selection() {
+        let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v2").unwrap());
+        let selector = Labels::from([("ring".to_owned(), "canary".to_owned())]);
+        let update = ConfigUpdate::new(config, selector, Timestamp::from_unix_seconds(1_769_509_800).unwrap());
+        let value: serde_json::Value = serde_json::from_slice(&update.to_json()).unwrap();
+        assert_eq!(value["agent_type"], "fluentbit");
+        assert_eq!(value["config_version"], "v2");
+        assert_eq!(value["selector"]["ring"], "canary");
+        assert_eq!(value["timestamp"], "2026-01-27T10:30:00Z");
+        assert_eq!(ConfigUpdate::from_json(&update.to_json()).unwrap(), update);
+
+        let mut labels = Labels::from([("ring".to_owned(), "canary".to_owned())]);
+        assert!(update.selects(&labels));
+        labels.insert("ring".into(), "main".into());
+        assert!(!update.selects(&labels));
+
+        let mut bad = value.clone();
+        bad["agent_type"] = "a:b".into();
+        let err = ConfigUpdate::from_json(bad.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("agent type"), "{err}");
+    }
+
+    #[test]
+    fn traits_are_object_safe() {
+        fn assert_dyn(_: Option<&dyn Bus>, _: Option<Subscription<Command>>) {}
+        assert_dyn(None, None);
+    }
+}

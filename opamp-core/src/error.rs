@@ -1,0 +1,213 @@
+//! The one public error type, organised by what the caller can do about it.
+
+use std::error::Error as StdError;
+
+use crate::id::{DeviceId, SupervisorId};
+
+/// A boxed error from a backend or a transport, kept as the `source()` of an [`Error`].
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// The result type used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, by kind.
+///
+/// Backends keep their own private error types and map them into one of these
+/// kinds, so callers never see a `redis`, `sqlx`, `rdkafka` or `tonic` type.
+/// [`Error::is_retryable`] tells whether the same call may succeed later.
+///
+/// `Display` prints this error's own message only; the underlying cause, where
+/// there is one, is returned by [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The thing asked for does not exist (a template, a device, a lease).
+    #[error("not found: {what}")]
+    NotFound {
+        /// What was looked for, e.g. `config template fluentbit/v1.2.3`.
+        what: String,
+    },
+
+    /// The thing to create exists already, with other content.
+    #[error("already exists: {what}")]
+    AlreadyExists {
+        /// What collided, e.g. `config template fluentbit/v1.2.3`.
+        what: String,
+    },
+
+    /// A supervisor acted on a device it does not own (any more).
+    ///
+    /// This is the fencing error: a stale supervisor can never overwrite what
+    /// the current owner wrote.
+    #[error("device {device} is not owned by {supervisor} (current owner: {})", owner_name(.owner))]
+    NotOwner {
+        /// The device acted on.
+        device: DeviceId,
+        /// The supervisor that tried to act.
+        supervisor: SupervisorId,
+        /// Who owns the device now, if anyone.
+        owner: Option<SupervisorId>,
+    },
+
+    /// The input was malformed; the message names what was wrong.
+    #[error("invalid input: {message}")]
+    InvalidInput {
+        /// What was wrong, naming the field, key or value.
+        message: String,
+    },
+
+    /// A backend or peer cannot be reached right now; retrying may succeed.
+    #[error("unavailable: {message}")]
+    Unavailable {
+        /// What was unavailable.
+        message: String,
+        /// The underlying cause, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// An operation did not finish within its deadline.
+    #[error("timed out: {operation}")]
+    Timeout {
+        /// What timed out.
+        operation: String,
+    },
+
+    /// The backend, transport or device does not support this operation.
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is not supported.
+        what: String,
+    },
+
+    /// A backend failed in a way that does not fit the other kinds.
+    #[error("{backend} backend error: {message}")]
+    Backend {
+        /// The backend's name, e.g. `redis`.
+        backend: &'static str,
+        /// What the library was doing when it failed, naming the key or row.
+        message: String,
+        /// The backend's own error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+fn owner_name(owner: &Option<SupervisorId>) -> &str {
+    owner.as_ref().map_or("none", SupervisorId::as_str)
+}
+
+impl Error {
+    /// Whether the same call may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+    }
+
+    /// A [`Error::NotFound`] naming `what`.
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Error::NotFound { what: what.into() }
+    }
+
+    /// An [`Error::AlreadyExists`] naming `what`.
+    pub fn already_exists(what: impl Into<String>) -> Self {
+        Error::AlreadyExists { what: what.into() }
+    }
+
+    /// An [`Error::InvalidInput`] with a message that names what was wrong.
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Unavailable`] without an underlying cause.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Timeout`] naming the operation.
+    pub fn timeout(operation: impl Into<String>) -> Self {
+        Error::Timeout {
+            operation: operation.into(),
+        }
+    }
+
+    /// An [`Error::Unsupported`] naming what is not supported.
+    pub fn unsupported(what: impl Into<String>) -> Self {
+        Error::Unsupported { what: what.into() }
+    }
+
+    /// An [`Error::Backend`] wrapping a backend's own error.
+    pub fn backend(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Backend {
+            backend,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// Shortens untrusted text before it is echoed in an error message.
+pub(crate) fn excerpt(text: &str) -> String {
+    const MAX: usize = 80;
+    if text.len() <= MAX {
+        return format!("{text:?}");
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_kinds() {
+        assert!(Error::unavailable("redis").is_retryable());
+        assert!(Error::timeout("claim").is_retryable());
+        assert!(!Error::not_found("x").is_retryable());
+        assert!(!Error::invalid_input("x").is_retryable());
+        assert!(!Error::backend("redis", "GET k", std::io::Error::other("boom")).is_retryable());
+    }
+
+    #[test]
+    fn source_is_returned_not_printed() {
+        let err = Error::backend("redis", "GET device:a:supervisor", std::io::Error::other("boom"));
+        assert_eq!(
+            err.to_string(),
+            "redis backend error: GET device:a:supervisor"
+        );
+        assert_eq!(err.source().map(ToString::to_string).as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn not_owner_names_everyone() {
+        let err = Error::NotOwner {
+            device: DeviceId::new("d1").unwrap(),
+            supervisor: SupervisorId::new("s1").unwrap(),
+            owner: Some(SupervisorId::new("s2").unwrap()),
+        };
+        assert_eq!(
+            err.to_string(),
+            "device d1 is not owned by s1 (current owner: s2)"
+        );
+    }
+
+    #[test]
+    fn excerpt_truncates_on_char_boundary() {
+        let long = "é".repeat(100);
+        let short = excerpt(&long);
+        assert!(short.ends_with("(200 bytes)"));
+        assert_eq!(excerpt("abc"), "\"abc\"");
+    }
+}

@@ -1,0 +1,275 @@
+//! Timestamps and the clock that lease expiry is judged by.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::error::{Error, Result, excerpt};
+
+/// A point in time in UTC with millisecond precision.
+///
+/// Serialised as RFC 3339 (`2026-01-27T10:30:00Z`, with `.123` when there are
+/// milliseconds), the form of the design's Appendix B. Only years 0000–9999
+/// are representable, so every `Timestamp` can be written out.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    millis: i64,
+}
+
+/// 0000-01-01T00:00:00Z.
+const MIN_MILLIS: i64 = -62_167_219_200_000;
+/// 9999-12-31T23:59:59.999Z.
+const MAX_MILLIS: i64 = 253_402_300_799_999;
+
+impl Timestamp {
+    /// The Unix epoch.
+    pub const UNIX_EPOCH: Timestamp = Timestamp { millis: 0 };
+
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    /// The time `millis` milliseconds after the Unix epoch, if representable.
+    pub fn from_unix_millis(millis: i64) -> Option<Self> {
+        (MIN_MILLIS..=MAX_MILLIS)
+            .contains(&millis)
+            .then_some(Timestamp { millis })
+    }
+
+    /// The time `seconds` seconds after the Unix epoch, if representable.
+    pub fn from_unix_seconds(seconds: i64) -> Option<Self> {
+        seconds.checked_mul(1000).and_then(Self::from_unix_millis)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(self) -> i64 {
+        self.millis
+    }
+
+    /// Whole seconds since the Unix epoch (rounded down), the form of the design's `last_seen`.
+    pub fn unix_seconds(self) -> i64 {
+        self.millis.div_euclid(1000)
+    }
+
+    /// `self + by`, saturating at the latest representable time.
+    pub fn saturating_add(self, by: Duration) -> Self {
+        let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        Timestamp {
+            millis: self.millis.saturating_add(by).min(MAX_MILLIS),
+        }
+    }
+
+    /// How long after `earlier` this is; zero if it is not after it.
+    pub fn duration_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.millis.saturating_sub(earlier.millis).max(0) as u64)
+    }
+
+    /// Parses RFC 3339 (any offset; sub-millisecond digits are truncated).
+    pub fn parse_rfc3339(text: &str) -> Result<Self> {
+        let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|err| {
+            Error::invalid_input(format!("timestamp {} is not RFC 3339: {err}", excerpt(text)))
+        })?;
+        let millis = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
+        i64::try_from(millis)
+            .ok()
+            .and_then(Self::from_unix_millis)
+            .ok_or_else(|| {
+                Error::invalid_input(format!("timestamp {} is out of range", excerpt(text)))
+            })
+    }
+
+    /// Formats as RFC 3339 in UTC.
+    pub fn to_rfc3339(self) -> String {
+        let nanos = i128::from(self.millis) * 1_000_000;
+        OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            // Unreachable: the constructors keep `millis` within the years 0000–9999.
+            .unwrap_or_else(|| format!("@{}ms", self.millis))
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(time: SystemTime) -> Self {
+        let millis = match time.duration_since(UNIX_EPOCH) {
+            Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+            Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+        };
+        Timestamp {
+            millis: millis.clamp(MIN_MILLIS, MAX_MILLIS),
+        }
+    }
+}
+
+impl From<Timestamp> for SystemTime {
+    fn from(t: Timestamp) -> Self {
+        if t.millis >= 0 {
+            UNIX_EPOCH + Duration::from_millis(t.millis as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_millis(t.millis.unsigned_abs())
+        }
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Timestamp({})", self.to_rfc3339())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Timestamp::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a component reads the time from.
+///
+/// Stores judge lease expiry by the clock they are given, so tests can move
+/// time forward with a [`ManualClock`] instead of sleeping.
+///
+/// ```
+/// use std::time::Duration;
+/// use opamp_core::{Clock, ManualClock, Timestamp};
+///
+/// let clock = ManualClock::new(Timestamp::UNIX_EPOCH);
+/// clock.advance(Duration::from_secs(301));
+/// assert_eq!(clock.now().unix_seconds(), 301);
+/// ```
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that only moves when told to: for tests of TTLs and deadlines.
+#[derive(Debug)]
+pub struct ManualClock {
+    millis: AtomicI64,
+}
+
+impl ManualClock {
+    /// A clock standing at `start`.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock {
+            millis: AtomicI64::new(start.millis),
+        }
+    }
+
+    /// A clock standing at the current wall-clock time.
+    pub fn starting_now() -> Self {
+        Self::new(Timestamp::now())
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        let _ = self
+            .millis
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                Some(now.saturating_add(by).min(MAX_MILLIS))
+            });
+    }
+
+    /// Sets the clock to `to` (which may be earlier: clocks do jump).
+    pub fn set(&self, to: Timestamp) {
+        self.millis.store(to.millis, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp {
+            millis: self.millis.load(Ordering::SeqCst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_as_in_appendix_b() {
+        let t = Timestamp::parse_rfc3339("2026-01-27T10:30:00Z").unwrap();
+        assert_eq!(t.unix_seconds(), 1_769_509_800);
+        assert_eq!(t.to_string(), "2026-01-27T10:30:00Z");
+        let t = Timestamp::parse_rfc3339("2026-01-27T11:30:00.250+01:00").unwrap();
+        assert_eq!(t.to_string(), "2026-01-27T10:30:00.25Z");
+    }
+
+    #[test]
+    fn bad_timestamps_name_the_input() {
+        let err = Timestamp::parse_rfc3339("yesterday").unwrap_err().to_string();
+        assert!(err.contains("\"yesterday\" is not RFC 3339"), "{err}");
+        assert!(Timestamp::from_unix_millis(i64::MAX).is_none());
+        assert!(Timestamp::from_unix_seconds(i64::MAX).is_none());
+    }
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let clock = ManualClock::new(Timestamp::UNIX_EPOCH);
+        assert_eq!(clock.now(), Timestamp::UNIX_EPOCH);
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(clock.now().unix_millis(), 1500);
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now().unix_millis(), MAX_MILLIS);
+    }
+
+    #[test]
+    fn arithmetic_saturates() {
+        let t = Timestamp::from_unix_millis(MAX_MILLIS).unwrap();
+        assert_eq!(t.saturating_add(Duration::from_secs(1)), t);
+        assert_eq!(
+            Timestamp::UNIX_EPOCH.duration_since(t),
+            Duration::ZERO,
+            "earlier minus later is zero"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn rfc3339_round_trips(millis in MIN_MILLIS..=MAX_MILLIS) {
+            let t = Timestamp::from_unix_millis(millis).unwrap();
+            prop_assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()).unwrap(), t);
+            let through_system: Timestamp = SystemTime::from(t).into();
+            prop_assert_eq!(through_system, t);
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Device transports: how supervisors and device agents exchange messages.
+//!
+//! A transport carries the transport-neutral messages below over its own
+//! wire (gRPC, OpAMP over WebSocket or HTTP, or in-process channels):
+//!
+//! | message                    | direction            | gRPC `Envelope` field |
+//! |----------------------------|----------------------|-----------------------|
+//! | [`DeviceHello`] (register) | device → supervisor  | `register = 1`        |
+//! | [`ToDevice::Command`]      | supervisor → device  | `command = 2`         |
+//! | [`FromDevice::Status`]     | device → supervisor  | `event = 3`           |
+//! | [`ToDevice::ConfigPush`]   | supervisor → device  | `config_push = 4`     |
+//! | [`FromDevice::ConfigAck`]  | device → supervisor  | `config_ack = 5`      |
+//!
+//! plus [`FromDevice::CommandAck`] and [`FromDevice::Heartbeat`].
+//!
+//! The supervisor side is a [`DeviceTransport`], which accepts
+//! [`DeviceSession`]s; the device side is an [`AgentConnector`]. Each session
+//! has the identity the device proved when it connected, an [`Inbound`]
+//! stream, and an [`Outbound`] sender with a bounded queue, so a slow device
+//! fills its own queue and nobody else's.
+
+pub mod channel;
+
+use std::fmt::{self, Debug};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::command::{Command, CommandOutcome, CorrelationId};
+use crate::config::{ConfigBundle, ConfigHash, ConfigRef};
+use crate::error::Result;
+use crate::event::ConfigApplyState;
+use crate::id::{AgentType, ConfigVersion, DeviceId};
+use crate::status::Labels;
+
+/// What a device can do, as it told the supervisor when it registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// It accepts [`CommandKind::SetEmission`](crate::CommandKind::SetEmission).
+    pub emission: bool,
+    /// It accepts configuration pushes.
+    pub remote_config: bool,
+    /// It accepts [`CommandKind::Restart`](crate::CommandKind::Restart).
+    pub restart: bool,
+    /// The custom capabilities it accepts messages for.
+    pub custom: Vec<String>,
+}
+
+impl Capabilities {
+    /// Everything the built-in commands need: emission, remote config and restart.
+    pub fn all_builtin() -> Self {
+        Capabilities {
+            emission: true,
+            remote_config: true,
+            restart: true,
+            custom: Vec::new(),
+        }
+    }
+}
+
+/// Who a device is and what it runs, as proven and reported when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceHello {
+    /// The device id, proven by the transport's credential check.
+    pub device: DeviceId,
+    /// The kind of agent it runs.
+    pub agent_type: Option<AgentType>,
+    /// The configuration version it runs.
+    pub config_version: Option<ConfigVersion>,
+    /// The hash of the configuration it runs.
+    pub config_hash: Option<ConfigHash>,
+    /// Its labels.
+    pub labels: Labels,
+    /// What it can do.
+    pub capabilities: Capabilities,
+}
+
+impl DeviceHello {
+    /// A hello from `device` that reports nothing else yet.
+    pub fn new(device: DeviceId) -> Self {
+        DeviceHello {
+            device,
+            agent_type: None,
+            config_version: None,
+            config_hash: None,
+            labels: Labels::new(),
+            capabilities: Capabilities::default(),
+        }
+    }
+}
+
+/// A configuration sent to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConfigPush {
+    /// The command that asked for it, if one did (reconciliation pushes have none).
+    pub correlation_id: Option<CorrelationId>,
+    /// Which template version it is.
+    pub config: ConfigRef,
+    /// The bundle's content hash, which the device echoes in its [`ConfigAck`].
+    pub hash: ConfigHash,
+    /// The files.
+    pub bundle: ConfigBundle,
+}
+
+impl ConfigPush {
+    /// A push of `bundle` as `config`, with its hash computed.
+    pub fn new(correlation_id: Option<CorrelationId>, config: ConfigRef, bundle: ConfigBundle) -> Self {
+        ConfigPush {
+            correlation_id,
+            config,
+            hash: bundle.hash(),
+            bundle,
+        }
+    }
+}
+
+/// A message from a supervisor to a device.
+///
+/// Payloads are boxed or shared so that a queued message is two words: a
+/// supervisor keeps a queue per device, and pushes one bundle to thousands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ToDevice {
+    /// Do something; answer with [`FromDevice::CommandAck`].
+    Command(Box<Command>),
+    /// Apply this configuration; answer with [`FromDevice::ConfigAck`].
+    ConfigPush(Arc<ConfigPush>),
+}
+
+/// A device's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommandAck {
+    /// The command answered.
+    pub correlation_id: CorrelationId,
+    /// `Acked`, `Failed` or `Unsupported`.
+    pub outcome: CommandOutcome,
+}
+
+impl CommandAck {
+    /// An answer to the command `correlation_id`.
+    pub fn new(correlation_id: CorrelationId, outcome: CommandOutcome) -> Self {
+        CommandAck {
+            correlation_id,
+            outcome,
+        }
+    }
+}
+
+/// A device's report on a configuration it was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConfigAck {
+    /// The command that asked for it, echoed from the [`ConfigPush`].
+    pub correlation_id: Option<CorrelationId>,
+    /// The hash of the configuration reported on.
+    pub hash: ConfigHash,
+    /// Where applying it stands.
+    pub state: ConfigApplyState,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+impl ConfigAck {
+    /// A report on the configuration `hash`.
+    pub fn new(correlation_id: Option<CorrelationId>, hash: ConfigHash, state: ConfigApplyState, error: Option<String>) -> Self {
+        ConfigAck {
+            correlation_id,
+            hash,
+            state,
+            error,
+        }
+    }
+}
+
+/// A device's unprompted report of its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatusReport {
+    /// Whether it emits telemetry.
+    pub emission: Option<bool>,
+    /// Whether it is healthy.
+    pub healthy: Option<bool>,
+    /// Its last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// A message from a device to its supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FromDevice {
+    /// An answer to a command.
+    CommandAck(CommandAck),
+    /// A report on a configuration push.
+    ConfigAck(Box<ConfigAck>),
+    /// A report of its state.
+    Status(StatusReport),
+    /// It is alive; keeps its lease.
+    Heartbeat,
+}
+
+/// The receiving half of a session.
+#[async_trait]
+pub trait Inbound<T: Send>: Send + Debug {
+    /// The next message; `Ok(None)` once the peer has closed the session.
+    ///
+    /// An error means the peer sent something malformed or the connection
+    /// broke; the session is over either way.
+    async fn recv(&mut self) -> Result<Option<T>>;
+}
+
+#[async_trait]
+impl<T: Send + Debug> Inbound<T> for mpsc::Receiver<T> {
+    async fn recv(&mut self) -> Result<Option<T>> {
+        Ok(mpsc::Receiver::recv(self).await)
+    }
+}
+
+/// Why [`Outbound::try_send`] did not send; the message is handed back.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError<T> {
+    /// The peer's queue is full: it is slow or stuck.
+    #[error("the peer's queue is full")]
+    Full(T),
+    /// The session has ended.
+    #[error("the session has ended")]
+    Closed(T),
+}
+
+/// The sending half of a session: a bounded queue the transport drains onto the wire.
+#[derive(Debug)]
+pub struct Outbound<T> {
+    tx: mpsc::Sender<T>,
+}
+
+impl<T> Clone for Outbound<T> {
+    fn clone(&self) -> Self {
+        Outbound { tx: self.tx.clone() }
+    }
+}
+
+impl<T: Send> Outbound<T> {
+    /// A queue of `capacity` messages (at least 1): the sender, and the receiver the transport drains.
+    pub fn channel(capacity: usize) -> (Outbound<T>, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Outbound { tx }, rx)
+    }
+
+    /// Queues `message` if there is room, without waiting.
+    pub fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
+        self.tx.try_send(message).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(m) => TrySendError::Full(m),
+            mpsc::error::TrySendError::Closed(m) => TrySendError::Closed(m),
+        })
+    }
+
+    /// Queues `message`, waiting for room; hands it back if the session has ended.
+    pub async fn send(&self, message: T) -> Result<(), T> {
+        self.tx.send(message).await.map_err(|err| err.0)
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waits until the session has ended.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// A device connected to a supervisor.
+#[non_exhaustive]
+pub struct DeviceSession {
+    /// Who the device proved to be, and what it reported.
+    pub hello: DeviceHello,
+    /// Where it connected from, for logs (e.g. `grpc 127.0.0.1:40123`).
+    pub peer: String,
+    /// Messages from the device.
+    pub inbound: Box<dyn Inbound<FromDevice>>,
+    /// Messages to the device. Dropping every clone ends the session.
+    pub outbound: Outbound<ToDevice>,
+}
+
+impl DeviceSession {
+    /// A session (for transports).
+    pub fn new(hello: DeviceHello, peer: impl Into<String>, inbound: Box<dyn Inbound<FromDevice>>, outbound: Outbound<ToDevice>) -> Self {
+        DeviceSession {
+            hello,
+            peer: peer.into(),
+            inbound,
+            outbound,
+        }
+    }
+}
+
+impl Debug for DeviceSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceSession")
+            .field("device", &self.hello.device)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The supervisor side of a transport: accepts device sessions.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::transport::{channel, AgentConnector, DeviceHello, DeviceTransport, FromDevice};
+/// use opamp_core::DeviceId;
+///
+/// let (transport, connector) = channel::pair(channel::ChannelConfig::default());
+/// let mut agent = connector.connect(&DeviceHello::new(DeviceId::new("device-5")?)).await?;
+///
+/// let mut session = transport.accept().await?.expect("a device");
+/// assert_eq!(session.hello.device.as_str(), "device-5");
+/// agent.outbound.send(FromDevice::Heartbeat).await.expect("open");
+/// assert_eq!(session.inbound.recv().await?, Some(FromDevice::Heartbeat));
+/// # Ok(())
+/// # }
+/// ```
+#[async_trait]
+pub trait DeviceTransport: Send + Sync + Debug + 'static {
+    /// A short name for logs and metrics: `grpc`, `opamp`, `channel`.
+    fn name(&self) -> &'static str;
+
+    /// The next device that connected and proved its identity; `Ok(None)`
+    /// once the transport has shut down.
+    async fn accept(&self) -> Result<Option<DeviceSession>>;
+}
+
+/// A device's session with its supervisor, from the device's side.
+#[non_exhaustive]
+pub struct AgentSession {
+    /// Messages from the supervisor.
+    pub inbound: Box<dyn Inbound<ToDevice>>,
+    /// Messages to the supervisor.
+    pub outbound: Outbound<FromDevice>,
+}
+
+impl AgentSession {
+    /// A session (for transports).
+    pub fn new(inbound: Box<dyn Inbound<ToDevice>>, outbound: Outbound<FromDevice>) -> Self {
+        AgentSession { inbound, outbound }
+    }
+}
+
+impl Debug for AgentSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentSession").finish_non_exhaustive()
+    }
+}
+
+/// The device side of a transport: connects to a supervisor and registers.
+///
+/// The connector holds the device's credential; `hello` says who it claims to
+/// be and what it runs. See [`DeviceTransport`] for an example.
+#[async_trait]
+pub trait AgentConnector: Send + Sync + Debug + 'static {
+    /// Connects and registers as `hello.device`.
+    async fn connect(&self, hello: &DeviceHello) -> Result<AgentSession>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_messages_stay_small() {
+        assert!(std::mem::size_of::<ToDevice>() <= 16, "{}", std::mem::size_of::<ToDevice>());
+    }
+
+    #[tokio::test]
+    async fn outbound_reports_full_and_closed() {
+        let (out, mut rx) = Outbound::channel(1);
+        out.try_send(1).unwrap();
+        assert_eq!(out.try_send(2), Err(TrySendError::Full(2)));
+        assert_eq!(Inbound::recv(&mut rx).await.unwrap(), Some(1));
+        drop(rx);
+        assert!(out.is_closed());
+        assert_eq!(out.try_send(3), Err(TrySendError::Closed(3)));
+        assert_eq!(out.send(4).await, Err(4));
+    }
+}
