@@ -5,8 +5,15 @@
 //! acknowledged comes again to the next subscriber of the same stream (after
 //! a restart, say). So consumers must be idempotent, by correlation id.
 //!
-//! Every queue is bounded: when a consumer falls behind, senders wait
-//! (back-pressure) rather than memory growing without limit.
+//! Acknowledgements may come in any order. The next subscriber never gets
+//! again what was acknowledged before the oldest unacknowledged delivery; it
+//! may get again what was acknowledged after it (a log-based broker such as
+//! Kafka keeps one committed position per partition).
+//!
+//! What a bus holds is bounded, so that a consumer falling behind does not
+//! make memory grow without limit: the memory bus makes senders wait while a
+//! queue is full (back-pressure); a broker-backed bus keeps the backlog in
+//! the broker and bounds what a consumer has fetched but not acknowledged.
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
@@ -33,6 +40,9 @@ pub trait AckSink: Send + Sync + Debug + 'static {
 
 /// Acknowledges one delivery. Dropping it without acking leaves the delivery
 /// unacknowledged: it comes again to the next subscriber.
+///
+/// Acknowledging after the subscription ended (dropped, or taken over) is not
+/// an error but has no effect: the delivery comes again all the same.
 #[must_use = "a delivery that is not acknowledged is delivered again"]
 pub struct Acker {
     sink: Arc<dyn AckSink>,
@@ -94,6 +104,10 @@ impl<T> Delivery<T> {
 pub trait MessageStream<T: Send>: Send + Debug {
     /// The next delivery; waits for one. `Ok(None)` once the subscription has
     /// ended (the bus closed, or a newer subscriber took the stream over).
+    ///
+    /// A subscription taken over may first yield deliveries it had already
+    /// fetched (a broker-backed bus learns of the takeover late; the memory
+    /// bus ends it at once); those go to the newer subscriber too.
     async fn next(&mut self) -> Result<Option<Delivery<T>>>;
 }
 
@@ -138,9 +152,7 @@ impl ConfigUpdate {
 
     /// Whether a device with `labels` is selected.
     pub fn selects(&self, labels: &Labels) -> bool {
-        self.selector
-            .iter()
-            .all(|(key, value)| labels.get(key) == Some(value))
+        self.selector.iter().all(|(key, value)| labels.get(key) == Some(value))
     }
 
     /// The JSON form.
@@ -151,8 +163,7 @@ impl ConfigUpdate {
 
     /// Reads the JSON form; errors name what was wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes)
-            .map_err(|err| Error::invalid_input(format!("config update JSON: {err}")))
+        serde_json::from_slice(bytes).map_err(|err| Error::invalid_input(format!("config update JSON: {err}")))
     }
 }
 
@@ -182,7 +193,8 @@ impl ConfigUpdate {
 #[async_trait]
 pub trait CommandBus: Send + Sync + Debug + 'static {
     /// Queues `command` for `supervisor`. Commands for one device arrive in
-    /// the order they were sent. Waits while the supervisor's queue is full.
+    /// the order they were sent. May wait while the supervisor's queue is
+    /// full (the memory bus does).
     async fn send(&self, supervisor: &SupervisorId, command: &Command) -> Result<()>;
 
     /// The commands for `supervisor`. A new subscription takes the stream over
@@ -193,6 +205,7 @@ pub trait CommandBus: Send + Sync + Debug + 'static {
     async fn broadcast(&self, update: &ConfigUpdate) -> Result<()>;
 
     /// The broadcasts for `supervisor`, from the time it first subscribed.
+    /// As with [`subscribe`](Self::subscribe), a newer subscription takes the stream over.
     async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>>;
 }
 
@@ -221,6 +234,12 @@ pub trait EventBus: Send + Sync + Debug + 'static {
     async fn publish_event(&self, event: &DeviceEvent) -> Result<()>;
 
     /// Joins `group`: this subscription gets its share of the group's events.
+    ///
+    /// Joining and leaving (dropping the subscription) move shares of the
+    /// events, by device, between members; what a member had not acknowledged
+    /// of a share that moves goes to its new member. While membership stays
+    /// the same, each event goes to exactly one member, and all of one
+    /// device's events to the same one.
     async fn subscribe_events(&self, group: &GroupName) -> Result<Subscription<DeviceEvent>>;
 }
 

@@ -187,10 +187,7 @@ impl Command {
                 state: Some(*state),
                 ..Payload::default()
             },
-            CommandKind::ApplyConfig {
-                agent_type,
-                version,
-            } => Payload {
+            CommandKind::ApplyConfig { agent_type, version } => Payload {
                 agent_type: Some(agent_type.to_string()),
                 config_version: Some(version.to_string()),
                 ..Payload::default()
@@ -223,8 +220,8 @@ impl Command {
 
     /// Reads the Appendix B JSON; every error names the member that was wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let wire: WireCommand = serde_json::from_slice(bytes)
-            .map_err(|err| Error::invalid_input(format!("command JSON: {err}")))?;
+        let wire: WireCommand =
+            serde_json::from_slice(bytes).map_err(|err| Error::invalid_input(format!("command JSON: {err}")))?;
         wire.into_command()
     }
 }
@@ -421,17 +418,26 @@ mod tests {
             assert!(matches!(err, Error::InvalidInput { .. }));
             assert!(err.to_string().contains(expect), "{err} should contain {expect}");
         };
-        check(json!({"device_id": "bad id"}), "command `device_id`: device id \"bad id\"");
+        check(
+            json!({"device_id": "bad id"}),
+            "command `device_id`: device id \"bad id\"",
+        );
         check(json!({"correlation_id": "nope"}), "command `correlation_id`");
         check(json!({"timestamp": "noon"}), "command `timestamp`");
         check(json!({"command": "selfdestruct"}), "unknown command \"selfdestruct\"");
         check(json!({"command": "toggle_emission"}), "missing `state`");
-        check(json!({"command": "apply_config", "payload": {"agent_type": "fb"}}), "missing `config_version`");
+        check(
+            json!({"command": "apply_config", "payload": {"agent_type": "fb"}}),
+            "missing `config_version`",
+        );
         check(
             json!({"command": "apply_config", "payload": {"agent_type": "f:b", "config_version": "1"}}),
             "command `payload.agent_type`",
         );
-        check(json!({"command": "custom", "payload": {"capability": "c", "type": "t", "data": "%%"}}), "not base64");
+        check(
+            json!({"command": "custom", "payload": {"capability": "c", "type": "t", "data": "%%"}}),
+            "not base64",
+        );
         check(json!({"payload": {"deadline": 5}}), "command JSON");
         let err = Command::from_json(b"{\"device_id\": \"d1\"").unwrap_err();
         assert!(err.to_string().starts_with("invalid input: command JSON"), "{err}");
@@ -448,7 +454,11 @@ mod tests {
             }),
             Just(CommandKind::Restart),
             (".{0,16}", ".{0,16}", proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(c, t, d)| {
-                CommandKind::Custom { capability: c, message_type: t, data: d }
+                CommandKind::Custom {
+                    capability: c,
+                    message_type: t,
+                    data: d,
+                }
             }),
         ]
     }

@@ -86,9 +86,7 @@ impl<'de> Deserialize<'de> for ConfigFile {
                 .map_err(|err| D::Error::custom(format!("config file body is not base64: {err}")))?,
             (None, None) => return Err(D::Error::custom("config file needs `text` or `base64`")),
             (Some(_), Some(_)) => {
-                return Err(D::Error::custom(
-                    "config file has both `text` and `base64`; give one",
-                ));
+                return Err(D::Error::custom("config file has both `text` and `base64`; give one"));
             }
         };
         Ok(ConfigFile {
@@ -230,12 +228,9 @@ impl ConfigHash {
 
     /// Reads a hash from raw bytes, which must be exactly 32.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
-        <[u8; 32]>::try_from(bytes).map(ConfigHash).map_err(|_| {
-            Error::invalid_input(format!(
-                "config hash must be 32 bytes, got {}",
-                bytes.len()
-            ))
-        })
+        <[u8; 32]>::try_from(bytes)
+            .map(ConfigHash)
+            .map_err(|_| Error::invalid_input(format!("config hash must be 32 bytes, got {}", bytes.len())))
     }
 }
 
@@ -258,15 +253,13 @@ impl FromStr for ConfigHash {
     type Err = Error;
 
     fn from_str(text: &str) -> Result<Self> {
-        let invalid =
-            || Error::invalid_input(format!("config hash {} is not 64 hex digits", excerpt(text)));
+        let invalid = || Error::invalid_input(format!("config hash {} is not 64 hex digits", excerpt(text)));
         if text.len() != 64 {
             return Err(invalid());
         }
         let mut bytes = [0u8; 32];
         for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(invalid)?, 16)
-                .map_err(|_| invalid())?;
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(invalid)?, 16).map_err(|_| invalid())?;
         }
         Ok(ConfigHash(bytes))
     }
@@ -298,10 +291,7 @@ pub struct ConfigRef {
 impl ConfigRef {
     /// The reference to `agent_type` at `version`.
     pub fn new(agent_type: AgentType, version: ConfigVersion) -> Self {
-        ConfigRef {
-            agent_type,
-            version,
-        }
+        ConfigRef { agent_type, version }
     }
 }
 
@@ -334,12 +324,7 @@ pub struct ConfigTemplate {
 
 impl ConfigTemplate {
     /// A template created now by `created_by`.
-    pub fn new(
-        config: ConfigRef,
-        bundle: ConfigBundle,
-        created_by: impl Into<String>,
-        created_at: Timestamp,
-    ) -> Self {
+    pub fn new(config: ConfigRef, bundle: ConfigBundle, created_by: impl Into<String>, created_at: Timestamp) -> Self {
         ConfigTemplate {
             agent_type: config.agent_type,
             version: config.version,
@@ -398,7 +383,10 @@ mod tests {
 
     #[test]
     fn json_text_and_base64_bodies() {
-        let b = bundle(&[("fluent-bit.conf", "text/plain", b"[SERVICE]\n"), ("bin", "", &[0xff, 0])]);
+        let b = bundle(&[
+            ("fluent-bit.conf", "text/plain", b"[SERVICE]\n"),
+            ("bin", "", &[0xff, 0]),
+        ]);
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(
             json,
@@ -412,8 +400,7 @@ mod tests {
     fn json_errors_name_the_problem() {
         let err = serde_json::from_str::<ConfigBundle>(r#"{"a":{"content_type":"x"}}"#).unwrap_err();
         assert!(err.to_string().contains("needs `text` or `base64`"), "{err}");
-        let err =
-            serde_json::from_str::<ConfigBundle>(r#"{"a":{"text":"x","base64":"eA=="}}"#).unwrap_err();
+        let err = serde_json::from_str::<ConfigBundle>(r#"{"a":{"text":"x","base64":"eA=="}}"#).unwrap_err();
         assert!(err.to_string().contains("both"), "{err}");
         let err = serde_json::from_str::<ConfigBundle>(r#"{"a":{"base64":"!!"}}"#).unwrap_err();
         assert!(err.to_string().contains("not base64"), "{err}");
@@ -434,7 +421,11 @@ mod tests {
     #[test]
     fn file_names_are_checked() {
         assert!(ConfigBundle::new().with_file("", ConfigFile::new("", "")).is_ok());
-        assert!(ConfigBundle::new().with_file("x".repeat(256), ConfigFile::new("", "")).is_err());
+        assert!(
+            ConfigBundle::new()
+                .with_file("x".repeat(256), ConfigFile::new("", ""))
+                .is_err()
+        );
     }
 
     proptest! {

@@ -38,16 +38,9 @@ pub enum Error {
     /// A supervisor acted on a device it does not own (any more).
     ///
     /// This is the fencing error: a stale supervisor can never overwrite what
-    /// the current owner wrote.
-    #[error("device {device} is not owned by {supervisor} (current owner: {})", owner_name(.owner))]
-    NotOwner {
-        /// The device acted on.
-        device: DeviceId,
-        /// The supervisor that tried to act.
-        supervisor: SupervisorId,
-        /// Who owns the device now, if anyone.
-        owner: Option<SupervisorId>,
-    },
+    /// the current owner wrote. (Boxed, to keep every `Result` small.)
+    #[error("device {} is not owned by {} (current owner: {})", .0.device, .0.supervisor, owner_name(&.0.owner))]
+    NotOwner(Box<OwnerMismatch>),
 
     /// The input was malformed; the message names what was wrong.
     #[error("invalid input: {message}")]
@@ -93,6 +86,17 @@ pub enum Error {
     },
 }
 
+/// Who tried to act on a device, and who owns it: the details of [`Error::NotOwner`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerMismatch {
+    /// The device acted on.
+    pub device: DeviceId,
+    /// The supervisor that tried to act.
+    pub supervisor: SupervisorId,
+    /// Who owns the device now, if anyone.
+    pub owner: Option<SupervisorId>,
+}
+
 fn owner_name(owner: &Option<SupervisorId>) -> &str {
     owner.as_ref().map_or("none", SupervisorId::as_str)
 }
@@ -111,6 +115,15 @@ impl Error {
     /// An [`Error::AlreadyExists`] naming `what`.
     pub fn already_exists(what: impl Into<String>) -> Self {
         Error::AlreadyExists { what: what.into() }
+    }
+
+    /// An [`Error::NotOwner`]: `supervisor` acted on `device`, which `owner` holds.
+    pub fn not_owner(device: DeviceId, supervisor: SupervisorId, owner: Option<SupervisorId>) -> Self {
+        Error::NotOwner(Box::new(OwnerMismatch {
+            device,
+            supervisor,
+            owner,
+        }))
     }
 
     /// An [`Error::InvalidInput`] with a message that names what was wrong.
@@ -141,11 +154,7 @@ impl Error {
     }
 
     /// An [`Error::Backend`] wrapping a backend's own error.
-    pub fn backend(
-        backend: &'static str,
-        message: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn backend(backend: &'static str, message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Backend {
             backend,
             message: message.into(),
@@ -181,26 +190,25 @@ mod tests {
     }
 
     #[test]
+    fn results_stay_small() {
+        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
+    }
+
+    #[test]
     fn source_is_returned_not_printed() {
         let err = Error::backend("redis", "GET device:a:supervisor", std::io::Error::other("boom"));
-        assert_eq!(
-            err.to_string(),
-            "redis backend error: GET device:a:supervisor"
-        );
+        assert_eq!(err.to_string(), "redis backend error: GET device:a:supervisor");
         assert_eq!(err.source().map(ToString::to_string).as_deref(), Some("boom"));
     }
 
     #[test]
     fn not_owner_names_everyone() {
-        let err = Error::NotOwner {
-            device: DeviceId::new("d1").unwrap(),
-            supervisor: SupervisorId::new("s1").unwrap(),
-            owner: Some(SupervisorId::new("s2").unwrap()),
-        };
-        assert_eq!(
-            err.to_string(),
-            "device d1 is not owned by s1 (current owner: s2)"
+        let err = Error::not_owner(
+            DeviceId::new("d1").unwrap(),
+            SupervisorId::new("s1").unwrap(),
+            Some(SupervisorId::new("s2").unwrap()),
         );
+        assert_eq!(err.to_string(), "device d1 is not owned by s1 (current owner: s2)");
     }
 
     #[test]

@@ -136,7 +136,9 @@ mod tests {
         let id: CorrelationId = "6f1c0b1e-8a57-4a8e-9d4e-3c1f7d2b9a10".parse().unwrap();
         let e = event(EventKind::CommandCompleted {
             correlation_id: id,
-            outcome: CommandOutcome::Failed { reason: "reload returned 1".into() },
+            outcome: CommandOutcome::Failed {
+                reason: "reload returned 1".into(),
+            },
         });
         let value: Value = serde_json::from_slice(&e.to_json()).unwrap();
         assert_eq!(
@@ -164,8 +166,14 @@ mod tests {
                 state: ConfigApplyState::Failed,
                 error: Some("bad".into()),
             },
-            EventKind::StatusChanged { emission: Some(true), config_version: None },
-            EventKind::CommandCompleted { correlation_id: CorrelationId::new(), outcome: CommandOutcome::TimedOut },
+            EventKind::StatusChanged {
+                emission: Some(true),
+                config_version: None,
+            },
+            EventKind::CommandCompleted {
+                correlation_id: CorrelationId::new(),
+                outcome: CommandOutcome::TimedOut,
+            },
         ];
         for kind in kinds {
             let e = event(kind);

@@ -5,7 +5,6 @@
 //! Names are short (at most 64 bytes, the width of the design's `VARCHAR(64)`
 //! columns) and kept inline: cloning one never allocates.
 
-use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -58,9 +57,13 @@ impl Inline {
         })
     }
 
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
     fn as_str(&self) -> &str {
         // Only ASCII bytes are ever stored, so this never takes the fallback.
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
@@ -112,9 +115,11 @@ macro_rules! name_type {
             }
         }
 
+        // Equality, order and hash work on the raw bytes: they are on the hot
+        // path of every lookup, and the bytes are ASCII, so byte order is text order.
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
-                self.as_str() == other.as_str()
+                self.0.as_bytes() == other.0.as_bytes()
             }
         }
 
@@ -128,21 +133,13 @@ macro_rules! name_type {
 
         impl Ord for $name {
             fn cmp(&self, other: &Self) -> Ordering {
-                self.as_str().cmp(other.as_str())
+                self.0.as_bytes().cmp(other.0.as_bytes())
             }
         }
 
-        // Hashes exactly like the `str` it holds, so maps keyed by this type can be
-        // queried with a `&str` through `Borrow`.
         impl Hash for $name {
             fn hash<H: Hasher>(&self, state: &mut H) {
-                self.as_str().hash(state);
-            }
-        }
-
-        impl Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                self.as_str()
+                self.0.as_bytes().hash(state);
             }
         }
 
@@ -264,10 +261,17 @@ mod tests {
     }
 
     #[test]
-    fn map_lookup_by_str() {
+    fn equal_ids_hash_alike_and_order_as_text() {
         let mut map = HashMap::new();
         map.insert(DeviceId::new("d1").unwrap(), 1);
-        assert_eq!(map.get("d1"), Some(&1));
+        assert_eq!(map.get(&DeviceId::new("d1").unwrap()), Some(&1));
+        assert_eq!(map.get(&DeviceId::new("d10").unwrap()), None);
+        let mut ids: Vec<_> = ["b", "a1", "a", "B"].map(|s| DeviceId::new(s).unwrap()).to_vec();
+        ids.sort();
+        assert_eq!(
+            ids.iter().map(DeviceId::as_str).collect::<Vec<_>>(),
+            ["B", "a", "a1", "b"]
+        );
     }
 
     proptest! {

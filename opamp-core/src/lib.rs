@@ -22,6 +22,7 @@
 //! | [`transport`] | the device transport traits: [`DeviceTransport`], [`AgentConnector`], and an in-process transport |
 //! | [`error`]     | the one [`Error`] type, by kind |
 //! | [`time`]      | [`Timestamp`] and the [`Clock`] leases are judged by |
+//! | [`runtime`]   | the supervisor and agent runtimes, generic over the traits |
 //!
 //! Backends live in their own crates, one module each behind a feature named
 //! after it: `opamp-store` (memory; Redis, PostgreSQL), `opamp-bus` (memory;
@@ -40,6 +41,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod id;
+pub mod runtime;
 pub mod status;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -51,7 +53,7 @@ pub mod transport;
 pub use bus::{AckSink, Acker, Bus, CommandBus, ConfigUpdate, Delivery, EventBus, MessageStream, Subscription};
 pub use command::{Command, CommandKind, CommandOutcome, CorrelationId, DEFAULT_COMMAND_TIMEOUT};
 pub use config::{ConfigBundle, ConfigFile, ConfigHash, ConfigRef, ConfigTemplate};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, OwnerMismatch, Result};
 pub use event::{ConfigApplyState, DeviceEvent, EventKind};
 pub use id::{AgentType, ConfigVersion, DeviceId, GroupName, SupervisorId};
 pub use status::{DeviceStatus, Labels, Presence, PresenceUpdate, StatusPatch};

@@ -312,7 +312,7 @@ pub trait StatusStoreExt: StatusStore {
             .await
         {
             Ok(()) => Ok(true),
-            Err(Error::NotOwner { .. }) => Ok(false),
+            Err(Error::NotOwner(_)) => Ok(false),
             Err(other) => Err(other),
         }
     }

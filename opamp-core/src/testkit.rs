@@ -4,9 +4,20 @@
 //! macro that expands into one test per function, so a backend's test file is
 //! a single line naming how to make a fixture:
 //!
-//! ```ignore
-//! async fn fixture() -> opamp_core::testkit::store::StoreFixture { /* a fresh store */ }
+//! ```no_run
+//! use std::sync::Arc;
+//! use opamp_core::ManualClock;
+//! use opamp_core::testkit::store::StoreFixture;
+//! use opamp_store::memory::MemoryStore;
+//!
+//! /// A fresh store for every test; the suite moves its clock.
+//! async fn fixture() -> StoreFixture {
+//!     let clock = Arc::new(ManualClock::starting_now());
+//!     StoreFixture::new(Arc::new(MemoryStore::with_clock(clock.clone())), clock)
+//! }
+//!
 //! opamp_core::store_conformance!(fixture);
+//! # fn main() {}
 //! ```
 //!
 //! A backend is done when it passes every suite unchanged. Fixtures must be
@@ -14,6 +25,7 @@
 //! tests run in parallel.
 
 pub mod bus;
+pub mod fuzz;
 pub mod store;
 
 use std::future::Future;

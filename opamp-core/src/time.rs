@@ -72,16 +72,13 @@ impl Timestamp {
 
     /// Parses RFC 3339 (any offset; sub-millisecond digits are truncated).
     pub fn parse_rfc3339(text: &str) -> Result<Self> {
-        let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|err| {
-            Error::invalid_input(format!("timestamp {} is not RFC 3339: {err}", excerpt(text)))
-        })?;
+        let parsed = OffsetDateTime::parse(text, &Rfc3339)
+            .map_err(|err| Error::invalid_input(format!("timestamp {} is not RFC 3339: {err}", excerpt(text))))?;
         let millis = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
         i64::try_from(millis)
             .ok()
             .and_then(Self::from_unix_millis)
-            .ok_or_else(|| {
-                Error::invalid_input(format!("timestamp {} is out of range", excerpt(text)))
-            })
+            .ok_or_else(|| Error::invalid_input(format!("timestamp {} is out of range", excerpt(text))))
     }
 
     /// Formats as RFC 3339 in UTC.
@@ -198,11 +195,9 @@ impl ManualClock {
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
         let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        let _ = self
-            .millis
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
-                Some(now.saturating_add(by).min(MAX_MILLIS))
-            });
+        let _ = self.millis.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+            Some(now.saturating_add(by).min(MAX_MILLIS))
+        });
     }
 
     /// Sets the clock to `to` (which may be earlier: clocks do jump).

@@ -105,9 +105,20 @@ mod tests {
         let mut session = transport.accept().await.unwrap().unwrap();
         assert_eq!(session.hello, hello);
 
-        let cmd = Command::new(hello.device, CommandKind::Restart, Timestamp::now(), Duration::from_secs(1));
-        session.outbound.try_send(ToDevice::Command(Box::new(cmd.clone()))).unwrap();
-        assert_eq!(agent.inbound.recv().await.unwrap(), Some(ToDevice::Command(Box::new(cmd))));
+        let cmd = Command::new(
+            hello.device,
+            CommandKind::Restart,
+            Timestamp::now(),
+            Duration::from_secs(1),
+        );
+        session
+            .outbound
+            .try_send(ToDevice::Command(Box::new(cmd.clone())))
+            .unwrap();
+        assert_eq!(
+            agent.inbound.recv().await.unwrap(),
+            Some(ToDevice::Command(Box::new(cmd)))
+        );
 
         agent.outbound.try_send(FromDevice::Heartbeat).unwrap();
         assert_eq!(session.inbound.recv().await.unwrap(), Some(FromDevice::Heartbeat));
@@ -121,7 +132,10 @@ mod tests {
     async fn connect_fails_when_the_supervisor_side_is_gone() {
         let (transport, connector) = pair(ChannelConfig::default());
         drop(transport);
-        let err = connector.connect(&DeviceHello::new(DeviceId::new("d1").unwrap())).await.unwrap_err();
+        let err = connector
+            .connect(&DeviceHello::new(DeviceId::new("d1").unwrap()))
+            .await
+            .unwrap_err();
         assert!(err.is_retryable(), "{err}");
     }
 

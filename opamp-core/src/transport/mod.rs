@@ -168,7 +168,12 @@ pub struct ConfigAck {
 
 impl ConfigAck {
     /// A report on the configuration `hash`.
-    pub fn new(correlation_id: Option<CorrelationId>, hash: ConfigHash, state: ConfigApplyState, error: Option<String>) -> Self {
+    pub fn new(
+        correlation_id: Option<CorrelationId>,
+        hash: ConfigHash,
+        state: ConfigApplyState,
+        error: Option<String>,
+    ) -> Self {
         ConfigAck {
             correlation_id,
             hash,
@@ -290,7 +295,12 @@ pub struct DeviceSession {
 
 impl DeviceSession {
     /// A session (for transports).
-    pub fn new(hello: DeviceHello, peer: impl Into<String>, inbound: Box<dyn Inbound<FromDevice>>, outbound: Outbound<ToDevice>) -> Self {
+    pub fn new(
+        hello: DeviceHello,
+        peer: impl Into<String>,
+        inbound: Box<dyn Inbound<FromDevice>>,
+        outbound: Outbound<ToDevice>,
+    ) -> Self {
         DeviceSession {
             hello,
             peer: peer.into(),
@@ -369,13 +379,75 @@ pub trait AgentConnector: Send + Sync + Debug + 'static {
     async fn connect(&self, hello: &DeviceHello) -> Result<AgentSession>;
 }
 
+/// Connects through the first of several connectors that answers: a device's
+/// list of supervisors, so that it re-homes when its supervisor dies.
+///
+/// Each attempt starts one past the connector that last succeeded, so a
+/// device tries the others before returning to the one that dropped it.
+#[derive(Debug)]
+pub struct FailoverConnector {
+    connectors: Vec<Arc<dyn AgentConnector>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl FailoverConnector {
+    /// Tries `connectors` in turn; [`Error::InvalidInput`](crate::Error::InvalidInput) if there are none.
+    pub fn new(connectors: Vec<Arc<dyn AgentConnector>>) -> Result<Self> {
+        if connectors.is_empty() {
+            return Err(crate::Error::invalid_input(
+                "a failover connector needs at least one connector",
+            ));
+        }
+        Ok(FailoverConnector {
+            connectors,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl AgentConnector for FailoverConnector {
+    async fn connect(&self, hello: &DeviceHello) -> Result<AgentSession> {
+        use std::sync::atomic::Ordering;
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for offset in 0..self.connectors.len() {
+            let index = (start + offset) % self.connectors.len();
+            match self.connectors[index].connect(hello).await {
+                Ok(session) => {
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    return Ok(session);
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| crate::Error::unavailable("no connector answered")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn queued_messages_stay_small() {
-        assert!(std::mem::size_of::<ToDevice>() <= 16, "{}", std::mem::size_of::<ToDevice>());
+        assert!(
+            std::mem::size_of::<ToDevice>() <= 16,
+            "{}",
+            std::mem::size_of::<ToDevice>()
+        );
+    }
+
+    #[tokio::test]
+    async fn failover_tries_the_next_connector() {
+        let (dead, dead_connector) = channel::pair(channel::ChannelConfig::default());
+        drop(dead);
+        let (live, live_connector) = channel::pair(channel::ChannelConfig::default());
+        let failover = FailoverConnector::new(vec![Arc::new(dead_connector), Arc::new(live_connector)]).unwrap();
+        let hello = DeviceHello::new(crate::DeviceId::new("d1").unwrap());
+        failover.connect(&hello).await.unwrap();
+        assert_eq!(live.accept().await.unwrap().unwrap().hello, hello);
+        assert!(FailoverConnector::new(Vec::new()).is_err());
     }
 
     #[tokio::test]

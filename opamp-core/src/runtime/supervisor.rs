@@ -1,0 +1,834 @@
+//! The supervisor runtime: holds device sessions, executes commands, keeps leases.
+//!
+//! A supervisor accepts sessions from one or more [`DeviceTransport`]s at once.
+//! For each device that registers it
+//!
+//! 1. claims the device's lease in the store (publishing a
+//!    [`EventKind::TakenOver`] event when another supervisor held it),
+//! 2. marks it online, with what it reported in its hello,
+//! 3. runs one task for the session, which executes the device's commands
+//!    one at a time, in the order the bus delivered them, and
+//! 4. on disconnect releases the lease and marks it offline, both fenced, so
+//!    that a supervisor that lost the device can never erase the new owner.
+//!
+//! Commands come from the bus. Each is delivered to the device, its
+//! acknowledgement awaited until the command's deadline, the outcome written
+//! to the store and published as an event, and only then is the bus delivery
+//! acknowledged: a supervisor that dies mid-command has it redelivered.
+//!
+//! Leases are renewed for all connected devices every `lease_ttl / 3`, in
+//! batches of one store call each. A device whose lease lapsed while it is
+//! still connected (the store restarted empty, say) is claimed again; a device
+//! another supervisor took over has its stale session closed here.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::bus::{Acker, Bus, Delivery};
+use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
+use crate::config::{ConfigHash, ConfigRef};
+use crate::error::{Error, Result};
+use crate::event::{ConfigApplyState, DeviceEvent, EventKind};
+use crate::id::{DeviceId, SupervisorId};
+use crate::status::StatusPatch;
+use crate::store::{Claim, DEFAULT_LEASE_TTL, StatusStoreExt, Store, validate_ttl};
+use crate::time::{Clock, SystemClock};
+use crate::transport::{
+    ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, StatusReport, ToDevice, TrySendError,
+};
+
+/// How a supervisor runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SupervisorConfig {
+    /// This supervisor's id: its key on the bus and the owner named in leases.
+    pub id: SupervisorId,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// Devices renewed per store call.
+    pub renew_batch: usize,
+    /// Commands waiting per device; a command finding the queue full fails at once.
+    pub device_queue: usize,
+    /// Commands taken from the bus and not yet finished, over all devices.
+    /// When reached, the supervisor stops pulling from the bus (back-pressure).
+    pub max_in_flight: usize,
+    /// How long a graceful shutdown waits for in-flight commands.
+    pub shutdown_grace: Duration,
+}
+
+impl SupervisorConfig {
+    /// The defaults: 300 s leases renewed in batches of 1,000, 16 queued
+    /// commands per device, 10,000 in flight, 10 s of shutdown grace.
+    pub fn new(id: SupervisorId) -> Self {
+        SupervisorConfig {
+            id,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            renew_batch: 1000,
+            device_queue: 16,
+            max_in_flight: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// With another lease TTL.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// With another per-device command queue length.
+    pub fn device_queue(mut self, commands: usize) -> Self {
+        self.device_queue = commands;
+        self
+    }
+
+    /// With another limit on commands in flight.
+    pub fn max_in_flight(mut self, commands: usize) -> Self {
+        self.max_in_flight = commands;
+        self
+    }
+
+    /// With another shutdown grace period.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate_ttl(self.lease_ttl)?;
+        for (name, value) in [
+            ("renew_batch", self.renew_batch),
+            ("device_queue", self.device_queue),
+            ("max_in_flight", self.max_in_flight),
+        ] {
+            if value == 0 || value > Semaphore::MAX_PERMITS {
+                return Err(Error::invalid_input(format!(
+                    "supervisor {name} must be at least 1, got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A supervisor, ready to [`start`](Supervisor::start).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::sync::Arc;
+/// use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
+/// use opamp_core::transport::channel;
+/// use opamp_core::SupervisorId;
+/// use opamp_bus::memory::MemoryBus;
+/// use opamp_store::memory::MemoryStore;
+///
+/// let (transport, _connector) = channel::pair(channel::ChannelConfig::default());
+/// let config = SupervisorConfig::new(SupervisorId::new("supervisor-1")?);
+/// let running = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
+///     .start(vec![Arc::new(transport)])
+///     .await?;
+/// assert_eq!(running.connected_devices(), 0);
+/// running.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Supervisor {
+    config: SupervisorConfig,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Supervisor {
+    /// A supervisor on `store` and `bus`, using the system clock.
+    pub fn new(config: SupervisorConfig, store: Arc<dyn Store>, bus: Arc<dyn Bus>) -> Self {
+        Supervisor {
+            config,
+            store,
+            bus,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// With another clock (for tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Subscribes to this supervisor's commands and starts accepting devices
+    /// from every transport.
+    pub async fn start(self, transports: Vec<Arc<dyn DeviceTransport>>) -> Result<RunningSupervisor> {
+        self.config.validate()?;
+        let commands = self.bus.subscribe(&self.config.id).await?;
+        let (stopping, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
+            config: self.config,
+            store: self.store,
+            bus: self.bus,
+            clock: self.clock,
+            sessions: Mutex::new(HashMap::new()),
+            session_tasks: Mutex::new(JoinSet::new()),
+            next_session: AtomicU64::new(1),
+            stopping,
+        });
+        let mut loops = JoinSet::new();
+        for transport in transports {
+            loops.spawn(Arc::clone(&inner).accept_loop(transport));
+        }
+        loops.spawn(Arc::clone(&inner).command_loop(commands));
+        loops.spawn(Arc::clone(&inner).renew_loop());
+        info!(supervisor = %inner.config.id, "supervisor started");
+        Ok(RunningSupervisor { inner, loops })
+    }
+}
+
+/// A started supervisor. Stop it with [`shutdown`](Self::shutdown); dropping
+/// it leaves its tasks running.
+pub struct RunningSupervisor {
+    inner: Arc<Inner>,
+    loops: JoinSet<()>,
+}
+
+impl fmt::Debug for RunningSupervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningSupervisor")
+            .field("id", &self.inner.config.id)
+            .field("connected_devices", &self.connected_devices())
+            .finish()
+    }
+}
+
+impl RunningSupervisor {
+    /// This supervisor's id.
+    pub fn id(&self) -> SupervisorId {
+        self.inner.config.id
+    }
+
+    /// How many devices have a registered session here.
+    pub fn connected_devices(&self) -> usize {
+        self.inner.sessions().len()
+    }
+
+    /// Whether `device` has a registered session here.
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.inner.sessions().contains_key(device)
+    }
+
+    /// Renews every lease now instead of at the next tick.
+    pub async fn renew_leases(&self) {
+        self.inner.renew_all().await;
+    }
+
+    /// Stops gracefully: stops accepting devices and taking commands, waits
+    /// (up to the configured grace) for commands in flight, then closes every
+    /// session, releasing its lease and marking it offline.
+    pub async fn shutdown(mut self) {
+        let inner = &self.inner;
+        info!(supervisor = %inner.config.id, "supervisor shutting down");
+        inner.stopping.send_replace(true);
+        while self.loops.join_next().await.is_some() {}
+
+        let all = u32::try_from(inner.config.max_in_flight).unwrap_or(u32::MAX);
+        if tokio::time::timeout(inner.config.shutdown_grace, inner.in_flight.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!(supervisor = %inner.config.id, "commands still in flight after the shutdown grace; closing anyway");
+        }
+        for entry in inner.sessions().values() {
+            entry.close.notify_one();
+        }
+        let mut tasks = std::mem::take(&mut *lock(&inner.session_tasks));
+        while tasks.join_next().await.is_some() {}
+        info!(supervisor = %inner.config.id, "supervisor stopped");
+    }
+
+    /// Stops at once, as a crash would: no lease is released, nothing is
+    /// marked offline, unacknowledged commands stay on the bus. For failover
+    /// tests and demos.
+    pub fn abort(mut self) {
+        self.inner.stopping.send_replace(true);
+        self.loops.abort_all();
+        lock(&self.inner.session_tasks).abort_all();
+        self.inner.sessions().clear();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves the maps consistent (single inserts/removes).
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Inner {
+    config: SupervisorConfig,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    clock: Arc<dyn Clock>,
+    sessions: Mutex<HashMap<DeviceId, SessionEntry>>,
+    session_tasks: Mutex<JoinSet<()>>,
+    next_session: AtomicU64,
+    in_flight: Arc<Semaphore>,
+    stopping: watch::Sender<bool>,
+}
+
+/// What the rest of the supervisor knows of a live session.
+struct SessionEntry {
+    id: u64,
+    // Boxed: tokio allocates a block of 32 slots per channel up front, and a
+    // supervisor holds one queue per device.
+    jobs: mpsc::Sender<Box<Job>>,
+    close: Arc<Notify>,
+}
+
+/// A command taken from the bus, with what it needs to finish.
+struct Job {
+    command: Command,
+    acker: Acker,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a device must answer for the command in flight to finish.
+enum Expect {
+    CommandAck(CorrelationId),
+    ConfigAck { config: ConfigRef, hash: ConfigHash },
+}
+
+struct InFlight {
+    job: Job,
+    expect: Expect,
+    deadline: tokio::time::Instant,
+}
+
+impl Inner {
+    fn sessions(&self) -> MutexGuard<'_, HashMap<DeviceId, SessionEntry>> {
+        lock(&self.sessions)
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    async fn accept_loop(self: Arc<Self>, transport: Arc<dyn DeviceTransport>) {
+        let mut stopping = self.stopping();
+        loop {
+            let accepted = tokio::select! {
+                accepted = transport.accept() => accepted,
+                _ = stopped(&mut stopping) => return,
+            };
+            match accepted {
+                Ok(Some(session)) => {
+                    let mut tasks = lock(&self.session_tasks);
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(Arc::clone(&self).run_session(session));
+                }
+                Ok(None) => {
+                    info!(transport = transport.name(), "transport closed");
+                    return;
+                }
+                Err(err) => {
+                    warn!(transport = transport.name(), error = %err, "accepting a device failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn command_loop(self: Arc<Self>, mut commands: crate::bus::Subscription<crate::Command>) {
+        let mut stopping = self.stopping();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.in_flight).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stopped(&mut stopping) => return,
+            };
+            let next = tokio::select! {
+                next = commands.next() => next,
+                _ = stopped(&mut stopping) => return,
+            };
+            match next {
+                Ok(Some(delivery)) => {
+                    backoff = Duration::from_millis(50);
+                    self.dispatch(delivery, permit);
+                }
+                Ok(None) => {
+                    warn!(supervisor = %self.config.id, "command subscription ended");
+                    return;
+                }
+                Err(err) => {
+                    warn!(supervisor = %self.config.id, error = %err, "reading commands failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Hands a command to its device's session, or finishes it at once.
+    fn dispatch(self: &Arc<Self>, delivery: Delivery<Command>, permit: OwnedSemaphorePermit) {
+        let (command, acker) = delivery.into_parts();
+        let job = Box::new(Job {
+            command,
+            acker,
+            _permit: permit,
+        });
+        let jobs = self.sessions().get(&job.command.device).map(|entry| entry.jobs.clone());
+        let refused = match jobs {
+            Some(jobs) => match jobs.try_send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    let reason = format!(
+                        "the command queue of device {} is full ({} waiting)",
+                        job.command.device, self.config.device_queue
+                    );
+                    (job, CommandOutcome::Failed { reason })
+                }
+                Err(mpsc::error::TrySendError::Closed(job)) => (job, CommandOutcome::DeviceOffline),
+            },
+            None => (job, CommandOutcome::DeviceOffline),
+        };
+        let inner = Arc::clone(self);
+        // Tracked with the sessions, so that `abort` stops it as a crash would.
+        lock(&self.session_tasks).spawn(async move { inner.finish(*refused.0, refused.1, None).await });
+    }
+
+    async fn renew_loop(self: Arc<Self>) {
+        let mut stopping = self.stopping();
+        let period = self.config.lease_ttl / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.renew_all().await,
+                _ = stopped(&mut stopping) => return,
+            }
+        }
+    }
+
+    async fn renew_all(&self) {
+        let devices: Vec<DeviceId> = self.sessions().keys().copied().collect();
+        let me = self.config.id;
+        for batch in devices.chunks(self.config.renew_batch) {
+            match self.store.renew(&me, batch, self.config.lease_ttl).await {
+                Ok(lost) => {
+                    for device in lost {
+                        self.reassert(&device).await;
+                    }
+                }
+                Err(err) => warn!(supervisor = %me, error = %err, devices = batch.len(), "renewing leases failed"),
+            }
+        }
+    }
+
+    /// A lease renewal failed for a device still connected here.
+    async fn reassert(&self, device: &DeviceId) {
+        let me = self.config.id;
+        match self.store.lookup(device).await {
+            Ok(Some(owner)) if owner != me => {
+                info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
+                if let Some(entry) = self.sessions().get(device) {
+                    entry.close.notify_one();
+                }
+            }
+            Ok(_) => {
+                // The lease lapsed or vanished (the store restarted empty): still connected, so claim it again.
+                let claimed = self.store.claim(device, &me, self.config.lease_ttl).await;
+                let marked = self
+                    .store
+                    .update_status(device, &StatusPatch::new().online(me, self.clock.now()))
+                    .await;
+                if let Err(err) = claimed.map(drop).and(marked) {
+                    warn!(%device, supervisor = %me, error = %err, "re-asserting a lease failed");
+                }
+            }
+            Err(err) => warn!(%device, supervisor = %me, error = %err, "looking up a lost lease failed"),
+        }
+    }
+
+    async fn publish(&self, device: DeviceId, kind: EventKind) -> Result<()> {
+        let event = DeviceEvent::new(device, kind, self.clock.now());
+        self.bus.publish_event(&event).await
+    }
+
+    async fn run_session(self: Arc<Self>, session: DeviceSession) {
+        let me = self.config.id;
+        let device = session.hello.device;
+        if let Err(err) = self.register(&session.hello).await {
+            warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
+            return;
+        }
+        let (jobs, queued) = mpsc::channel(self.config.device_queue);
+        let close = Arc::new(Notify::new());
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let previous = self.sessions().insert(
+            device,
+            SessionEntry {
+                id,
+                jobs,
+                close: Arc::clone(&close),
+            },
+        );
+        if let Some(previous) = previous {
+            // The device reconnected here while its old session lingered.
+            previous.close.notify_one();
+        }
+        debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
+        if let Err(err) = self.publish(device, EventKind::Connected { supervisor: me }).await {
+            warn!(%device, error = %err, "publishing a connected event failed");
+        }
+
+        let mut runner = SessionRunner {
+            inner: &self,
+            session,
+            queued,
+            close,
+            current: None,
+            last_touch: tokio::time::Instant::now(),
+        };
+        let why = runner.run().await;
+        let SessionRunner {
+            mut queued, current, ..
+        } = runner;
+
+        let removed = {
+            let mut sessions = self.sessions();
+            match sessions.get(&device) {
+                Some(entry) if entry.id == id => sessions.remove(&device).is_some(),
+                _ => false,
+            }
+        };
+        // Whatever this session still had to do cannot reach the device through it any more.
+        queued.close();
+        if let Some(flight) = current {
+            self.finish(flight.job, CommandOutcome::DeviceOffline, None).await;
+        }
+        while let Ok(job) = queued.try_recv() {
+            self.finish(*job, CommandOutcome::DeviceOffline, None).await;
+        }
+        if removed {
+            // Both fenced: if another supervisor holds the device now, neither touches its records.
+            let released = self.store.release(&device, &me).await;
+            let offline = self.store.mark_offline(&device, &me).await;
+            if let Err(err) = released.and(offline) {
+                warn!(%device, error = %err, "releasing a device failed");
+            }
+            if let Err(err) = self.publish(device, EventKind::Disconnected { supervisor: me }).await {
+                warn!(%device, error = %err, "publishing a disconnected event failed");
+            }
+        }
+        debug!(%device, supervisor = %me, reason = why, "session ended");
+    }
+
+    async fn register(&self, hello: &DeviceHello) -> Result<()> {
+        let me = self.config.id;
+        let device = hello.device;
+        let claim = self.store.claim(&device, &me, self.config.lease_ttl).await?;
+        if let Claim::TakenOver { previous } = claim {
+            info!(%device, from = %previous, to = %me, "device taken over");
+            if let Err(err) = self
+                .publish(device, EventKind::TakenOver { from: previous, to: me })
+                .await
+            {
+                warn!(%device, error = %err, "publishing a takeover event failed");
+            }
+        }
+        let now = self.clock.now();
+        let mut patch = StatusPatch::new()
+            .online(me, now)
+            .last_seen(now)
+            .labels(hello.labels.clone());
+        patch.agent_type = hello.agent_type;
+        patch.config_version = hello.config_version;
+        patch.config_hash = hello.config_hash;
+        if let Err(err) = self.store.update_status(&device, &patch).await {
+            // Do not leave a lease pointing here for a device that is not served here.
+            if let Err(release) = self.store.release(&device, &me).await {
+                warn!(%device, error = %release, "releasing after a failed registration failed");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Records a command's outcome, publishes it, and only then acknowledges it on the bus.
+    async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) {
+        let me = self.config.id;
+        let command = &job.command;
+        let device = command.device;
+        let patch = match (&command.kind, &outcome) {
+            (CommandKind::SetEmission { state }, CommandOutcome::Acked) => {
+                Some(StatusPatch::new().emission(*state).last_error(None))
+            }
+            (CommandKind::ApplyConfig { version, .. }, CommandOutcome::Acked) => {
+                Some(StatusPatch::new().config(*version, applied).last_error(None))
+            }
+            (_, CommandOutcome::Acked) => Some(StatusPatch::new().last_error(None)),
+            (_, CommandOutcome::Failed { reason }) => Some(StatusPatch::new().last_error(Some(reason.clone()))),
+            (_, CommandOutcome::TimedOut) => Some(StatusPatch::new().last_error(Some(format!(
+                "command {} ({}) timed out",
+                command.correlation_id,
+                command.kind.wire_name()
+            )))),
+            _ => None,
+        };
+        if let Some(patch) = patch {
+            match self
+                .store
+                .update_status(&device, &patch.last_seen(self.clock.now()).fenced_by(me))
+                .await
+            {
+                Ok(()) | Err(Error::NotOwner(_)) => {}
+                Err(err) => {
+                    // Leave the delivery unacknowledged: it comes again and is recorded then.
+                    warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
+                    return;
+                }
+            }
+        }
+        let completed = EventKind::CommandCompleted {
+            correlation_id: command.correlation_id,
+            outcome: outcome.clone(),
+        };
+        if let Err(err) = self.publish(device, completed).await {
+            warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
+            return;
+        }
+        debug!(%device, correlation_id = %command.correlation_id, outcome = outcome.name(), "command finished");
+        if let Err(err) = job.acker.ack().await {
+            warn!(%device, correlation_id = %command.correlation_id, error = %err, "acknowledging a command failed");
+        }
+    }
+}
+
+/// One device's session: its messages in, its commands out, one command at a time.
+struct SessionRunner<'a> {
+    inner: &'a Arc<Inner>,
+    session: DeviceSession,
+    queued: mpsc::Receiver<Box<Job>>,
+    close: Arc<Notify>,
+    current: Option<InFlight>,
+    last_touch: tokio::time::Instant,
+}
+
+impl SessionRunner<'_> {
+    async fn run(&mut self) -> &'static str {
+        loop {
+            let deadline = self.current.as_ref().map(|flight| flight.deadline);
+            tokio::select! {
+                biased;
+                _ = self.close.notified() => return "closed by the supervisor",
+                message = self.session.inbound.recv() => match message {
+                    Ok(Some(message)) => self.on_message(message).await,
+                    Ok(None) => return "the device disconnected",
+                    Err(err) => {
+                        warn!(device = %self.session.hello.device, error = %err, "device sent bad input; closing its session");
+                        return "bad input";
+                    }
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if let Some(flight) = self.current.take() {
+                        self.inner.finish(flight.job, CommandOutcome::TimedOut, None).await;
+                    }
+                }
+                job = self.queued.recv(), if self.current.is_none() => match job {
+                    Some(job) => self.start(*job).await,
+                    None => return "closed by the supervisor",
+                },
+            }
+        }
+    }
+
+    async fn start(&mut self, job: Job) {
+        let inner = self.inner;
+        let command = &job.command;
+        let now = inner.clock.now();
+        if command.deadline <= now {
+            return inner.finish(job, CommandOutcome::TimedOut, None).await;
+        }
+        if let Some(missing) = self.missing_capability(&command.kind) {
+            let outcome = CommandOutcome::Unsupported {
+                reason: format!("device {} does not accept {missing}", command.device),
+            };
+            return inner.finish(job, outcome, None).await;
+        }
+        let (message, expect) = match &command.kind {
+            CommandKind::ApplyConfig { agent_type, version } => {
+                let config = ConfigRef::new(*agent_type, *version);
+                match inner.store.template(&config).await {
+                    Ok(Some(template)) => {
+                        let push = ConfigPush::new(Some(command.correlation_id), config, template.bundle);
+                        let expect = Expect::ConfigAck {
+                            config,
+                            hash: push.hash,
+                        };
+                        (ToDevice::ConfigPush(Arc::new(push)), expect)
+                    }
+                    Ok(None) => {
+                        let reason = format!("config template {config} does not exist");
+                        return inner.finish(job, CommandOutcome::Failed { reason }, None).await;
+                    }
+                    Err(err) => {
+                        let reason = format!("loading config template {config} failed: {err}");
+                        return inner.finish(job, CommandOutcome::Failed { reason }, None).await;
+                    }
+                }
+            }
+            _ => (
+                ToDevice::Command(Box::new(command.clone())),
+                Expect::CommandAck(command.correlation_id),
+            ),
+        };
+        match self.session.outbound.try_send(message) {
+            Ok(()) => {
+                let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
+                self.current = Some(InFlight { job, expect, deadline });
+            }
+            Err(TrySendError::Full(_)) => {
+                let reason = format!("the send queue of device {} is full", command.device);
+                inner.finish(job, CommandOutcome::Failed { reason }, None).await;
+            }
+            Err(TrySendError::Closed(_)) => inner.finish(job, CommandOutcome::DeviceOffline, None).await,
+        }
+    }
+
+    fn missing_capability(&self, kind: &CommandKind) -> Option<String> {
+        let caps = &self.session.hello.capabilities;
+        match kind {
+            CommandKind::SetEmission { .. } if !caps.emission => Some("toggle_emission".into()),
+            CommandKind::ApplyConfig { .. } if !caps.remote_config => Some("remote configuration".into()),
+            CommandKind::Restart if !caps.restart => Some("restart".into()),
+            CommandKind::Custom { capability, .. } if !caps.custom.contains(capability) => {
+                Some(format!("custom capability {capability:?}"))
+            }
+            _ => None,
+        }
+    }
+
+    async fn on_message(&mut self, message: FromDevice) {
+        let inner = self.inner;
+        let device = self.session.hello.device;
+        match message {
+            FromDevice::CommandAck(ack) => match &self.current {
+                Some(InFlight {
+                    expect: Expect::CommandAck(id),
+                    ..
+                }) if *id == ack.correlation_id => {
+                    let outcome = match ack.outcome {
+                        // A device can only say whether it did it; the rest is the supervisor's to judge.
+                        CommandOutcome::TimedOut | CommandOutcome::DeviceOffline => CommandOutcome::Failed {
+                            reason: format!("device answered {}", ack.outcome.name()),
+                        },
+                        other => other,
+                    };
+                    if let Some(flight) = self.current.take() {
+                        inner.finish(flight.job, outcome, None).await;
+                    }
+                }
+                _ => {
+                    debug!(%device, correlation_id = %ack.correlation_id, "ignoring an answer to no command in flight")
+                }
+            },
+            FromDevice::ConfigAck(ack) => {
+                let matches = matches!(
+                    &self.current,
+                    Some(InFlight { expect: Expect::ConfigAck { hash, .. }, .. }) if *hash == ack.hash
+                );
+                let event = EventKind::ConfigAck {
+                    hash: ack.hash,
+                    state: ack.state,
+                    error: ack.error.clone(),
+                };
+                if let Err(err) = inner.publish(device, event).await {
+                    warn!(%device, error = %err, "publishing a config ack failed");
+                }
+                if !matches || ack.state == ConfigApplyState::Applying {
+                    return;
+                }
+                if let Some(flight) = self.current.take() {
+                    let outcome = match ack.state {
+                        ConfigApplyState::Applied => CommandOutcome::Acked,
+                        _ => CommandOutcome::Failed {
+                            reason: ack.error.unwrap_or_else(|| "the device did not say why".into()),
+                        },
+                    };
+                    if let Expect::ConfigAck { config, .. } = &flight.expect {
+                        debug!(%device, %config, outcome = outcome.name(), "config push answered");
+                    }
+                    inner.finish(flight.job, outcome, Some(ack.hash)).await;
+                }
+            }
+            FromDevice::Status(report) => self.on_status(report).await,
+            FromDevice::Heartbeat => self.touch().await,
+        }
+    }
+
+    async fn on_status(&mut self, report: StatusReport) {
+        let inner = self.inner;
+        let device = self.session.hello.device;
+        let mut patch = StatusPatch::new()
+            .last_seen(inner.clock.now())
+            .fenced_by(inner.config.id);
+        patch.emission = report.emission;
+        if let Some(error) = report.last_error {
+            patch.last_error = Some(Some(error));
+        }
+        match inner.store.update_status(&device, &patch).await {
+            Ok(()) | Err(Error::NotOwner(_)) => {}
+            Err(err) => warn!(%device, error = %err, "recording a status report failed"),
+        }
+        if report.emission.is_some() {
+            let changed = EventKind::StatusChanged {
+                emission: report.emission,
+                config_version: None,
+            };
+            if let Err(err) = inner.publish(device, changed).await {
+                warn!(%device, error = %err, "publishing a status change failed");
+            }
+        }
+        self.last_touch = tokio::time::Instant::now();
+    }
+
+    /// Records `last_seen`, at most once per tenth of the lease TTL: heartbeats
+    /// from 20,000 devices must not become 20,000 store writes each.
+    async fn touch(&mut self) {
+        let inner = self.inner;
+        if self.last_touch.elapsed() < inner.config.lease_ttl / 10 {
+            return;
+        }
+        self.last_touch = tokio::time::Instant::now();
+        let device = self.session.hello.device;
+        let patch = StatusPatch::new()
+            .last_seen(inner.clock.now())
+            .fenced_by(inner.config.id);
+        match inner.store.update_status(&device, &patch).await {
+            Ok(()) | Err(Error::NotOwner(_)) => {}
+            Err(err) => warn!(%device, error = %err, "recording a heartbeat failed"),
+        }
+    }
+}
+
+/// Waits until the supervisor is stopping.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across other awaits: it is not `Send`.
+    let _ = stopping.wait_for(|stopping| *stopping).await.map(drop);
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,509 @@
+//! The supervisor and agent runtimes end to end, over the in-process transport
+//! with the memory store and bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opamp_bus::memory::MemoryBus;
+use opamp_core::runtime::agent::{Agent, AgentConfig, ConfigApplier, MemoryApplier};
+use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use opamp_core::testkit::eventually;
+use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
+use opamp_core::transport::{
+    AgentConnector, Capabilities, DeviceHello, DeviceSession, DeviceTransport, FailoverConnector, FromDevice, Inbound,
+    ToDevice,
+};
+use opamp_core::{
+    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error, EventBus, EventKind,
+    GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
+};
+use opamp_store::memory::MemoryStore;
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Fleet {
+    store: Arc<MemoryStore>,
+    bus: Arc<MemoryBus>,
+    clock: Arc<ManualClock>,
+    events: Subscription<DeviceEvent>,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        let clock = Arc::new(ManualClock::starting_now());
+        let store = Arc::new(MemoryStore::with_clock(clock.clone()));
+        let bus = Arc::new(MemoryBus::new());
+        let events = bus.subscribe_events(&GroupName::new("test").unwrap()).await.unwrap();
+        Fleet {
+            store,
+            bus,
+            clock,
+            events,
+        }
+    }
+
+    async fn supervisor(
+        &self,
+        id: &str,
+        config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+    ) -> (RunningSupervisor, ChannelConnector) {
+        let (transport, connector) = channel::pair(channel::ChannelConfig::default());
+        let supervisor = self.supervisor_on(id, config, Arc::new(transport)).await;
+        (supervisor, connector)
+    }
+
+    async fn supervisor_on(
+        &self,
+        id: &str,
+        config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+        transport: Arc<dyn DeviceTransport>,
+    ) -> RunningSupervisor {
+        let store: Arc<dyn Store> = self.store.clone();
+        let bus: Arc<dyn Bus> = self.bus.clone();
+        Supervisor::new(config(SupervisorConfig::new(sid(id))), store, bus)
+            .with_clock(self.clock.clone())
+            .start(vec![transport])
+            .await
+            .unwrap()
+    }
+
+    async fn send(&self, to: &str, device: &str, kind: CommandKind, timeout: Duration) -> CorrelationId {
+        let command = Command::new(did(device), kind, self.clock.now(), timeout);
+        self.bus.send(&sid(to), &command).await.unwrap();
+        command.correlation_id
+    }
+
+    /// The next event matching `pick`, acknowledging every event seen.
+    async fn event<T>(&mut self, mut pick: impl FnMut(&DeviceEvent) -> Option<T>) -> T {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let delivery = self.events.next().await.unwrap().expect("event stream open");
+                let found = pick(delivery.message());
+                delivery.ack().await.unwrap();
+                if let Some(found) = found {
+                    return found;
+                }
+            }
+        })
+        .await;
+        found.expect("the expected event within the deadline")
+    }
+
+    async fn outcome(&mut self, id: CorrelationId) -> CommandOutcome {
+        self.event(|e| match &e.kind {
+            EventKind::CommandCompleted {
+                correlation_id,
+                outcome,
+            } if *correlation_id == id => Some(outcome.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Turns emission on for `device` through supervisor `to`, and expects it acknowledged.
+    async fn toggle_acked(&mut self, to: &str, device: &str) {
+        let id = self
+            .send(to, device, CommandKind::SetEmission { state: true }, WAIT)
+            .await;
+        assert_eq!(
+            self.outcome(id).await,
+            CommandOutcome::Acked,
+            "toggle of {device} via {to}"
+        );
+    }
+
+    async fn owner_is(&self, device: &str, owner: Option<&str>) {
+        let store = self.store.clone();
+        let device = did(device);
+        let owner = owner.map(sid);
+        eventually(&format!("{device} owned by {owner:?}"), WAIT, || {
+            let store = store.clone();
+            async move { store.lookup(&device).await.unwrap() == owner }
+        })
+        .await;
+    }
+}
+
+fn did(id: &str) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+fn sid(id: &str) -> SupervisorId {
+    SupervisorId::new(id).unwrap()
+}
+
+fn hello(device: &str) -> DeviceHello {
+    let mut hello = DeviceHello::new(did(device));
+    hello.capabilities = Capabilities::all_builtin();
+    hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
+    hello
+}
+
+/// Runs an agent until the returned sender fires (or is dropped).
+fn spawn_agent(
+    connector: Arc<dyn AgentConnector>,
+    hello: DeviceHello,
+    applier: Arc<dyn ConfigApplier>,
+) -> (Arc<Agent>, oneshot::Sender<()>) {
+    let config = AgentConfig::new(hello).backoff(Duration::from_millis(10), Duration::from_millis(100));
+    let agent = Arc::new(Agent::new(config, connector, applier));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = agent.clone();
+    tokio::spawn(async move {
+        running
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (agent, stop)
+}
+
+async fn template(store: &MemoryStore, version: &str) -> (ConfigRef, ConfigBundle) {
+    let config = ConfigRef::new(
+        AgentType::new("fluentbit").unwrap(),
+        ConfigVersion::new(version).unwrap(),
+    );
+    let bundle = ConfigBundle::new()
+        .with_file(
+            "fluent-bit.conf",
+            ConfigFile::new("text/plain", format!("[SERVICE]\n    # {version}\n")),
+        )
+        .unwrap();
+    store
+        .put_template(&ConfigTemplate::new(config, bundle.clone(), "test", Timestamp::now()))
+        .await
+        .unwrap();
+    (config, bundle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toggle_and_config_push_end_to_end() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let applier = Arc::new(MemoryApplier::new());
+    let (agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), applier.clone());
+    fleet.owner_is("d1", Some("s1")).await;
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Connected { .. }).then_some(()))
+        .await;
+
+    fleet.toggle_acked("s1", "d1").await;
+    assert!(*agent.emission().borrow());
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert!(status.emission);
+    assert_eq!(status.status, Presence::Online);
+    assert_eq!(status.supervisor, Some(sid("s1")));
+
+    let (config, bundle) = template(&fleet.store, "v1").await;
+    let kind = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: config.version,
+    };
+    let id = fleet.send("s1", "d1", kind, WAIT).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!(status.config_version, Some(config.version));
+    assert_eq!(status.config_hash, Some(bundle.hash()));
+    assert_eq!(applier.current().map(|a| a.hash), Some(bundle.hash()));
+    assert_eq!(status.last_error, None);
+    assert_eq!(s1.connected_devices(), 1);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_recorded_with_their_reason() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let applier = Arc::new(MemoryApplier::new());
+    applier.reject_with(Some("reload returned status 1".into()));
+    let mut limited = hello("d1");
+    limited.capabilities.restart = false;
+    let (_agent, _stop) = spawn_agent(Arc::new(connector), limited, applier);
+    fleet.owner_is("d1", Some("s1")).await;
+
+    let (config, _) = template(&fleet.store, "v1").await;
+    let apply = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: config.version,
+    };
+    let id = fleet.send("s1", "d1", apply, WAIT).await;
+    assert_eq!(
+        fleet.outcome(id).await,
+        CommandOutcome::Failed {
+            reason: "reload returned status 1".into()
+        }
+    );
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!(status.last_error.as_deref(), Some("reload returned status 1"));
+    assert_eq!(status.config_version, None);
+
+    let missing = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: ConfigVersion::new("v9").unwrap(),
+    };
+    let id = fleet.send("s1", "d1", missing, WAIT).await;
+    match fleet.outcome(id).await {
+        CommandOutcome::Failed { reason } => assert!(reason.contains("fluentbit/v9 does not exist"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+
+    let id = fleet.send("s1", "d1", CommandKind::Restart, WAIT).await;
+    match fleet.outcome(id).await {
+        CommandOutcome::Unsupported { reason } => assert!(reason.contains("restart"), "{reason}"),
+        other => panic!("expected unsupported, got {other:?}"),
+    }
+
+    let id = fleet
+        .send("s1", "nobody", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::DeviceOffline);
+    s1.shutdown().await;
+}
+
+/// A device that registers and then never answers.
+async fn silent_device(connector: &ChannelConnector, device: &str) -> opamp_core::transport::AgentSession {
+    connector.connect(&hello(device)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_devices_time_out_and_fill_only_their_own_queue() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c.device_queue(1)).await;
+    let mut silent = silent_device(&connector, "slow").await;
+    let (agent, _stop) = spawn_agent(Arc::new(connector), hello("fast"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("slow", Some("s1")).await;
+    fleet.owner_is("fast", Some("s1")).await;
+
+    // The first waits for its ack, the second waits in the device's queue of one, the third finds it full.
+    let first = fleet
+        .send(
+            "s1",
+            "slow",
+            CommandKind::SetEmission { state: true },
+            Duration::from_millis(300),
+        )
+        .await;
+    let pushed = tokio::time::timeout(WAIT, silent.inbound.recv())
+        .await
+        .expect("pushed in time")
+        .unwrap();
+    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == first));
+    let second = fleet
+        .send(
+            "s1",
+            "slow",
+            CommandKind::SetEmission { state: false },
+            Duration::from_millis(600),
+        )
+        .await;
+    let third = fleet
+        .send("s1", "slow", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    let other = fleet
+        .send("s1", "fast", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+
+    let mut outcomes = std::collections::HashMap::new();
+    while outcomes.len() < 4 {
+        let (id, outcome) = fleet
+            .event(|e| match &e.kind {
+                EventKind::CommandCompleted {
+                    correlation_id,
+                    outcome,
+                } => Some((*correlation_id, outcome.clone())),
+                _ => None,
+            })
+            .await;
+        outcomes.insert(id, outcome);
+    }
+    assert_eq!(
+        outcomes[&other],
+        CommandOutcome::Acked,
+        "a slow device never blocks another"
+    );
+    assert!(*agent.emission().borrow());
+    match &outcomes[&third] {
+        CommandOutcome::Failed { reason } => assert!(reason.contains("queue of device slow is full"), "{reason}"),
+        other => panic!("expected a full queue, got {other:?}"),
+    }
+    assert_eq!(outcomes[&first], CommandOutcome::TimedOut);
+    assert_eq!(outcomes[&second], CommandOutcome::TimedOut);
+    let status = fleet.store.status(&did("slow")).await.unwrap().unwrap();
+    assert!(status.last_error.unwrap().contains("timed out"));
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_moves_the_device_and_fences_the_old_owner() {
+    let mut fleet = Fleet::new().await;
+    let (s1, c1) = fleet.supervisor("s1", |c| c).await;
+    let (s2, c2) = fleet.supervisor("s2", |c| c).await;
+    let old = silent_device(&c1, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // The device reconnects to s2 while s1 still has its old session.
+    let (_agent, _stop) = spawn_agent(Arc::new(c2), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s2")).await;
+    let (from, to) = fleet
+        .event(|e| match e.kind {
+            EventKind::TakenOver { from, to } => Some((from, to)),
+            _ => None,
+        })
+        .await;
+    assert_eq!((from, to), (sid("s1"), sid("s2")));
+
+    // s1 finds out at its next renewal, closes the stale session, and erases nothing.
+    s1.renew_leases().await;
+    let s1_ref = &s1;
+    eventually("s1 dropped its stale session", WAIT, || async move {
+        !s1_ref.is_connected(&did("d1"))
+    })
+    .await;
+    drop(old);
+    fleet.owner_is("d1", Some("s2")).await;
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!((status.status, status.supervisor), (Presence::Online, Some(sid("s2"))));
+    assert!(s2.is_connected(&did("d1")));
+
+    fleet.toggle_acked("s2", "d1").await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_supervisors_leases_lapse_and_devices_rehome() {
+    let mut fleet = Fleet::new().await;
+    let (s1, c1) = fleet.supervisor("s1", |c| c).await;
+    let (s2, c2) = fleet.supervisor("s2", |c| c).await;
+    let mut stuck = silent_device(&c1, "d9").await;
+    let failover = FailoverConnector::new(vec![Arc::new(c1), Arc::new(c2)]).unwrap();
+    let (_agent, _stop) = spawn_agent(Arc::new(failover), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s1")).await;
+    fleet.owner_is("d9", Some("s1")).await;
+
+    // s1 pushes a command to d9 and dies before d9 answers: the command must not be lost.
+    let pending = fleet
+        .send("s1", "d9", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    let pushed = tokio::time::timeout(WAIT, stuck.inbound.recv())
+        .await
+        .expect("pushed in time")
+        .unwrap();
+    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == pending));
+    s1.abort();
+    drop(stuck);
+
+    // The agent re-homes to s2; the lease of the device that does not come back lapses.
+    fleet.owner_is("d1", Some("s2")).await;
+    fleet
+        .clock
+        .advance(opamp_core::DEFAULT_LEASE_TTL + Duration::from_secs(1));
+    assert_eq!(
+        fleet.store.lookup(&did("d9")).await.unwrap(),
+        None,
+        "a lapsed lease is never returned"
+    );
+
+    // s1 restarts and gets the command it never acknowledged; d9 is gone, so it ends definitely.
+    let (s1, _c1) = fleet.supervisor("s1", |c| c).await;
+    assert_eq!(fleet.outcome(pending).await, CommandOutcome::DeviceOffline);
+    fleet.toggle_acked("s2", "d1").await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_leases_of_connected_devices_are_reasserted() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let _device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    fleet
+        .clock
+        .advance(opamp_core::DEFAULT_LEASE_TTL + Duration::from_secs(1));
+    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
+    s1.renew_leases().await;
+    fleet.owner_is("d1", Some("s1")).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_and_marks_offline() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let _device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    s1.shutdown().await;
+    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
+    assert_eq!(
+        fleet.store.status(&did("d1")).await.unwrap().unwrap().status,
+        Presence::Offline
+    );
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Disconnected { .. }).then_some(()))
+        .await;
+}
+
+/// A transport whose sessions send garbage after registering.
+#[derive(Debug)]
+struct Garbage {
+    inner: ChannelTransport,
+}
+
+#[derive(Debug)]
+struct Broken;
+
+#[async_trait]
+impl Inbound<FromDevice> for Broken {
+    async fn recv(&mut self) -> Result<Option<FromDevice>> {
+        Err(Error::invalid_input("frame 1: not a protobuf Envelope"))
+    }
+}
+
+#[async_trait]
+impl DeviceTransport for Garbage {
+    fn name(&self) -> &'static str {
+        "garbage"
+    }
+
+    async fn accept(&self) -> Result<Option<DeviceSession>> {
+        Ok(self.inner.accept().await?.map(|s| {
+            if s.hello.device.as_str() == "bad" {
+                DeviceSession::new(s.hello, "garbage", Box::new(Broken), s.outbound)
+            } else {
+                s
+            }
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_only_that_session() {
+    let mut fleet = Fleet::new().await;
+    let (transport, connector) = channel::pair(channel::ChannelConfig::default());
+    let s1 = fleet
+        .supervisor_on("s1", |c| c, Arc::new(Garbage { inner: transport }))
+        .await;
+    let (agent, _stop) = spawn_agent(
+        Arc::new(connector.clone()),
+        hello("good"),
+        Arc::new(MemoryApplier::new()),
+    );
+    fleet.owner_is("good", Some("s1")).await;
+    let mut bad = connector.connect(&hello("bad")).await.unwrap();
+    // The supervisor drops the bad session: the device sees its stream end.
+    let ended = tokio::time::timeout(WAIT, bad.inbound.recv())
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(ended, None);
+    fleet.owner_is("bad", None).await;
+
+    fleet.toggle_acked("s1", "good").await;
+    assert!(*agent.emission().borrow());
+    s1.shutdown().await;
+}

@@ -1,0 +1,661 @@
+//! An in-memory store: one process, no persistence.
+//!
+//! [`MemoryStore`] implements every store trait with sharded maps behind
+//! `std` read-write locks, so lookups from many tasks proceed in parallel and
+//! a lookup costs one keyed hash, one shard read lock and one probe, without
+//! allocating. It suits tests and a single control-plane process, and is the
+//! reference the other backends are checked against.
+//!
+//! Leases are judged by the [`Clock`] the store was made with. A lapsed lease
+//! is never returned; its memory is reclaimed when a write touches the device
+//! or by [`MemoryStore::purge_expired`], which a host may call on a timer.
+
+use std::collections::hash_map::{Entry, RandomState};
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::ops::Bound;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opamp_core::store::validate_ttl;
+use opamp_core::{
+    AgentType, Claim, Clock, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, Cursor, DeviceId, DeviceStatus,
+    Error, Page, PageRequest, Result, RoutingStore, StatusPatch, StatusStore, SupervisorId, SupervisorLoad,
+    SystemClock, Timestamp,
+};
+
+/// How many shards each per-device map is split into: enough that two cores
+/// (or sixty-four) rarely meet on one lock, few enough to cost nothing empty.
+const SHARDS: usize = 64;
+
+/// A store held in this process's memory.
+///
+/// Cheap to share: wrap it in an [`Arc`] and hand it out as `Arc<dyn Store>`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use opamp_core::{Claim, DeviceId, ManualClock, RoutingStore, SupervisorId};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let clock = Arc::new(ManualClock::starting_now());
+/// let store = MemoryStore::with_clock(clock.clone());
+/// let (d1, s1) = (DeviceId::new("d1")?, SupervisorId::new("s1")?);
+///
+/// store.claim(&d1, &s1, Duration::from_secs(30)).await?;
+/// clock.advance(Duration::from_secs(30));
+/// assert_eq!(store.lookup(&d1).await?, None, "the lease lapsed");
+/// assert_eq!(store.purge_expired(), 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemoryStore {
+    clock: Arc<dyn Clock>,
+    leases: LeaseTable,
+    statuses: Sharded<DeviceStatus>,
+    // Written only under the device's `statuses` shard lock, so the index
+    // changes of one device are applied in the order its patches were.
+    indexes: RwLock<Indexes>,
+    configs: RwLock<Configs>,
+    desired: Sharded<ConfigRef>,
+}
+
+impl MemoryStore {
+    /// An empty store judging leases by the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// An empty store judging leases by `clock` (a
+    /// [`ManualClock`](opamp_core::ManualClock) in tests).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            clock,
+            leases: LeaseTable::new(),
+            statuses: Sharded::new(),
+            indexes: RwLock::new(Indexes::default()),
+            configs: RwLock::new(Configs::default()),
+            desired: Sharded::new(),
+        }
+    }
+
+    /// Drops every lapsed lease; returns how many it dropped.
+    ///
+    /// Lapsed leases are already invisible; this only gives their memory back.
+    /// Each shard is locked in turn, so lookups elsewhere carry on meanwhile.
+    pub fn purge_expired(&self) -> usize {
+        let now = self.clock.now();
+        self.leases
+            .shards
+            .iter()
+            .map(|shard| {
+                let leases = &mut write(shard).leases;
+                let before = leases.len();
+                leases.retain(|_, lease| lease.is_live(now));
+                before - leases.len()
+            })
+            .sum()
+    }
+
+    fn claim_now(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Claim {
+        let now = self.clock.now();
+        let key = self.leases.key(device);
+        let previous = write(self.leases.shard(&key)).claim(key, supervisor, now.saturating_add(ttl), now);
+        match previous {
+            None => Claim::Acquired,
+            Some(previous) if previous == *supervisor => Claim::Renewed,
+            Some(previous) => Claim::TakenOver { previous },
+        }
+    }
+
+    fn renew_now(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Vec<DeviceId> {
+        let now = self.clock.now();
+        let expires_at = now.saturating_add(ttl);
+        // One lock per device rather than per shard: a supervisor renews tens
+        // of thousands at once, and lookups must not wait behind all of them.
+        devices
+            .iter()
+            .filter(|device| {
+                let key = self.leases.key(device);
+                !write(self.leases.shard(&key)).renew(&key, supervisor, expires_at, now)
+            })
+            .copied()
+            .collect()
+    }
+
+    fn release_now(&self, device: &DeviceId, supervisor: &SupervisorId) -> bool {
+        let now = self.clock.now();
+        let key = self.leases.key(device);
+        write(self.leases.shard(&key)).release(&key, supervisor, now)
+    }
+
+    fn lookup_at(&self, device: &DeviceId, now: Timestamp) -> Option<SupervisorId> {
+        let key = self.leases.key(device);
+        read(self.leases.shard(&key)).owner(&key, now)
+    }
+
+    /// Applies `patch`, unless its fence does not hold: then it changes
+    /// nothing and returns what refused it.
+    fn update_status_now(&self, device: &DeviceId, patch: &StatusPatch) -> Option<FencedOff> {
+        let mut shard = self.statuses.write(device);
+        if let Some(fence) = patch.fence {
+            let named = shard.get(device).and_then(|status| status.supervisor);
+            if named != Some(fence) {
+                return Some(FencedOff { fence, named });
+            }
+        }
+        let status = shard.entry(*device).or_insert_with(|| DeviceStatus::new(*device));
+        let before = online_under(status);
+        status.apply(patch);
+        let after = online_under(status);
+        if before != after {
+            write(&self.indexes).move_device(device, before, after);
+        }
+        None
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    // The maps may hold a million devices: show the shape, not the contents.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("clock", &self.clock)
+            .field("shards", &SHARDS)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl RoutingStore for MemoryStore {
+    async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<Claim> {
+        validate_ttl(ttl)?;
+        Ok(self.claim_now(device, supervisor, ttl))
+    }
+
+    async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
+        validate_ttl(ttl)?;
+        Ok(self.renew_now(supervisor, devices, ttl))
+    }
+
+    async fn release(&self, device: &DeviceId, supervisor: &SupervisorId) -> Result<bool> {
+        Ok(self.release_now(device, supervisor))
+    }
+
+    async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
+        Ok(self.lookup_at(device, self.clock.now()))
+    }
+
+    async fn lookup_many(&self, devices: &[DeviceId]) -> Result<Vec<Option<SupervisorId>>> {
+        let now = self.clock.now();
+        Ok(devices.iter().map(|device| self.lookup_at(device, now)).collect())
+    }
+}
+
+#[async_trait]
+impl StatusStore for MemoryStore {
+    async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        match self.update_status_now(device, patch) {
+            None => Ok(()),
+            Some(FencedOff { fence, named }) => Err(Error::not_owner(*device, fence, named)),
+        }
+    }
+
+    async fn status(&self, device: &DeviceId) -> Result<Option<DeviceStatus>> {
+        Ok(self.statuses.read(device).get(device).cloned())
+    }
+
+    async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        page_of(&read(&self.indexes).online, page)
+    }
+
+    async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
+        let indexes = read(&self.indexes);
+        match indexes.by_supervisor.get(supervisor) {
+            Some(devices) => page_of(devices, page),
+            None => Ok(Page {
+                items: Vec::new(),
+                next: None,
+            }),
+        }
+    }
+
+    async fn device_counts(&self) -> Result<Vec<SupervisorLoad>> {
+        Ok(read(&self.indexes)
+            .by_supervisor
+            .iter()
+            .map(|(supervisor, devices)| SupervisorLoad {
+                supervisor: *supervisor,
+                devices: devices.len() as u64,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl ConfigStore for MemoryStore {
+    async fn put_template(&self, template: &ConfigTemplate) -> Result<()> {
+        if write(&self.configs).put(template) {
+            Ok(())
+        } else {
+            Err(Error::already_exists(format!(
+                "config template {} with other content",
+                template.reference()
+            )))
+        }
+    }
+
+    async fn template(&self, config: &ConfigRef) -> Result<Option<ConfigTemplate>> {
+        Ok(read(&self.configs).templates.get(config).cloned())
+    }
+
+    async fn template_versions(&self, agent_type: &AgentType) -> Result<Vec<ConfigVersion>> {
+        Ok(read(&self.configs)
+            .versions
+            .get(agent_type)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn set_latest(&self, config: &ConfigRef) -> Result<()> {
+        let mut configs = write(&self.configs);
+        if !configs.templates.contains_key(config) {
+            return Err(Error::not_found(format!(
+                "config template {config}, to be the latest of {}",
+                config.agent_type
+            )));
+        }
+        configs.latest.insert(config.agent_type, config.version);
+        Ok(())
+    }
+
+    async fn latest(&self, agent_type: &AgentType) -> Result<Option<ConfigVersion>> {
+        Ok(read(&self.configs).latest.get(agent_type).copied())
+    }
+
+    async fn set_desired(&self, device: &DeviceId, config: &ConfigRef) -> Result<()> {
+        // Templates are never deleted, so one seen stored here stays stored.
+        if !read(&self.configs).templates.contains_key(config) {
+            return Err(Error::not_found(format!(
+                "config template {config}, to be the desired config of device {device}"
+            )));
+        }
+        self.desired.write(device).insert(*device, *config);
+        Ok(())
+    }
+
+    async fn desired(&self, device: &DeviceId) -> Result<Option<ConfigRef>> {
+        Ok(self.desired.read(device).get(device).copied())
+    }
+
+    async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
+        Ok(self.desired.write(device).remove(device).is_some())
+    }
+}
+
+/// The leases, sharded by a keyed hash of the device id computed once per
+/// operation: it picks the shard and is the shard map's hash.
+struct LeaseTable {
+    hasher: RandomState,
+    shards: Box<[RwLock<LeaseShard>]>,
+}
+
+impl LeaseTable {
+    fn new() -> Self {
+        LeaseTable {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        }
+    }
+
+    fn key(&self, device: &DeviceId) -> Key {
+        Key {
+            hash: self.hasher.hash_one(device),
+            device: *device,
+        }
+    }
+
+    fn shard(&self, key: &Key) -> &RwLock<LeaseShard> {
+        // Bits the shard maps leave alone: they take buckets from the low bits
+        // and a tag from the top seven.
+        &self.shards[(key.hash >> 40) as usize & (SHARDS - 1)]
+    }
+}
+
+/// One shard of the leases.
+#[derive(Default)]
+struct LeaseShard {
+    leases: HashMap<Key, Lease, BuildHasherDefault<KeyHasher>>,
+    // Owners are indexes into this list, so a lease takes 16 bytes rather
+    // than 80, and a lookup finds its owner without leaving the shard's lock.
+    // It holds every supervisor that ever held a lease here: a fleet's worth.
+    supervisors: Vec<SupervisorId>,
+    supervisor_numbers: HashMap<SupervisorId, u32>,
+}
+
+impl LeaseShard {
+    fn owner(&self, key: &Key, now: Timestamp) -> Option<SupervisorId> {
+        self.leases
+            .get(key)
+            .filter(|lease| lease.is_live(now))
+            .and_then(|lease| self.supervisor(lease.owner))
+    }
+
+    /// Gives the lease to `supervisor`; returns whom it had, if anyone.
+    fn claim(
+        &mut self,
+        key: Key,
+        supervisor: &SupervisorId,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Option<SupervisorId> {
+        let owner = self.number(supervisor);
+        self.leases
+            .insert(key, Lease { owner, expires_at })
+            .filter(|old| old.is_live(now))
+            .and_then(|old| self.supervisor(old.owner))
+    }
+
+    /// Extends the lease if `supervisor` holds it; returns whether it does.
+    fn renew(&mut self, key: &Key, supervisor: &SupervisorId, expires_at: Timestamp, now: Timestamp) -> bool {
+        let owner = self.supervisor_numbers.get(supervisor).copied();
+        match self.leases.get_mut(key) {
+            Some(lease) if !lease.is_live(now) => {
+                self.leases.remove(key);
+                false
+            }
+            Some(lease) if Some(lease.owner) == owner => {
+                lease.expires_at = expires_at;
+                true
+            }
+            Some(_) | None => false,
+        }
+    }
+
+    /// Drops the lease if `supervisor` holds it; returns whether it did.
+    fn release(&mut self, key: &Key, supervisor: &SupervisorId, now: Timestamp) -> bool {
+        let owner = self.supervisor_numbers.get(supervisor).copied();
+        let Some(lease) = self.leases.get(key) else {
+            return false;
+        };
+        let owned = lease.is_live(now) && Some(lease.owner) == owner;
+        // A lapsed lease goes too: it is only taking up memory.
+        if owned || !lease.is_live(now) {
+            self.leases.remove(key);
+        }
+        owned
+    }
+
+    fn number(&mut self, supervisor: &SupervisorId) -> u32 {
+        if let Some(number) = self.supervisor_numbers.get(supervisor) {
+            return *number;
+        }
+        // Four billion supervisors would need 260 GB for their names alone.
+        let number = self.supervisors.len() as u32;
+        self.supervisors.push(*supervisor);
+        self.supervisor_numbers.insert(*supervisor, number);
+        number
+    }
+
+    fn supervisor(&self, number: u32) -> Option<SupervisorId> {
+        self.supervisors.get(number as usize).copied()
+    }
+}
+
+/// Who holds a device (a number in its shard's supervisor list), and until when.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    owner: u32,
+    expires_at: Timestamp,
+}
+
+impl Lease {
+    /// A lease lapses at its expiry time, not after it.
+    fn is_live(&self, now: Timestamp) -> bool {
+        now < self.expires_at
+    }
+}
+
+/// A device id with its keyed hash, so the id is hashed once per operation.
+#[derive(Clone, Copy)]
+struct Key {
+    hash: u64,
+    device: DeviceId,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.device == other.device
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Hands a [`Key`]'s hash, already keyed and mixed, straight to the map.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a `Key` is hashed: fold it in (FNV-1a).
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A per-device map split into [`SHARDS`] independently locked parts.
+struct Sharded<V> {
+    // Picks the shard. Each shard's map has its own keys, so the devices of
+    // one shard are not crowded into a few of its buckets.
+    selector: RandomState,
+    shards: Box<[RwLock<HashMap<DeviceId, V>>]>,
+}
+
+impl<V> Sharded<V> {
+    fn new() -> Self {
+        Sharded {
+            selector: RandomState::new(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, device: &DeviceId) -> &RwLock<HashMap<DeviceId, V>> {
+        let hash = self.selector.hash_one(device);
+        // The top bits are the best mixed; SHARDS is a power of two.
+        &self.shards[(hash >> (u64::BITS - SHARDS.trailing_zeros())) as usize]
+    }
+
+    fn read(&self, device: &DeviceId) -> RwLockReadGuard<'_, HashMap<DeviceId, V>> {
+        read(self.shard(device))
+    }
+
+    fn write(&self, device: &DeviceId) -> RwLockWriteGuard<'_, HashMap<DeviceId, V>> {
+        write(self.shard(device))
+    }
+}
+
+/// The online set and the per-supervisor sets, ordered so pages are stable.
+#[derive(Default)]
+struct Indexes {
+    online: BTreeSet<DeviceId>,
+    // A supervisor is removed with its last device, so every set is non-empty.
+    by_supervisor: HashMap<SupervisorId, BTreeSet<DeviceId>>,
+}
+
+impl Indexes {
+    /// Moves `device` from the sets for `from` to those for `to` (`None`: offline).
+    fn move_device(&mut self, device: &DeviceId, from: Option<SupervisorId>, to: Option<SupervisorId>) {
+        if let Some(supervisor) = from {
+            self.online.remove(device);
+            if let Some(devices) = self.by_supervisor.get_mut(&supervisor) {
+                devices.remove(device);
+                if devices.is_empty() {
+                    self.by_supervisor.remove(&supervisor);
+                }
+            }
+        }
+        if let Some(supervisor) = to {
+            self.online.insert(*device);
+            self.by_supervisor.entry(supervisor).or_default().insert(*device);
+        }
+    }
+}
+
+/// A patch's fence that did not hold, and the supervisor the status named instead.
+struct FencedOff {
+    fence: SupervisorId,
+    named: Option<SupervisorId>,
+}
+
+/// The supervisor a status puts the device online under, if it is online.
+fn online_under(status: &DeviceStatus) -> Option<SupervisorId> {
+    status.supervisor.filter(|_| status.is_online())
+}
+
+/// One page of `set`, keyed on the device id: the cursor is the last id
+/// returned, so inserts and removals elsewhere in the set never shift a page.
+///
+/// A cursor that is not a device id was not made here: an error naming it.
+fn page_of(set: &BTreeSet<DeviceId>, page: &PageRequest) -> Result<Page<DeviceId>> {
+    let limit = page.limit.clamp(1, PageRequest::MAX_LIMIT);
+    let start = match &page.after {
+        Some(cursor) => Bound::Excluded(DeviceId::new(cursor.as_str()).map_err(|err| {
+            Error::invalid_input(format!("page cursor {:?} is not this store's: {err}", cursor.as_str()))
+        })?),
+        None => Bound::Unbounded,
+    };
+    let mut rest = set.range((start, Bound::Unbounded)).copied();
+    let items: Vec<DeviceId> = rest.by_ref().take(limit).collect();
+    let next = match (rest.next(), items.last()) {
+        (Some(_), Some(last)) => Some(Cursor::new(last.as_str())),
+        _ => None,
+    };
+    Ok(Page { items, next })
+}
+
+/// Templates, their versions in the order stored, and the `latest` pointers.
+#[derive(Default)]
+struct Configs {
+    templates: HashMap<ConfigRef, ConfigTemplate>,
+    versions: HashMap<AgentType, Vec<ConfigVersion>>,
+    latest: HashMap<AgentType, ConfigVersion>,
+}
+
+impl Configs {
+    /// Stores `template` unless its version is stored with other content;
+    /// returns whether the version now holds this content.
+    fn put(&mut self, template: &ConfigTemplate) -> bool {
+        let reference = template.reference();
+        match self.templates.entry(reference) {
+            Entry::Occupied(stored) => stored.get().same_content(template),
+            Entry::Vacant(slot) => {
+                slot.insert(template.clone());
+                self.versions
+                    .entry(reference.agent_type)
+                    .or_default()
+                    .push(reference.version);
+                true
+            }
+        }
+    }
+}
+
+// Every write below leaves the maps consistent before anything that could
+// panic, so a lock poisoned by a panicking thread still guards sound data.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(n: usize) -> DeviceId {
+        DeviceId::new(format!("d{n:04}")).unwrap()
+    }
+
+    #[test]
+    fn pages_end_without_a_dangling_cursor() {
+        let set: BTreeSet<DeviceId> = (0..4).map(device).collect();
+        let first = page_of(&set, &PageRequest::first(2)).unwrap();
+        assert_eq!(first.items, vec![device(0), device(1)]);
+        let cursor = first.next.expect("two more devices follow");
+        let second = page_of(&set, &PageRequest::after(cursor, 2)).unwrap();
+        assert_eq!(second.items, vec![device(2), device(3)]);
+        assert_eq!(second.next, None, "an exactly full last page has no cursor");
+    }
+
+    #[test]
+    fn a_cursor_for_a_removed_device_still_resumes() {
+        let mut set: BTreeSet<DeviceId> = (0..4).map(device).collect();
+        set.remove(&device(1));
+        let page = page_of(&set, &PageRequest::after(Cursor::new(device(1).as_str()), 10)).unwrap();
+        assert_eq!(page.items, vec![device(2), device(3)]);
+    }
+
+    #[test]
+    fn a_foreign_cursor_is_an_error_naming_it() {
+        let set: BTreeSet<DeviceId> = (0..4).map(device).collect();
+        let err = page_of(&set, &PageRequest::after(Cursor::new("not a device"), 10)).unwrap_err();
+        assert!(err.to_string().contains("page cursor \"not a device\""), "{err}");
+    }
+
+    #[test]
+    fn shards_are_all_used() {
+        let (leases, sharded) = (LeaseTable::new(), Sharded::<()>::new());
+        let (s1, now) = (SupervisorId::new("s1").unwrap(), Timestamp::UNIX_EPOCH);
+        for n in 0..10_000 {
+            let key = leases.key(&device(n));
+            write(leases.shard(&key)).claim(key, &s1, now.saturating_add(Duration::from_secs(1)), now);
+            sharded.write(&device(n)).insert(device(n), ());
+        }
+        assert!(leases.shards.iter().all(|shard| !read(shard).leases.is_empty()));
+        assert!(sharded.shards.iter().all(|shard| !read(shard).is_empty()));
+    }
+
+    #[test]
+    fn a_lease_shard_names_each_supervisor_once() {
+        let table = LeaseTable::new();
+        let (s1, s2, now) = (
+            SupervisorId::new("s1").unwrap(),
+            SupervisorId::new("s2").unwrap(),
+            Timestamp::UNIX_EPOCH,
+        );
+        let later = now.saturating_add(Duration::from_secs(1));
+        let key = table.key(&device(1));
+        let mut shard = write(table.shard(&key));
+        for owner in [s1, s2, s1, s2] {
+            shard.claim(key, &owner, later, now);
+        }
+        assert_eq!(shard.supervisors, vec![s1, s2]);
+        assert_eq!(shard.owner(&key, now), Some(s2));
+    }
+}
