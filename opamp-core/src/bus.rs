@@ -32,6 +32,33 @@ use crate::time::Timestamp;
 /// Where a backend records acknowledgements.
 ///
 /// Backends implement this; users only see it through [`Acker`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use async_trait::async_trait;
+/// use opamp_core::{AckSink, Acker, Delivery};
+///
+/// /// Remembers the highest token acknowledged.
+/// #[derive(Debug, Default)]
+/// struct Highest(AtomicU64);
+///
+/// #[async_trait]
+/// impl AckSink for Highest {
+///     async fn ack(&self, token: u64) -> opamp_core::Result<()> {
+///         self.0.fetch_max(token, Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// let sink = Arc::new(Highest::default());
+/// Delivery::new("hello", Acker::new(sink.clone(), 7)).ack().await?;
+/// assert_eq!(sink.0.load(Ordering::Relaxed), 7);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait AckSink: Send + Sync + Debug + 'static {
     /// Records that the delivery identified by `token` was handled.
@@ -100,6 +127,35 @@ impl<T> Delivery<T> {
 ///
 /// Dropping the stream ends the subscription; what it delivered but was not
 /// acknowledged goes to the next subscriber.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::time::Duration;
+/// use opamp_core::{Command, CommandBus, CommandKind, DeviceId, Subscription, SupervisorId, Timestamp};
+/// use opamp_bus::memory::MemoryBus;
+///
+/// /// Handles commands until the subscription ends, acknowledging each once handled.
+/// async fn serve(mut commands: Subscription<Command>) -> opamp_core::Result<usize> {
+///     let mut handled = 0;
+///     while let Some(delivery) = commands.next().await? {
+///         // ... deliver it to the device and record the outcome, then:
+///         delivery.ack().await?;
+///         handled += 1;
+///     }
+///     Ok(handled)
+/// }
+///
+/// let bus = MemoryBus::new();
+/// let s1 = SupervisorId::new("s1")?;
+/// let commands = bus.subscribe(&s1).await?;
+/// let restart = Command::new(DeviceId::new("device-5")?, CommandKind::Restart, Timestamp::now(), Duration::from_secs(5));
+/// bus.send(&s1, &restart).await?;
+/// drop(bus); // the memory bus ends its subscriptions once drained
+/// assert_eq!(serve(commands).await?, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait MessageStream<T: Send>: Send + Debug {
     /// The next delivery; waits for one. `Ok(None)` once the subscription has
@@ -245,6 +301,16 @@ pub trait EventBus: Send + Sync + Debug + 'static {
 
 /// A complete bus: commands, broadcasts and events. Implemented for every
 /// type that implements both parts.
+///
+/// ```
+/// use std::sync::Arc;
+/// use opamp_core::{Bus, EventBus};
+/// use opamp_bus::memory::MemoryBus;
+///
+/// let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+/// let events: Arc<dyn EventBus> = bus.clone();
+/// # let _ = events;
+/// ```
 pub trait Bus: CommandBus + EventBus {}
 
 impl<T: CommandBus + EventBus + ?Sized> Bus for T {}

@@ -283,11 +283,33 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
 ///
 /// Implemented for every type that implements the three parts; use it as
 /// `Arc<dyn Store>` and hand out `Arc<dyn RoutingStore>` (etc.) by upcasting.
+///
+/// ```
+/// use std::sync::Arc;
+/// use opamp_core::{RoutingStore, Store};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+/// let routing: Arc<dyn RoutingStore> = store.clone();
+/// # let _ = routing;
+/// ```
 pub trait Store: RoutingStore + StatusStore + ConfigStore {}
 
 impl<T: RoutingStore + StatusStore + ConfigStore + ?Sized> Store for T {}
 
 /// Conveniences over [`RoutingStore`], for every store.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::{DeviceId, Error, RoutingStoreExt};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let err = MemoryStore::new().owner(&DeviceId::new("device-5")?).await.unwrap_err();
+/// assert!(matches!(err, Error::NotFound { .. }));
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait RoutingStoreExt: RoutingStore {
     /// The supervisor holding `device`; [`Error::NotFound`] when none does.
@@ -301,6 +323,21 @@ pub trait RoutingStoreExt: RoutingStore {
 impl<T: RoutingStore + ?Sized> RoutingStoreExt for T {}
 
 /// Conveniences over [`StatusStore`], for every store.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::{DeviceId, StatusPatch, StatusStore, StatusStoreExt, SupervisorId, Timestamp};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let store = MemoryStore::new();
+/// let (d5, s1, s2) = (DeviceId::new("device-5")?, SupervisorId::new("s1")?, SupervisorId::new("s2")?);
+/// store.update_status(&d5, &StatusPatch::new().online(s2, Timestamp::now())).await?;
+/// assert!(!store.mark_offline(&d5, &s1).await?, "s1 cannot mark offline what s2 holds");
+/// assert!(store.mark_offline(&d5, &s2).await?);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait StatusStoreExt: StatusStore {
     /// Marks `device` offline unless another supervisor has it now (fenced by `supervisor`).
@@ -321,6 +358,19 @@ pub trait StatusStoreExt: StatusStore {
 impl<T: StatusStore + ?Sized> StatusStoreExt for T {}
 
 /// Conveniences over [`ConfigStore`], for every store.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::{AgentType, ConfigStoreExt, DeviceId};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let store = MemoryStore::new();
+/// assert_eq!(store.latest_template(&AgentType::new("fluentbit")?).await?, None);
+/// assert_eq!(store.desired_template(&DeviceId::new("device-5")?).await?, None);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait ConfigStoreExt: ConfigStore {
     /// The template `latest` points at for `agent_type`.

@@ -40,8 +40,8 @@ struct Args {
     /// How many simulated devices to connect.
     #[arg(long, default_value_t = 1000, env = "OPAMP_DEMO_DEVICES")]
     devices: usize,
-    /// Log filter, e.g. `info` or `opamp_core=debug`.
-    #[arg(long, default_value = "warn", env = "RUST_LOG")]
+    /// Log filter, e.g. `warn`, `info` or `opamp_core=debug` (logs go to stderr).
+    #[arg(long, default_value = "error", env = "RUST_LOG")]
     log: String,
 }
 
@@ -191,7 +191,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 3. Toggle every device.
-    println!("\n3. Toggle emission of every device ({n} commands)");
+    println!("\n3. Toggle emission of every device ({n} commands, all sent at once)");
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n);
     for i in 0..n {

@@ -210,6 +210,23 @@ pub enum FromDevice {
 }
 
 /// The receiving half of a session.
+///
+/// Transports implement it over their wire; a tokio `mpsc::Receiver` is one.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::transport::{FromDevice, Inbound, Outbound};
+///
+/// let (outbound, receiver) = Outbound::channel(4);
+/// let mut inbound: Box<dyn Inbound<FromDevice>> = Box::new(receiver);
+/// outbound.try_send(FromDevice::Heartbeat).expect("room");
+/// drop(outbound);
+/// assert_eq!(inbound.recv().await?, Some(FromDevice::Heartbeat));
+/// assert_eq!(inbound.recv().await?, None, "every sender is gone: the session ended");
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait Inbound<T: Send>: Send + Debug {
     /// The next message; `Ok(None)` once the peer has closed the session.
@@ -372,7 +389,25 @@ impl Debug for AgentSession {
 /// The device side of a transport: connects to a supervisor and registers.
 ///
 /// The connector holds the device's credential; `hello` says who it claims to
-/// be and what it runs. See [`DeviceTransport`] for an example.
+/// be and what it runs.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::sync::Arc;
+/// use opamp_core::transport::{channel, AgentConnector, DeviceHello, FailoverConnector};
+/// use opamp_core::DeviceId;
+///
+/// // A device that knows two supervisors; the first is down.
+/// let (down, to_down) = channel::pair(channel::ChannelConfig::default());
+/// drop(down);
+/// let (_up, to_up) = channel::pair(channel::ChannelConfig::default());
+/// let connector: Arc<dyn AgentConnector> = Arc::new(FailoverConnector::new(vec![Arc::new(to_down), Arc::new(to_up)])?);
+/// let session = connector.connect(&DeviceHello::new(DeviceId::new("device-5")?)).await?;
+/// # let _ = session;
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait AgentConnector: Send + Sync + Debug + 'static {
     /// Connects and registers as `hello.device`.
