@@ -507,3 +507,94 @@ async fn bad_input_closes_only_that_session() {
     assert!(*agent.emission().borrow());
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_supervisor_serves_several_transports() {
+    let mut fleet = Fleet::new().await;
+    let (first, to_first) = channel::pair(channel::ChannelConfig::default());
+    let (second, to_second) = channel::pair(channel::ChannelConfig::default());
+    let store: Arc<dyn Store> = fleet.store.clone();
+    let bus: Arc<dyn Bus> = fleet.bus.clone();
+    let s1 = Supervisor::new(SupervisorConfig::new(sid("s1")), store, bus)
+        .with_clock(fleet.clock.clone())
+        .start(vec![Arc::new(first), Arc::new(second)])
+        .await
+        .unwrap();
+    let (_a, _stop_a) = spawn_agent(Arc::new(to_first), hello("via-first"), Arc::new(MemoryApplier::new()));
+    let (_b, _stop_b) = spawn_agent(Arc::new(to_second), hello("via-second"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("via-first", Some("s1")).await;
+    fleet.owner_is("via-second", Some("s1")).await;
+    fleet.toggle_acked("s1", "via-first").await;
+    fleet.toggle_acked("s1", "via-second").await;
+    assert_eq!(s1.connected_devices(), 2);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_reach_the_store_and_the_event_stream() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    let mut report = opamp_core::transport::StatusReport::default();
+    report.emission = Some(true);
+    report.last_error = Some("disk full".into());
+    device.outbound.send(FromDevice::Status(report)).await.unwrap();
+    let changed = fleet
+        .event(|e| match e.kind {
+            EventKind::StatusChanged { emission, .. } => Some(emission),
+            _ => None,
+        })
+        .await;
+    assert_eq!(changed, Some(true));
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert!(status.emission);
+    assert_eq!(status.last_error.as_deref(), Some("disk full"));
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_command_makes_the_agent_reconnect() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let (agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Connected { .. }).then_some(()))
+        .await;
+
+    let id = fleet.send("s1", "d1", CommandKind::Restart, WAIT).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    // The agent ends its session after acknowledging, then registers again.
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Disconnected { .. }).then_some(()))
+        .await;
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Connected { .. }).then_some(()))
+        .await;
+    fleet.owner_is("d1", Some("s1")).await;
+    let agent_ref = &agent;
+    eventually("the agent is connected again", WAIT, || async move {
+        *agent_ref.connected().borrow()
+    })
+    .await;
+    fleet.toggle_acked("s1", "d1").await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_running_supervisor_is_a_crash() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    drop(s1);
+    // The session ends, but as in a crash the lease is left to lapse.
+    let ended = tokio::time::timeout(WAIT, device.inbound.recv())
+        .await
+        .expect("ended in time")
+        .unwrap();
+    assert_eq!(ended, None);
+    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), Some(sid("s1")));
+    fleet.clock.advance(opamp_core::DEFAULT_LEASE_TTL);
+    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
+}

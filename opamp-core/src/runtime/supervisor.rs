@@ -193,8 +193,8 @@ impl Supervisor {
     }
 }
 
-/// A started supervisor. Stop it with [`shutdown`](Self::shutdown); dropping
-/// it leaves its tasks running.
+/// A started supervisor. Stop it gracefully with [`shutdown`](Self::shutdown);
+/// dropping it stops it at once, as [`abort`](Self::abort) does.
 pub struct RunningSupervisor {
     inner: Arc<Inner>,
     loops: JoinSet<()>,
@@ -257,7 +257,14 @@ impl RunningSupervisor {
     /// Stops at once, as a crash would: no lease is released, nothing is
     /// marked offline, unacknowledged commands stay on the bus. For failover
     /// tests and demos.
-    pub fn abort(mut self) {
+    pub fn abort(self) {
+        drop(self);
+    }
+}
+
+impl Drop for RunningSupervisor {
+    fn drop(&mut self) {
+        // After a graceful shutdown there is nothing left to stop.
         self.inner.stopping.send_replace(true);
         self.loops.abort_all();
         lock(&self.inner.session_tasks).abort_all();
