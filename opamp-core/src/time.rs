@@ -214,6 +214,71 @@ impl Clock for ManualClock {
     }
 }
 
+/// Durations in configuration files, written as a whole number and a unit:
+/// `250ms`, `30s`, `5m`, `1h`.
+///
+/// Use it on `Duration` fields: `#[serde(with = "opamp_core::time::duration_text")]`.
+/// Writing picks the largest unit that is exact; reading accepts any of them
+/// and names the text when it cannot.
+///
+/// ```
+/// use std::time::Duration;
+/// use opamp_core::time::duration_text;
+///
+/// assert_eq!(duration_text::parse("5m")?, Duration::from_secs(300));
+/// assert_eq!(duration_text::format(Duration::from_millis(1500)), "1500ms");
+/// assert!(duration_text::parse("5 minutes").is_err());
+/// # Ok::<(), opamp_core::Error>(())
+/// ```
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::error::{Error, Result, excerpt};
+
+    const UNITS: [(&str, u64); 4] = [("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+
+    /// Reads `250ms`, `30s`, `5m` or `1h`.
+    pub fn parse(text: &str) -> Result<Duration> {
+        let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, unit) = text.split_at(digits);
+        let scale = UNITS.iter().find(|(name, _)| *name == unit).map(|(_, ms)| *ms);
+        match (number.parse::<u64>(), scale) {
+            (Ok(number), Some(scale)) => number
+                .checked_mul(scale)
+                .map(Duration::from_millis)
+                .ok_or_else(|| Error::invalid_input(format!("duration {} is too long", excerpt(text)))),
+            _ => Err(Error::invalid_input(format!(
+                "duration {} is not a whole number followed by ms, s, m or h",
+                excerpt(text)
+            ))),
+        }
+    }
+
+    /// Writes `duration` (to the millisecond) in the largest exact unit.
+    pub fn format(duration: Duration) -> String {
+        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let (name, scale) = UNITS
+            .iter()
+            .find(|(_, scale)| ms != 0 && ms % scale == 0)
+            .copied()
+            .unwrap_or(("ms", 1));
+        format!("{}{name}", ms / scale)
+    }
+
+    /// For `#[serde(with = "…")]`.
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format(*duration))
+    }
+
+    /// For `#[serde(with = "…")]`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Duration, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -245,6 +310,25 @@ mod tests {
         assert_eq!(clock.now().unix_millis(), 1500);
         clock.advance(Duration::MAX);
         assert_eq!(clock.now().unix_millis(), MAX_MILLIS);
+    }
+
+    #[test]
+    fn duration_text_round_trips_and_names_bad_text() {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("0ms", 0),
+        ] {
+            assert_eq!(duration_text::parse(text).unwrap(), Duration::from_millis(ms));
+            assert_eq!(duration_text::format(Duration::from_millis(ms)), text);
+        }
+        assert_eq!(duration_text::format(Duration::from_millis(90_000)), "90s");
+        for bad in ["", "5", "s", "-5s", "1.5s", "5 s", "5d", "99999999999999999999h"] {
+            let err = duration_text::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("duration"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

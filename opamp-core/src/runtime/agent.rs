@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::command::{CommandKind, CommandOutcome};
 use crate::config::{ConfigHash, ConfigRef};
 use crate::event::ConfigApplyState;
+use crate::time::duration_text;
 use crate::transport::{
     AgentConnector, AgentSession, CommandAck, ConfigAck, ConfigPush, DeviceHello, FromDevice, StatusReport, ToDevice,
 };
@@ -118,18 +120,47 @@ impl ConfigApplier for MemoryApplier {
 }
 
 /// How an agent runs.
-#[derive(Debug, Clone)]
+///
+/// Reads from configuration files: only `hello.device` is required;
+/// durations are written like `30s` or `100ms`.
+///
+/// ```
+/// use opamp_core::runtime::agent::AgentConfig;
+///
+/// let config: AgentConfig = serde_json::from_str(r#"{"hello": {"device": "device-5"}, "heartbeat_interval": "10s"}"#)?;
+/// assert_eq!(config.heartbeat_interval.as_secs(), 10);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct AgentConfig {
     /// Who the device is and what it can do; the configuration it reports is
     /// filled in from the applier at every connect.
     pub hello: DeviceHello,
     /// How often to send a heartbeat.
+    #[serde(default = "defaults::heartbeat_interval", with = "duration_text")]
     pub heartbeat_interval: Duration,
     /// The first reconnect delay.
+    #[serde(default = "defaults::backoff_min", with = "duration_text")]
     pub backoff_min: Duration,
     /// The longest reconnect delay.
+    #[serde(default = "defaults::backoff_max", with = "duration_text")]
     pub backoff_max: Duration,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub(super) fn heartbeat_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn backoff_min() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub(super) fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 impl AgentConfig {
@@ -137,9 +168,9 @@ impl AgentConfig {
     pub fn new(hello: DeviceHello) -> Self {
         AgentConfig {
             hello,
-            heartbeat_interval: Duration::from_secs(30),
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
+            heartbeat_interval: defaults::heartbeat_interval(),
+            backoff_min: defaults::backoff_min(),
+            backoff_max: defaults::backoff_max(),
         }
     }
 

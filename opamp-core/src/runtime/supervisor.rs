@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -38,29 +39,68 @@ use crate::error::{Error, Result};
 use crate::event::{ConfigApplyState, DeviceEvent, EventKind};
 use crate::id::{DeviceId, SupervisorId};
 use crate::status::StatusPatch;
-use crate::store::{Claim, DEFAULT_LEASE_TTL, StatusStoreExt, Store, validate_ttl};
-use crate::time::{Clock, SystemClock};
+use crate::store::{Claim, StatusStoreExt, Store, validate_ttl};
+use crate::time::{Clock, SystemClock, duration_text};
 use crate::transport::{
     ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, StatusReport, ToDevice, TrySendError,
 };
 
 /// How a supervisor runs.
-#[derive(Debug, Clone)]
+///
+/// Reads from configuration files: only `id` is required; durations are
+/// written like `300s` or `250ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use opamp_core::runtime::supervisor::SupervisorConfig;
+///
+/// let config: SupervisorConfig = serde_json::from_str(r#"{"id": "supervisor-3", "lease_ttl": "2m"}"#)?;
+/// assert_eq!(config.lease_ttl, Duration::from_secs(120));
+/// assert_eq!(config.device_queue, 16);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct SupervisorConfig {
     /// This supervisor's id: its key on the bus and the owner named in leases.
     pub id: SupervisorId,
     /// How long a lease lasts without renewal.
+    #[serde(default = "defaults::lease_ttl", with = "duration_text")]
     pub lease_ttl: Duration,
     /// Devices renewed per store call.
+    #[serde(default = "defaults::renew_batch")]
     pub renew_batch: usize,
     /// Commands waiting per device; a command finding the queue full fails at once.
+    #[serde(default = "defaults::device_queue")]
     pub device_queue: usize,
     /// Commands taken from the bus and not yet finished, over all devices.
     /// When reached, the supervisor stops pulling from the bus (back-pressure).
+    #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
     /// How long a graceful shutdown waits for in-flight commands.
+    #[serde(default = "defaults::shutdown_grace", with = "duration_text")]
     pub shutdown_grace: Duration,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub(super) fn lease_ttl() -> Duration {
+        crate::store::DEFAULT_LEASE_TTL
+    }
+    pub(super) fn renew_batch() -> usize {
+        1000
+    }
+    pub(super) fn device_queue() -> usize {
+        16
+    }
+    pub(super) fn max_in_flight() -> usize {
+        10_000
+    }
+    pub(super) fn shutdown_grace() -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 impl SupervisorConfig {
@@ -69,11 +109,11 @@ impl SupervisorConfig {
     pub fn new(id: SupervisorId) -> Self {
         SupervisorConfig {
             id,
-            lease_ttl: DEFAULT_LEASE_TTL,
-            renew_batch: 1000,
-            device_queue: 16,
-            max_in_flight: 10_000,
-            shutdown_grace: Duration::from_secs(10),
+            lease_ttl: defaults::lease_ttl(),
+            renew_batch: defaults::renew_batch(),
+            device_queue: defaults::device_queue(),
+            max_in_flight: defaults::max_in_flight(),
+            shutdown_grace: defaults::shutdown_grace(),
         }
     }
 

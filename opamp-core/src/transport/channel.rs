@@ -11,7 +11,8 @@ use super::{AgentConnector, AgentSession, DeviceHello, DeviceSession, DeviceTran
 use crate::error::{Error, Result};
 
 /// Sizes of the channel transport's queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ChannelConfig {
     /// Messages queued per session and direction.

@@ -37,6 +37,7 @@ use crate::status::Labels;
 
 /// What a device can do, as it told the supervisor when it registered.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// It accepts [`CommandKind::SetEmission`](crate::CommandKind::SetEmission).
@@ -62,20 +63,26 @@ impl Capabilities {
 }
 
 /// Who a device is and what it runs, as proven and reported when it connected.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DeviceHello {
     /// The device id, proven by the transport's credential check.
     pub device: DeviceId,
     /// The kind of agent it runs.
+    #[serde(default)]
     pub agent_type: Option<AgentType>,
     /// The configuration version it runs.
+    #[serde(default)]
     pub config_version: Option<ConfigVersion>,
     /// The hash of the configuration it runs.
+    #[serde(default)]
     pub config_hash: Option<ConfigHash>,
     /// Its labels.
+    #[serde(default)]
     pub labels: Labels,
     /// What it can do.
+    #[serde(default)]
     pub capabilities: Capabilities,
 }
 
