@@ -5,10 +5,7 @@
 //! with [`ManualClock::advance`] and never sleep. [`routing_model`] and
 //! [`status_model`] drive random operation sequences against a small
 //! reference model. [`store_conformance!`](crate::store_conformance) turns all
-//! of them into tests:
-//!
-//! See [`store_conformance!`](crate::store_conformance) for the one line a
-//! backend's test file needs.
+//! of them into tests: the one line a backend's test file needs.
 //!
 //! The lease boundary every backend keeps: a lease claimed (or renewed) at
 //! `t` for `ttl` is held at every time before `t + ttl` and lapsed from
