@@ -57,10 +57,12 @@ impl Inline {
         })
     }
 
+    #[inline]
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
 
+    #[inline]
     fn as_str(&self) -> &str {
         // Only ASCII bytes are ever stored, so this never takes the fallback.
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
@@ -98,6 +100,7 @@ macro_rules! name_type {
             }
 
             /// The value as a string slice.
+            #[inline]
             pub fn as_str(&self) -> &str {
                 self.0.as_str()
             }
@@ -118,6 +121,7 @@ macro_rules! name_type {
         // Equality, order and hash work on the raw bytes: they are on the hot
         // path of every lookup, and the bytes are ASCII, so byte order is text order.
         impl PartialEq for $name {
+            #[inline]
             fn eq(&self, other: &Self) -> bool {
                 self.0.as_bytes() == other.0.as_bytes()
             }
@@ -126,18 +130,21 @@ macro_rules! name_type {
         impl Eq for $name {}
 
         impl PartialOrd for $name {
+            #[inline]
             fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
                 Some(self.cmp(other))
             }
         }
 
         impl Ord for $name {
+            #[inline]
             fn cmp(&self, other: &Self) -> Ordering {
                 self.0.as_bytes().cmp(other.0.as_bytes())
             }
         }
 
         impl Hash for $name {
+            #[inline]
             fn hash<H: Hasher>(&self, state: &mut H) {
                 self.0.as_bytes().hash(state);
             }

@@ -61,5 +61,5 @@ pub use store::{
     Claim, ConfigStore, ConfigStoreExt, Cursor, DEFAULT_LEASE_TTL, Page, PageRequest, RoutingStore, RoutingStoreExt,
     StatusStore, StatusStoreExt, Store, SupervisorLoad,
 };
-pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use transport::{AgentConnector, DeviceTransport};

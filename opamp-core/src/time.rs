@@ -31,6 +31,7 @@ impl Timestamp {
     pub const UNIX_EPOCH: Timestamp = Timestamp { millis: 0 };
 
     /// The current wall-clock time.
+    #[inline]
     pub fn now() -> Self {
         Self::from(SystemTime::now())
     }
@@ -48,6 +49,7 @@ impl Timestamp {
     }
 
     /// Milliseconds since the Unix epoch.
+    #[inline]
     pub fn unix_millis(self) -> i64 {
         self.millis
     }
@@ -58,6 +60,7 @@ impl Timestamp {
     }
 
     /// `self + by`, saturating at the latest representable time.
+    #[inline]
     pub fn saturating_add(self, by: Duration) -> Self {
         let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
         Timestamp {
@@ -93,6 +96,7 @@ impl Timestamp {
 }
 
 impl From<SystemTime> for Timestamp {
+    #[inline]
     fn from(time: SystemTime) -> Self {
         let millis = match time.duration_since(UNIX_EPOCH) {
             Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
@@ -168,8 +172,68 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[inline]
     fn now(&self) -> Timestamp {
         Timestamp::now()
+    }
+}
+
+/// The wall clock, read from memory: a background thread refreshes it every
+/// `resolution`.
+///
+/// Reading the system clock costs ~30 ns, and the ordered TSC read behind it
+/// waits for the CPU's outstanding memory loads, so a store checking millions
+/// of leases a second spends more time on the clock than on its maps. This
+/// clock costs one atomic load instead; lease expiry is judged up to
+/// `resolution` (plus any delay in scheduling the thread) late, which does not
+/// matter for leases of minutes. Share one among all the stores of a process.
+///
+/// The thread stops at its next tick once every clone of the clock is dropped.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use opamp_core::{Clock, CoarseClock, Timestamp};
+///
+/// let clock = Arc::new(CoarseClock::new(Duration::from_millis(1))?);
+/// let drift = Timestamp::now().duration_since(clock.now());
+/// assert!(drift < Duration::from_secs(1));
+/// # Ok::<(), opamp_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CoarseClock {
+    millis: Arc<AtomicI64>,
+}
+
+impl CoarseClock {
+    /// Starts the refreshing thread; [`Error::Unavailable`] if it cannot be spawned.
+    pub fn new(resolution: Duration) -> Result<Self> {
+        let millis = Arc::new(AtomicI64::new(Timestamp::now().millis));
+        let shared = Arc::downgrade(&millis);
+        let resolution = resolution.max(Duration::from_micros(100));
+        std::thread::Builder::new()
+            .name("opamp-coarse-clock".into())
+            .spawn(move || {
+                while let Some(millis) = shared.upgrade() {
+                    millis.store(Timestamp::now().millis, Ordering::Relaxed);
+                    drop(millis);
+                    std::thread::sleep(resolution);
+                }
+            })
+            .map_err(|err| Error::Unavailable {
+                message: "starting the coarse clock's thread".into(),
+                source: Some(Box::new(err)),
+            })?;
+        Ok(CoarseClock { millis })
+    }
+}
+
+impl Clock for CoarseClock {
+    #[inline]
+    fn now(&self) -> Timestamp {
+        Timestamp {
+            millis: self.millis.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -300,6 +364,21 @@ mod tests {
         assert!(err.contains("\"yesterday\" is not RFC 3339"), "{err}");
         assert!(Timestamp::from_unix_millis(i64::MAX).is_none());
         assert!(Timestamp::from_unix_seconds(i64::MAX).is_none());
+    }
+
+    #[test]
+    fn coarse_clock_follows_the_wall_clock() {
+        let clock = CoarseClock::new(Duration::from_millis(1)).unwrap();
+        let first = clock.now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while clock.now() <= first {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread never refreshed the clock"
+            );
+            std::thread::yield_now();
+        }
+        assert!(Timestamp::now().duration_since(clock.now()) < Duration::from_secs(1));
     }
 
     #[test]

@@ -7,11 +7,11 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use opamp_core::{DeviceId, RoutingStore, SupervisorId};
+use opamp_core::{Clock, CoarseClock, DeviceId, ManualClock, RoutingStore, SupervisorId};
 use opamp_store::memory::MemoryStore;
 use tokio::runtime::Runtime;
 
@@ -97,16 +97,34 @@ fn lookups(c: &mut Criterion) {
             }
         })
     });
-    group.bench_function("memory, 100k devices at random", |b| {
-        b.to_async(&runtime).iter(|| {
-            let batch = &order[spread.next()];
-            async move {
-                for d in batch {
-                    black_box(store.lookup(d).await.expect("lookup"));
+    // The same lookups with each clock the store can judge leases by: the
+    // system clock (read on every lookup), a coarse clock (the wall clock read
+    // from memory, what a host after throughput uses), and a manual clock
+    // (never moves: the floor, with no clock cost at all).
+    let coarse: Arc<dyn Clock> = Arc::new(CoarseClock::new(Duration::from_millis(1)).expect("a clock thread"));
+    let manual: Arc<dyn Clock> = Arc::new(ManualClock::starting_now());
+    for (name, clock) in [("system", None), ("coarse", Some(coarse)), ("manual", Some(manual))] {
+        let with_clock = clock.map(|clock| {
+            let other = MemoryStore::with_clock(clock);
+            runtime.block_on(async {
+                for d in &devices {
+                    other.claim(d, &supervisor, TTL).await.expect("claim");
                 }
-            }
-        })
-    });
+            });
+            other
+        });
+        let store = with_clock.as_ref().unwrap_or(store);
+        group.bench_function(format!("memory, {name} clock, 100k devices at random"), |b| {
+            b.to_async(&runtime).iter(|| {
+                let batch = &order[spread.next()];
+                async move {
+                    for d in batch {
+                        black_box(store.lookup(d).await.expect("lookup"));
+                    }
+                }
+            })
+        });
+    }
     group.bench_function("baseline RwLock<HashMap>, 100k devices at random", |b| {
         b.iter(|| {
             for d in &order[spread.next()] {
