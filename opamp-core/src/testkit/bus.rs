@@ -173,43 +173,26 @@ pub async fn unacked_commands_come_again_in_order(f: &BusFixture) {
     let supervisor = fresh_supervisor("redeliver");
     let device = DeviceId::new("device-5").unwrap();
     let commands = numbered_commands(device, 6);
-    let mut stream = call("subscribe", f.bus.subscribe(&supervisor)).await;
+    let stream = call("subscribe", f.bus.subscribe(&supervisor)).await;
     for command in &commands {
         call("send", f.bus.send(&supervisor, command)).await;
     }
     // Take four of the six, acknowledge the first two.
-    let mut deliveries = Vec::new();
-    for command in &commands[..4] {
-        let delivery = next(&mut stream, "a command").await;
-        assert_eq!(delivery.message(), command);
-        deliveries.push(delivery);
-    }
-    let unacked = deliveries.split_off(2);
-    for delivery in deliveries {
-        ack(delivery).await;
-    }
-    drop(unacked);
-    drop(stream);
+    take_then_die(stream, &commands[..4], 2, "a command").await;
 
     let mut stream = call("subscribe again", f.bus.subscribe(&supervisor)).await;
-    for command in &commands[2..] {
-        let delivery = next(&mut stream, "a command delivered again, or not yet delivered").await;
-        assert_eq!(
-            delivery.message(),
-            command,
-            "unacknowledged commands come again, in order, and only they"
-        );
-        ack(delivery).await;
-    }
+    let why = "unacknowledged commands come again, in order, and only they";
+    expect_in_order(
+        &mut stream,
+        &commands[2..],
+        "a command delivered again, or not yet delivered",
+        why,
+    )
+    .await;
     let marker = numbered_commands(device, 1).remove(0);
     call("send", f.bus.send(&supervisor, &marker)).await;
-    let delivery = next(&mut stream, "the marker").await;
-    assert_eq!(
-        delivery.message(),
-        &marker,
-        "a command came a third time after being acknowledged"
-    );
-    ack(delivery).await;
+    let why = "a command came a third time after being acknowledged";
+    expect_in_order(&mut stream, &[marker], "the marker", why).await;
 }
 
 /// Acknowledgements may come in any order. The next subscription gets every
@@ -375,32 +358,22 @@ pub async fn broadcasts_reach_every_subscriber(f: &BusFixture) {
 pub async fn unacked_broadcasts_come_again(f: &BusFixture) {
     let supervisor = fresh_supervisor("broadcast-again");
     let updates = numbered_updates(4);
-    let mut stream = call("subscribe to broadcasts", f.bus.subscribe_broadcasts(&supervisor)).await;
+    let stream = call("subscribe to broadcasts", f.bus.subscribe_broadcasts(&supervisor)).await;
     for update in &updates[..3] {
         call("broadcast", f.bus.broadcast(update)).await;
     }
-    let mut deliveries = Vec::new();
-    for update in &updates[..3] {
-        let delivery = next(&mut stream, "a broadcast").await;
-        assert_eq!(delivery.message(), update);
-        deliveries.push(delivery);
-    }
-    let unacked = deliveries.split_off(1);
-    ack(deliveries.remove(0)).await;
-    drop(unacked);
-    drop(stream);
+    take_then_die(stream, &updates[..3], 1, "a broadcast").await;
 
     call("broadcast", f.bus.broadcast(&updates[3])).await;
     let mut stream = call("subscribe to broadcasts again", f.bus.subscribe_broadcasts(&supervisor)).await;
-    for update in &updates[1..] {
-        let delivery = next(&mut stream, "a broadcast, again or sent during the restart").await;
-        assert_eq!(
-            delivery.message(),
-            update,
-            "unacknowledged broadcasts come again in order, then the new one"
-        );
-        ack(delivery).await;
-    }
+    let why = "unacknowledged broadcasts come again in order, then the new one";
+    expect_in_order(
+        &mut stream,
+        &updates[1..],
+        "a broadcast, again or sent during the restart",
+        why,
+    )
+    .await;
 }
 
 /// Every group gets every event, in order and with every field equal (each
@@ -491,42 +464,54 @@ pub async fn unacked_events_come_again(f: &BusFixture) {
     let group = fresh_group("events-again");
     let device = DeviceId::new("device-5").unwrap();
     let events = numbered_events(device, 5);
-    let mut stream = call("subscribe to events", f.bus.subscribe_events(&group)).await;
+    let stream = call("subscribe to events", f.bus.subscribe_events(&group)).await;
     for event in &events {
         call("publish", f.bus.publish_event(event)).await;
     }
+    take_then_die(stream, &events, 2, "an event").await;
+
+    let mut stream = call("subscribe to events again", f.bus.subscribe_events(&group)).await;
+    let why = "unacknowledged events come again, in order, and only they";
+    expect_in_order(&mut stream, &events[2..], "an event delivered again", why).await;
+    let marker = numbered_events(device, 1).remove(0);
+    call("publish", f.bus.publish_event(&marker)).await;
+    let why = "an event came a third time after being acknowledged";
+    expect_in_order(&mut stream, &[marker], "the marker", why).await;
+}
+
+/// A consumer that dies mid-batch: takes `expected` from `stream` in order,
+/// acknowledges the first `acked` of them, then drops the rest and the stream.
+async fn take_then_die<T: Send + Debug + PartialEq>(
+    mut stream: Subscription<T>,
+    expected: &[T],
+    acked: usize,
+    what: &str,
+) {
     let mut deliveries = Vec::new();
-    for event in &events {
-        let delivery = next(&mut stream, "an event").await;
-        assert_eq!(delivery.message(), event);
+    for message in expected {
+        let delivery = next(&mut stream, what).await;
+        assert_eq!(delivery.message(), message);
         deliveries.push(delivery);
     }
-    let unacked = deliveries.split_off(2);
+    let unacked = deliveries.split_off(acked);
     for delivery in deliveries {
         ack(delivery).await;
     }
     drop(unacked);
-    drop(stream);
+}
 
-    let mut stream = call("subscribe to events again", f.bus.subscribe_events(&group)).await;
-    for event in &events[2..] {
-        let delivery = next(&mut stream, "an event delivered again").await;
-        assert_eq!(
-            delivery.message(),
-            event,
-            "unacknowledged events come again, in order, and only they"
-        );
+/// Takes `expected` from `stream` in order, acknowledging each; `why` says what a mismatch means.
+async fn expect_in_order<T: Send + Debug + PartialEq>(
+    stream: &mut Subscription<T>,
+    expected: &[T],
+    what: &str,
+    why: &str,
+) {
+    for message in expected {
+        let delivery = next(stream, what).await;
+        assert_eq!(delivery.message(), message, "{why}");
         ack(delivery).await;
     }
-    let marker = numbered_events(device, 1).remove(0);
-    call("publish", f.bus.publish_event(&marker)).await;
-    let delivery = next(&mut stream, "the marker").await;
-    assert_eq!(
-        delivery.message(),
-        &marker,
-        "an event came a third time after being acknowledged"
-    );
-    ack(delivery).await;
 }
 
 /// Awaits `future`, which must finish within the deadline.
