@@ -148,9 +148,10 @@ impl SupervisorConfig {
             ("device_queue", self.device_queue),
             ("max_in_flight", self.max_in_flight),
         ] {
-            if value == 0 || value > Semaphore::MAX_PERMITS {
+            if !(1..=Semaphore::MAX_PERMITS).contains(&value) {
                 return Err(Error::invalid_input(format!(
-                    "supervisor {name} must be at least 1, got {value}"
+                    "supervisor {name} must be between 1 and {}, got {value}",
+                    Semaphore::MAX_PERMITS
                 )));
             }
         }
@@ -877,5 +878,34 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let id = SupervisorId::new("s1").unwrap();
+        assert!(SupervisorConfig::new(id).validate().is_ok());
+        let err = SupervisorConfig::new(id)
+            .device_queue(0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device_queue must be between 1 and"), "{err}");
+        let err = SupervisorConfig::new(id)
+            .max_in_flight(usize::MAX)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_in_flight"), "{err}");
+        let err = SupervisorConfig::new(id)
+            .lease_ttl(Duration::ZERO)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lease TTL"), "{err}");
     }
 }
