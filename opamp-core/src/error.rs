@@ -49,6 +49,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A credential was missing or did not prove the identity it came with
+    /// (a device token for another device, an untrusted certificate).
+    #[error("unauthenticated: {message}")]
+    Unauthenticated {
+        /// What was presented and why it was refused; never the secret itself.
+        message: String,
+    },
+
     /// A backend or peer cannot be reached right now; retrying may succeed.
     #[error("unavailable: {message}")]
     Unavailable {
@@ -133,6 +141,13 @@ impl Error {
         }
     }
 
+    /// An [`Error::Unauthenticated`] saying why the credential was refused.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Error::Unauthenticated {
+            message: message.into(),
+        }
+    }
+
     /// An [`Error::Unavailable`] without an underlying cause.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Error::Unavailable {
@@ -186,6 +201,7 @@ mod tests {
         assert!(Error::timeout("claim").is_retryable());
         assert!(!Error::not_found("x").is_retryable());
         assert!(!Error::invalid_input("x").is_retryable());
+        assert!(!Error::unauthenticated("token for another device").is_retryable());
         assert!(!Error::backend("redis", "GET k", std::io::Error::other("boom")).is_retryable());
     }
 

@@ -265,8 +265,12 @@ async fn failures_are_recorded_with_their_reason() {
 }
 
 /// A device that registers and then never answers.
+/// A device that registers and then never answers.
 async fn silent_device(connector: &ChannelConnector, device: &str) -> opamp_core::transport::AgentSession {
-    connector.connect(&hello(device)).await.unwrap()
+    let mut session = connector.connect(&hello(device)).await.unwrap();
+    let first = session.inbound.recv().await.unwrap();
+    assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+    session
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,7 +498,7 @@ async fn bad_input_closes_only_that_session() {
         Arc::new(MemoryApplier::new()),
     );
     fleet.owner_is("good", Some("s1")).await;
-    let mut bad = connector.connect(&hello("bad")).await.unwrap();
+    let mut bad = silent_device(&connector, "bad").await;
     // The supervisor drops the bad session: the device sees its stream end.
     let ended = tokio::time::timeout(WAIT, bad.inbound.recv())
         .await
@@ -597,4 +601,98 @@ async fn dropping_a_running_supervisor_is_a_crash() {
     assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), Some(sid("s1")));
     fleet.clock.advance(opamp_core::DEFAULT_LEASE_TTL);
     assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_converge_on_their_desired_config() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let (v1, bundle1) = template(&fleet.store, "v1").await;
+    let (v2, bundle2) = template(&fleet.store, "v2").await;
+    fleet.store.set_desired(&did("behind"), &v1).await.unwrap();
+    fleet.store.set_desired(&did("current"), &v1).await.unwrap();
+
+    // On register: a device that runs something else is sent its desired config...
+    let behind = Arc::new(MemoryApplier::new());
+    let (_a1, _stop1) = spawn_agent(Arc::new(connector.clone()), hello("behind"), behind.clone());
+    let applied = |applier: Arc<MemoryApplier>, hash| {
+        let name = format!("config {hash} applied");
+        async move {
+            eventually(&name, WAIT, || {
+                let applier = applier.clone();
+                async move { applier.current().map(|a| a.hash) == Some(hash) }
+            })
+            .await
+        }
+    };
+    applied(behind.clone(), bundle1.hash()).await;
+    let status_of = |device: &str| {
+        let (store, device) = (fleet.store.clone(), did(device));
+        async move { store.status(&device).await.unwrap().unwrap() }
+    };
+    let store = fleet.store.clone();
+    let hash1 = bundle1.hash();
+    eventually("status records v1", WAIT, || {
+        let store = store.clone();
+        async move {
+            let status = store.status(&did("behind")).await.unwrap().unwrap();
+            status.config_version == Some(v1.version) && status.config_hash == Some(hash1)
+        }
+    })
+    .await;
+
+    // ...and one that already runs it is left alone.
+    let mut runs_v1 = hello("current");
+    runs_v1.config_hash = Some(bundle1.hash());
+    let current = Arc::new(MemoryApplier::new());
+    let (_a2, _stop2) = spawn_agent(Arc::new(connector.clone()), runs_v1, current.clone());
+    let mut other_type = hello("other");
+    other_type.agent_type = Some(AgentType::new("otelcol").unwrap());
+    let other = Arc::new(MemoryApplier::new());
+    let (_a3, _stop3) = spawn_agent(Arc::new(connector), other_type, other.clone());
+    fleet.owner_is("current", Some("s1")).await;
+    fleet.owner_is("other", Some("s1")).await;
+
+    // A broadcast update selects by agent type (and labels), and becomes the desired config.
+    let update = opamp_core::ConfigUpdate::new(v2, opamp_core::Labels::new(), fleet.clock.now());
+    fleet.bus.broadcast(&update).await.unwrap();
+    applied(behind.clone(), bundle2.hash()).await;
+    applied(current.clone(), bundle2.hash()).await;
+    assert_eq!(fleet.store.desired(&did("current")).await.unwrap(), Some(v2));
+    assert_eq!(fleet.store.desired(&did("other")).await.unwrap(), None);
+    assert_eq!(
+        current.applied_count(),
+        1,
+        "only v2 was pushed to the device that ran v1"
+    );
+    assert_eq!(other.applied_count(), 0);
+    assert_eq!(status_of("current").await.last_error, None);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fenced_write_closes_the_stale_session() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // Another supervisor takes the device over while s1 still holds a session for it.
+    fleet
+        .store
+        .claim(&did("d1"), &sid("s2"), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let online_at_s2 = opamp_core::StatusPatch::new().online(sid("s2"), fleet.clock.now());
+    fleet.store.update_status(&did("d1"), &online_at_s2).await.unwrap();
+    let report = FromDevice::Status(Default::default());
+    device.outbound.send(report).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, device.inbound.recv())
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(ended, None, "s1 closed its stale session");
+    eventually("s1 forgot d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
+    fleet.owner_is("d1", Some("s2")).await;
+    s1.shutdown().await;
 }

@@ -8,8 +8,17 @@
 //! | module      | feature     | what it is |
 //! |-------------|-------------|------------|
 //! | [`channel`] | always      | in-process bounded channels: tests, demos, embedding agents in the supervisor's process |
+//! | [`auth`]    | always      | fleet tokens: per-device credentials checked without a lookup |
+//! | `grpc`      | `grpc`      | the design's `ControlService` over gRPC (tonic), with TLS and mTLS (rustls) |
 //!
-//! gRPC (the design's `ControlService`), OpAMP over WebSocket and plain HTTP,
-//! and the REST API join this table behind features named after them.
+//! OpAMP over WebSocket and plain HTTP, and the REST API, join this table
+//! behind features named after them.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod auth;
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub mod grpc;
 
 pub use opamp_core::transport::channel;

@@ -356,6 +356,10 @@ impl Agent {
                 }
                 (answers, end)
             }
+            ToDevice::Registered(supervisor) => {
+                debug!(%device, %supervisor, "registered");
+                (Vec::new(), None)
+            }
             ToDevice::ConfigPush(push) => {
                 let ack = |state, error| {
                     FromDevice::ConfigAck(Box::new(ConfigAck::new(push.correlation_id, push.hash, state, error)))

@@ -19,7 +19,13 @@
 //! Leases are renewed for all connected devices every `lease_ttl / 3`, in
 //! batches of one store call each. A device whose lease lapsed while it is
 //! still connected (the store restarted empty, say) is claimed again; a device
-//! another supervisor took over has its stale session closed here.
+//! another supervisor took over has its stale session closed here, at the
+//! next renewal or as soon as a fenced write for it is refused.
+//!
+//! Devices converge on their desired configuration: when one registers with a
+//! configuration hash other than its desired template's, and when a broadcast
+//! [`ConfigUpdate`] selects it (which also records the update as its desired
+//! configuration), the template is pushed to it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -32,14 +38,14 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::bus::{Acker, Bus, Delivery};
+use crate::bus::{Acker, Bus, ConfigUpdate, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigHash, ConfigRef};
 use crate::error::{Error, Result};
 use crate::event::{ConfigApplyState, DeviceEvent, EventKind};
-use crate::id::{DeviceId, SupervisorId};
-use crate::status::StatusPatch;
-use crate::store::{Claim, StatusStoreExt, Store, validate_ttl};
+use crate::id::{AgentType, DeviceId, SupervisorId};
+use crate::status::{Labels, StatusPatch};
+use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, duration_text};
 use crate::transport::{
     ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, StatusReport, ToDevice, TrySendError,
@@ -211,6 +217,7 @@ impl Supervisor {
     pub async fn start(self, transports: Vec<Arc<dyn DeviceTransport>>) -> Result<RunningSupervisor> {
         self.config.validate()?;
         let commands = self.bus.subscribe(&self.config.id).await?;
+        let updates = self.bus.subscribe_broadcasts(&self.config.id).await?;
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
@@ -228,6 +235,7 @@ impl Supervisor {
             loops.spawn(Arc::clone(&inner).accept_loop(transport));
         }
         loops.spawn(Arc::clone(&inner).command_loop(commands));
+        loops.spawn(Arc::clone(&inner).update_loop(updates));
         loops.spawn(Arc::clone(&inner).renew_loop());
         info!(supervisor = %inner.config.id, "supervisor started");
         Ok(RunningSupervisor { inner, loops })
@@ -333,10 +341,21 @@ struct Inner {
 /// What the rest of the supervisor knows of a live session.
 struct SessionEntry {
     id: u64,
-    // Boxed: tokio allocates a block of 32 slots per channel up front, and a
-    // supervisor holds one queue per device.
-    jobs: mpsc::Sender<Box<Job>>,
+    jobs: mpsc::Sender<Work>,
     close: Arc<Notify>,
+    /// For selecting the device in broadcast config updates.
+    agent_type: Option<AgentType>,
+    labels: Labels,
+}
+
+/// What a session is given to do.
+// Kept to two words: tokio allocates a block of 32 slots per channel up
+// front, and a supervisor holds one queue per device.
+enum Work {
+    /// Execute a command from the bus.
+    Command(Box<Job>),
+    /// Make sure the device runs this configuration.
+    Converge(Arc<ConfigPush>),
 }
 
 /// A command taken from the bus, with what it needs to finish.
@@ -392,9 +411,8 @@ impl Inner {
         }
     }
 
-    async fn command_loop(self: Arc<Self>, mut commands: crate::bus::Subscription<crate::Command>) {
+    async fn command_loop(self: Arc<Self>, mut commands: Subscription<Command>) {
         let mut stopping = self.stopping();
-        let mut backoff = Duration::from_millis(50);
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.in_flight).acquire_owned() => match permit {
@@ -403,25 +421,101 @@ impl Inner {
                 },
                 _ = stopped(&mut stopping) => return,
             };
+            match self.next_delivery(&mut commands, "commands").await {
+                Some(delivery) => self.dispatch(delivery, permit),
+                None => return,
+            }
+        }
+    }
+
+    async fn update_loop(self: Arc<Self>, mut updates: Subscription<ConfigUpdate>) {
+        while let Some(delivery) = self.next_delivery(&mut updates, "config updates").await {
+            let (update, acker) = delivery.into_parts();
+            // Left unacknowledged on a store failure, so that it comes again.
+            if self.converge_fleet(&update).await.is_ok() {
+                if let Err(err) = acker.ack().await {
+                    warn!(supervisor = %self.config.id, error = %err, "acknowledging a config update failed");
+                }
+            }
+        }
+    }
+
+    /// The next message of `subscription`, retrying read errors with backoff;
+    /// `None` once the supervisor stops or the subscription ends.
+    async fn next_delivery<T: Send>(&self, subscription: &mut Subscription<T>, what: &str) -> Option<Delivery<T>> {
+        let mut stopping = self.stopping();
+        let mut backoff = Duration::from_millis(50);
+        loop {
             let next = tokio::select! {
-                next = commands.next() => next,
-                _ = stopped(&mut stopping) => return,
+                next = subscription.next() => next,
+                _ = stopped(&mut stopping) => return None,
             };
             match next {
-                Ok(Some(delivery)) => {
-                    backoff = Duration::from_millis(50);
-                    self.dispatch(delivery, permit);
-                }
+                Ok(Some(delivery)) => return Some(delivery),
                 Ok(None) => {
-                    warn!(supervisor = %self.config.id, "command subscription ended");
-                    return;
+                    warn!(supervisor = %self.config.id, "the {what} subscription ended");
+                    return None;
                 }
                 Err(err) => {
-                    warn!(supervisor = %self.config.id, error = %err, "reading commands failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    warn!(supervisor = %self.config.id, error = %err, "reading {what} failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped(&mut stopping) => return None,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Records `update` as the desired configuration of every device here it
+    /// selects, and pushes it to them.
+    async fn converge_fleet(&self, update: &ConfigUpdate) -> Result<()> {
+        let config = update.config;
+        let template = match self.store.template(&config).await? {
+            Some(template) => template,
+            None => {
+                warn!(%config, correlation_id = %update.correlation_id, "a config update names a template that does not exist; ignoring it");
+                return Ok(());
+            }
+        };
+        let push = Arc::new(ConfigPush::new(Some(update.correlation_id), config, template.bundle));
+        let selected: Vec<(DeviceId, mpsc::Sender<Work>)> = self
+            .sessions()
+            .iter()
+            .filter(|(_, entry)| entry.agent_type == Some(config.agent_type) && update.selects(&entry.labels))
+            .map(|(device, entry)| (*device, entry.jobs.clone()))
+            .collect();
+        debug!(%config, devices = selected.len(), "config update selects devices here");
+        for (device, jobs) in selected {
+            self.store.set_desired(&device, &config).await?;
+            if let Err(mpsc::error::TrySendError::Full(_)) = jobs.try_send(Work::Converge(Arc::clone(&push))) {
+                warn!(%device, %config, "the device's queue is full; it converges on its desired config when it next registers");
+            }
+        }
+        Ok(())
+    }
+
+    /// The push that brings a registering device to its desired configuration, if it runs another.
+    async fn desired_push(&self, hello: &DeviceHello) -> Option<Arc<ConfigPush>> {
+        match self.store.desired_template(&hello.device).await {
+            Ok(Some(template)) => {
+                let push = ConfigPush::new(None, template.reference(), template.bundle);
+                (Some(push.hash) != hello.config_hash).then(|| Arc::new(push))
+            }
+            Ok(None) => None,
+            Err(err) => {
+                warn!(device = %hello.device, error = %err, "loading the desired config failed; not converging now");
+                None
+            }
+        }
+    }
+
+    /// Another supervisor owns `device` now: close the session here.
+    fn drop_stale(&self, device: &DeviceId) {
+        if let Some(entry) = self.sessions().get(device) {
+            info!(%device, supervisor = %self.config.id, "device owned elsewhere now; closing the stale session");
+            entry.close.notify_one();
         }
     }
 
@@ -435,18 +529,20 @@ impl Inner {
         });
         let jobs = self.sessions().get(&job.command.device).map(|entry| entry.jobs.clone());
         let refused = match jobs {
-            Some(jobs) => match jobs.try_send(job) {
+            None => (job, CommandOutcome::DeviceOffline),
+            Some(jobs) => match jobs.try_send(Work::Command(job)) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(job)) => {
+                Err(mpsc::error::TrySendError::Full(Work::Command(job))) => {
                     let reason = format!(
                         "the command queue of device {} is full ({} waiting)",
                         job.command.device, self.config.device_queue
                     );
                     (job, CommandOutcome::Failed { reason })
                 }
-                Err(mpsc::error::TrySendError::Closed(job)) => (job, CommandOutcome::DeviceOffline),
+                Err(mpsc::error::TrySendError::Closed(Work::Command(job))) => (job, CommandOutcome::DeviceOffline),
+                // What was sent was a command, so a command is what comes back.
+                Err(_) => return,
             },
-            None => (job, CommandOutcome::DeviceOffline),
         };
         let inner = Arc::clone(self);
         // Tracked with the sessions, so that `abort` stops it as a crash would.
@@ -527,6 +623,8 @@ impl Inner {
                 id,
                 jobs,
                 close: Arc::clone(&close),
+                agent_type: session.hello.agent_type,
+                labels: session.hello.labels.clone(),
             },
         );
         if let Some(previous) = previous {
@@ -534,18 +632,26 @@ impl Inner {
             previous.close.notify_one();
         }
         debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
+        // A fresh queue has room; if the device is already gone the session loop notices.
+        let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
         if let Err(err) = self.publish(device, EventKind::Connected { supervisor: me }).await {
             warn!(%device, error = %err, "publishing a connected event failed");
         }
+        let desired = self.desired_push(&session.hello).await;
 
         let mut runner = SessionRunner {
             inner: &self,
+            config_hash: session.hello.config_hash,
             session,
             queued,
             close,
             current: None,
+            converging: None,
             last_touch: tokio::time::Instant::now(),
         };
+        if let Some(push) = desired {
+            runner.converge(push);
+        }
         let why = runner.run().await;
         let SessionRunner {
             mut queued, current, ..
@@ -563,8 +669,10 @@ impl Inner {
         if let Some(flight) = current {
             self.finish(flight.job, CommandOutcome::DeviceOffline, None).await;
         }
-        while let Ok(job) = queued.try_recv() {
-            self.finish(*job, CommandOutcome::DeviceOffline, None).await;
+        while let Ok(work) = queued.try_recv() {
+            if let Work::Command(job) = work {
+                self.finish(*job, CommandOutcome::DeviceOffline, None).await;
+            }
         }
         if removed {
             // Both fenced: if another supervisor holds the device now, neither touches its records.
@@ -638,7 +746,8 @@ impl Inner {
                 .update_status(&device, &patch.last_seen(self.clock.now()).fenced_by(me))
                 .await
             {
-                Ok(()) | Err(Error::NotOwner(_)) => {}
+                Ok(()) => {}
+                Err(Error::NotOwner(_)) => self.drop_stale(&device),
                 Err(err) => {
                     // Leave the delivery unacknowledged: it comes again and is recorded then.
                     warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
@@ -665,9 +774,13 @@ impl Inner {
 struct SessionRunner<'a> {
     inner: &'a Arc<Inner>,
     session: DeviceSession,
-    queued: mpsc::Receiver<Box<Job>>,
+    queued: mpsc::Receiver<Work>,
     close: Arc<Notify>,
     current: Option<InFlight>,
+    /// The configuration the device runs, as far as this session knows.
+    config_hash: Option<ConfigHash>,
+    /// A configuration pushed to converge the device, not for a command, awaiting its ack.
+    converging: Option<(ConfigRef, ConfigHash)>,
     last_touch: tokio::time::Instant,
 }
 
@@ -691,8 +804,9 @@ impl SessionRunner<'_> {
                         self.inner.finish(flight.job, CommandOutcome::TimedOut, None).await;
                     }
                 }
-                job = self.queued.recv(), if self.current.is_none() => match job {
-                    Some(job) => self.start(*job).await,
+                work = self.queued.recv(), if self.current.is_none() => match work {
+                    Some(Work::Command(job)) => self.start(*job).await,
+                    Some(Work::Converge(push)) => self.converge(push),
                     None => return "closed by the supervisor",
                 },
             }
@@ -752,6 +866,53 @@ impl SessionRunner<'_> {
         }
     }
 
+    /// Pushes `push` unless the device runs it already or is being sent it.
+    fn converge(&mut self, push: Arc<ConfigPush>) {
+        let device = self.session.hello.device;
+        let pending = self.converging.map(|(_, hash)| hash);
+        if self.config_hash == Some(push.hash) || pending == Some(push.hash) {
+            return;
+        }
+        if !self.session.hello.capabilities.remote_config {
+            debug!(%device, config = %push.config, "the device does not accept remote configuration; not converging");
+            return;
+        }
+        let target = (push.config, push.hash);
+        match self.session.outbound.try_send(ToDevice::ConfigPush(push)) {
+            Ok(()) => {
+                debug!(%device, config = %target.0, "pushing the desired config");
+                self.converging = Some(target);
+            }
+            Err(_) => warn!(%device, config = %target.0, "the device's send queue is full; not converging now"),
+        }
+    }
+
+    /// Records the answer to a push made to converge the device.
+    async fn converged(&mut self, ack: &crate::transport::ConfigAck) {
+        let inner = self.inner;
+        let device = self.session.hello.device;
+        let patch = match (self.converging, ack.state) {
+            (Some((config, hash)), ConfigApplyState::Applied) if hash == ack.hash => {
+                self.config_hash = Some(hash);
+                StatusPatch::new().config(config.version, Some(hash)).last_error(None)
+            }
+            (Some((config, hash)), ConfigApplyState::Failed) if hash == ack.hash => {
+                StatusPatch::new().last_error(Some(format!(
+                    "applying {config}: {}",
+                    ack.error.as_deref().unwrap_or("the device did not say why")
+                )))
+            }
+            _ => return,
+        };
+        self.converging = None;
+        let patch = patch.last_seen(inner.clock.now()).fenced_by(inner.config.id);
+        match inner.store.update_status(&device, &patch).await {
+            Ok(()) => {}
+            Err(Error::NotOwner(_)) => inner.drop_stale(&device),
+            Err(err) => warn!(%device, error = %err, "recording a config ack failed"),
+        }
+    }
+
     fn missing_capability(&self, kind: &CommandKind) -> Option<String> {
         let caps = &self.session.hello.capabilities;
         match kind {
@@ -802,8 +963,14 @@ impl SessionRunner<'_> {
                 if let Err(err) = inner.publish(device, event).await {
                     warn!(%device, error = %err, "publishing a config ack failed");
                 }
-                if !matches || ack.state == ConfigApplyState::Applying {
+                if !matches {
+                    return self.converged(&ack).await;
+                }
+                if ack.state == ConfigApplyState::Applying {
                     return;
+                }
+                if ack.state == ConfigApplyState::Applied {
+                    self.config_hash = Some(ack.hash);
                 }
                 if let Some(flight) = self.current.take() {
                     let outcome = match ack.state {
@@ -834,7 +1001,8 @@ impl SessionRunner<'_> {
             patch.last_error = Some(Some(error));
         }
         match inner.store.update_status(&device, &patch).await {
-            Ok(()) | Err(Error::NotOwner(_)) => {}
+            Ok(()) => {}
+            Err(Error::NotOwner(_)) => inner.drop_stale(&device),
             Err(err) => warn!(%device, error = %err, "recording a status report failed"),
         }
         if report.emission.is_some() {
@@ -862,7 +1030,8 @@ impl SessionRunner<'_> {
             .last_seen(inner.clock.now())
             .fenced_by(inner.config.id);
         match inner.store.update_status(&device, &patch).await {
-            Ok(()) | Err(Error::NotOwner(_)) => {}
+            Ok(()) => {}
+            Err(Error::NotOwner(_)) => inner.drop_stale(&device),
             Err(err) => warn!(%device, error = %err, "recording a heartbeat failed"),
         }
     }

@@ -11,7 +11,8 @@
 //! | [`ToDevice::ConfigPush`]   | supervisor → device  | `config_push = 4`     |
 //! | [`FromDevice::ConfigAck`]  | device → supervisor  | `config_ack = 5`      |
 //!
-//! plus [`FromDevice::CommandAck`] and [`FromDevice::Heartbeat`].
+//! plus [`FromDevice::CommandAck`], [`FromDevice::Heartbeat`] and
+//! [`ToDevice::Registered`].
 //!
 //! The supervisor side is a [`DeviceTransport`], which accepts
 //! [`DeviceSession`]s; the device side is an [`AgentConnector`]. Each session
@@ -32,7 +33,7 @@ use crate::command::{Command, CommandOutcome, CorrelationId};
 use crate::config::{ConfigBundle, ConfigHash, ConfigRef};
 use crate::error::Result;
 use crate::event::ConfigApplyState;
-use crate::id::{AgentType, ConfigVersion, DeviceId};
+use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::Labels;
 
 /// What a device can do, as it told the supervisor when it registered.
@@ -137,6 +138,9 @@ pub enum ToDevice {
     Command(Box<Command>),
     /// Apply this configuration; answer with [`FromDevice::ConfigAck`].
     ConfigPush(Arc<ConfigPush>),
+    /// The device is registered: its lease is claimed by this supervisor. The
+    /// first message of every session; needs no answer.
+    Registered(Box<SupervisorId>),
 }
 
 /// A device's answer to a command.

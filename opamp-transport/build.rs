@@ -1,0 +1,16 @@
+//! Compiles the gRPC protocol when the `grpc` feature is on, with the pure-Rust
+//! `protox` parser: no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    #[cfg(feature = "grpc")]
+    {
+        const PROTO: &str = "proto/opamp/control/v1/control.proto";
+        println!("cargo:rerun-if-changed={PROTO}");
+        let descriptors = protox::compile([PROTO], ["proto"])?;
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .compile_fds(descriptors)?;
+    }
+    Ok(())
+}

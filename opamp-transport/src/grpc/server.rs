@@ -1,0 +1,352 @@
+//! The supervisor side: a tonic server whose registered streams become device sessions.
+
+use std::future::Future as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::{DeviceId, Error, Result};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::Stream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+use super::proto::control_service_server::{ControlService, ControlServiceServer};
+use super::proto::{Envelope, envelope::Body};
+use super::{DeviceAuth, GrpcServerConfig, convert, tls};
+
+/// The gRPC [`DeviceTransport`]: serves `ControlService` and hands each
+/// device that registered with a valid credential to the supervisor.
+///
+/// Bound and serving from [`bind`](Self::bind) on; sessions wait (up to the
+/// accept queue) until [`accept`](DeviceTransport::accept) takes them.
+/// [`shutdown`](Self::shutdown) stops it gracefully; dropping it does too,
+/// without waiting.
+#[derive(Debug)]
+pub struct GrpcTransport {
+    local_addr: SocketAddr,
+    sessions: tokio::sync::Mutex<mpsc::Receiver<DeviceSession>>,
+    stopping: watch::Sender<bool>,
+    server: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl GrpcTransport {
+    /// Listens on `config.listen` and starts serving.
+    ///
+    /// [`Error::InvalidInput`] for a setting out of range or TLS material that
+    /// does not load; [`Error::Unavailable`] if the address cannot be bound.
+    pub async fn bind(config: GrpcServerConfig) -> Result<Self> {
+        config.validate()?;
+        let listener = listen(config.listen, config.backlog)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|err| unavailable(format!("reading the address of {}", config.listen), err))?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+        let (sessions, accepted) = mpsc::channel(config.accept_queue);
+        let handler = Handler {
+            shared: Arc::new(Shared {
+                auth: config.auth.clone(),
+                register_timeout: config.register_timeout,
+                device_queue: config.device_queue,
+                max_message_size: config.max_message_size,
+                sessions,
+            }),
+        };
+        let service = ControlServiceServer::new(handler)
+            .max_decoding_message_size(config.max_message_size)
+            .max_encoding_message_size(config.max_message_size);
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .tcp_nodelay(true);
+        if let Some(tls) = &config.tls {
+            builder = builder
+                .tls_config(tls.to_tonic())
+                .map_err(|err| Error::invalid_input(format!("grpc TLS settings: {err}")))?;
+        }
+
+        let (stopping, mut stop) = watch::channel(false);
+        let router = builder.add_service(service);
+        let server = tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|stop| *stop).await.map(drop);
+            };
+            if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                tracing::error!(%local_addr, error = %err, "the gRPC server stopped");
+            }
+        });
+        info!(%local_addr, auth = ?config.auth, tls = config.tls.is_some(), "gRPC device transport listening");
+        Ok(GrpcTransport {
+            local_addr,
+            sessions: tokio::sync::Mutex::new(accepted),
+            stopping,
+            server: Mutex::new(Some(server)),
+        })
+    }
+
+    /// The address it listens on (with the port picked, if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting connections and waits up to `grace` for open streams
+    /// to end (the supervisor ends them when it shuts down), then drops the rest.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.send_replace(true);
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut server) = server {
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                server.abort();
+            }
+        }
+    }
+}
+
+impl Drop for GrpcTransport {
+    fn drop(&mut self) {
+        self.stopping.send_replace(true);
+    }
+}
+
+#[async_trait]
+impl DeviceTransport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    async fn accept(&self) -> Result<Option<DeviceSession>> {
+        let mut stopping = self.stopping.subscribe();
+        let mut sessions = self.sessions.lock().await;
+        tokio::select! {
+            session = sessions.recv() => Ok(session),
+            _ = stopping.wait_for(|stop| *stop) => Ok(None),
+        }
+    }
+}
+
+fn unavailable(doing: String, err: std::io::Error) -> Error {
+    Error::Unavailable {
+        message: doing,
+        source: Some(Box::new(err)),
+    }
+}
+
+fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind().map_err(|err| unavailable(format!("listening on {addr}"), err))
+}
+
+struct Shared {
+    auth: DeviceAuth,
+    register_timeout: Duration,
+    device_queue: usize,
+    max_message_size: usize,
+    sessions: mpsc::Sender<DeviceSession>,
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ControlService for Handler {
+    type ControlStream = ToDeviceStream;
+
+    async fn control(&self, request: Request<Streaming<Envelope>>) -> Result<Response<ToDeviceStream>, Status> {
+        let shared = &self.shared;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "grpc".to_owned(), |addr| format!("grpc {addr}"));
+        let certified = match shared.auth {
+            DeviceAuth::ClientCertificate => Some(certified_device(&request)?),
+            DeviceAuth::FleetToken(_) => None,
+        };
+        let mut stream = request.into_inner();
+
+        let first = tokio::time::timeout(shared.register_timeout, stream.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no register message within {}",
+                    opamp_core::time::duration_text::format(shared.register_timeout)
+                ))
+            })?
+            .map_err(|status| refusal(&status, shared.max_message_size))?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before register"))?;
+        let identity = match first.body {
+            Some(Body::Register(identity)) => identity,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "the first message must be register, got {}",
+                    convert::body_name(&other)
+                )));
+            }
+        };
+        let claimed = convert::claimed_device(&identity).map_err(Status::invalid_argument)?;
+        let device = authenticate(&shared.auth, claimed, certified, &identity.token)?;
+        let hello = convert::hello(device, identity).map_err(Status::invalid_argument)?;
+
+        let (outbound, queue) = Outbound::channel(shared.device_queue);
+        let (abort, aborted) = oneshot::channel();
+        let inbound = DeviceInbound {
+            device,
+            stream,
+            abort: Some(abort),
+            max_message_size: shared.max_message_size,
+        };
+        let session = DeviceSession::new(hello, peer, Box::new(inbound), outbound);
+        debug!(%device, "device authenticated; handing its session to the supervisor");
+        shared
+            .sessions
+            .send(session)
+            .await
+            .map_err(|_| Status::unavailable("the supervisor is shutting down"))?;
+        Ok(Response::new(ToDeviceStream {
+            aborted: Some(aborted),
+            queue,
+        }))
+    }
+}
+
+/// The device id the verified client certificate names.
+fn certified_device<T>(request: &Request<T>) -> Result<DeviceId, Status> {
+    let certificates = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certificates
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    tls::device_of_certificate(leaf).map_err(Status::unauthenticated)
+}
+
+/// The device a register message proves, or why it proves nothing.
+fn authenticate(
+    auth: &DeviceAuth,
+    claimed: Option<DeviceId>,
+    certified: Option<DeviceId>,
+    token: &str,
+) -> Result<DeviceId, Status> {
+    match (auth, claimed, certified) {
+        (DeviceAuth::FleetToken(key), Some(device), _) => key
+            .verify(&device, token)
+            .map(|()| device)
+            .map_err(|err| Status::unauthenticated(err.to_string())),
+        (DeviceAuth::FleetToken(_), None, _) => Err(Status::invalid_argument("register.device_id is empty")),
+        (DeviceAuth::ClientCertificate, claimed, Some(certified)) => match claimed {
+            Some(claimed) if claimed != certified => Err(Status::unauthenticated(format!(
+                "the client certificate is for device {certified}, not {claimed}"
+            ))),
+            _ => Ok(certified),
+        },
+        (DeviceAuth::ClientCertificate, _, None) => Err(Status::unauthenticated("a client certificate is required")),
+    }
+}
+
+/// The status that closes a stream whose bytes could not be read as a message.
+fn refusal(status: &Status, limit: usize) -> Status {
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => Status::resource_exhausted(format!(
+            "message larger than the limit of {limit} bytes: {}",
+            status.message()
+        )),
+        Code::Internal => Status::invalid_argument(format!("malformed message: {}", status.message())),
+        _ => status.clone(),
+    }
+}
+
+/// Messages from one device; the first bad one ends its stream with a status naming it.
+struct DeviceInbound {
+    device: DeviceId,
+    stream: Streaming<Envelope>,
+    abort: Option<oneshot::Sender<Status>>,
+    max_message_size: usize,
+}
+
+impl std::fmt::Debug for DeviceInbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceInbound")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceInbound {
+    fn close_with(&mut self, status: Status) -> Error {
+        let error = Error::invalid_input(format!("device {}: {}", self.device, status.message()));
+        if let Some(abort) = self.abort.take() {
+            let _ = abort.send(status);
+        }
+        error
+    }
+}
+
+#[async_trait]
+impl Inbound<FromDevice> for DeviceInbound {
+    async fn recv(&mut self) -> Result<Option<FromDevice>> {
+        match self.stream.message().await {
+            Ok(Some(envelope)) => match convert::from_device(envelope) {
+                Ok(message) => Ok(Some(message)),
+                Err(problem) => Err(self.close_with(Status::invalid_argument(problem))),
+            },
+            Ok(None) => Ok(None),
+            Err(status) => match status.code() {
+                Code::OutOfRange | Code::ResourceExhausted | Code::Internal => {
+                    let refused = refusal(&status, self.max_message_size);
+                    Err(self.close_with(refused))
+                }
+                // The connection broke or the device reset its stream: it is gone.
+                _ => {
+                    debug!(device = %self.device, status = %status.message(), "device stream ended");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+/// The response stream: the device's queue, ended early by a refusal status.
+struct ToDeviceStream {
+    aborted: Option<oneshot::Receiver<Status>>,
+    queue: mpsc::Receiver<ToDevice>,
+}
+
+impl Stream for ToDeviceStream {
+    type Item = Result<Envelope, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(aborted) = self.aborted.as_mut() {
+            match Pin::new(aborted).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.aborted = None;
+                    self.queue.close();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                // The inbound side ended without a refusal: nothing more to watch for.
+                Poll::Ready(Err(_)) => self.aborted = None,
+                Poll::Pending => {}
+            }
+        }
+        match self.queue.poll_recv(cx) {
+            Poll::Ready(Some(message)) => Poll::Ready(Some(Ok(convert::to_device(&message)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
