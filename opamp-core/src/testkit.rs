@@ -25,6 +25,9 @@
 //! tests run in parallel.
 
 pub mod bus;
+#[cfg(feature = "fluent-bit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
+pub mod fluent_bit;
 pub mod fuzz;
 pub mod store;
 
