@@ -16,7 +16,7 @@
 //! use opamp_core::DeviceId;
 //! use opamp_transport::auth::FleetKey;
 //!
-//! let key = FleetKey::new(b"a fleet secret of at least 16 bytes".to_vec())?;
+//! let key = FleetKey::new(b"a fleet secret of at least 16 bytes")?;
 //! let device = DeviceId::new("device-5")?;
 //! let token = key.token(&device);
 //! assert!(key.verify(&device, token.as_str()).is_ok());

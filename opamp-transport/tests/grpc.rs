@@ -1,1 +1,605 @@
-//! gRPC transport tests (filled below).
+//! The gRPC transport end to end over loopback sockets: the supervisor and
+//! agent runtimes, the Fluent Bit applier, credentials, TLS, and bad input.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opamp_bus::memory::MemoryBus;
+use opamp_core::runtime::agent::{Agent, AgentConfig, ConfigApplier, MemoryApplier};
+use opamp_core::runtime::fluent_bit::{FluentBitApplier, FluentBitConfig};
+use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use opamp_core::testkit::eventually;
+use opamp_core::testkit::fluent_bit::ReloadStandIn;
+use opamp_core::transport::{
+    AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, FailoverConnector, FromDevice,
+    StatusReport, ToDevice,
+};
+use opamp_core::{
+    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error, EventBus, EventKind,
+    GroupName, ManualClock, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
+};
+use opamp_store::memory::MemoryStore;
+use opamp_transport::auth::FleetKey;
+use opamp_transport::grpc::proto::{self, envelope::Body};
+use opamp_transport::grpc::{
+    ClientTls, DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport, ServerTls,
+};
+use prost::Message as _;
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn key() -> FleetKey {
+    FleetKey::new(b"integration-test fleet secret").unwrap()
+}
+
+fn did(id: &str) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+fn sid(id: &str) -> SupervisorId {
+    SupervisorId::new(id).unwrap()
+}
+
+fn hello(device: &str) -> DeviceHello {
+    let mut hello = DeviceHello::new(did(device));
+    hello.capabilities = Capabilities::all_builtin();
+    hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
+    hello
+}
+
+fn loopback() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A store, a bus, and an event subscription to watch outcomes on.
+struct Fleet {
+    store: Arc<MemoryStore>,
+    bus: Arc<MemoryBus>,
+    clock: Arc<ManualClock>,
+    events: Subscription<DeviceEvent>,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        let clock = Arc::new(ManualClock::starting_now());
+        let bus = Arc::new(MemoryBus::new());
+        let events = bus.subscribe_events(&GroupName::new("test").unwrap()).await.unwrap();
+        Fleet {
+            store: Arc::new(MemoryStore::with_clock(clock.clone())),
+            bus,
+            clock,
+            events,
+        }
+    }
+
+    /// A supervisor serving gRPC with fleet tokens on a free port.
+    async fn supervisor(
+        &self,
+        id: &str,
+        server: impl FnOnce(GrpcServerConfig) -> GrpcServerConfig,
+        supervisor: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+    ) -> (RunningSupervisor, Arc<GrpcTransport>, String) {
+        let config = server(GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key())));
+        let transport = Arc::new(GrpcTransport::bind(config).await.unwrap());
+        let url = format!("http://{}", transport.local_addr());
+        let store: Arc<dyn Store> = self.store.clone();
+        let bus: Arc<dyn Bus> = self.bus.clone();
+        let running = Supervisor::new(supervisor(SupervisorConfig::new(sid(id))), store, bus)
+            .with_clock(self.clock.clone())
+            .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+            .await
+            .unwrap();
+        (running, transport, url)
+    }
+
+    async fn send(&self, to: &str, device: &str, kind: CommandKind) -> CorrelationId {
+        let command = Command::new(did(device), kind, self.clock.now(), WAIT);
+        self.bus.send(&sid(to), &command).await.unwrap();
+        command.correlation_id
+    }
+
+    async fn outcome(&mut self, id: CorrelationId) -> CommandOutcome {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let delivery = self.events.next().await.unwrap().expect("event stream open");
+                let found = match &delivery.message().kind {
+                    EventKind::CommandCompleted {
+                        correlation_id,
+                        outcome,
+                    } if *correlation_id == id => Some(outcome.clone()),
+                    _ => None,
+                };
+                delivery.ack().await.unwrap();
+                if let Some(found) = found {
+                    return found;
+                }
+            }
+        })
+        .await;
+        found.expect("the command's outcome within the deadline")
+    }
+
+    async fn owner_is(&self, device: &str, owner: Option<&str>) {
+        let (store, device, owner) = (self.store.clone(), did(device), owner.map(sid));
+        eventually(&format!("{device} owned by {owner:?}"), WAIT, || {
+            let store = store.clone();
+            async move { store.lookup(&device).await.unwrap() == owner }
+        })
+        .await;
+    }
+}
+
+fn connector(url: &str, device: &str) -> GrpcConnector {
+    GrpcConnector::new(GrpcConnectorConfig::new(url).token(key().token(&did(device)))).unwrap()
+}
+
+/// Runs an agent until the returned sender fires (or is dropped).
+fn spawn_agent(
+    connector: Arc<dyn AgentConnector>,
+    hello: DeviceHello,
+    applier: Arc<dyn ConfigApplier>,
+) -> (Arc<Agent>, oneshot::Sender<()>) {
+    let config = AgentConfig::new(hello).backoff(Duration::from_millis(10), Duration::from_millis(200));
+    let agent = Arc::new(Agent::new(config, connector, applier));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = agent.clone();
+    tokio::spawn(async move {
+        running
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (agent, stop)
+}
+
+/// A device that registers and then only does what the test says.
+async fn raw_device(url: &str, device: &str) -> AgentSession {
+    let mut session = connector(url, device).connect(&hello(device)).await.unwrap();
+    let first = session.inbound.recv().await.unwrap();
+    assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+    session
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("opamp-grpc-{name}-{}", CorrelationId::new()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emission_and_config_reach_a_fluent_bit_agent_over_grpc() {
+    let mut fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c).await;
+    let dir = TempDir::new("e2e");
+    let fluent_bit = ReloadStandIn::start(dir.0.join("fluent-bit.conf")).await.unwrap();
+    let applier = FluentBitApplier::new(FluentBitConfig::new(&dir.0).reload_url(fluent_bit.url())).unwrap();
+    let (agent, _stop) = spawn_agent(Arc::new(connector(&url, "edge-1")), hello("edge-1"), Arc::new(applier));
+    fleet.owner_is("edge-1", Some("s1")).await;
+
+    let toggle = fleet
+        .send("s1", "edge-1", CommandKind::SetEmission { state: true })
+        .await;
+    assert_eq!(fleet.outcome(toggle).await, CommandOutcome::Acked);
+    assert!(*agent.emission().borrow());
+    assert!(fleet.store.status(&did("edge-1")).await.unwrap().unwrap().emission);
+
+    let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v2").unwrap());
+    let text = "[SERVICE]\n    flush 1\n[OUTPUT]\n    name stdout\n";
+    let bundle = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", text))
+        .unwrap();
+    let template = ConfigTemplate::new(config, bundle.clone(), "test", Timestamp::now());
+    fleet.store.put_template(&template).await.unwrap();
+    let apply = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: config.version,
+    };
+    let id = fleet.send("s1", "edge-1", apply).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    assert_eq!(
+        fluent_bit.reloads(),
+        vec![text.to_owned()],
+        "Fluent Bit reloaded the pushed file"
+    );
+    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
+    assert_eq!(status.config_version, Some(config.version));
+    assert_eq!(status.config_hash, Some(bundle.hash()));
+
+    // A config Fluent Bit refuses fails with its reason, and the file is restored.
+    let broken = ConfigRef::new(config.agent_type, ConfigVersion::new("v3").unwrap());
+    let bad = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[BROKEN"))
+        .unwrap();
+    let template = ConfigTemplate::new(broken, bad, "test", Timestamp::now());
+    fleet.store.put_template(&template).await.unwrap();
+    let apply = CommandKind::ApplyConfig {
+        agent_type: broken.agent_type,
+        version: broken.version,
+    };
+    let id = fleet.send("s1", "edge-1", apply).await;
+    match fleet.outcome(id).await {
+        CommandOutcome::Failed { reason } => assert!(reason.contains("refused"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(std::fs::read_to_string(dir.0.join("fluent-bit.conf")).unwrap(), text);
+    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
+    assert_eq!(status.config_version, Some(config.version), "still the applied one");
+    assert!(status.last_error.is_some_and(|e| e.contains("refused")));
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_closes_the_stale_session_and_fences_its_release() {
+    let fleet = Fleet::new().await;
+    let (s1, _t1, url1) = fleet.supervisor("s1", |c| c, |c| c).await;
+    let (s2, _t2, url2) = fleet.supervisor("s2", |c| c, |c| c).await;
+    let mut old = raw_device(&url1, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // The device comes back through s2 while its old stream to s1 lingers.
+    let _new = raw_device(&url2, "d1").await;
+    fleet.owner_is("d1", Some("s2")).await;
+    s1.renew_leases().await;
+    let ended = tokio::time::timeout(WAIT, old.inbound.recv())
+        .await
+        .expect("closed in time");
+    assert!(matches!(ended, Ok(None)), "s1 closed the stale stream: {ended:?}");
+    eventually("s1 dropped d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
+    fleet.owner_is("d1", Some("s2")).await;
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!(status.supervisor, Some(sid("s2")), "s1's offline mark was fenced off");
+    assert!(s2.is_connected(&did("d1")));
+    s2.shutdown().await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_supervisors_leases_lapse_and_the_device_rehomes() {
+    let fleet = Fleet::new().await;
+    let (s1, t1, url1) = fleet.supervisor("s1", |c| c, |c| c).await;
+    let (s2, _t2, url2) = fleet.supervisor("s2", |c| c, |c| c).await;
+    let failover =
+        FailoverConnector::new(vec![Arc::new(connector(&url1, "d1")), Arc::new(connector(&url2, "d1"))]).unwrap();
+    let (agent, _stop) = spawn_agent(Arc::new(failover), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // s1 dies without releasing anything; its lease is still there until it lapses.
+    s1.abort();
+    t1.shutdown(Duration::from_secs(1)).await;
+    fleet.clock.advance(Duration::from_secs(300));
+    // The agent reconnects through s2, whose claim finds the lapsed lease.
+    fleet.owner_is("d1", Some("s2")).await;
+    eventually("agent connected", WAIT, || async { *agent.connected().borrow() }).await;
+
+    // Devices that stay away: their leases lapse and lookups say nobody holds them.
+    let (s3, t3, url3) = fleet.supervisor("s3", |c| c, |c| c).await;
+    let away = raw_device(&url3, "d2").await;
+    fleet.owner_is("d2", Some("s3")).await;
+    s3.abort();
+    t3.shutdown(Duration::from_secs(1)).await;
+    drop(away);
+    fleet.clock.advance(Duration::from_secs(300));
+    assert_eq!(fleet.store.lookup(&did("d2")).await.unwrap(), None);
+    let _back = raw_device(&url2, "d2").await;
+    fleet.owner_is("d2", Some("s2")).await;
+    s2.shutdown().await;
+}
+
+/// A raw gRPC client that sends whatever bytes it is given as frames.
+mod raw {
+    use prost::bytes::Buf;
+    use tokio_stream::StreamExt as _;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Default)]
+    pub(super) struct Bytes;
+
+    pub(super) struct Raw;
+
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use prost::bytes::BufMut;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+        }
+    }
+
+    impl Codec for Bytes {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    /// Opens `Control` and sends `frames` (and then holds the stream open);
+    /// the response stream, or the status the call was refused with.
+    pub(super) async fn call(url: &str, frames: Vec<Vec<u8>>) -> Result<tonic::Streaming<Vec<u8>>, tonic::Status> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = tonic::client::Grpc::new(channel);
+        client.ready().await.unwrap();
+        let held_open = tokio_stream::iter(frames).chain(tokio_stream::pending());
+        let path = "/opamp.control.v1.ControlService/Control".parse().unwrap();
+        client
+            .streaming(tonic::Request::new(held_open), path, Bytes)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+fn register_frame(device: &str, token: &str) -> Vec<u8> {
+    let identity = proto::EdgeIdentity {
+        device_id: device.to_owned(),
+        token: token.to_owned(),
+        capabilities: Some(proto::Capabilities {
+            emission: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    proto::Envelope {
+        body: Some(Body::Register(identity)),
+    }
+    .encode_to_vec()
+}
+
+/// The status a refused stream ends with, after any messages before it.
+async fn closing_status(mut stream: tonic::Streaming<Vec<u8>>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("closed in time")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_only_the_offending_stream() {
+    let mut fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet
+        .supervisor(
+            "s1",
+            |c| c.register_timeout(Duration::from_millis(300)).max_message_size(4096),
+            |c| c,
+        )
+        .await;
+    let (good, _stop) = spawn_agent(
+        Arc::new(connector(&url, "good")),
+        hello("good"),
+        Arc::new(MemoryApplier::new()),
+    );
+    fleet.owner_is("good", Some("s1")).await;
+    let token = key().token(&did("bad")).as_str().to_owned();
+
+    // Garbage as the first frame.
+    let status = raw::call(&url, vec![vec![0xff, 0xff, 0xff, 0x0f]]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed message"), "{status:?}");
+
+    // Garbage after a valid register: the registered device's stream is closed.
+    let stream = raw::call(&url, vec![register_frame("bad", &token), vec![0x0a, 0xff, 0x01]])
+        .await
+        .unwrap();
+    let status = closing_status(stream).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed message"), "{status:?}");
+
+    // Something other than register first.
+    let heartbeat = proto::Envelope {
+        body: Some(Body::Heartbeat(proto::Heartbeat {})),
+    };
+    let status = raw::call(&url, vec![heartbeat.encode_to_vec()]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("the first message must be register, got heartbeat"),
+        "{status:?}"
+    );
+
+    // A message only supervisors send.
+    let command = proto::Envelope {
+        body: Some(Body::Command(proto::Command::default())),
+    };
+    let stream = raw::call(&url, vec![register_frame("bad", &token), command.encode_to_vec()])
+        .await
+        .unwrap();
+    let status = closing_status(stream).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("a device does not send command"),
+        "{status:?}"
+    );
+
+    // Nothing at all before the deadline.
+    let status = raw::call(&url, Vec::new()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("no register message within 300ms"),
+        "{status:?}"
+    );
+
+    // A message over the limit.
+    let mut big = raw_device(&url, "big").await;
+    let mut report = StatusReport::default();
+    report.last_error = Some("x".repeat(8192));
+    big.outbound.send(FromDevice::Status(report)).await.unwrap();
+    let refused = tokio::time::timeout(WAIT, big.inbound.recv())
+        .await
+        .expect("closed in time");
+    let err = refused.unwrap_err().to_string();
+    assert!(err.contains("larger than the limit of 4096 bytes"), "{err}");
+
+    // Through all of it the good device kept working.
+    let id = fleet.send("s1", "good", CommandKind::SetEmission { state: true }).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    assert!(*good.emission().borrow());
+    fleet.owner_is("bad", None).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_register_as_another() {
+    let fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c).await;
+    // d1's token, claiming to be d2.
+    let err = connector(&url, "d1").connect(&hello("d2")).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    assert!(err.to_string().contains("token for device d2"), "{err}");
+    let no_token = GrpcConnector::new(GrpcConnectorConfig::new(&url)).unwrap();
+    let err = no_token.connect(&hello("d2")).await.unwrap_err();
+    assert!(err.to_string().contains("is missing"), "{err}");
+    assert_eq!(fleet.store.lookup(&did("d2")).await.unwrap(), None);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_to_a_device_with_a_full_queue_fail_at_once() {
+    let mut fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c.device_queue(1)).await;
+    let _silent = raw_device(&url, "slow").await;
+    fleet.owner_is("slow", Some("s1")).await;
+    let ids = [
+        fleet.send("s1", "slow", CommandKind::SetEmission { state: true }).await,
+        fleet
+            .send("s1", "slow", CommandKind::SetEmission { state: false })
+            .await,
+        fleet.send("s1", "slow", CommandKind::Restart).await,
+    ];
+    match fleet.outcome(ids[2]).await {
+        CommandOutcome::Failed { reason } => assert!(reason.contains("queue of device slow is full"), "{reason}"),
+        other => panic!("expected the third command to fail, got {other:?}"),
+    }
+    s1.abort();
+}
+
+/// A CA, a server certificate for `localhost`, and client certificates by Common Name.
+struct Pki {
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "opamp test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki {
+            ca_pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate and key (PEM) for `common_name`, valid for the host `localhost`.
+    fn issue(&self, common_name: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+async fn tls_supervisor(fleet: &Fleet, auth: DeviceAuth, tls: ServerTls) -> (RunningSupervisor, String) {
+    let transport = Arc::new(
+        GrpcTransport::bind(GrpcServerConfig::new(loopback(), auth).tls(tls))
+            .await
+            .unwrap(),
+    );
+    let url = format!("https://localhost:{}", transport.local_addr().port());
+    let store: Arc<dyn Store> = fleet.store.clone();
+    let bus: Arc<dyn Bus> = fleet.bus.clone();
+    let running = Supervisor::new(SupervisorConfig::new(sid("tls")), store, bus)
+        .with_clock(fleet.clock.clone())
+        .start(vec![transport as Arc<dyn DeviceTransport>])
+        .await
+        .unwrap();
+    (running, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_tokens_and_mtls_with_the_device_id_from_the_certificate() {
+    let fleet = Fleet::new().await;
+    let pki = Pki::new();
+    let (server_cert, server_key) = pki.issue("supervisor");
+
+    // Server TLS, fleet tokens.
+    let tls = ServerTls::new(server_cert.clone(), server_key.clone());
+    let (s1, url) = tls_supervisor(&fleet, DeviceAuth::FleetToken(key()), tls).await;
+    let config = GrpcConnectorConfig::new(&url)
+        .token(key().token(&did("t1")))
+        .tls(ClientTls::new(pki.ca_pem.clone()));
+    let session = GrpcConnector::new(config).unwrap().connect(&hello("t1")).await.unwrap();
+    fleet.owner_is("t1", Some("tls")).await;
+    drop(session);
+    s1.shutdown().await;
+
+    // mTLS: the certificate names the device.
+    let tls = ServerTls::new(server_cert, server_key).client_ca(pki.ca_pem.clone());
+    let (s2, url) = tls_supervisor(&fleet, DeviceAuth::ClientCertificate, tls).await;
+    let (cert, cert_key) = pki.issue("m1");
+    let client_tls = ClientTls::new(pki.ca_pem.clone()).identity(cert, cert_key);
+    let mtls = GrpcConnector::new(GrpcConnectorConfig::new(&url).tls(client_tls)).unwrap();
+    let session = mtls.connect(&hello("m1")).await.unwrap();
+    fleet.owner_is("m1", Some("tls")).await;
+    let err = mtls.connect(&hello("m2")).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("certificate is for device m1, not m2"),
+        "{err}"
+    );
+    let anonymous = GrpcConnector::new(GrpcConnectorConfig::new(&url).tls(ClientTls::new(pki.ca_pem.clone()))).unwrap();
+    assert!(
+        anonymous.connect(&hello("m3")).await.is_err(),
+        "no certificate, no session"
+    );
+    drop(session);
+    s2.shutdown().await;
+
+    // A server that asks for certificates without a CA to check them is refused up front.
+    let err = GrpcTransport::bind(GrpcServerConfig::new(loopback(), DeviceAuth::ClientCertificate))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs TLS with a client_ca_pem"), "{err}");
+}

@@ -46,7 +46,7 @@
 //! use opamp_transport::auth::FleetKey;
 //! use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
 //!
-//! let key = FleetKey::new(b"the fleet secret, 16+ bytes".to_vec())?;
+//! let key = FleetKey::new(b"the fleet secret, 16+ bytes")?;
 //! let transport = GrpcTransport::bind(GrpcServerConfig::new("127.0.0.1:0".parse().unwrap(), DeviceAuth::FleetToken(key.clone()))).await?;
 //! let url = format!("http://{}", transport.local_addr());
 //!
