@@ -607,10 +607,13 @@ impl Inner {
         self.bus.publish_event(&event).await
     }
 
+    // The future of this function is what a supervisor keeps per idle device,
+    // so every await that is not live while the session idles is boxed: their
+    // state machines would otherwise be laid out inline, several KiB per device.
     async fn run_session(self: Arc<Self>, session: DeviceSession) {
         let me = self.config.id;
         let device = session.hello.device;
-        if let Err(err) = self.register(&session.hello).await {
+        if let Err(err) = Box::pin(self.register(&session.hello)).await {
             warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
             return;
         }
@@ -634,10 +637,10 @@ impl Inner {
         debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
         // A fresh queue has room; if the device is already gone the session loop notices.
         let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
-        if let Err(err) = self.publish(device, EventKind::Connected { supervisor: me }).await {
+        if let Err(err) = Box::pin(self.publish(device, EventKind::Connected { supervisor: me })).await {
             warn!(%device, error = %err, "publishing a connected event failed");
         }
-        let desired = self.desired_push(&session.hello).await;
+        let desired = Box::pin(self.desired_push(&session.hello)).await;
 
         let mut runner = SessionRunner {
             inner: &self,
@@ -653,10 +656,21 @@ impl Inner {
             runner.converge(push);
         }
         let why = runner.run().await;
-        let SessionRunner {
-            mut queued, current, ..
-        } = runner;
+        let SessionRunner { queued, current, .. } = runner;
+        Box::pin(self.end_session(device, id, queued, current)).await;
+        debug!(%device, supervisor = %me, reason = why, "session ended");
+    }
 
+    /// After a session ended: finishes what it still had to do, and releases
+    /// the device unless it registered again here meanwhile.
+    async fn end_session(
+        &self,
+        device: DeviceId,
+        id: u64,
+        mut queued: mpsc::Receiver<Work>,
+        current: Option<Box<InFlight>>,
+    ) {
+        let me = self.config.id;
         let removed = {
             let mut sessions = self.sessions();
             match sessions.get(&device) {
@@ -685,7 +699,6 @@ impl Inner {
                 warn!(%device, error = %err, "publishing a disconnected event failed");
             }
         }
-        debug!(%device, supervisor = %me, reason = why, "session ended");
     }
 
     async fn register(&self, hello: &DeviceHello) -> Result<()> {
@@ -776,11 +789,13 @@ struct SessionRunner<'a> {
     session: DeviceSession,
     queued: mpsc::Receiver<Work>,
     close: Arc<Notify>,
-    current: Option<InFlight>,
+    // Boxed, like `converging`: a session spends most of its life idle, and
+    // the runner lives in its task for as long as the device is connected.
+    current: Option<Box<InFlight>>,
     /// The configuration the device runs, as far as this session knows.
     config_hash: Option<ConfigHash>,
     /// A configuration pushed to converge the device, not for a command, awaiting its ack.
-    converging: Option<(ConfigRef, ConfigHash)>,
+    converging: Option<Box<(ConfigRef, ConfigHash)>>,
     last_touch: tokio::time::Instant,
 }
 
@@ -792,7 +807,7 @@ impl SessionRunner<'_> {
                 biased;
                 _ = self.close.notified() => return "closed by the supervisor",
                 message = self.session.inbound.recv() => match message {
-                    Ok(Some(message)) => self.on_message(message).await,
+                    Ok(Some(message)) => Box::pin(self.on_message(message)).await,
                     Ok(None) => return "the device disconnected",
                     Err(err) => {
                         warn!(device = %self.session.hello.device, error = %err, "device sent bad input; closing its session");
@@ -801,11 +816,11 @@ impl SessionRunner<'_> {
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     if let Some(flight) = self.current.take() {
-                        self.inner.finish(flight.job, CommandOutcome::TimedOut, None).await;
+                        Box::pin(self.inner.finish(flight.job, CommandOutcome::TimedOut, None)).await;
                     }
                 }
                 work = self.queued.recv(), if self.current.is_none() => match work {
-                    Some(Work::Command(job)) => self.start(*job).await,
+                    Some(Work::Command(job)) => Box::pin(self.start(*job)).await,
                     Some(Work::Converge(push)) => self.converge(push),
                     None => return "closed by the supervisor",
                 },
@@ -856,7 +871,7 @@ impl SessionRunner<'_> {
         match self.session.outbound.try_send(message) {
             Ok(()) => {
                 let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
-                self.current = Some(InFlight { job, expect, deadline });
+                self.current = Some(Box::new(InFlight { job, expect, deadline }));
             }
             Err(TrySendError::Full(_)) => {
                 let reason = format!("the send queue of device {} is full", command.device);
@@ -869,7 +884,7 @@ impl SessionRunner<'_> {
     /// Pushes `push` unless the device runs it already or is being sent it.
     fn converge(&mut self, push: Arc<ConfigPush>) {
         let device = self.session.hello.device;
-        let pending = self.converging.map(|(_, hash)| hash);
+        let pending = self.converging.as_deref().map(|(_, hash)| *hash);
         if self.config_hash == Some(push.hash) || pending == Some(push.hash) {
             return;
         }
@@ -881,7 +896,7 @@ impl SessionRunner<'_> {
         match self.session.outbound.try_send(ToDevice::ConfigPush(push)) {
             Ok(()) => {
                 debug!(%device, config = %target.0, "pushing the desired config");
-                self.converging = Some(target);
+                self.converging = Some(Box::new(target));
             }
             Err(_) => warn!(%device, config = %target.0, "the device's send queue is full; not converging now"),
         }
@@ -891,7 +906,7 @@ impl SessionRunner<'_> {
     async fn converged(&mut self, ack: &crate::transport::ConfigAck) {
         let inner = self.inner;
         let device = self.session.hello.device;
-        let patch = match (self.converging, ack.state) {
+        let patch = match (self.converging.as_deref().copied(), ack.state) {
             (Some((config, hash)), ConfigApplyState::Applied) if hash == ack.hash => {
                 self.config_hash = Some(hash);
                 StatusPatch::new().config(config.version, Some(hash)).last_error(None)
@@ -930,7 +945,7 @@ impl SessionRunner<'_> {
         let inner = self.inner;
         let device = self.session.hello.device;
         match message {
-            FromDevice::CommandAck(ack) => match &self.current {
+            FromDevice::CommandAck(ack) => match self.current.as_deref() {
                 Some(InFlight {
                     expect: Expect::CommandAck(id),
                     ..
@@ -952,7 +967,7 @@ impl SessionRunner<'_> {
             },
             FromDevice::ConfigAck(ack) => {
                 let matches = matches!(
-                    &self.current,
+                    self.current.as_deref(),
                     Some(InFlight { expect: Expect::ConfigAck { hash, .. }, .. }) if *hash == ack.hash
                 );
                 let event = EventKind::ConfigAck {

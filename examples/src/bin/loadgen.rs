@@ -1,0 +1,532 @@
+//! Load generator: simulated devices over gRPC, and the benchmarks built on them.
+//!
+//! ```text
+//! # The idle-connection benchmark: supervisor vs a bare tonic server, side by side.
+//! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --low 2000 --high 15000
+//!
+//! # Its parts, by hand:
+//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or --kind bare
+//! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
+//! ```
+//!
+//! `devices` opens one gRPC stream (one TCP connection) per simulated device,
+//! registers it with its fleet token, waits for `registered`, prints how long
+//! that took, and holds the streams idle until its stdin closes. A process
+//! holds at most ~19,900 sockets here, so `grpc-idle` spreads devices over
+//! several processes, each connecting from its own 127.x.y.z source address.
+//!
+//! `grpc-idle` measures the server's resident memory (VmRSS) with `low` and
+//! then `high` devices connected and reports the slope per device, for the
+//! supervisor runtime (in-memory store and bus, gRPC transport) and for a
+//! bare tonic server holding the same streams, round after round.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use opamp_bus::memory::MemoryBus;
+use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
+use opamp_core::transport::{AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, ToDevice};
+use opamp_core::{AgentType, DeviceId, SupervisorId};
+use opamp_store::memory::MemoryStore;
+use opamp_transport::auth::FleetKey;
+use opamp_transport::grpc::proto::control_service_server::{ControlService, ControlServiceServer};
+use opamp_transport::grpc::proto::{self, Envelope, envelope::Body};
+use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+/// The environment variable the fleet key (base64) is passed in.
+const FLEET_KEY_ENV: &str = "OPAMP_FLEET_KEY";
+
+#[derive(Debug, Parser)]
+#[command(name = "opamp-loadgen", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Job,
+}
+
+#[derive(Debug, Subcommand)]
+enum Job {
+    /// Idle gRPC streams: memory per device and registration rate, supervisor vs bare tonic.
+    GrpcIdle(IdleArgs),
+    /// Serves gRPC devices until stdin closes (one side of `grpc-idle`).
+    Serve(ServeArgs),
+    /// Connects simulated devices and holds them until stdin closes (the other side).
+    Devices(DeviceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IdleArgs {
+    /// Devices connected at the first memory reading.
+    #[arg(long, default_value_t = 2000)]
+    low: usize,
+    /// Devices connected at the second memory reading.
+    #[arg(long, default_value_t = 15000)]
+    high: usize,
+    /// Rounds, each measuring both servers; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Devices per client process (each process connects from its own source address).
+    #[arg(long, default_value_t = 8000)]
+    per_process: usize,
+    /// Registrations in flight per client process.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServerKind {
+    /// The supervisor runtime on the in-memory store and bus, serving the gRPC transport.
+    Supervisor,
+    /// A bare tonic `ControlService` that answers `registered` and holds the stream.
+    Bare,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    #[arg(long, value_enum)]
+    kind: ServerKind,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeviceArgs {
+    /// The server's URL, e.g. `http://127.0.0.1:4317`.
+    #[arg(long)]
+    url: String,
+    /// How many devices.
+    #[arg(long)]
+    count: usize,
+    /// The number of the first device (devices are `dev-NNNNNN`).
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    /// The local address to connect from.
+    #[arg(long)]
+    source: Option<IpAddr>,
+    /// Registrations in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match args.command {
+            Job::GrpcIdle(idle) => grpc_idle(idle).await,
+            Job::Serve(serve) => serve_until_stdin_closes(serve).await,
+            Job::Devices(devices) => devices_until_stdin_closes(devices).await,
+        }
+    })
+}
+
+fn fleet_key() -> Result<FleetKey, Box<dyn std::error::Error>> {
+    let text = std::env::var(FLEET_KEY_ENV).map_err(|_| format!("{FLEET_KEY_ENV} (base64 fleet key) is not set"))?;
+    Ok(FleetKey::from_base64(&text)?)
+}
+
+async fn wait_for_stdin_eof() {
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+}
+
+// ---- serve ----
+
+async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = fleet_key()?;
+    match args.kind {
+        ServerKind::Supervisor => {
+            let transport =
+                Arc::new(GrpcTransport::bind(GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key))).await?);
+            println!("listening {}", transport.local_addr());
+            let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
+            let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
+                .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+                .await?;
+            wait_for_stdin_eof().await;
+            supervisor.abort();
+        }
+        ServerKind::Bare => {
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            println!("listening {}", listener.local_addr()?);
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let server = tonic::transport::Server::builder()
+                .add_service(ControlServiceServer::new(Bare))
+                .serve_with_incoming_shutdown(incoming, wait_for_stdin_eof());
+            server.await?;
+        }
+    }
+    Ok(())
+}
+
+/// The baseline: tonic and nothing else. Reads `register`, answers
+/// `registered`, then holds the stream, draining whatever the device sends.
+struct Bare;
+
+type BareStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Envelope, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for Bare {
+    type ControlStream = BareStream;
+
+    async fn control(
+        &self,
+        request: tonic::Request<tonic::Streaming<Envelope>>,
+    ) -> Result<tonic::Response<BareStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        inbound.message().await?;
+        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+        let registered = Envelope {
+            body: Some(Body::Registered(proto::Registered {
+                supervisor_id: "bare".into(),
+            })),
+        };
+        let stream = tokio_stream::StreamExt::chain(tokio_stream::once(Ok(registered)), tokio_stream::pending());
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+// ---- devices ----
+
+/// What a `devices` process prints once every device has registered (or failed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Registered {
+    ok: usize,
+    failed: usize,
+    wall: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Registered {
+    fn line(&self) -> String {
+        format!(
+            "registered ok={} failed={} wall_us={} p50_us={} p99_us={}",
+            self.ok,
+            self.failed,
+            self.wall.as_micros(),
+            self.p50.as_micros(),
+            self.p99.as_micros()
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let mut parsed = Registered::default();
+        for field in line.strip_prefix("registered ")?.split(' ') {
+            let (name, value) = field.split_once('=')?;
+            let value: u64 = value.parse().ok()?;
+            match name {
+                "ok" => parsed.ok = value as usize,
+                "failed" => parsed.failed = value as usize,
+                "wall_us" => parsed.wall = Duration::from_micros(value),
+                "p50_us" => parsed.p50 = Duration::from_micros(value),
+                "p99_us" => parsed.p99 = Duration::from_micros(value),
+                _ => return None,
+            }
+        }
+        Some(parsed)
+    }
+}
+
+async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = fleet_key()?;
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let held: Arc<Mutex<Vec<AgentSession>>> = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in args.first..args.first + args.count {
+        let device = DeviceId::new(format!("dev-{n:06}"))?;
+        let mut config = GrpcConnectorConfig::new(&args.url).token(key.token(&device));
+        if let Some(source) = args.source {
+            config = config.local_address(source);
+        }
+        let connector = GrpcConnector::new(config)?;
+        let (permits, held, latencies, failures) = (permits.clone(), held.clone(), latencies.clone(), failures.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire().await;
+            let mut hello = DeviceHello::new(device);
+            hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
+            hello.capabilities = Capabilities::all_builtin();
+            let begun = Instant::now();
+            let registered = async {
+                let mut session = connector.connect(&hello).await?;
+                match session.inbound.recv().await? {
+                    Some(ToDevice::Registered(_)) => Ok(session),
+                    other => Err(opamp_core::Error::invalid_input(format!(
+                        "expected registered, got {other:?}"
+                    ))),
+                }
+            };
+            match registered.await {
+                Ok(session) => {
+                    latencies.lock().expect("not poisoned").push(begun.elapsed());
+                    held.lock().expect("not poisoned").push(session);
+                }
+                Err(err) => failures.lock().expect("not poisoned").push(format!("{device}: {err}")),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let wall = started.elapsed();
+    let mut latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
+    latencies.sort();
+    let failures = std::mem::take(&mut *failures.lock().expect("not poisoned"));
+    for failure in failures.iter().take(5) {
+        eprintln!("failed: {failure}");
+    }
+    let summary = Registered {
+        ok: latencies.len(),
+        failed: failures.len(),
+        wall,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    };
+    println!("{}", summary.line());
+    wait_for_stdin_eof().await;
+    drop(held);
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+// ---- grpc-idle ----
+
+/// A child process of this binary, killed when dropped.
+struct Process {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+async fn spawn_self(args: &[String], key: &str) -> Result<Process, Box<dyn std::error::Error>> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .env(FLEET_KEY_ENV, key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("child has no stdout")?;
+    Ok(Process {
+        child,
+        lines: BufReader::new(stdout).lines(),
+    })
+}
+
+impl Process {
+    async fn line(&mut self) -> Result<String, Box<dyn std::error::Error>> {
+        let line = tokio::time::timeout(Duration::from_secs(300), self.lines.next_line()).await??;
+        line.ok_or_else(|| "the child exited early".into())
+    }
+
+    fn rss_kib(&self) -> Result<u64, Box<dyn std::error::Error>> {
+        let pid = self.child.id().ok_or("the child has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).ok_or("no VmRSS value")?.parse()?)
+    }
+}
+
+/// One server measured once.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    rss_low_kib: u64,
+    rss_high_kib: u64,
+    per_device_bytes: f64,
+    registration_rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn grpc_idle(args: IdleArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.low == 0 || args.high <= args.low {
+        return Err("--high must be more than --low, and --low more than 0".into());
+    }
+    let key = random_key();
+    let mut results: Vec<(ServerKind, Measured)> = Vec::new();
+    let mut address_block = 0u8;
+    for round in 1..=args.rounds {
+        for kind in [ServerKind::Bare, ServerKind::Supervisor] {
+            address_block = address_block.wrapping_add(1);
+            let measured = measure_idle(&args, kind, &key, address_block).await?;
+            eprintln!("round {round} {kind:?}: {measured:?}");
+            results.push((kind, measured));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    print_idle_table(&args, &results);
+    Ok(())
+}
+
+fn random_key() -> String {
+    use base64::Engine as _;
+    let mut bytes = Vec::new();
+    for _ in 0..2 {
+        bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn measure_idle(
+    args: &IdleArgs,
+    kind: ServerKind,
+    key: &str,
+    block: u8,
+) -> Result<Measured, Box<dyn std::error::Error>> {
+    let kind_name = match kind {
+        ServerKind::Supervisor => "supervisor",
+        ServerKind::Bare => "bare",
+    };
+    let mut server = spawn_self(&["serve".into(), "--kind".into(), kind_name.into()], key).await?;
+    let listening = server.line().await?;
+    let addr = listening
+        .strip_prefix("listening ")
+        .ok_or("the server did not say where it listens")?;
+    let url = format!("http://{addr}");
+
+    let mut clients = Vec::new();
+    let mut next_source = 2u8;
+    let mut connect = |first: usize, count: usize| {
+        let mut batch = Vec::new();
+        let mut start = first;
+        while start < first + count {
+            let n = args.per_process.min(first + count - start);
+            let source = format!("127.{block}.0.{next_source}");
+            next_source += 1;
+            batch.push(vec![
+                "devices".to_owned(),
+                "--url".to_owned(),
+                url.clone(),
+                "--count".to_owned(),
+                n.to_string(),
+                "--first".to_owned(),
+                start.to_string(),
+                "--source".to_owned(),
+                source,
+                "--concurrency".to_owned(),
+                args.concurrency.to_string(),
+            ]);
+            start += n;
+        }
+        batch
+    };
+
+    let low = run_batch(connect(0, args.low), key, &mut clients).await?;
+    settle().await;
+    let rss_low_kib = median_rss(&server).await?;
+    let high = run_batch(connect(args.low, args.high - args.low), key, &mut clients).await?;
+    settle().await;
+    let rss_high_kib = median_rss(&server).await?;
+    if low.failed + high.failed > 0 {
+        return Err(format!("{} devices failed to register", low.failed + high.failed).into());
+    }
+    let added = (args.high - args.low) as f64;
+    drop(clients);
+    drop(server);
+    Ok(Measured {
+        rss_low_kib,
+        rss_high_kib,
+        per_device_bytes: (rss_high_kib.saturating_sub(rss_low_kib) * 1024) as f64 / added,
+        registration_rate: added / high.wall.as_secs_f64(),
+        p50: high.p50,
+        p99: high.p99,
+    })
+}
+
+/// Starts every client process of a batch at once and waits until all have registered their devices.
+async fn run_batch(
+    batch: Vec<Vec<String>>,
+    key: &str,
+    clients: &mut Vec<Process>,
+) -> Result<Registered, Box<dyn std::error::Error>> {
+    let first = clients.len();
+    for args in batch {
+        clients.push(spawn_self(&args, key).await?);
+    }
+    let mut total = Registered::default();
+    for client in &mut clients[first..] {
+        let line = client.line().await?;
+        let registered = Registered::parse(&line).ok_or_else(|| format!("unexpected output: {line}"))?;
+        total.ok += registered.ok;
+        total.failed += registered.failed;
+        // The processes ran side by side: the batch took as long as the slowest.
+        total.wall = total.wall.max(registered.wall);
+        total.p50 = total.p50.max(registered.p50);
+        total.p99 = total.p99.max(registered.p99);
+    }
+    Ok(total)
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+async fn median_rss(server: &Process) -> Result<u64, Box<dyn std::error::Error>> {
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        samples.push(server.rss_kib()?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
+    let of = |kind: ServerKind, pick: fn(&Measured) -> f64| {
+        median(
+            results
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, m)| pick(m))
+                .collect(),
+        )
+    };
+    let added = args.high - args.low;
+    println!(
+        "\nidle gRPC streams: {} → {} devices, {} rounds, medians (per device = RSS slope)\n",
+        args.low, args.high, args.rounds
+    );
+    println!(
+        "| server | RSS at {} | RSS at {} | per device | registration rate ({added} devices) | p50 | p99 |",
+        args.low, args.high
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for kind in [ServerKind::Bare, ServerKind::Supervisor] {
+        println!(
+            "| {} | {:.1} MiB | {:.1} MiB | {:.0} B | {:.0} /s | {:.1} ms | {:.1} ms |",
+            match kind {
+                ServerKind::Bare => "bare tonic",
+                ServerKind::Supervisor => "supervisor (memory store + bus)",
+            },
+            of(kind, |m| m.rss_low_kib as f64) / 1024.0,
+            of(kind, |m| m.rss_high_kib as f64) / 1024.0,
+            of(kind, |m| m.per_device_bytes),
+            of(kind, |m| m.registration_rate),
+            of(kind, |m| m.p50.as_secs_f64() * 1e3),
+            of(kind, |m| m.p99.as_secs_f64() * 1e3),
+        );
+    }
+    let ratio = of(ServerKind::Supervisor, |m| m.per_device_bytes) / of(ServerKind::Bare, |m| m.per_device_bytes);
+    println!("\nsupervisor / bare tonic, memory per device: {ratio:.2}×");
+}
