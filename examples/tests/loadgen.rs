@@ -1,0 +1,40 @@
+//! The load generator's idle-connection benchmark runs end to end (tiny, and
+//! without judging its figures: benchmarks are measured, not asserted).
+
+use std::process::Command;
+
+#[test]
+fn grpc_idle_runs_both_servers_and_prints_the_table() {
+    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
+        .args([
+            "grpc-idle",
+            "--low",
+            "20",
+            "--high",
+            "60",
+            "--rounds",
+            "1",
+            "--per-process",
+            "25",
+        ])
+        .output()
+        .expect("the load generator runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("| bare tonic |"), "{stdout}");
+    assert!(stdout.contains("| supervisor (memory store + bus) |"), "{stdout}");
+    assert!(stdout.contains("memory per device:"), "{stdout}");
+}
+
+#[test]
+fn devices_without_a_fleet_key_are_refused_with_a_clear_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
+        .args(["devices", "--url", "http://127.0.0.1:1", "--count", "1"])
+        .env_remove("OPAMP_FLEET_KEY")
+        .output()
+        .expect("the load generator runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OPAMP_FLEET_KEY"), "{stderr}");
+}
