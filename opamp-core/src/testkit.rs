@@ -51,3 +51,28 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Runs an agent for `hello` on its own task, reconnecting quickly (10 ms to
+/// 200 ms backoff), until the returned sender fires or is dropped.
+pub fn spawn_agent(
+    connector: std::sync::Arc<dyn crate::AgentConnector>,
+    hello: crate::transport::DeviceHello,
+    applier: std::sync::Arc<dyn crate::runtime::agent::ConfigApplier>,
+) -> (
+    std::sync::Arc<crate::runtime::agent::Agent>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use crate::runtime::agent::{Agent, AgentConfig};
+    let config = AgentConfig::new(hello).backoff(Duration::from_millis(10), Duration::from_millis(200));
+    let agent = std::sync::Arc::new(Agent::new(config, connector, applier));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = std::sync::Arc::clone(&agent);
+    tokio::spawn(async move {
+        running
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (agent, stop)
+}

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_bus::memory::MemoryBus;
-use opamp_core::runtime::agent::{Agent, AgentConfig, ConfigApplier, MemoryApplier};
+use opamp_core::runtime::agent::{ConfigApplier, MemoryApplier};
 use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
-use opamp_core::testkit::eventually;
+use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
 use opamp_core::transport::{
     AgentConnector, Capabilities, DeviceHello, DeviceSession, DeviceTransport, FailoverConnector, FromDevice, Inbound,
@@ -20,7 +20,6 @@ use opamp_core::{
     GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
 };
 use opamp_store::memory::MemoryStore;
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -140,26 +139,6 @@ fn hello(device: &str) -> DeviceHello {
     hello.capabilities = Capabilities::all_builtin();
     hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
     hello
-}
-
-/// Runs an agent until the returned sender fires (or is dropped).
-fn spawn_agent(
-    connector: Arc<dyn AgentConnector>,
-    hello: DeviceHello,
-    applier: Arc<dyn ConfigApplier>,
-) -> (Arc<Agent>, oneshot::Sender<()>) {
-    let config = AgentConfig::new(hello).backoff(Duration::from_millis(10), Duration::from_millis(100));
-    let agent = Arc::new(Agent::new(config, connector, applier));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = agent.clone();
-    tokio::spawn(async move {
-        running
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (agent, stop)
 }
 
 async fn template(store: &MemoryStore, version: &str) -> (ConfigRef, ConfigBundle) {

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opamp_bus::memory::MemoryBus;
-use opamp_core::runtime::agent::{Agent, AgentConfig, ConfigApplier, MemoryApplier};
+use opamp_core::runtime::agent::MemoryApplier;
 use opamp_core::runtime::fluent_bit::{FluentBitApplier, FluentBitConfig};
 use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
-use opamp_core::testkit::eventually;
 use opamp_core::testkit::fluent_bit::ReloadStandIn;
+use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::{
     AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, FailoverConnector, FromDevice,
     StatusReport, ToDevice,
@@ -27,7 +27,6 @@ use opamp_transport::grpc::{
     ClientTls, DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport, ServerTls,
 };
 use prost::Message as _;
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -134,26 +133,6 @@ impl Fleet {
 
 fn connector(url: &str, device: &str) -> GrpcConnector {
     GrpcConnector::new(GrpcConnectorConfig::new(url).token(key().token(&did(device)))).unwrap()
-}
-
-/// Runs an agent until the returned sender fires (or is dropped).
-fn spawn_agent(
-    connector: Arc<dyn AgentConnector>,
-    hello: DeviceHello,
-    applier: Arc<dyn ConfigApplier>,
-) -> (Arc<Agent>, oneshot::Sender<()>) {
-    let config = AgentConfig::new(hello).backoff(Duration::from_millis(10), Duration::from_millis(200));
-    let agent = Arc::new(Agent::new(config, connector, applier));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = agent.clone();
-    tokio::spawn(async move {
-        running
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (agent, stop)
 }
 
 /// A device that registers and then only does what the test says.

@@ -39,6 +39,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
+/// Attempts per device before a registration counts as failed.
+const ATTEMPTS: usize = 3;
+
 /// The environment variable the fleet key (base64) is passed in.
 const FLEET_KEY_ENV: &str = "OPAMP_FLEET_KEY";
 
@@ -202,6 +205,7 @@ impl ControlService for Bare {
 struct Registered {
     ok: usize,
     failed: usize,
+    retried: usize,
     wall: Duration,
     p50: Duration,
     p99: Duration,
@@ -210,9 +214,10 @@ struct Registered {
 impl Registered {
     fn line(&self) -> String {
         format!(
-            "registered ok={} failed={} wall_us={} p50_us={} p99_us={}",
+            "registered ok={} failed={} retried={} wall_us={} p50_us={} p99_us={}",
             self.ok,
             self.failed,
+            self.retried,
             self.wall.as_micros(),
             self.p50.as_micros(),
             self.p99.as_micros()
@@ -227,6 +232,7 @@ impl Registered {
             match name {
                 "ok" => parsed.ok = value as usize,
                 "failed" => parsed.failed = value as usize,
+                "retried" => parsed.retried = value as usize,
                 "wall_us" => parsed.wall = Duration::from_micros(value),
                 "p50_us" => parsed.p50 = Duration::from_micros(value),
                 "p99_us" => parsed.p99 = Duration::from_micros(value),
@@ -240,9 +246,7 @@ impl Registered {
 async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
     let key = fleet_key()?;
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let held: Arc<Mutex<Vec<AgentSession>>> = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
-    let failures = Arc::new(Mutex::new(Vec::new()));
+    let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for n in args.first..args.first + args.count {
@@ -252,14 +256,14 @@ async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std:
             config = config.local_address(source);
         }
         let connector = GrpcConnector::new(config)?;
-        let (permits, held, latencies, failures) = (permits.clone(), held.clone(), latencies.clone(), failures.clone());
+        let (permits, tally) = (permits.clone(), tally.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire().await;
             let mut hello = DeviceHello::new(device);
             hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
             hello.capabilities = Capabilities::all_builtin();
             let begun = Instant::now();
-            let registered = async {
+            let register = || async {
                 let mut session = connector.connect(&hello).await?;
                 match session.inbound.recv().await? {
                     Some(ToDevice::Registered(_)) => Ok(session),
@@ -268,34 +272,63 @@ async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std:
                     ))),
                 }
             };
-            match registered.await {
-                Ok(session) => {
-                    latencies.lock().expect("not poisoned").push(begun.elapsed());
-                    held.lock().expect("not poisoned").push(session);
+            // As a device would: a connection refused or reset in a storm is tried again.
+            let mut registered = register().await;
+            for _ in 1..ATTEMPTS {
+                match &registered {
+                    Err(err) if err.is_retryable() => {
+                        tally.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        registered = register().await;
+                    }
+                    _ => break,
                 }
-                Err(err) => failures.lock().expect("not poisoned").push(format!("{device}: {err}")),
+            }
+            let mut state = tally.state.lock().expect("not poisoned");
+            match registered {
+                Ok(session) => {
+                    state.latencies.push(begun.elapsed());
+                    state.held.push(session);
+                }
+                Err(err) => state.failures.push(format!("{device}: {err}")),
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     let wall = started.elapsed();
-    let mut latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
-    latencies.sort();
-    let failures = std::mem::take(&mut *failures.lock().expect("not poisoned"));
-    for failure in failures.iter().take(5) {
-        eprintln!("failed: {failure}");
-    }
-    let summary = Registered {
-        ok: latencies.len(),
-        failed: failures.len(),
-        wall,
-        p50: percentile(&latencies, 0.50),
-        p99: percentile(&latencies, 0.99),
+    let summary = {
+        let mut state = tally.state.lock().expect("not poisoned");
+        state.latencies.sort();
+        for failure in state.failures.iter().take(5) {
+            eprintln!("failed: {failure}");
+        }
+        Registered {
+            ok: state.latencies.len(),
+            failed: state.failures.len(),
+            retried: tally.retried.load(std::sync::atomic::Ordering::Relaxed),
+            wall,
+            p50: percentile(&state.latencies, 0.50),
+            p99: percentile(&state.latencies, 0.99),
+        }
     };
     println!("{}", summary.line());
     wait_for_stdin_eof().await;
-    drop(held);
+    drop(tally);
     Ok(())
+}
+
+/// What the device tasks of one process found.
+#[derive(Default)]
+struct Tally {
+    retried: std::sync::atomic::AtomicUsize,
+    state: Mutex<TallyState>,
+}
+
+#[derive(Default)]
+struct TallyState {
+    latencies: Vec<Duration>,
+    failures: Vec<String>,
+    /// The sessions, held open until the process is told to stop.
+    held: Vec<AgentSession>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -350,6 +383,7 @@ struct Measured {
     rss_high_kib: u64,
     per_device_bytes: f64,
     registration_rate: f64,
+    retried: usize,
     p50: Duration,
     p99: Duration,
 }
@@ -444,6 +478,7 @@ async fn measure_idle(
         rss_high_kib,
         per_device_bytes: (rss_high_kib.saturating_sub(rss_low_kib) * 1024) as f64 / added,
         registration_rate: added / high.wall.as_secs_f64(),
+        retried: low.retried + high.retried,
         p50: high.p50,
         p99: high.p99,
     })
@@ -465,6 +500,7 @@ async fn run_batch(
         let registered = Registered::parse(&line).ok_or_else(|| format!("unexpected output: {line}"))?;
         total.ok += registered.ok;
         total.failed += registered.failed;
+        total.retried += registered.retried;
         // The processes ran side by side: the batch took as long as the slowest.
         total.wall = total.wall.max(registered.wall);
         total.p50 = total.p50.max(registered.p50);
@@ -528,5 +564,7 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
         );
     }
     let ratio = of(ServerKind::Supervisor, |m| m.per_device_bytes) / of(ServerKind::Bare, |m| m.per_device_bytes);
+    let retried: usize = results.iter().map(|(_, m)| m.retried).sum();
     println!("\nsupervisor / bare tonic, memory per device: {ratio:.2}×");
+    println!("registrations retried after a refused or reset connection: {retried}, in all rounds");
 }
