@@ -32,8 +32,6 @@ use opamp_core::transport::{AgentConnector, AgentSession, Capabilities, DeviceHe
 use opamp_core::{AgentType, DeviceId, SupervisorId};
 use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
-use opamp_transport::grpc::proto::control_service_server::{ControlService, ControlServiceServer};
-use opamp_transport::grpc::proto::{self, Envelope, envelope::Body};
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -171,6 +169,15 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
     Ok(())
 }
 
+/// The same protocol generated with stock tonic (default codec and settings), for the baseline.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+mod stock {
+    tonic::include_proto!("opamp.control.v1");
+}
+
+use stock::control_service_server::{ControlService, ControlServiceServer};
+use stock::{Envelope, envelope::Body};
+
 /// The baseline: tonic and nothing else. Reads `register`, answers
 /// `registered`, then holds the stream, draining whatever the device sends.
 struct Bare;
@@ -189,7 +196,7 @@ impl ControlService for Bare {
         inbound.message().await?;
         tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
         let registered = Envelope {
-            body: Some(Body::Registered(proto::Registered {
+            body: Some(Body::Registered(stock::Registered {
                 supervisor_id: "bare".into(),
             })),
         };

@@ -65,6 +65,7 @@
 //! ```
 
 mod client;
+mod codec;
 mod convert;
 mod server;
 mod tls;
