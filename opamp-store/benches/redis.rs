@@ -118,22 +118,25 @@ async fn run(scale: &Scale, redis: &OwnRedis) {
             .await
             .expect("connect"),
     );
+    // `redis-benchmark -t get` reads `key:__rand_int__`: give those keys the
+    // same kind of value, so that its GETs find what ours find.
+    fill_benchmark_keys(&url, scale.fleet).await;
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("lookup (GET)", vec![]),
-        ("redis-benchmark GET, -P 1", vec![]),
-        ("lookup_many of 16 (pipelined GETs)", vec![]),
-        ("redis-benchmark GET, -P 16", vec![]),
         ("lookup, exact (script)", vec![]),
+        ("redis-benchmark GET device:{…}:supervisor, -P 1", vec![]),
         ("redis-benchmark -t get, -P 1", vec![]),
+        ("lookup_many of 16 (pipelined GETs)", vec![]),
+        ("redis-benchmark GET device:{…}:supervisor, -P 16", vec![]),
         ("redis-benchmark -t get, -P 16", vec![]),
     ];
     for _ in 0..scale.rounds {
         rows[0].1.push(lookups(&store, &devices, scale.lookups, 1).await);
-        rows[1].1.push(redis_benchmark(scale, 1, true));
-        rows[2].1.push(lookups(&store, &devices, scale.lookups, PIPELINE).await);
-        rows[3].1.push(redis_benchmark(scale, PIPELINE, true));
-        rows[4].1.push(lookups(&exact, &devices, scale.lookups, 1).await);
-        rows[5].1.push(redis_benchmark(scale, 1, false));
+        rows[2].1.push(redis_benchmark(scale, 1, true));
+        rows[1].1.push(lookups(&exact, &devices, scale.lookups, 1).await);
+        rows[3].1.push(redis_benchmark(scale, 1, false));
+        rows[4].1.push(lookups(&store, &devices, scale.lookups, PIPELINE).await);
+        rows[5].1.push(redis_benchmark(scale, PIPELINE, true));
         rows[6].1.push(redis_benchmark(scale, PIPELINE, false));
     }
     println!(
@@ -143,11 +146,73 @@ async fn run(scale: &Scale, redis: &OwnRedis) {
     let medians: Vec<f64> = rows.iter_mut().map(|(_, runs)| median(runs)).collect();
     for (n, (name, runs)) in rows.iter().enumerate() {
         let ratio = match n {
-            0 | 4 => format!("  {:.2}× redis-benchmark -P 1", medians[n] / medians[1]),
-            2 => format!("  {:.2}× redis-benchmark -P 16", medians[2] / medians[3]),
+            0 | 1 => format!("  {:.2}× / {:.2}×", medians[n] / medians[2], medians[n] / medians[3]),
+            4 => format!("  {:.2}× / {:.2}×", medians[4] / medians[5], medians[4] / medians[6]),
             _ => String::new(),
         };
-        println!("  {name:<36} {:>12.0}{ratio}   runs: {runs:.0?}", medians[n]);
+        println!("  {name:<50} {:>10.0}{ratio:<20} runs: {runs:.0?}", medians[n]);
+    }
+    println!("  (ratios: to redis-benchmark GET of the same routing keys / to redis-benchmark -t get)");
+
+    // The baseline for memory: the design's own commands (§4.3) for the same fleet.
+    let stored = loaded - empty;
+    redis.flush_all();
+    let empty = redis.used_memory();
+    design_literal(&url, scale.fleet).await;
+    let literal = redis.used_memory() - empty;
+    println!(
+        "\nmemory of the design's own commands (SET+EXPIRE, HSET of its six fields, SADD ×2, INCR), same fleet: \
+         {:.1} bytes/device; this store: {:.1} ({:.2}×)",
+        per(literal),
+        per(stored),
+        stored as f64 / literal as f64
+    );
+}
+
+/// `SET key:<n> supervisor-pod-<n % 50>` for the fleet: what `redis-benchmark -t get` reads.
+async fn fill_benchmark_keys(url: &str, fleet: usize) {
+    let client = redis::Client::open(url).expect("URL");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    for chunk in (0..fleet).collect::<Vec<_>>().chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            let value = format!("supervisor-pod-{}", n % SUPERVISORS);
+            pipe.cmd("SET").arg(format!("key:{n:012}")).arg(value).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("SET key:…");
+    }
+}
+
+/// Loads the fleet with the design's commands verbatim, pipelined 1,000 devices at a time.
+async fn design_literal(url: &str, fleet: usize) {
+    let client = redis::Client::open(url).expect("URL");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    for chunk in (0..fleet).collect::<Vec<_>>().chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            let (d, s) = (format!("{n:012}"), format!("supervisor-pod-{}", n % SUPERVISORS));
+            pipe.cmd("SET").arg(format!("device:{d}:supervisor")).arg(&s).ignore();
+            pipe.cmd("EXPIRE")
+                .arg(format!("device:{d}:supervisor"))
+                .arg(300)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(format!("device:{d}"))
+                .arg(&["status", "online", "emission", "true", "config_version", "v1.2.3"])
+                .arg(&[
+                    "agent_type",
+                    "fluentbit",
+                    "last_seen",
+                    "1706356800",
+                    "connected_at",
+                    "1706350000",
+                ])
+                .ignore();
+            pipe.cmd("SADD").arg("devices:online").arg(&d).ignore();
+            pipe.cmd("SADD").arg(format!("supervisor:{s}:devices")).arg(&d).ignore();
+            pipe.cmd("INCR").arg(format!("supervisor:{s}:device_count")).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("the design's commands");
     }
 }
 
@@ -282,6 +347,14 @@ impl OwnRedis {
             .find_map(|line| line.strip_prefix("used_memory:"))
             .and_then(|bytes| bytes.trim().parse().ok())
             .unwrap_or_else(|| panic!("INFO memory printed {text:?}"))
+    }
+
+    fn flush_all(&self) {
+        let output = Command::new("redis-cli")
+            .args(["-p", &PORT.to_string(), "flushall"])
+            .output()
+            .expect("redis-cli");
+        assert!(output.stdout.starts_with(b"OK"), "FLUSHALL: {output:?}");
     }
 
     fn wait_until(&self, open: bool) {

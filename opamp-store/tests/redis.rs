@@ -224,7 +224,6 @@ async fn keys_are_the_designs(cluster: bool) {
         ("last_seen", "1706356800.250"),
         ("connected_at", "1706350000"),
         ("supervisor", "supervisor-pod-3"),
-        ("indexed_under", "supervisor-pod-3"),
     ];
     for (field, value) in expected {
         assert_eq!(

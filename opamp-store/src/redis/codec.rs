@@ -24,8 +24,6 @@ pub(super) mod field {
     pub(in super::super) const CONNECTED_AT: &str = "connected_at";
     pub(in super::super) const LABELS: &str = "labels";
     pub(in super::super) const LAST_ERROR: &str = "last_error";
-    /// Bookkeeping: the supervisor whose indexes hold the device now (absent: none).
-    pub(in super::super) const INDEXED_UNDER: &str = "indexed_under";
 }
 
 /// A patch as the hash fields to set and those to delete.

@@ -30,6 +30,9 @@ const RETRY_DELAYS: [Duration; 4] = [
 /// How often a batch is re-sent to the node its slots moved to.
 const MAX_REDIRECTS: usize = 3;
 
+/// What one node answered to its pipeline, and which requests those were.
+type Sent = (Result<Vec<Value>, ClientError>, Vec<usize>);
+
 /// One command of a batch: its cluster slot and the command.
 pub(super) struct Request {
     pub(super) slot: u16,
@@ -145,7 +148,7 @@ impl Connection {
             for index in pending.drain(..) {
                 by_node.entry(slots.node(requests[index].slot)).or_default().push(index);
             }
-            let mut sent = JoinSet::new();
+            let mut groups = Vec::with_capacity(by_node.len());
             for (_, indexes) in by_node {
                 let mut pipe = Pipeline::with_capacity(indexes.len());
                 for index in &indexes {
@@ -153,15 +156,10 @@ impl Connection {
                 }
                 let route =
                     SingleNodeRoutingInfo::SpecificNode(Route::new(requests[indexes[0]].slot, SlotAddr::Master));
-                let link = self.link.clone();
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                sent.spawn(async move { (send_pipeline(link, pipe, route).await, indexes) });
+                groups.push((pipe, route, indexes));
             }
             let (mut stale, mut forgotten, mut dropped) = (false, false, None);
-            while let Some(joined) = sent.join_next().await {
-                let Ok((result, indexes)) = joined else {
-                    return Err(RedisError::Unavailable("a pipeline task panicked".into()));
-                };
+            for (result, indexes) in self.send_all(groups).await? {
                 match result {
                     Ok(values) if values.len() == indexes.len() => {
                         for (index, value) in indexes.into_iter().zip(values) {
@@ -215,6 +213,29 @@ impl Connection {
             }
         }
         Ok(replies.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Sends each pipeline to its node, all at once; one node's inline.
+    async fn send_all(
+        &self,
+        mut groups: Vec<(Pipeline, SingleNodeRoutingInfo, Vec<usize>)>,
+    ) -> Result<Vec<Sent>, RedisError> {
+        self.requests.fetch_add(groups.len() as u64, Ordering::Relaxed);
+        if groups.len() == 1 {
+            if let Some((pipe, route, indexes)) = groups.pop() {
+                return Ok(vec![(send_pipeline(self.link.clone(), pipe, route).await, indexes)]);
+            }
+        }
+        let mut sent = JoinSet::new();
+        for (pipe, route, indexes) in groups {
+            let link = self.link.clone();
+            sent.spawn(async move { (send_pipeline(link, pipe, route).await, indexes) });
+        }
+        let mut results = Vec::with_capacity(sent.len());
+        while let Some(joined) = sent.join_next().await {
+            results.push(joined.map_err(|_| RedisError::Unavailable("a pipeline task panicked".into()))?);
+        }
+        Ok(results)
     }
 
     /// Loads every script (on every primary of a cluster).

@@ -646,7 +646,7 @@ impl RedisStore {
     }
 
     /// Takes `device`'s index lock and moves its entries to where its status
-    /// says, first dropping it from `stray`'s set where it was found.
+    /// says, from `stray`'s set where it was found (or from nowhere).
     async fn reindex(&self, device: &DeviceId, stray: Option<SupervisorId>, report: &mut Reconciliation) -> Result<()> {
         let (hash, lock, token) = (self.keys.status(device), self.keys.index_lock(device), self.token());
         let begin = eval(
@@ -660,13 +660,9 @@ impl RedisStore {
         )?;
         match reply.as_slice() {
             [busy] if busy == "busy" => report.busy += 1,
-            [sync, indexed, target] if sync == "sync" => {
-                let indexed = parse_supervisor(&hash, field::INDEXED_UNDER, indexed)?;
+            [sync, target] if sync == "sync" => {
                 let target = parse_supervisor(&hash, field::SUPERVISOR, target)?;
-                if stray.is_some() && stray != target {
-                    self.move_indexes(device, stray, None).await?;
-                }
-                self.sync_indexes(device, &token, indexed, target).await?;
+                self.sync_indexes(device, &token, stray, target).await?;
                 report.reindexed += 1;
             }
             _ => return Err(RedisError::garbled(&hash, None, format!("index lock answered {reply:?}")).into()),
@@ -775,10 +771,10 @@ impl StatusStore for RedisStore {
                 let fence = patch.fence.unwrap_or(SupervisorId::new("none")?);
                 Err(Error::not_owner(*device, fence, named))
             }
-            [sync, indexed, target] if sync == "sync" => {
-                let indexed = parse_supervisor(&hash, field::INDEXED_UNDER, indexed)?;
+            [sync, before, target] if sync == "sync" => {
+                let before = parse_supervisor(&hash, field::SUPERVISOR, before)?;
                 let target = parse_supervisor(&hash, field::SUPERVISOR, target)?;
-                self.sync_indexes(device, &token, indexed, target).await
+                self.sync_indexes(device, &token, before, target).await
             }
             _ => Err(RedisError::garbled(&hash, None, format!("status update answered {reply:?}")).into()),
         }

@@ -70,10 +70,12 @@ end
 /// fields to delete.
 ///
 /// Returns `{'fenced', named}` (nothing changed), `{'ok'}` (the indexes need
-/// nothing from this caller), or `{'sync', indexed, target}`: the indexes
-/// must move the device, and the caller now holds the index lock to do it.
-/// While another writer holds the lock, that writer's final check sees this
-/// change, so the caller leaves it to it.
+/// nothing from this caller), or `{'sync', before, target}`: the device must
+/// move from the indexes of `before` to those of `target`, and the caller now
+/// holds the index lock to do it. While the lock is free the indexes agree
+/// with the hash, so `before` is where they hold the device; while another
+/// writer holds it, that writer's last step sees this change, so the caller
+/// leaves it to that writer.
 const UPDATE_STATUS: &str = r"
 local key, lock = KEYS[1], KEYS[2]
 local fence = ARGV[1]
@@ -81,6 +83,7 @@ if fence ~= '' then
   local named = redis.call('HGET', key, 'supervisor')
   if named ~= fence then return {'fenced', named or ''} end
 end
+local before = index_target(key)
 if redis.call('EXISTS', key) == 0 then
   redis.call('HSET', key, 'status', 'offline', 'emission', 'false')
 end
@@ -94,35 +97,29 @@ if at <= #ARGV then
   redis.call('HDEL', key, unpack(ARGV, at, #ARGV))
 end
 local target = index_target(key)
-local indexed = redis.call('HGET', key, 'indexed_under') or ''
-if target == indexed then return {'ok'} end
+if target == before then return {'ok'} end
 if redis.call('SET', lock, ARGV[2], 'NX', 'PX', ARGV[3]) then
-  return {'sync', indexed, target}
+  return {'sync', before, target}
 end
 return {'ok'}
 ";
 
 /// Takes the index lock to bring a device's indexes in step (reconciliation).
 /// KEYS: status hash, index lock. ARGV: token, lock ms. Returns `{'busy'}` or
-/// `{'sync', indexed, target}`.
+/// `{'sync', target}`.
 const INDEX_BEGIN: &str = r"
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
-return {'sync', redis.call('HGET', KEYS[1], 'indexed_under') or '', index_target(KEYS[1])}
+return {'sync', index_target(KEYS[1])}
 ";
 
-/// Records that the indexes now hold the device under `applied`, and lets the
-/// lock go if that is still what the status asks. KEYS: status hash, index
-/// lock. ARGV: applied, token, lock ms. Returns `{'done'}`, `{'lost'}` (the
-/// lock lapsed and another writer has it) or `{'again', target}` (the status
-/// moved on meanwhile; the lock is kept).
+/// Lets the index lock go once the indexes hold the device where the status
+/// still says (`applied`). KEYS: status hash, index lock. ARGV: applied,
+/// token, lock ms. Returns `{'done'}`, `{'lost'}` (the lock lapsed and
+/// another writer has it) or `{'again', target}` (the status moved on
+/// meanwhile; the lock is kept).
 const INDEX_DONE: &str = r"
 local key, lock = KEYS[1], KEYS[2]
 if redis.call('GET', lock) ~= ARGV[2] then return {'lost'} end
-if ARGV[1] ~= '' and redis.call('EXISTS', key) == 1 then
-  redis.call('HSET', key, 'indexed_under', ARGV[1])
-else
-  redis.call('HDEL', key, 'indexed_under')
-end
 local target = index_target(key)
 if target == ARGV[1] then
   redis.call('DEL', lock)
