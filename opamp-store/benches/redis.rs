@@ -171,48 +171,55 @@ async fn run(scale: &Scale, redis: &OwnRedis) {
 
 /// `SET key:<n> supervisor-pod-<n % 50>` for the fleet: what `redis-benchmark -t get` reads.
 async fn fill_benchmark_keys(url: &str, fleet: usize) {
-    let client = redis::Client::open(url).expect("URL");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
-    for chunk in (0..fleet).collect::<Vec<_>>().chunks(1_000) {
-        let mut pipe = redis::pipe();
-        for n in chunk {
-            let value = format!("supervisor-pod-{}", n % SUPERVISORS);
-            pipe.cmd("SET").arg(format!("key:{n:012}")).arg(value).ignore();
-        }
-        let () = pipe.query_async(&mut conn).await.expect("SET key:…");
-    }
+    pipelined(url, fleet, |pipe, n, _, supervisor| {
+        pipe.cmd("SET").arg(format!("key:{n:012}")).arg(supervisor).ignore();
+    })
+    .await;
 }
 
-/// Loads the fleet with the design's commands verbatim, pipelined 1,000 devices at a time.
+/// Loads the fleet with the design's commands verbatim (§4.3).
 async fn design_literal(url: &str, fleet: usize) {
+    pipelined(url, fleet, |pipe, _, d, s| {
+        pipe.cmd("SET").arg(format!("device:{d}:supervisor")).arg(s).ignore();
+        pipe.cmd("EXPIRE")
+            .arg(format!("device:{d}:supervisor"))
+            .arg(300)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(format!("device:{d}"))
+            .arg(&["status", "online", "emission", "true", "config_version", "v1.2.3"])
+            .arg(&[
+                "agent_type",
+                "fluentbit",
+                "last_seen",
+                "1706356800",
+                "connected_at",
+                "1706350000",
+            ])
+            .ignore();
+        pipe.cmd("SADD").arg("devices:online").arg(d).ignore();
+        pipe.cmd("SADD").arg(format!("supervisor:{s}:devices")).arg(d).ignore();
+        pipe.cmd("INCR").arg(format!("supervisor:{s}:device_count")).ignore();
+    })
+    .await;
+}
+
+/// Sends what `add` puts in a pipeline for each device `n` (with its id and
+/// supervisor), 1,000 devices per pipeline, on a plain connection.
+async fn pipelined(url: &str, fleet: usize, add: impl Fn(&mut redis::Pipeline, usize, &str, &str)) {
     let client = redis::Client::open(url).expect("URL");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
     for chunk in (0..fleet).collect::<Vec<_>>().chunks(1_000) {
         let mut pipe = redis::pipe();
         for n in chunk {
-            let (d, s) = (format!("{n:012}"), format!("supervisor-pod-{}", n % SUPERVISORS));
-            pipe.cmd("SET").arg(format!("device:{d}:supervisor")).arg(&s).ignore();
-            pipe.cmd("EXPIRE")
-                .arg(format!("device:{d}:supervisor"))
-                .arg(300)
-                .ignore();
-            pipe.cmd("HSET")
-                .arg(format!("device:{d}"))
-                .arg(&["status", "online", "emission", "true", "config_version", "v1.2.3"])
-                .arg(&[
-                    "agent_type",
-                    "fluentbit",
-                    "last_seen",
-                    "1706356800",
-                    "connected_at",
-                    "1706350000",
-                ])
-                .ignore();
-            pipe.cmd("SADD").arg("devices:online").arg(&d).ignore();
-            pipe.cmd("SADD").arg(format!("supervisor:{s}:devices")).arg(&d).ignore();
-            pipe.cmd("INCR").arg(format!("supervisor:{s}:device_count")).ignore();
+            add(
+                &mut pipe,
+                *n,
+                &format!("{n:012}"),
+                &format!("supervisor-pod-{}", n % SUPERVISORS),
+            );
         }
-        let () = pipe.query_async(&mut conn).await.expect("the design's commands");
+        let () = pipe.query_async(&mut conn).await.expect("a pipeline of plain commands");
     }
 }
 
