@@ -656,3 +656,50 @@ async fn supervisors_reassert_leases_after_redis_restarts_empty() {
     supervisor.shutdown().await;
     drop(sessions);
 }
+
+/// A set too large to read whole is listed by `SSCAN`: while devices come and
+/// go between pages, every device online throughout is listed, and nothing
+/// that was never online (the suite's churn case runs on a small set).
+async fn large_sets_page_through_churn(cluster: bool) {
+    let store = connect(config(cluster, "scan"), None).await;
+    let (s1, at) = (sid("s1"), Timestamp::now());
+    let stable: Vec<DeviceId> = (0..1_500).map(|n| did(&format!("stable-{n:05}"))).collect();
+    let churning: Vec<DeviceId> = (0..300).map(|n| did(&format!("churning-{n:05}"))).collect();
+    for d in stable.iter().chain(&churning) {
+        store
+            .update_status(d, &StatusPatch::new().online(s1, at))
+            .await
+            .unwrap();
+    }
+    let mut listed = std::collections::BTreeSet::new();
+    let mut request = PageRequest::first(25);
+    let mut online = vec![true; churning.len()];
+    let mut toggle = 0;
+    for page_number in 0.. {
+        assert!(page_number < 10_000, "paging did not end");
+        let page = store.supervisor_devices(&s1, &request).await.unwrap();
+        assert!(page.items.len() <= 25, "a page of {}", page.items.len());
+        listed.extend(page.items);
+        let Some(cursor) = page.next else { break };
+        request = PageRequest::after(cursor, 25);
+        for _ in 0..7 {
+            toggle = (toggle + 37) % churning.len();
+            let patch = if online[toggle] {
+                StatusPatch::new().offline()
+            } else {
+                StatusPatch::new().online(s1, at)
+            };
+            online[toggle] = !online[toggle];
+            store.update_status(&churning[toggle], &patch).await.unwrap();
+        }
+    }
+    let missing: Vec<&DeviceId> = stable.iter().filter(|d| !listed.contains(*d)).collect();
+    assert!(missing.is_empty(), "online throughout but not listed: {missing:?}");
+    let strays: Vec<&DeviceId> = listed
+        .iter()
+        .filter(|d| !stable.contains(d) && !churning.contains(d))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+}
+
+on_both!(large_sets_page_through_churn);

@@ -504,28 +504,44 @@ impl RedisStore {
         count(&key, self.on_key("GET", &key).await?)
     }
 
-    /// One page of a set of device ids, by `SSCAN`.
+    /// One page of a set of device ids.
     ///
-    /// `SSCAN` follows its own cursor and may return more than asked (a
-    /// small set comes whole) or fewer. Each scan batch is sorted and the page
-    /// takes its smallest ids; what is left of the batch goes into the page
-    /// cursor, after the scan position to continue from (`pos+id,id`), so
-    /// the scan itself is never repeated. Only when the batch ran to the end
-    /// of the set (a small set, or the tail of a large one) does the cursor
-    /// say "scan from `pos` again and take the ids after `last`" (`pos:last`):
-    /// a repeated scan from there covers no more than it did, so nothing in
-    /// the set throughout is skipped. A device in the set throughout is thus
-    /// listed; a set that does not change lists each device once.
+    /// A set of at most [`SMALL_SET`] members when the listing starts is
+    /// listed in id order: each page reads the whole set (`SMEMBERS`) and takes
+    /// the ids after the cursor's (`=last`).
+    ///
+    /// A larger set is listed with `SSCAN`, which follows its own cursor and
+    /// may return more than asked or fewer. Each scan batch is sorted and the
+    /// page takes its smallest ids; what is left of the batch goes into the
+    /// page cursor, after the scan position to continue from (`pos+id,id`),
+    /// so the scan itself is never repeated. Only when the batch ran to the
+    /// end of the set does the cursor say "scan from `pos` again and take the
+    /// ids after `last`" (`pos:last`): a repeated scan from there covers no
+    /// more than it did, so nothing in the set throughout is skipped.
+    ///
+    /// Either way a device in the set throughout is listed, and a set that
+    /// does not change lists each device once.
     async fn list_set(&self, key: &str, page: &PageRequest) -> Result<Page<DeviceId>> {
         let limit = page.limit.clamp(1, PageRequest::MAX_LIMIT);
+        let cursor = match &page.after {
+            Some(cursor) => ListCursor::parse(cursor)?,
+            None => {
+                let size = as_int(&self.on_key("SCARD", key).await?, key)?;
+                ListCursor {
+                    whole: size <= SMALL_SET,
+                    ..ListCursor::default()
+                }
+            }
+        };
+        if cursor.whole {
+            return self.list_whole_set(key, limit, cursor.after).await;
+        }
         let ListCursor {
             mut position,
             mut after,
             carried,
-        } = match &page.after {
-            Some(cursor) => ListCursor::parse(cursor)?,
-            None => ListCursor::default(),
-        };
+            ..
+        } = cursor;
         if carried.len() > limit {
             let next = ListCursor::carrying(position, &carried[limit..]);
             return Ok(Page {
@@ -577,6 +593,22 @@ impl RedisStore {
             }
             position = next;
         }
+    }
+
+    /// One page of a small set, in id order: the ids after `after`.
+    async fn list_whole_set(&self, key: &str, limit: usize, after: Option<DeviceId>) -> Result<Page<DeviceId>> {
+        let mut members = strings(self.on_key("SMEMBERS", key).await?, key)?
+            .iter()
+            .map(|member| DeviceId::new(member).map_err(|_| garbled_member(key, member)))
+            .filter(|device| match (device, &after) {
+                (Ok(device), Some(after)) => device > after,
+                _ => true,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        members.sort_unstable();
+        let next = (members.len() > limit).then(|| Cursor::new(format!("={}", members[limit - 1])));
+        members.truncate(limit);
+        Ok(Page { items: members, next })
     }
 
     /// Checks every device in `set` (a supervisor's, or the online set).
@@ -767,9 +799,12 @@ impl StatusStore for RedisStore {
             [ok] if ok == "ok" => Ok(()),
             [fenced, named] if fenced == "fenced" => {
                 let named = parse_supervisor(&hash, field::SUPERVISOR, named)?;
-                // The script only fences when a fence was given.
-                let fence = patch.fence.unwrap_or(SupervisorId::new("none")?);
-                Err(Error::not_owner(*device, fence, named))
+                match patch.fence {
+                    Some(fence) => Err(Error::not_owner(*device, fence, named)),
+                    None => {
+                        Err(RedisError::reply(format!("updating {hash}"), &Value::SimpleString("fenced".into())).into())
+                    }
+                }
             }
             [sync, before, target] if sync == "sync" => {
                 let before = parse_supervisor(&hash, field::SUPERVISOR, before)?;
@@ -1047,11 +1082,16 @@ fn scan_reply(reply: Value, key: &str) -> Result<(u64, Vec<String>)> {
     }
 }
 
-/// Where a listing continues (see `RedisStore::list_set`): the scan
-/// position, then either `:` and the last id taken from a batch that is to be
-/// scanned again, or `+` and the ids of the last batch still to be listed.
+/// Sets up to this size are listed in id order, a whole read per page.
+const SMALL_SET: i64 = 1_000;
+
+/// Where a listing continues (see `RedisStore::list_set`): `=` and the last
+/// id listed of a small set; or the scan position, then either `:` and the
+/// last id taken from a batch that is to be scanned again, or `+` and the ids
+/// of the last batch still to be listed.
 #[derive(Debug, Default, PartialEq)]
 struct ListCursor {
+    whole: bool,
     position: u64,
     after: Option<DeviceId>,
     carried: Vec<DeviceId>,
@@ -1071,6 +1111,13 @@ impl ListCursor {
         let text = cursor.as_str();
         let foreign = || Error::invalid_input(format!("page cursor {text:?} is not this store's"));
         let device = |id: &str| DeviceId::new(id).map_err(|_| foreign());
+        if let Some(last) = text.strip_prefix('=') {
+            return Ok(ListCursor {
+                whole: true,
+                after: Some(device(last)?),
+                ..ListCursor::default()
+            });
+        }
         let end = text.find([':', '+']).unwrap_or(text.len());
         let mut parsed = ListCursor {
             position: text[..end].parse().map_err(|_| foreign())?,
@@ -1105,7 +1152,9 @@ mod tests {
         assert_eq!(ListCursor::parse(&ListCursor::carrying(7, &[])).unwrap().position, 7);
         let rescan = ListCursor::parse(&Cursor::new("0:d1:x")).unwrap();
         assert_eq!((rescan.position, rescan.after), (0, Some(a)));
-        for bad in ["", "x", "1:bad id", "-1", "1+a,,b", "1:"] {
+        let whole = ListCursor::parse(&Cursor::new("=d1:x")).unwrap();
+        assert_eq!((whole.whole, whole.after), (true, Some(a)));
+        for bad in ["", "x", "1:bad id", "-1", "1+a,,b", "1:", "=", "=bad id"] {
             let err = ListCursor::parse(&Cursor::new(bad)).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
