@@ -10,13 +10,21 @@
 //! | module     | feature    | what it is |
 //! |------------|------------|------------|
 //! | [`memory`] | always on  | sharded maps in this process; for tests, a single server, and as the reference |
-//! | `redis`    | `redis`    | planned: leases, status and indexes in Redis |
+//! | `redis`    | `redis`    | the design's Redis data model (§4.3): leases, status, indexes and templates, on one Redis or a Redis Cluster |
 //! | `postgres` | `postgres` | planned: templates, desired configuration and status in PostgreSQL |
 //!
 //! [`RoutingStore`]: opamp_core::RoutingStore
 //! [`StatusStore`]: opamp_core::StatusStore
 //! [`ConfigStore`]: opamp_core::ConfigStore
 
-pub mod memory;
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisStore, RedisStoreConfig};
 pub use memory::MemoryStore;
