@@ -24,7 +24,10 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
     assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("| bare tonic |"), "{stdout}");
     assert!(stdout.contains("| supervisor (memory store + bus) |"), "{stdout}");
-    assert!(stdout.contains("memory per device:"), "{stdout}");
+    assert!(
+        stdout.contains("Supervisor / bare tonic: memory per device"),
+        "{stdout}"
+    );
 }
 
 #[test]

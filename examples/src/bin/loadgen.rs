@@ -77,12 +77,17 @@ struct IdleArgs {
     /// Registrations in flight per client process.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// The servers to measure, in each round.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ServerKind::Bare, ServerKind::Supervisor])]
+    servers: Vec<ServerKind>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ServerKind {
     /// The supervisor runtime on the in-memory store and bus, serving the gRPC transport.
     Supervisor,
+    /// The gRPC transport alone: sessions accepted, answered `registered` and held, no runtime.
+    Transport,
     /// A bare tonic `ControlService` that answers `registered` and holds the stream.
     Bare,
 }
@@ -155,6 +160,23 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
                 .await?;
             wait_for_stdin_eof().await;
             supervisor.abort();
+        }
+        ServerKind::Transport => {
+            let transport =
+                GrpcTransport::bind(GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key))).await?;
+            println!("listening {}", transport.local_addr());
+            let me = SupervisorId::new("loadgen-transport")?;
+            let mut held = Vec::new();
+            let accepting = async {
+                while let Ok(Some(session)) = transport.accept().await {
+                    let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
+                    held.push(session);
+                }
+            };
+            tokio::select! {
+                _ = accepting => {}
+                _ = wait_for_stdin_eof() => {}
+            }
         }
         ServerKind::Bare => {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -403,7 +425,7 @@ async fn grpc_idle(args: IdleArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut results: Vec<(ServerKind, Measured)> = Vec::new();
     let mut address_block = 0u8;
     for round in 1..=args.rounds {
-        for kind in [ServerKind::Bare, ServerKind::Supervisor] {
+        for &kind in &args.servers {
             address_block = address_block.wrapping_add(1);
             let measured = measure_idle(&args, kind, &key, address_block).await?;
             eprintln!("round {round} {kind:?}: {measured:?}");
@@ -432,6 +454,7 @@ async fn measure_idle(
 ) -> Result<Measured, Box<dyn std::error::Error>> {
     let kind_name = match kind {
         ServerKind::Supervisor => "supervisor",
+        ServerKind::Transport => "transport",
         ServerKind::Bare => "bare",
     };
     let mut server = spawn_self(&["serve".into(), "--kind".into(), kind_name.into()], key).await?;
@@ -555,11 +578,12 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
         args.low, args.high
     );
     println!("|---|---|---|---|---|---|---|");
-    for kind in [ServerKind::Bare, ServerKind::Supervisor] {
+    for &kind in &args.servers {
         println!(
             "| {} | {:.1} MiB | {:.1} MiB | {:.0} B | {:.0} /s | {:.1} ms | {:.1} ms |",
             match kind {
                 ServerKind::Bare => "bare tonic",
+                ServerKind::Transport => "gRPC transport alone",
                 ServerKind::Supervisor => "supervisor (memory store + bus)",
             },
             of(kind, |m| m.rss_low_kib as f64) / 1024.0,
@@ -570,8 +594,18 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
             of(kind, |m| m.p99.as_secs_f64() * 1e3),
         );
     }
-    let ratio = of(ServerKind::Supervisor, |m| m.per_device_bytes) / of(ServerKind::Bare, |m| m.per_device_bytes);
     let retried: usize = results.iter().map(|(_, m)| m.retried).sum();
-    println!("\nsupervisor / bare tonic, memory per device: {ratio:.2}×");
+    if args.servers.contains(&ServerKind::Bare) {
+        let bare_memory = of(ServerKind::Bare, |m| m.per_device_bytes);
+        let bare_rate = of(ServerKind::Bare, |m| m.registration_rate);
+        println!();
+        for &kind in args.servers.iter().filter(|k| **k != ServerKind::Bare) {
+            println!(
+                "{kind:?} / bare tonic: memory per device {:.2}×, registration rate {:.2}×",
+                of(kind, |m| m.per_device_bytes) / bare_memory,
+                of(kind, |m| m.registration_rate) / bare_rate,
+            );
+        }
+    }
     println!("registrations retried after a refused or reset connection: {retried}, in all rounds");
 }

@@ -665,7 +665,11 @@ pub async fn presence_moves_the_device_between_indexes(f: &StoreFixture) {
     assert_indexes(f, &[(d1, s1), (d2, s1)], &[s1, s2]).await;
     let mut paged = listed(f, Some(&s1), 1).await;
     paged.sort();
-    assert_eq!(paged, vec![d1, d2], "one device per page, each once (in the backend's order)");
+    assert_eq!(
+        paged,
+        vec![d1, d2],
+        "one device per page, each once (in the backend's order)"
+    );
 }
 
 /// 2,500 online devices under two supervisors, listed with pages of 7 to
