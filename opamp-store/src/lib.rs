@@ -11,12 +11,17 @@
 //! |------------|------------|------------|
 //! | [`memory`] | always on  | sharded maps in this process; for tests, a single server, and as the reference |
 //! | `redis`    | `redis`    | planned: leases, status and indexes in Redis |
-//! | `postgres` | `postgres` | planned: templates, desired configuration and status in PostgreSQL |
+//! | `postgres` | `postgres` | the design's Appendix C schema in PostgreSQL (sqlx, tokio, rustls): leases, status, templates, desired configuration, and the command audit log |
 //!
 //! [`RoutingStore`]: opamp_core::RoutingStore
 //! [`StatusStore`]: opamp_core::StatusStore
 //! [`ConfigStore`]: opamp_core::ConfigStore
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
 
 pub use memory::MemoryStore;
