@@ -41,8 +41,12 @@ fn fresh_schema() -> String {
 }
 
 async fn connect(schema: &str, clock: Arc<dyn Clock>) -> PostgresStore {
+    let config = PostgresConfig::new(url()).with_schema(schema).with_max_connections(8);
+    connect_with(config, clock).await
+}
+
+async fn connect_with(config: PostgresConfig, clock: Arc<dyn Clock>) -> PostgresStore {
     let url = url();
-    let config = PostgresConfig::new(&url).with_schema(schema).with_max_connections(8);
     PostgresStore::connect_with_clock(&config, clock)
         .await
         .unwrap_or_else(|err| {
@@ -179,6 +183,79 @@ async fn batch_renewal_never_overwrites_a_concurrent_takeover() {
     }
 }
 
+/// Hundreds of lookups at once, many of them abandoned half way: the lanes
+/// answer each with its device's owner at its own time, whether they batch
+/// it or not, and the store with no lanes (every lookup through the pool)
+/// answers alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_are_batched_and_answered_each_its_own() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(store_with(clock.clone()).await);
+    let pooled = Arc::new(
+        connect_with(
+            PostgresConfig::new(url())
+                .with_schema(store.schema())
+                .with_lookup_connections(0),
+            clock.clone(),
+        )
+        .await,
+    );
+    let devices: Vec<DeviceId> = (0..300).map(|n| device(&format!("looked-{n}"))).collect();
+    for (n, d) in devices.iter().enumerate() {
+        // Every third device is never claimed; every fifth lapses at once.
+        match n % 15 {
+            0 | 3 | 6 | 9 | 12 => {}
+            5 | 10 => store
+                .claim(d, &supervisor(&format!("s{}", n % 4)), Duration::from_millis(1))
+                .await
+                .map(drop)
+                .unwrap(),
+            _ => store
+                .claim(d, &supervisor(&format!("s{}", n % 4)), TTL)
+                .await
+                .map(drop)
+                .unwrap(),
+        }
+    }
+    clock.advance(Duration::from_millis(1));
+    let expected = store.lookup_many(&devices).await.unwrap();
+    for round in 0..4 {
+        let mut tasks = JoinSet::new();
+        for (n, d) in devices.iter().copied().enumerate() {
+            let store = if (n + round) % 7 == 0 {
+                pooled.clone()
+            } else {
+                store.clone()
+            };
+            let handle = tasks.spawn(async move { (n, store.lookup(&d).await.unwrap()) });
+            // Abandon every tenth lookup, in whatever state it is.
+            if n % 10 == round {
+                handle.abort();
+            }
+        }
+        let mut answered = 0;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((n, owner)) => {
+                    assert_eq!(owner, expected[n], "{}", devices[n]);
+                    answered += 1;
+                }
+                Err(err) => assert!(err.is_cancelled(), "{err}"),
+            }
+        }
+        assert!(answered >= devices.len() * 9 / 10, "{answered} answered");
+    }
+    // Lookups started and dropped before their answer leave the lanes working.
+    for d in &devices[..50] {
+        let lookup = store.lookup(d);
+        drop(tokio::time::timeout(Duration::from_micros(1), lookup).await);
+    }
+    assert_eq!(store.lookup_many(&devices).await.unwrap(), expected);
+    for (n, d) in devices.iter().enumerate().step_by(11) {
+        assert_eq!(store.lookup(d).await.unwrap(), expected[n], "{d}");
+    }
+}
+
 #[tokio::test]
 async fn purge_expired_deletes_only_lapsed_rows() {
     let clock = Arc::new(ManualClock::starting_now());
@@ -275,6 +352,15 @@ async fn a_lease_edited_into_an_invalid_supervisor_id_names_the_row() {
             "\"not a supervisor\"",
         ],
     );
+    let pooled = connect_with(
+        PostgresConfig::new(url())
+            .with_schema(store.schema())
+            .with_lookup_connections(0),
+        Arc::new(ManualClock::starting_now()),
+    )
+    .await;
+    let err = pooled.lookup(&d1).await.unwrap_err();
+    assert_names(&err, &["device_lease row device_id=\"d1\"", "column supervisor_id"]);
     let err = store.lookup_many(&[d2, d1]).await.unwrap_err();
     assert_names(&err, &["device_lease row device_id=\"d1\"", "column supervisor_id"]);
     let err = store.claim(&d1, &supervisor("s2"), TTL).await.unwrap_err();

@@ -129,7 +129,7 @@ impl AuditCursor {
 
 fn read_entry(row: &PgRow) -> Result<(AuditEntry, AuditCursor)> {
     // The id is read first, to name the row in every later error.
-    let id: i64 = sqlx::Row::try_get(row, "id").map_err(PgError::query("reading a command_audit row's id"))?;
+    let id: i64 = sqlx::Row::try_get(row, "id").map_err(PgError::query(|| "reading a command_audit row's id"))?;
     let name = || format!("command_audit row id={id}");
     let r = RowReader::new(row, &name);
     let command = r.parsed("payload", |json| Command::from_json(json.as_bytes()))?;
@@ -235,10 +235,9 @@ impl PostgresStore {
             .bind(sql_time(command.issued_at)?)
             .execute(&self.pool)
             .await
-            .map_err(PgError::query(format!(
-                "recording command {id} for device {}",
-                command.device
-            )))?;
+            .map_err(PgError::query(|| {
+                format!("recording command {id} for device {}", command.device)
+            }))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -256,7 +255,7 @@ impl PostgresStore {
             .bind(sql_time(self.clock.now())?)
             .execute(&self.pool)
             .await
-            .map_err(PgError::query(doing()))?;
+            .map_err(PgError::query(doing))?;
         if done.rows_affected() > 0 {
             return Ok(true);
         }
@@ -264,7 +263,7 @@ impl PostgresStore {
             .bind(correlation_id.to_string())
             .fetch_one(&self.pool)
             .await
-            .map_err(PgError::query(doing()))?;
+            .map_err(PgError::query(doing))?;
         if recorded {
             Ok(false)
         } else {
@@ -278,9 +277,9 @@ impl PostgresStore {
             .bind(correlation_id.to_string())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!(
-                "reading the audit entry of command {correlation_id}"
-            )))?;
+            .map_err(PgError::query(|| {
+                format!("reading the audit entry of command {correlation_id}")
+            }))?;
         row.map(|row| read_entry(&row).map(|(entry, _)| entry)).transpose()
     }
 
@@ -294,7 +293,7 @@ impl PostgresStore {
             .bind(start.fetch)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading the audit log of device {device}")))?;
+            .map_err(PgError::query(|| format!("reading the audit log of device {device}")))?;
         entry_page(&rows, start.limit)
     }
 
@@ -310,7 +309,7 @@ impl PostgresStore {
             .bind(from_sql)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading the audit log from {from} to {to}")))?;
+            .map_err(PgError::query(|| format!("reading the audit log from {from} to {to}")))?;
         entry_page(&rows, start.limit)
     }
 }

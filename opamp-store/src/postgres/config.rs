@@ -62,7 +62,7 @@ fn naming_a_stored_template(
     match result {
         Ok(_) => Ok(()),
         Err(err) if is_foreign_key_violation(&err) => Err(Error::not_found(missing)),
-        Err(err) => Err(PgError::query(doing)(err)),
+        Err(err) => Err(PgError::query(|| doing)(err)),
     }
 }
 
@@ -83,7 +83,7 @@ impl ConfigStore for PostgresStore {
             .bind(sql_time(template.created_at)?)
             .execute(&self.pool)
             .await
-            .map_err(PgError::query(format!("storing config template {config}")))?
+            .map_err(PgError::query(|| format!("storing config template {config}")))?
             .rows_affected();
         if inserted == 1 {
             return Ok(());
@@ -94,7 +94,9 @@ impl ConfigStore for PostgresStore {
             .bind(config.version.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading the hash of config template {config}")))?;
+            .map_err(PgError::query(|| {
+                format!("reading the hash of config template {config}")
+            }))?;
         match stored_hash {
             Some(stored) if stored == hash => Ok(()),
             Some(_) => Err(Error::already_exists(format!(
@@ -120,7 +122,7 @@ impl ConfigStore for PostgresStore {
             .bind(config.version.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading config template {config}")))?
+            .map_err(PgError::query(|| format!("reading config template {config}")))?
         else {
             return Ok(None);
         };
@@ -154,7 +156,9 @@ impl ConfigStore for PostgresStore {
             .bind(agent_type.as_str())
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!("listing the template versions of {agent_type}")))?;
+            .map_err(PgError::query(|| {
+                format!("listing the template versions of {agent_type}")
+            }))?;
         versions
             .iter()
             .map(|version| {
@@ -183,7 +187,7 @@ impl ConfigStore for PostgresStore {
             .bind(agent_type.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading latest of {agent_type}")))?;
+            .map_err(PgError::query(|| format!("reading latest of {agent_type}")))?;
         version
             .map(|version| {
                 let name = || row_name("config_latest", "agent_type", agent_type.as_str());
@@ -212,7 +216,9 @@ impl ConfigStore for PostgresStore {
             .bind(device.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!("reading the desired config of device {device}")))?
+            .map_err(PgError::query(|| {
+                format!("reading the desired config of device {device}")
+            }))?
         else {
             return Ok(None);
         };
@@ -229,9 +235,9 @@ impl ConfigStore for PostgresStore {
             .bind(device.as_str())
             .execute(&self.pool)
             .await
-            .map_err(PgError::query(format!(
-                "clearing the desired config of device {device}"
-            )))?;
+            .map_err(PgError::query(|| {
+                format!("clearing the desired config of device {device}")
+            }))?;
         Ok(done.rows_affected() > 0)
     }
 }

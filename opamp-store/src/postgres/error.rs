@@ -24,10 +24,15 @@ pub(super) enum PgError {
 }
 
 impl PgError {
-    /// For `map_err`: a failed statement, described by `doing`.
-    pub(super) fn query(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Error {
-        let doing = doing.into();
-        move |source| PgError::Query { doing, source }.into()
+    /// For `map_err`: a failed statement, described by `doing` (called only on failure).
+    pub(super) fn query<D: Into<String>>(doing: impl FnOnce() -> D) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| {
+            PgError::Query {
+                doing: doing().into(),
+                source,
+            }
+            .into()
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_core::store::validate_ttl;
-use opamp_core::{Claim, DeviceId, Result, RoutingStore, SupervisorId};
+use opamp_core::{Claim, DeviceId, Result, RoutingStore, SupervisorId, Timestamp};
 
 use super::PostgresStore;
 use super::error::PgError;
@@ -33,7 +33,7 @@ RETURNING l.device_id";
 const RELEASE: &str = "\
 DELETE FROM device_lease WHERE device_id = $1 AND supervisor_id = $2 AND expires_at > $3";
 
-const LOOKUP: &str = "SELECT supervisor_id FROM device_lease WHERE device_id = $1 AND expires_at > $2";
+pub(super) const LOOKUP: &str = "SELECT supervisor_id FROM device_lease WHERE device_id = $1 AND expires_at > $2";
 
 /// The live owners among `$1`, with each entry's (1-based) position in the input.
 const LOOKUP_MANY: &str = "\
@@ -44,7 +44,7 @@ JOIN device_lease AS l ON l.device_id = r.device_id AND l.expires_at > $2";
 const PURGE: &str = "DELETE FROM device_lease WHERE expires_at <= $1";
 
 /// A supervisor id read from `device_lease`; bad text is an error naming the row.
-fn stored_supervisor(device: &str, column: &'static str, text: &str) -> Result<SupervisorId> {
+pub(super) fn stored_supervisor(device: &str, column: &'static str, text: &str) -> Result<SupervisorId> {
     stored(
         || row_name("device_lease", "device_id", device),
         column,
@@ -53,7 +53,33 @@ fn stored_supervisor(device: &str, column: &'static str, text: &str) -> Result<S
     )
 }
 
+/// Each device's owner from `(ordinal, owner)` rows of an `UNNEST … WITH
+/// ORDINALITY` over `devices`: `None` where no row came back.
+pub(super) fn place_owners(devices: &[&str], rows: Vec<(i64, String)>) -> Vec<Result<Option<SupervisorId>>> {
+    let mut answers: Vec<Result<Option<SupervisorId>>> = devices.iter().map(|_| Ok(None)).collect();
+    for (ord, owner) in rows {
+        // Ordinals come from the array the statement was sent: 1..=len.
+        if let Some(at) = usize::try_from(ord - 1).ok().filter(|at| *at < devices.len()) {
+            answers[at] = stored_supervisor(devices[at], "supervisor_id", &owner).map(Some);
+        }
+    }
+    answers
+}
+
 impl PostgresStore {
+    /// The owner of `device` at `now`, through the pool.
+    async fn lookup_pooled(&self, device: &DeviceId, now: Timestamp) -> Result<Option<SupervisorId>> {
+        let owner: Option<String> = sqlx::query_scalar(LOOKUP)
+            .bind(device.as_str())
+            .bind(sql_time(now)?)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("lookup of device {device}")))?;
+        owner
+            .map(|owner| stored_supervisor(device.as_str(), "supervisor_id", &owner))
+            .transpose()
+    }
+
     /// Deletes every lapsed lease; returns how many it deleted.
     ///
     /// Lapsed leases are already invisible; this only gives their space back.
@@ -64,7 +90,7 @@ impl PostgresStore {
             .bind(now)
             .execute(&self.pool)
             .await
-            .map_err(PgError::query("purging lapsed leases"))?;
+            .map_err(PgError::query(|| "purging lapsed leases"))?;
         Ok(done.rows_affected())
     }
 }
@@ -81,7 +107,7 @@ impl RoutingStore for PostgresStore {
             .bind(sql_time(now)?)
             .fetch_one(&self.pool)
             .await
-            .map_err(PgError::query(format!("claim of device {device} by {supervisor}")))?;
+            .map_err(PgError::query(|| format!("claim of device {device} by {supervisor}")))?;
         Ok(match previous {
             None => Claim::Acquired,
             Some(previous) if previous == supervisor.as_str() => Claim::Renewed,
@@ -105,10 +131,9 @@ impl RoutingStore for PostgresStore {
             .bind(sql_time(now)?)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!(
-                "renewal of {} leases by {supervisor}",
-                devices.len()
-            )))?;
+            .map_err(PgError::query(|| {
+                format!("renewal of {} leases by {supervisor}", devices.len())
+            }))?;
         let renewed: HashSet<&str> = renewed.iter().map(String::as_str).collect();
         Ok(devices
             .iter()
@@ -124,20 +149,16 @@ impl RoutingStore for PostgresStore {
             .bind(sql_time(self.clock.now())?)
             .execute(&self.pool)
             .await
-            .map_err(PgError::query(format!("release of device {device} by {supervisor}")))?;
+            .map_err(PgError::query(|| format!("release of device {device} by {supervisor}")))?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
-        let owner: Option<String> = sqlx::query_scalar(LOOKUP)
-            .bind(device.as_str())
-            .bind(sql_time(self.clock.now())?)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(PgError::query(format!("lookup of device {device}")))?;
-        owner
-            .map(|owner| stored_supervisor(device.as_str(), "supervisor_id", &owner))
-            .transpose()
+        let now = self.clock.now();
+        match self.lanes.lookup(*device, now).await {
+            Some(answer) => answer,
+            None => self.lookup_pooled(device, now).await,
+        }
     }
 
     async fn lookup_many(&self, devices: &[DeviceId]) -> Result<Vec<Option<SupervisorId>>> {
@@ -150,14 +171,7 @@ impl RoutingStore for PostgresStore {
             .bind(sql_time(self.clock.now())?)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!("lookup of {} devices", devices.len())))?;
-        let mut answers = vec![None; devices.len()];
-        for (ord, owner) in owners {
-            // Ordinals come from the array this call sent: 1..=len.
-            if let Some(at) = usize::try_from(ord - 1).ok().filter(|at| *at < devices.len()) {
-                answers[at] = Some(stored_supervisor(devices[at].as_str(), "supervisor_id", &owner)?);
-            }
-        }
-        Ok(answers)
+            .map_err(PgError::query(|| format!("lookup of {} devices", devices.len())))?;
+        place_owners(&ids, owners).into_iter().collect()
     }
 }

@@ -229,7 +229,7 @@ impl StatusStore for PostgresStore {
                 .bind(device, sqlx::query(UPSERT))
                 .execute(&self.pool)
                 .await
-                .map_err(PgError::query(doing()))?;
+                .map_err(PgError::query(doing))?;
             return Ok(());
         };
         let row = params
@@ -237,7 +237,7 @@ impl StatusStore for PostgresStore {
             .bind(fence.as_str())
             .fetch_one(&self.pool)
             .await
-            .map_err(PgError::query(format!("{} fenced by {fence}", doing())))?;
+            .map_err(PgError::query(|| format!("{} fenced by {fence}", doing())))?;
         let name = || row_name("device_registry", "device_id", device.as_str());
         let r = RowReader::new(&row, &name);
         if r.get::<bool>("applied")? {
@@ -252,7 +252,7 @@ impl StatusStore for PostgresStore {
             .bind(device.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::query(format!("status of device {device}")))?;
+            .map_err(PgError::query(|| format!("status of device {device}")))?;
         row.map(|row| read_status(device, &row)).transpose()
     }
 
@@ -263,7 +263,7 @@ impl StatusStore for PostgresStore {
             .bind(fetch)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!("listing online devices after {after:?}")))?;
+            .map_err(PgError::query(|| format!("listing online devices after {after:?}")))?;
         device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
     }
 
@@ -275,9 +275,9 @@ impl StatusStore for PostgresStore {
             .bind(fetch)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query(format!(
-                "listing devices online under {supervisor} after {after:?}"
-            )))?;
+            .map_err(PgError::query(|| {
+                format!("listing devices online under {supervisor} after {after:?}")
+            }))?;
         device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
     }
 
@@ -285,7 +285,7 @@ impl StatusStore for PostgresStore {
         let rows: Vec<(String, i64)> = sqlx::query_as(COUNTS)
             .fetch_all(&self.pool)
             .await
-            .map_err(PgError::query("counting online devices per supervisor"))?;
+            .map_err(PgError::query(|| "counting online devices per supervisor"))?;
         rows.into_iter()
             .map(|(supervisor, devices)| {
                 let supervisor = stored(
