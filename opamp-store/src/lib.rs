@@ -11,7 +11,7 @@
 //! |------------|------------|------------|
 //! | [`memory`] | always on  | sharded maps in this process; for tests, a single server, and as the reference |
 //! | `redis`    | `redis`    | the design's Redis data model (§4.3): leases, status, indexes and templates, on one Redis or a Redis Cluster |
-//! | `postgres` | `postgres` | planned: templates, desired configuration and status in PostgreSQL |
+//! | `postgres` | `postgres` | the design's Appendix C schema in PostgreSQL (sqlx, tokio, rustls): leases, status, templates, desired configuration, and the command audit log |
 //!
 //! [`RoutingStore`]: opamp_core::RoutingStore
 //! [`StatusStore`]: opamp_core::StatusStore
@@ -20,10 +20,16 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisStore, RedisStoreConfig};

@@ -1,0 +1,393 @@
+//! A PostgreSQL store: the design's Appendix C schema, for users whose
+//! system of record is SQL.
+//!
+//! [`PostgresStore`] implements every store trait over a pool of connections
+//! (sqlx, tokio, rustls), and keeps the command audit log
+//! ([`record_command`](PostgresStore::record_command),
+//! [`record_outcome`](PostgresStore::record_outcome), and queries by device
+//! and by time range, paged).
+//!
+//! # Schema
+//!
+//! The migrations are embedded in the library and applied by
+//! [`PostgresStore::migrate`] into the configured schema (every connection
+//! sets `search_path` to it, so two stores with different schemas share a
+//! database without seeing each other). The tables, column by column, are in
+//! `docs/data-model.md`.
+//!
+//! # Leases in single statements
+//!
+//! Every lease operation is one statement, with `now` taken from the store's
+//! [`Clock`] and passed as a parameter (never `now()` in SQL), so tests can
+//! move time with a [`ManualClock`](opamp_core::ManualClock):
+//!
+//! - `claim` is one `INSERT … ON CONFLICT (device_id) DO UPDATE`. Its `SET`
+//!   reads the row it locked (the newest version, even one committed after
+//!   the statement began) and writes the owner it replaces into
+//!   `claimed_from`, which `RETURNING` hands back. Concurrent claims of one
+//!   device, new or not, queue on that row lock, and each learns whom it
+//!   took the device from.
+//! - `renew` is one `UPDATE … FROM UNNEST($devices)` fenced by owner and
+//!   expiry; `lookup_many` one `SELECT … FROM UNNEST($devices) WITH ORDINALITY`.
+//! - `release` is one `DELETE` fenced by owner and expiry.
+//!
+//! A lapsed row owns nothing: every statement compares `expires_at` with
+//! `now`. [`PostgresStore::purge_expired`] deletes lapsed rows.
+//!
+//! # Lookups
+//!
+//! `lookup` is the hot path, and sqlx's pool tests every connection handed
+//! back to it with a round trip of its own, which would double a one-row
+//! lookup's cost. So a few connections
+//! ([`PostgresConfig::lookup_connections`], default 1) are kept by tasks of
+//! their own that answer the lookups queued to them: one at a time when the
+//! server keeps up, and all those that queued meanwhile in one `UNNEST`
+//! statement when it does not (each judged at its own `now`). Cancelling a
+//! lookup never leaves a connection mid-statement; a lookup no lane can
+//! answer goes through the pool.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> opamp_core::Result<()> {
+//! use opamp_core::{DeviceId, RoutingStore, SupervisorId, DEFAULT_LEASE_TTL};
+//! use opamp_store::postgres::{PostgresConfig, PostgresStore};
+//!
+//! let config = PostgresConfig::new("postgres://opamp@db.example:5432/fleet").with_schema("opamp");
+//! let store = PostgresStore::connect(&config).await?;
+//! store.migrate().await?;
+//!
+//! let (d5, s1) = (DeviceId::new("device-5")?, SupervisorId::new("s1")?);
+//! store.claim(&d5, &s1, DEFAULT_LEASE_TTL).await?;
+//! assert_eq!(store.lookup(&d5).await?, Some(s1));
+//! # Ok(())
+//! # }
+//! ```
+
+mod audit;
+mod config;
+mod error;
+mod lanes;
+mod routing;
+mod rows;
+mod status;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opamp_core::time::duration_text;
+use opamp_core::{Clock, Error, Result, SystemClock};
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub use audit::AuditEntry;
+use error::PgError;
+use lanes::LookupLanes;
+
+/// The migrations, embedded at build time.
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How to reach the database, and which schema to use.
+///
+/// Reads from a configuration file with defaults for everything but `url`:
+///
+/// ```
+/// use opamp_store::postgres::PostgresConfig;
+///
+/// let config: PostgresConfig = serde_json::from_str(r#"{
+///     "url": "postgres://opamp:secret@db.example/fleet",
+///     "schema": "fleet_eu",
+///     "acquire_timeout": "5s"
+/// }"#)?;
+/// assert_eq!(config.max_connections, 16);
+/// assert!(!format!("{config:?}").contains("secret"), "Debug hides the password");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PostgresConfig {
+    /// A libpq-style URL, `postgres://user:password@host:port/database?sslmode=require`.
+    pub url: String,
+    /// The schema holding the tables: 1–63 characters of `[a-z0-9_]`, not
+    /// starting with a digit. Default `opamp`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// The most connections the pool opens. Default 16.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// How long a call waits for a free connection before it fails as
+    /// unavailable. Default `10s`.
+    #[serde(default = "default_acquire_timeout", with = "duration_text")]
+    pub acquire_timeout: Duration,
+    /// How many pooled connections answer single-device lookups, each kept
+    /// by a task of its own and answering the lookups queued to it several at
+    /// a time (at most half of `max_connections`; 0 sends each lookup through
+    /// the pool). Default 1: one connection batching whatever queues while it
+    /// is busy beat two or more in the bench (see docs/performance.md).
+    #[serde(default = "default_lookup_connections")]
+    pub lookup_connections: u32,
+}
+
+fn default_lookup_connections() -> u32 {
+    1
+}
+
+fn default_schema() -> String {
+    "opamp".to_owned()
+}
+
+fn default_max_connections() -> u32 {
+    16
+}
+
+fn default_acquire_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl PostgresConfig {
+    /// The defaults, for the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresConfig {
+            url: url.into(),
+            schema: default_schema(),
+            max_connections: default_max_connections(),
+            acquire_timeout: default_acquire_timeout(),
+            lookup_connections: default_lookup_connections(),
+        }
+    }
+
+    /// Keeps `count` connections answering lookups (see [`lookup_connections`](Self::lookup_connections)).
+    pub fn with_lookup_connections(mut self, count: u32) -> Self {
+        self.lookup_connections = count;
+        self
+    }
+
+    /// Uses `schema` for the tables.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Opens at most `max` connections.
+    pub fn with_max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Waits at most `timeout` for a free connection.
+    pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Checks the schema name and the pool size; errors name the field.
+    fn validate(&self) -> Result<()> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(Error::invalid_input(format!(
+                "postgres url {} must start with postgres:// or postgresql://",
+                redact_url(&self.url)
+            )));
+        }
+        validate_schema(&self.schema)?;
+        if self.max_connections == 0 {
+            return Err(Error::invalid_input("postgres max_connections must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("lookup_connections", &self.lookup_connections)
+            .finish()
+    }
+}
+
+/// A schema name that needs no quoting anywhere: `search_path`, `CREATE SCHEMA`.
+fn validate_schema(schema: &str) -> Result<()> {
+    let valid = (1..=63).contains(&schema.len())
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid_input(format!(
+            "postgres schema {schema:?} must be 1–63 characters of a-z, 0-9 and _, not starting with a digit"
+        )))
+    }
+}
+
+/// The URL with its password (in the user part or a `password=` parameter) replaced by `***`.
+fn redact_url(url: &str) -> String {
+    let mut redacted = url.to_owned();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                let start = scheme_end + 3 + colon + 1;
+                redacted.replace_range(start..scheme_end + 3 + at, "***");
+            }
+        }
+    }
+    if let Some(query_start) = redacted.find('?') {
+        let (base, query) = redacted.split_at(query_start + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted = format!("{base}{}", query.join("&"));
+    }
+    redacted
+}
+
+/// A store in a PostgreSQL database.
+///
+/// Cheap to share: it holds a connection pool; wrap it in an [`Arc`] and hand
+/// it out as `Arc<dyn Store>`. Run [`migrate`](Self::migrate) once before use
+/// (it is idempotent).
+pub struct PostgresStore {
+    pool: PgPool,
+    lanes: LookupLanes,
+    clock: Arc<dyn Clock>,
+    schema: String,
+}
+
+impl PostgresStore {
+    /// Connects, judging leases by the system clock.
+    ///
+    /// Fails with [`Error::InvalidInput`] for a bad URL or schema name and
+    /// [`Error::Unavailable`] if the database cannot be reached.
+    pub async fn connect(config: &PostgresConfig) -> Result<Self> {
+        Self::connect_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Connects, judging leases by `clock` (a [`ManualClock`](opamp_core::ManualClock) in tests).
+    pub async fn connect_with_clock(config: &PostgresConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        config.validate()?;
+        let options = PgConnectOptions::from_str(&config.url)
+            .map_err(|err| Error::invalid_input(format!("postgres url {}: {err}", redact_url(&config.url))))?
+            // A startup parameter: no extra round trip per connection.
+            .options([("search_path", config.schema.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            // A ping before every query would double the round trips; a dead
+            // connection fails its query as `Unavailable` instead, and the
+            // pool replaces it.
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(|source| Error::Unavailable {
+                message: format!("connecting to PostgreSQL at {}", redact_url(&config.url)),
+                source: Some(Box::new(source)),
+            })?;
+        let lanes = config.lookup_connections.min(config.max_connections / 2) as usize;
+        Ok(PostgresStore {
+            lanes: LookupLanes::start(&pool, lanes),
+            pool,
+            clock,
+            schema: config.schema.clone(),
+        })
+    }
+
+    /// Creates the schema if it is missing and applies every migration not yet applied.
+    ///
+    /// Idempotent, and safe to run from several processes at once (sqlx
+    /// serialises migrations with an advisory lock). sqlx's bookkeeping table
+    /// `_sqlx_migrations` lands in the same schema.
+    pub async fn migrate(&self) -> Result<()> {
+        // The name was validated: it needs no quoting, and quoting keeps it so.
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("creating schema {}", self.schema)))?;
+        MIGRATOR.run(&self.pool).await.map_err(|source| {
+            Error::from(PgError::Migrate {
+                schema: self.schema.clone(),
+                source,
+            })
+        })
+    }
+
+    /// The schema holding this store's tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The connection pool, for queries of the host's own against the same tables.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.schema)
+            .field("clock", &self.clock)
+            .field("connections", &self.pool.size())
+            .field("lookup_lanes", &self.lanes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked() {
+        for good in ["opamp", "t_1", "_x", &"a".repeat(63)] {
+            assert!(validate_schema(good).is_ok(), "{good}");
+        }
+        for bad in ["", "1abc", "Opamp", "a-b", "a b", "x\"y", &"a".repeat(64)] {
+            let err = validate_schema(bad).unwrap_err().to_string();
+            assert!(err.contains("postgres schema"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5/db?sslmode=require"),
+            "postgres://u:***@h:5/db?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=pw&x=1"),
+            "postgres://h/db?user=u&password=***&x=1"
+        );
+        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        let config = PostgresConfig::new("postgres://u:hunter2@h/db");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let err = PostgresConfig::new("mysql://u:pw@h/db")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres url mysql://u:***@h/db"), "{err}");
+        let err = PostgresConfig::new("postgres://h/db")
+            .with_max_connections(0)
+            .validate();
+        assert!(err.unwrap_err().to_string().contains("max_connections"));
+        let err = serde_json::from_str::<PostgresConfig>(r#"{"url": "x", "acquire_timeout": "soon"}"#);
+        assert!(err.unwrap_err().to_string().contains("duration"));
+    }
+}

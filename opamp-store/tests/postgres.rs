@@ -1,0 +1,652 @@
+//! The PostgreSQL store against the store conformance suite, and what only it
+//! has: the audit log, migrations, concurrency beyond the suite, bad rows.
+//!
+//! Needs a PostgreSQL server: `scripts/services/postgres start /tmp/opamp-postgres`
+//! (127.0.0.1:5440), or `OPAMP_TEST_POSTGRES_URL`. Every fixture migrates a
+//! schema of its own, so the tests run in parallel on one server.
+#![cfg(feature = "postgres")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opamp_core::testkit::store::StoreFixture;
+use opamp_core::{
+    AgentType, Claim, Clock, Command, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigStore,
+    ConfigStoreExt, ConfigTemplate, ConfigVersion, CorrelationId, Cursor, DeviceId, Error, ManualClock, PageRequest,
+    RoutingStore, StatusPatch, StatusStore, SupervisorId, Timestamp,
+};
+use opamp_store::postgres::{PostgresConfig, PostgresStore};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5440/postgres";
+const TTL: Duration = Duration::from_secs(10);
+
+fn url() -> String {
+    std::env::var("OPAMP_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// A schema name no other fixture, in this run or an earlier one, has used.
+fn fresh_schema() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!(
+        "t_{}_{}_{}",
+        std::process::id(),
+        started.as_millis() % 100_000_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn connect(schema: &str, clock: Arc<dyn Clock>) -> PostgresStore {
+    let config = PostgresConfig::new(url()).with_schema(schema).with_max_connections(8);
+    connect_with(config, clock).await
+}
+
+async fn connect_with(config: PostgresConfig, clock: Arc<dyn Clock>) -> PostgresStore {
+    let url = url();
+    PostgresStore::connect_with_clock(&config, clock)
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot reach PostgreSQL at {url}: {err} ({:?}).\nStart it with \
+             `scripts/services/postgres start /tmp/opamp-postgres`, or point OPAMP_TEST_POSTGRES_URL at a server.",
+                std::error::Error::source(&err)
+            )
+        })
+}
+
+/// A migrated store in a fresh schema, judging leases by `clock`.
+async fn store_with(clock: Arc<ManualClock>) -> PostgresStore {
+    let store = connect(&fresh_schema(), clock).await;
+    store.migrate().await.expect("migrating a fresh schema");
+    store
+}
+
+async fn fixture() -> StoreFixture {
+    let clock = Arc::new(ManualClock::starting_now());
+    StoreFixture::new(Arc::new(store_with(clock.clone()).await), clock)
+}
+
+opamp_core::store_conformance!(fixture);
+
+fn device(name: &str) -> DeviceId {
+    DeviceId::new(name).unwrap()
+}
+
+fn supervisor(name: &str) -> SupervisorId {
+    SupervisorId::new(name).unwrap()
+}
+
+/// Runs `sql` against the store's schema, as an operator editing rows by hand would.
+async fn by_hand(store: &PostgresStore, sql: &str) {
+    sqlx::query(sql)
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+}
+
+#[track_caller]
+fn assert_names(err: &Error, parts: &[&str]) {
+    let text = err.to_string();
+    for part in parts {
+        assert!(text.contains(part), "{text:?} should name {part:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------
+
+/// Two stores (two supervisor processes) claiming the same fresh devices at
+/// once, eight claimants per device: per device one `Acquired`, the others a
+/// chain of takeovers each naming a distinct predecessor, and the last
+/// claimant is the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_of_new_devices_each_learn_the_truth() {
+    const DEVICES: usize = 40;
+    const CLAIMANTS: usize = 8;
+    let clock = Arc::new(ManualClock::starting_now());
+    let first = Arc::new(store_with(clock.clone()).await);
+    let second = Arc::new(connect(first.schema(), clock.clone()).await);
+    for n in 0..DEVICES {
+        let d = device(&format!("raced-{n}"));
+        let start = Arc::new(Barrier::new(CLAIMANTS));
+        let mut tasks = JoinSet::new();
+        for c in 0..CLAIMANTS {
+            let store = if c % 2 == 0 { first.clone() } else { second.clone() };
+            let (s, start) = (supervisor(&format!("s{c}")), start.clone());
+            tasks.spawn(async move {
+                start.wait().await;
+                (s, store.claim(&d, &s, TTL).await.unwrap())
+            });
+        }
+        let mut acquired = 0;
+        let mut replaced = BTreeSet::new();
+        for (s, claim) in tasks.join_all().await {
+            match claim {
+                Claim::Acquired => acquired += 1,
+                Claim::TakenOver { previous } => {
+                    assert_ne!(previous, s, "{d}");
+                    assert!(replaced.insert(previous), "{d}: {previous} was replaced twice");
+                }
+                Claim::Renewed => panic!("{d}: {s} claimed once but renewed"),
+            }
+        }
+        assert_eq!(acquired, 1, "{d}: exactly one claimant found it free");
+        let owner = first.lookup(&d).await.unwrap().expect("someone holds it");
+        assert!(!replaced.contains(&owner), "{d}: the owner {owner} was replaced");
+        assert_eq!(replaced.len(), CLAIMANTS - 1, "{d}");
+    }
+}
+
+/// A batch renewal of 1,000 leases races takeovers of half of them from
+/// another store: no takeover is overwritten, and renew reports exactly the
+/// devices taken before it ran or none it still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_renewal_never_overwrites_a_concurrent_takeover() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(store_with(clock.clone()).await);
+    let other = Arc::new(connect(store.schema(), clock.clone()).await);
+    let (s1, s2) = (supervisor("s1"), supervisor("s2"));
+    let devices: Vec<DeviceId> = (0..1_000).map(|n| device(&format!("batch-{n:04}"))).collect();
+    for d in &devices {
+        store.claim(d, &s1, TTL).await.unwrap();
+    }
+    let taken: Vec<DeviceId> = devices.iter().step_by(2).copied().collect();
+    let taker = {
+        let (other, taken) = (other.clone(), taken.clone());
+        tokio::spawn(async move {
+            for d in &taken {
+                assert_eq!(
+                    other.claim(d, &s2, TTL).await.unwrap(),
+                    Claim::TakenOver { previous: s1 }
+                );
+            }
+        })
+    };
+    let mut lost = BTreeSet::new();
+    while !taker.is_finished() {
+        lost.extend(store.renew(&s1, &devices, TTL).await.unwrap());
+    }
+    taker.await.unwrap();
+    lost.extend(store.renew(&s1, &devices, TTL).await.unwrap());
+
+    let taken_set: BTreeSet<DeviceId> = taken.iter().copied().collect();
+    assert_eq!(lost, taken_set, "renew reports every taken device and no other");
+    let owners = store.lookup_many(&devices).await.unwrap();
+    for (d, owner) in devices.iter().zip(owners) {
+        let expected = if taken_set.contains(d) { s2 } else { s1 };
+        assert_eq!(owner, Some(expected), "{d}");
+    }
+}
+
+/// Hundreds of lookups at once, many of them abandoned half way: the lanes
+/// answer each with its device's owner at its own time, whether they batch
+/// it or not, and the store with no lanes (every lookup through the pool)
+/// answers alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_are_batched_and_answered_each_its_own() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(store_with(clock.clone()).await);
+    let pooled = Arc::new(
+        connect_with(
+            PostgresConfig::new(url())
+                .with_schema(store.schema())
+                .with_lookup_connections(0),
+            clock.clone(),
+        )
+        .await,
+    );
+    let devices: Vec<DeviceId> = (0..300).map(|n| device(&format!("looked-{n}"))).collect();
+    for (n, d) in devices.iter().enumerate() {
+        // Every third device is never claimed; every fifth lapses at once.
+        match n % 15 {
+            0 | 3 | 6 | 9 | 12 => {}
+            5 | 10 => store
+                .claim(d, &supervisor(&format!("s{}", n % 4)), Duration::from_millis(1))
+                .await
+                .map(drop)
+                .unwrap(),
+            _ => store
+                .claim(d, &supervisor(&format!("s{}", n % 4)), TTL)
+                .await
+                .map(drop)
+                .unwrap(),
+        }
+    }
+    clock.advance(Duration::from_millis(1));
+    let expected = store.lookup_many(&devices).await.unwrap();
+    for round in 0..4 {
+        let mut tasks = JoinSet::new();
+        for (n, d) in devices.iter().copied().enumerate() {
+            let store = if (n + round) % 7 == 0 {
+                pooled.clone()
+            } else {
+                store.clone()
+            };
+            let handle = tasks.spawn(async move { (n, store.lookup(&d).await.unwrap()) });
+            // Abandon every tenth lookup, in whatever state it is.
+            if n % 10 == round {
+                handle.abort();
+            }
+        }
+        let mut answered = 0;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((n, owner)) => {
+                    assert_eq!(owner, expected[n], "{}", devices[n]);
+                    answered += 1;
+                }
+                Err(err) => assert!(err.is_cancelled(), "{err}"),
+            }
+        }
+        assert!(answered >= devices.len() * 9 / 10, "{answered} answered");
+    }
+    // Lookups started and dropped before their answer leave the lanes working.
+    for d in &devices[..50] {
+        let lookup = store.lookup(d);
+        drop(tokio::time::timeout(Duration::from_micros(1), lookup).await);
+    }
+    assert_eq!(store.lookup_many(&devices).await.unwrap(), expected);
+    for (n, d) in devices.iter().enumerate().step_by(11) {
+        assert_eq!(store.lookup(d).await.unwrap(), expected[n], "{d}");
+    }
+}
+
+#[tokio::test]
+async fn purge_expired_deletes_only_lapsed_rows() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let s1 = supervisor("s1");
+    for n in 0..30 {
+        let ttl = if n < 20 { TTL } else { TTL * 6 };
+        store.claim(&device(&format!("p{n}")), &s1, ttl).await.unwrap();
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    clock.advance(TTL);
+    assert_eq!(store.purge_expired().await.unwrap(), 20);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    assert_eq!(store.lookup(&device("p25")).await.unwrap(), Some(s1));
+    assert_eq!(store.claim(&device("p1"), &s1, TTL).await.unwrap(), Claim::Acquired);
+}
+
+// ---------------------------------------------------------------------------
+// Schema and connection
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_schemas_are_isolated() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let a = store_with(clock.clone()).await;
+    a.migrate().await.expect("migrating twice changes nothing");
+    let b = store_with(clock.clone()).await;
+    let (d1, s1) = (device("d1"), supervisor("s1"));
+    a.claim(&d1, &s1, TTL).await.unwrap();
+    a.update_status(&d1, &StatusPatch::new().online(s1, clock.now()))
+        .await
+        .unwrap();
+    assert_eq!(b.lookup(&d1).await.unwrap(), None);
+    assert_eq!(b.status(&d1).await.unwrap(), None);
+    assert_eq!(b.claim(&d1, &supervisor("s2"), TTL).await.unwrap(), Claim::Acquired);
+    assert_eq!(a.lookup(&d1).await.unwrap(), Some(s1));
+
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, 1, "sqlx's bookkeeping lives in the store's schema");
+}
+
+#[tokio::test]
+async fn a_schema_never_migrated_says_so() {
+    let store = connect(&fresh_schema(), Arc::new(ManualClock::starting_now())).await;
+    let err = store.lookup(&device("d1")).await.unwrap_err();
+    assert_names(&err, &["lookup of device d1", "has PostgresStore::migrate run"]);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_and_the_password_stays_hidden() {
+    let config =
+        PostgresConfig::new("postgres://u:hunter2@127.0.0.1:1/db").with_acquire_timeout(Duration::from_secs(2));
+    let err = PostgresStore::connect(&config).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert_names(&err, &["127.0.0.1:1"]);
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+
+    for bad in ["mysql://x", "postgres://h:port/db"] {
+        let err = PostgresStore::connect(&PostgresConfig::new(bad)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err:?}");
+        assert_names(&err, &["postgres url"]);
+    }
+    let err = PostgresStore::connect(&PostgresConfig::new(url()).with_schema("Bad-Name"))
+        .await
+        .unwrap_err();
+    assert_names(&err, &["postgres schema \"Bad-Name\""]);
+}
+
+// ---------------------------------------------------------------------------
+// Bad data: rows edited by hand
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_lease_edited_into_an_invalid_supervisor_id_names_the_row() {
+    let store = store_with(Arc::new(ManualClock::starting_now())).await;
+    let (d1, d2, s1) = (device("d1"), device("d2"), supervisor("s1"));
+    store.claim(&d1, &s1, TTL).await.unwrap();
+    store.claim(&d2, &s1, TTL).await.unwrap();
+    by_hand(
+        &store,
+        "UPDATE device_lease SET supervisor_id = 'not a supervisor' WHERE device_id = 'd1'",
+    )
+    .await;
+
+    let err = store.lookup(&d1).await.unwrap_err();
+    assert_names(
+        &err,
+        &[
+            "device_lease row device_id=\"d1\"",
+            "column supervisor_id",
+            "\"not a supervisor\"",
+        ],
+    );
+    let pooled = connect_with(
+        PostgresConfig::new(url())
+            .with_schema(store.schema())
+            .with_lookup_connections(0),
+        Arc::new(ManualClock::starting_now()),
+    )
+    .await;
+    let err = pooled.lookup(&d1).await.unwrap_err();
+    assert_names(&err, &["device_lease row device_id=\"d1\"", "column supervisor_id"]);
+    let err = store.lookup_many(&[d2, d1]).await.unwrap_err();
+    assert_names(&err, &["device_lease row device_id=\"d1\"", "column supervisor_id"]);
+    let err = store.claim(&d1, &supervisor("s2"), TTL).await.unwrap_err();
+    assert_names(&err, &["device_lease row device_id=\"d1\"", "column claimed_from"]);
+    assert_eq!(store.lookup(&d2).await.unwrap(), Some(s1), "other rows still read");
+}
+
+#[tokio::test]
+async fn a_status_row_edited_into_bad_values_names_the_row_and_column() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let s1 = supervisor("s1");
+    for d in ["d1", "d2", "d3", "d4"] {
+        store
+            .update_status(&device(d), &StatusPatch::new().online(s1, clock.now()))
+            .await
+            .unwrap();
+    }
+    by_hand(
+        &store,
+        "UPDATE device_registry SET device_id = 'bad id' WHERE device_id = 'd2'",
+    )
+    .await;
+    by_hand(
+        &store,
+        "UPDATE device_registry SET status = 'sideways' WHERE device_id = 'd3'",
+    )
+    .await;
+    by_hand(
+        &store,
+        "UPDATE device_registry SET labels = '[1, 2]' WHERE device_id = 'd4'",
+    )
+    .await;
+
+    let err = store.online_devices(&PageRequest::first(10)).await.unwrap_err();
+    assert_names(&err, &["device_registry row device_id=\"bad id\"", "column device_id"]);
+    let err = store.status(&device("d3")).await.unwrap_err();
+    assert_names(
+        &err,
+        &["device_registry row device_id=\"d3\"", "column status", "\"sideways\""],
+    );
+    let err = store.status(&device("d4")).await.unwrap_err();
+    assert_names(&err, &["device_registry row device_id=\"d4\"", "column labels"]);
+    assert!(store.status(&device("d1")).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn templates_edited_or_missing_are_errors_naming_them() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let bundle = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[SERVICE]\n"))
+        .unwrap();
+    let v1 = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v1").unwrap());
+    let v2 = ConfigRef::new(v1.agent_type, ConfigVersion::new("v2").unwrap());
+    for v in [v1, v2] {
+        store
+            .put_template(&ConfigTemplate::new(v, bundle.clone(), "alice", clock.now()))
+            .await
+            .unwrap();
+    }
+
+    // A missing template: the errors name the template and the device.
+    let missing = ConfigRef::new(v1.agent_type, ConfigVersion::new("v9").unwrap());
+    let err = store.set_desired(&device("d1"), &missing).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_names(&err, &["fluentbit/v9", "device d1"]);
+    let err = store.set_latest(&missing).await.unwrap_err();
+    assert_names(&err, &["fluentbit/v9", "latest of fluentbit"]);
+
+    // Content edited by hand no longer matches its hash; text that is not JSON is named too.
+    by_hand(
+        &store,
+        r#"UPDATE config_templates SET config_data = '{"x": {"text": "edited"}}' WHERE version = 'v1'"#,
+    )
+    .await;
+    let err = store.template(&v1).await.unwrap_err();
+    assert_names(
+        &err,
+        &[
+            "config_templates row template_id=\"fluentbit/v1\"",
+            "column config_data",
+            "hashes to",
+        ],
+    );
+    by_hand(
+        &store,
+        "UPDATE config_templates SET config_data = 'not json' WHERE version = 'v1'",
+    )
+    .await;
+    let err = store.template(&v1).await.unwrap_err();
+    assert_names(&err, &["template_id=\"fluentbit/v1\"", "column config_data", "JSON"]);
+
+    // A desired config whose template was deleted behind the foreign key's back.
+    store.set_desired(&device("d1"), &v2).await.unwrap();
+    by_hand(
+        &store,
+        "ALTER TABLE device_desired_config DROP CONSTRAINT device_desired_config_agent_type_version_fkey",
+    )
+    .await;
+    by_hand(&store, "DELETE FROM config_templates WHERE version = 'v2'").await;
+    let err = store.desired_template(&device("d1")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_names(&err, &["fluentbit/v2", "device d1"]);
+    by_hand(
+        &store,
+        "UPDATE device_desired_config SET version = 'v 2' WHERE device_id = 'd1'",
+    )
+    .await;
+    let err = store.desired(&device("d1")).await.unwrap_err();
+    assert_names(&err, &["device_desired_config row device_id=\"d1\"", "column version"]);
+}
+
+// ---------------------------------------------------------------------------
+// The command audit log
+// ---------------------------------------------------------------------------
+
+fn command(d: &str, at: Timestamp) -> Command {
+    Command::new(
+        device(d),
+        CommandKind::SetEmission { state: true },
+        at,
+        Duration::from_secs(30),
+    )
+}
+
+#[tokio::test]
+async fn commands_and_outcomes_are_recorded_once() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let s1 = supervisor("s1");
+    let issued = clock.now();
+    let sent = command("device-5", issued);
+    assert!(store.record_command(&sent, Some(&s1), "alice").await.unwrap());
+    assert!(
+        !store.record_command(&sent, Some(&s1), "alice").await.unwrap(),
+        "a redelivery"
+    );
+
+    let entry = store
+        .audit_entry(&sent.correlation_id)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(entry.command, sent);
+    assert_eq!(entry.supervisor, Some(s1));
+    assert_eq!(entry.initiated_by, "alice");
+    assert_eq!(entry.outcome, None, "pending");
+    assert_eq!(entry.created_at, issued);
+    assert_eq!(entry.completed_at, None);
+
+    clock.advance(Duration::from_millis(1_250));
+    let failed = CommandOutcome::Failed {
+        reason: "reload returned 1".into(),
+    };
+    assert!(store.record_outcome(&sent.correlation_id, &failed).await.unwrap());
+    assert!(
+        !store
+            .record_outcome(&sent.correlation_id, &CommandOutcome::Acked)
+            .await
+            .unwrap(),
+        "the first outcome stands"
+    );
+    let entry = store.audit_entry(&sent.correlation_id).await.unwrap().unwrap();
+    assert_eq!(entry.outcome, Some(failed));
+    assert_eq!(entry.completed_at, Some(clock.now()));
+
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error_message FROM command_audit WHERE id = $1")
+            .bind(entry.id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), error.as_deref()),
+        ("failed", Some("reload returned 1"))
+    );
+    let kind: String = sqlx::query_scalar("SELECT payload->>'command' FROM command_audit WHERE id = $1")
+        .bind(entry.id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(kind, "toggle_emission", "the payload is the Appendix B JSON, as JSONB");
+
+    let unknown = CorrelationId::new();
+    let err = store
+        .record_outcome(&unknown, &CommandOutcome::Acked)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_names(&err, &[&unknown.to_string()]);
+    assert_eq!(store.audit_entry(&unknown).await.unwrap(), None);
+
+    let err = store
+        .record_command(&command("device-5", issued), None, &"x".repeat(65))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    assert_names(&err, &["device device-5", "character varying(64)"]);
+}
+
+#[tokio::test]
+async fn the_audit_log_pages_by_device_and_by_time() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let start = clock.now();
+    let mut sent = Vec::new();
+    for n in 0..60 {
+        // Two commands per millisecond: the keyset must order ties by id.
+        let at = start.saturating_add(Duration::from_millis(n / 2));
+        let cmd = command(if n % 3 == 0 { "other" } else { "device-5" }, at);
+        store.record_command(&cmd, None, "ci").await.unwrap();
+        sent.push(cmd);
+    }
+    let of_device: Vec<CorrelationId> = sent
+        .iter()
+        .filter(|c| c.device.as_str() == "device-5")
+        .map(|c| c.correlation_id)
+        .collect();
+
+    for limit in [1, 7, 40, 1_000] {
+        let mut listed = Vec::new();
+        let mut request = PageRequest::first(limit);
+        loop {
+            let page = store.audit_by_device(&device("device-5"), &request).await.unwrap();
+            assert!(page.items.len() <= limit);
+            listed.extend(page.items.iter().map(|e| e.command.correlation_id));
+            match page.next {
+                Some(cursor) => request = PageRequest::after(cursor, limit),
+                None => break,
+            }
+        }
+        assert_eq!(listed, of_device, "pages of {limit}, oldest first");
+    }
+
+    // [start + 5 ms, start + 20 ms): commands 10..40.
+    let (from, to) = (
+        start.saturating_add(Duration::from_millis(5)),
+        start.saturating_add(Duration::from_millis(20)),
+    );
+    let mut listed = Vec::new();
+    let mut request = PageRequest::first(8);
+    loop {
+        let page = store.audit_between(from, to, &request).await.unwrap();
+        listed.extend(page.items.iter().map(|e| e.command.correlation_id));
+        match page.next {
+            Some(cursor) => request = PageRequest::after(cursor, 8),
+            None => break,
+        }
+    }
+    let expected: Vec<CorrelationId> = sent[10..40].iter().map(|c| c.correlation_id).collect();
+    assert_eq!(listed, expected);
+
+    let err = store
+        .audit_by_device(&device("device-5"), &PageRequest::after(Cursor::new("yesterday"), 5))
+        .await
+        .unwrap_err();
+    assert_names(&err, &["page cursor \"yesterday\""]);
+}
+
+#[tokio::test]
+async fn an_audit_row_edited_by_hand_names_itself() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = store_with(clock.clone()).await;
+    let sent = command("device-5", clock.now());
+    store.record_command(&sent, None, "alice").await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM command_audit")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+
+    by_hand(
+        &store,
+        r#"UPDATE command_audit SET payload = jsonb_set(payload, '{device_id}', '"bad id"')"#,
+    )
+    .await;
+    let err = store.audit_entry(&sent.correlation_id).await.unwrap_err();
+    assert_names(
+        &err,
+        &[&format!("command_audit row id={id}"), "column payload", "device_id"],
+    );
+
+    by_hand(&store, "UPDATE command_audit SET payload = NULL, status = 'exploded'").await;
+    let err = store
+        .audit_by_device(&device("device-5"), &PageRequest::first(5))
+        .await
+        .unwrap_err();
+    assert_names(&err, &[&format!("command_audit row id={id}"), "column payload"]);
+}
