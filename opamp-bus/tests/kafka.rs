@@ -69,6 +69,13 @@ fn config() -> KafkaBusConfig {
 
 /// A bus with `config`, its topics made.
 async fn bus_with(config: KafkaBusConfig) -> KafkaBus {
+    // The bus's logs, shown with a failing test's output (RUST_LOG to choose).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("opamp_bus=info,librdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     require_broker(&config.brokers);
     let bus = KafkaBus::new(config).expect("a valid config");
     bus.ensure_topics().await.expect("making the test's topics");
@@ -267,7 +274,8 @@ async fn a_poison_command_goes_to_the_dead_letter_topic_and_is_skipped() {
     let s1 = supervisor("s1");
     let mut stream = bus.subscribe(&s1).await.unwrap();
     let producer = raw_producer(&config);
-    let poison = br#"{"device_id": "bad id", "command": "toggle_emission"}"#;
+    let poison = br#"{"device_id": "bad id", "command": "toggle_emission", "payload": {"state": true},
+        "timestamp": "2026-01-27T10:30:00Z", "correlation_id": "6f1c0b1e-8a57-4a8e-9d4e-3c1f7d2b9a10"}"#;
     let (partition, offset) = produce_raw(&producer, &config.commands_topic, s1.as_str(), poison).await;
     let good = commands(device("device-5"), 1);
     send_all(&bus, &s1, &good).await;
@@ -513,6 +521,10 @@ async fn a_drain_past_its_grace_leaves_the_rest_to_the_next_subscriber() {
     send_all(&bus, &s1, &sent).await;
     expect_commands(&mut stream, &sent[..1], "the first").await;
     let held = next(&mut stream, "the second").await;
+    eventually("the third to be fetched", DEADLINE, || async {
+        bus.stats().in_flight == 2
+    })
+    .await;
     let err = bus.shutdown(Duration::from_millis(300)).await.unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
     assert!(err.to_string().contains("2 deliveries"), "{err}");

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use opamp_core::{AckSink, Acker, Delivery, Error, MessageStream, Result, Subscription};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -138,6 +138,11 @@ impl Control {
         let mut done = self.done.subscribe();
         // The sender lives in `self`: it cannot be dropped while this waits.
         let _ = done.wait_for(|done| *done).await;
+    }
+
+    /// Whether the subscription was told to end (it may still be committing).
+    pub(super) fn is_ending(&self) -> bool {
+        self.mode.load(Relaxed) != RUN
     }
 
     /// Whether the thread has finished.
@@ -277,6 +282,8 @@ struct State {
     tokens: HashMap<u64, Origin>,
     next_token: u64,
     next_epoch: u64,
+    /// An error the consumer reported that calls for making it again.
+    failed: Option<KafkaError>,
     /// Told once the subscription reads its partitions.
     ready: Option<oneshot::Sender<Result<()>>>,
 }
@@ -413,6 +420,9 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(subscription = %self.shared.what, %error, reason, "kafka consumer error");
+        if needs_restart(&error) {
+            self.shared.state().failed = Some(error);
+        }
     }
 }
 
@@ -450,13 +460,6 @@ impl ConsumerContext for Context {
             Rebalance::Error(error) => {
                 tracing::warn!(subscription = %self.shared.what, %error, "rebalance failed");
             }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            tracing::warn!(subscription = %self.shared.what, %error, "committing offsets failed; will try again");
-            self.shared.state().commit_failed(offsets);
         }
     }
 }
@@ -526,7 +529,7 @@ impl<T: Send + 'static> Worker<T> {
             self.control.left.store(state.in_flight(), Relaxed);
         }
         if let Some(consumer) = &consumer {
-            self.commit(consumer, CommitMode::Sync);
+            self.last_commit(consumer);
         }
         // Closing a group member leaves the group (its revocation commits nothing new).
         drop(consumer);
@@ -559,7 +562,11 @@ impl<T: Send + 'static> Worker<T> {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(RESTART_BACKOFF.1);
                 match self.connect(false) {
-                    Ok(made) => *consumer = Some(made),
+                    Ok(made) => {
+                        // What the old consumer reported while closing is not about this one.
+                        self.shared.state().failed = None;
+                        *consumer = Some(made);
+                    }
                     Err(error) => {
                         tracing::warn!(subscription = %self.shared.what, %error, "making the consumer again failed");
                     }
@@ -568,24 +575,30 @@ impl<T: Send + 'static> Worker<T> {
             };
             self.flow(current, draining);
             if last_commit.elapsed() >= self.env.commit_interval {
-                self.commit(current, CommitMode::Async);
+                let _ = self.commit(current);
                 last_commit = Instant::now();
             }
-            match current.poll(POLL) {
-                None => {}
+            // Errors come from the poll, or through the error callback.
+            let reported = self.shared.state().failed.take();
+            let error = match current.poll(POLL) {
                 Some(Ok(message)) => {
                     backoff = RESTART_BACKOFF.0;
                     self.take(current, &message);
+                    reported
                 }
-                Some(Err(error)) if needs_restart(&error) => {
+                Some(Err(error)) => reported.or(Some(error)),
+                None => reported,
+            };
+            match error {
+                Some(error) if needs_restart(&error) => {
                     tracing::warn!(subscription = %self.shared.what, %error, "kafka consumer failed; making it again");
                     self.env.counters.consumer_restarts.fetch_add(1, Relaxed);
-                    self.commit(current, CommitMode::Async);
                     *consumer = None;
                 }
-                Some(Err(error)) => {
+                Some(error) => {
                     tracing::info!(subscription = %self.shared.what, %error, "kafka consumer reported an error");
                 }
+                None => {}
             }
         }
     }
@@ -704,15 +717,38 @@ impl<T: Send + 'static> Worker<T> {
         }
     }
 
-    /// Commits the acknowledged prefix of every partition.
-    fn commit(&self, consumer: &BaseConsumer<Context>, mode: CommitMode) {
+    /// Commits the acknowledged prefix of every partition, and waits for the
+    /// broker's answer: one commit at a time, since two in flight could be
+    /// applied out of order, the older offset last. Returns whether it
+    /// succeeded; a failed commit is tried again by the next call.
+    fn commit(&self, consumer: &BaseConsumer<Context>) -> bool {
         let list = self.shared.state().take_commit(&self.spec.topic, None);
         if list.count() == 0 {
-            return;
+            return true;
         }
-        if let Err(error) = consumer.commit(&list, mode) {
-            tracing::warn!(subscription = %self.shared.what, %error, "committing offsets failed; will try again");
-            self.shared.state().commit_failed(&list);
+        match consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::info!(subscription = %self.shared.what, %error, "committing offsets failed; will try again");
+                self.shared.state().commit_failed(&list);
+                false
+            }
+        }
+    }
+
+    /// The last commit of the subscription, tried again for up to a request
+    /// timeout (a group coordinator that moved or restarted answers again soon).
+    fn last_commit(&self, consumer: &BaseConsumer<Context>) {
+        let deadline = Instant::now() + self.env.request_timeout;
+        while !self.commit(consumer) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    subscription = %self.shared.what,
+                    "the last commit failed: what was acknowledged since the one before comes again"
+                );
+                return;
+            }
+            std::thread::sleep(RESTART_BACKOFF.0);
         }
     }
 

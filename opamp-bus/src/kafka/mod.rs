@@ -97,7 +97,6 @@ mod error;
 mod offsets;
 mod partitioner;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -132,25 +131,15 @@ struct Inner {
     config: KafkaBusConfig,
     env: Arc<Env>,
     registry: Mutex<Registry>,
-    /// Held while an exclusive subscription starts, so that two cannot both take over.
+    /// Held while a subscription starts, so that two cannot both take over.
     subscribing: tokio::sync::Mutex<()>,
     shut_down: AtomicBool,
 }
 
-/// The subscriptions of a bus.
+/// The subscriptions of a bus not known to have ended, each with its consumer group.
 #[derive(Default)]
 struct Registry {
-    /// Every subscription not known to have ended.
-    all: Vec<Arc<Control>>,
-    /// The current subscription to each supervisor's commands or broadcasts.
-    owners: HashMap<(SupervisorStream, SupervisorId), Arc<Control>>,
-}
-
-/// Which stream a supervisor subscribes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum SupervisorStream {
-    Commands,
-    Broadcasts,
+    members: Vec<(String, Arc<Control>)>,
 }
 
 /// What a bus is doing, over all its subscriptions: for metrics and tests.
@@ -261,7 +250,12 @@ impl KafkaBus {
     pub async fn shutdown(&self, grace: Duration) -> Result<()> {
         self.inner.shut_down.store(true, Relaxed);
         let deadline = Instant::now() + grace;
-        let subscriptions = self.registry().all.clone();
+        let subscriptions: Vec<Arc<Control>> = self
+            .registry()
+            .members
+            .iter()
+            .map(|(_, control)| Arc::clone(control))
+            .collect();
         for subscription in &subscriptions {
             subscription.drain(deadline);
         }
@@ -296,12 +290,13 @@ impl KafkaBus {
     /// What the bus is doing now.
     pub fn stats(&self) -> KafkaBusStats {
         let mut registry = self.registry();
-        registry.all.retain(|control| !control.is_finished());
+        registry.members.retain(|(_, control)| !control.is_finished());
+        let controls = || registry.members.iter().map(|(_, control)| control);
         let counters = &self.inner.env.counters;
         KafkaBusStats {
-            subscriptions: registry.all.len(),
-            in_flight: registry.all.iter().map(|control| control.in_flight()).sum(),
-            paused_partitions: registry.all.iter().map(|control| control.paused()).sum(),
+            subscriptions: registry.members.len(),
+            in_flight: controls().map(|control| control.in_flight()).sum(),
+            paused_partitions: controls().map(|control| control.paused()).sum(),
             dead_lettered: counters.dead_lettered.load(Relaxed),
             consumer_restarts: counters.consumer_restarts.load(Relaxed),
             skipped: counters.skipped.load(Relaxed),
@@ -335,34 +330,32 @@ impl KafkaBus {
         }
     }
 
-    /// Starts a subscription and keeps track of it; `owner` names the
-    /// supervisor stream it takes over, if any.
-    async fn start<T: Send + 'static>(
-        &self,
-        spec: Spec<T>,
-        owner: Option<(SupervisorStream, SupervisorId)>,
-    ) -> Result<Subscription<T>> {
+    /// Starts a subscription and keeps track of it. Members of its consumer
+    /// group in this bus that are ending finish first (their last commit and
+    /// leaving the group come before the new member reads); an `exclusive`
+    /// subscription (a supervisor's) also ends the one it takes over.
+    async fn start<T: Send + 'static>(&self, spec: Spec<T>, exclusive: bool) -> Result<Subscription<T>> {
         self.check_open()?;
-        let _one_at_a_time = match owner {
-            Some(_) => Some(self.inner.subscribing.lock().await),
-            None => None,
-        };
-        if let Some(older) = owner.and_then(|key| self.registry().owners.get(&key).cloned()) {
-            // The older subscription commits what it had acknowledged first,
-            // so that this one starts right after.
+        let _one_at_a_time = self.inner.subscribing.lock().await;
+        let before: Vec<Arc<Control>> = self
+            .registry()
+            .members
+            .iter()
+            .filter(|(group, control)| *group == spec.group && (exclusive || control.is_ending()))
+            .map(|(_, control)| Arc::clone(control))
+            .collect();
+        let wait = self.inner.config.request_timeout.saturating_mul(3);
+        for older in before {
             older.stop();
-            let wait = self.inner.config.request_timeout.saturating_mul(3);
             tokio::time::timeout(wait, older.finished())
                 .await
-                .map_err(|_| Error::timeout(format!("stopping the older subscription to {}", spec.what)))?;
+                .map_err(|_| Error::timeout(format!("ending the older subscription to {}", spec.what)))?;
         }
+        let group = spec.group.clone();
         let (stream, control) = consumer::subscribe(Arc::clone(&self.inner.env), spec).await?;
         let mut registry = self.registry();
-        registry.all.retain(|control| !control.is_finished());
-        registry.all.push(Arc::clone(&control));
-        if let Some(key) = owner {
-            registry.owners.insert(key, control);
-        }
+        registry.members.retain(|(_, control)| !control.is_finished());
+        registry.members.push((group, control));
         Ok(stream)
     }
 
@@ -404,7 +397,7 @@ impl CommandBus for KafkaBus {
                 decode_json(value, Command::from_json)
             }),
         };
-        self.start(spec, Some((SupervisorStream::Commands, *supervisor))).await
+        self.start(spec, true).await
     }
 
     async fn broadcast(&self, update: &ConfigUpdate) -> Result<()> {
@@ -423,8 +416,7 @@ impl CommandBus for KafkaBus {
             placement: Placement::AllFromNow,
             decode: Box::new(|_, value| decode_json(value, ConfigUpdate::from_json)),
         };
-        self.start(spec, Some((SupervisorStream::Broadcasts, *supervisor)))
-            .await
+        self.start(spec, true).await
     }
 }
 
@@ -454,7 +446,7 @@ impl EventBus for KafkaBus {
                 decoded => decoded,
             }),
         };
-        self.start(spec, None).await
+        self.start(spec, false).await
     }
 }
 
