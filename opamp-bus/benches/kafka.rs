@@ -63,7 +63,11 @@ async fn run(brokers: &str, plan: &Plan) {
     let config = KafkaBusConfig::new(brokers)
         .with_topic_prefix(&prefix)
         .with_partitions(1, 1, 1)
-        .with_replication(1);
+        .with_replication(1)
+        // tansu answers a fetch only once `fetch.wait.max.ms` (500 by default)
+        // has passed, data or not; Kafka answers as soon as there is data.
+        // Both sides get the same setting.
+        .with_property("fetch.wait.max.ms", "5");
     let bus = KafkaBus::new(config.clone()).expect("a bus");
     let hint =
         "is the broker running? `scripts/services/kafka start /tmp/opamp-kafka`, or set OPAMP_TEST_KAFKA_BROKERS";

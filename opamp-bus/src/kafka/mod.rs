@@ -40,12 +40,16 @@
 //! - **Acknowledgements** (at-least-once): offsets are committed only for
 //!   what was acknowledged: per partition, up to the oldest delivery not yet
 //!   acknowledged, every `commit_interval` and when a subscription ends or a
-//!   partition is revoked. What was not acknowledged comes again to the next
-//!   subscriber.
+//!   partition is revoked. Each commit waits for the broker's answer before
+//!   the next is sent (two in flight could land out of order, the older
+//!   offset last); the last one is retried for up to `request_timeout`. What
+//!   was not acknowledged comes again to the next subscriber.
 //! - **Takeover**: a newer subscription for the same supervisor in the same
 //!   `KafkaBus` stops the older one, waits for its last commit, then starts
 //!   where it left off. (Across processes Kafka has no fencing for assigned
-//!   partitions: run one process per supervisor id.)
+//!   partitions: run one process per supervisor id.) Likewise a new member of
+//!   an event group waits until the members of that group in the same
+//!   `KafkaBus` that are leaving have committed and left.
 //!
 //! # Consumers
 //!
