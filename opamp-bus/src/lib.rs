@@ -10,7 +10,7 @@
 //! | feature  | module     | backend |
 //! |----------|------------|---------|
 //! | (always) | [`memory`] | bounded queues in process memory, at-least-once with acknowledgements |
-//! | `kafka`  | [`kafka`]  | a Kafka-protocol broker (librdkafka, bundled): durable topics, at-least-once with committed acknowledgements, back-pressure, dead letters, graceful shutdown |
+//! | `kafka`  | `kafka`    | a Kafka-protocol broker (librdkafka, bundled): durable topics, at-least-once with committed acknowledgements, back-pressure, dead letters, graceful shutdown |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
