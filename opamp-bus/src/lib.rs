@@ -10,7 +10,7 @@
 //! | feature  | module     | backend |
 //! |----------|------------|---------|
 //! | (always) | [`memory`] | bounded queues in process memory, at-least-once with acknowledgements |
-//! | `kafka`  | `kafka`    | planned: a Kafka-protocol broker |
+//! | `kafka`  | `kafka`    | a Kafka-protocol broker (librdkafka, bundled): durable topics, at-least-once with committed acknowledgements, back-pressure, dead letters, graceful shutdown |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -27,3 +27,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod memory;
+
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
