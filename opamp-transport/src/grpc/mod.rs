@@ -16,7 +16,7 @@
 //!    certificate ([`DeviceAuth::ClientCertificate`]). A device can only
 //!    register as the device its credential names.
 //! 3. Once the supervisor has claimed the device's lease it sends
-//!    `registered`; [`GrpcConnector::connect`] returns then.
+//!    `registered`; the connector's [`connect`](opamp_core::AgentConnector::connect) returns then.
 //! 4. Commands and config pushes flow down, acknowledgements, status events
 //!    and heartbeats flow up.
 //!
