@@ -19,7 +19,9 @@
 //! Under `cargo bench` each round lasts 10 s and there are 3; under `cargo
 //! test` (no `--bench` argument) one round of 0.5 s, to check that it works.
 //! `OPAMP_BENCH_CLIENTS` sets N (default 8), `OPAMP_BENCH_LOOKUP_CONNECTIONS`
-//! the store's lookup connections (default 1), `OPAMP_BENCH_ONLY=lookup`
+//! the store's lookup connections (default 4, the store's default),
+//! `OPAMP_BENCH_WORKERS` the tokio worker threads (default: one per core),
+//! `OPAMP_BENCH_ONLY=lookup`
 //! skips the claims and batches, `OPAMP_TEST_POSTGRES_URL` names the server,
 //! `OPAMP_PGBENCH` the pgbench binary.
 
@@ -70,7 +72,7 @@ impl Settings {
         let lookup_connections = std::env::var("OPAMP_BENCH_LOOKUP_CONNECTIONS")
             .ok()
             .map(|text| text.parse().expect("OPAMP_BENCH_LOOKUP_CONNECTIONS is a number"))
-            .unwrap_or(1);
+            .unwrap_or(4);
         Settings {
             clients,
             lookup_connections,
@@ -279,10 +281,15 @@ fn print_row(what: &str, rounds: &[Round], unit: &str, baseline: Option<f64>) {
 
 fn main() {
     let settings = Settings::from_env();
-    // As many threads as pgbench's `-j N`: on a busy machine the scheduler
-    // shares the cores out per thread, and the two clients must get alike.
+    // One worker thread per core, as a server embedding the store runs
+    // tokio; `OPAMP_BENCH_WORKERS` sets another count (pgbench's `-j N`
+    // threads block on their sockets, tokio's do not).
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let workers = std::env::var("OPAMP_BENCH_WORKERS")
+        .ok()
+        .map_or(cores, |text| text.parse().expect("OPAMP_BENCH_WORKERS is a number"));
     let runtime: Runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.clients)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("a tokio runtime");

@@ -183,12 +183,12 @@ async fn batch_renewal_never_overwrites_a_concurrent_takeover() {
     }
 }
 
-/// Hundreds of lookups at once, many of them abandoned half way: the lanes
-/// answer each with its device's owner at its own time, whether they batch
-/// it or not, and the store with no lanes (every lookup through the pool)
-/// answers alike.
+/// Hundreds of lookups at once, many of them abandoned half way (leaving an
+/// answer unread on a lane's connection): the lanes answer each with its
+/// device's owner at its own time, and the store with no lanes (every lookup
+/// through the pool) answers alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_lookups_are_batched_and_answered_each_its_own() {
+async fn concurrent_and_abandoned_lookups_are_answered_each_its_own() {
     let clock = Arc::new(ManualClock::starting_now());
     let store = Arc::new(store_with(clock.clone()).await);
     let pooled = Arc::new(

@@ -39,12 +39,12 @@
 //! `lookup` is the hot path, and sqlx's pool tests every connection handed
 //! back to it with a round trip of its own, which would double a one-row
 //! lookup's cost. So a few connections
-//! ([`PostgresConfig::lookup_connections`], default 1) are kept by tasks of
-//! their own that answer the lookups queued to them: one at a time when the
-//! server keeps up, and all those that queued meanwhile in one `UNNEST`
-//! statement when it does not (each judged at its own `now`). Cancelling a
-//! lookup never leaves a connection mid-statement; a lookup no lane can
-//! answer goes through the pool.
+//! ([`PostgresConfig::lookup_connections`], default 4) are kept out of the
+//! pool as lookup lanes: a lookup takes the first free lane (or waits for
+//! one) and runs its one-round-trip statement in the caller's own task. A
+//! lookup cancelled mid-statement leaves the answer on its lane's
+//! connection, which sqlx reads off before the next statement; a lookup no
+//! lane can answer goes through the pool.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
@@ -122,17 +122,17 @@ pub struct PostgresConfig {
     /// unavailable. Default `10s`.
     #[serde(default = "default_acquire_timeout", with = "duration_text")]
     pub acquire_timeout: Duration,
-    /// How many pooled connections answer single-device lookups, each kept
-    /// by a task of its own and answering the lookups queued to it several at
-    /// a time (at most half of `max_connections`; 0 sends each lookup through
-    /// the pool). Default 1: one connection batching whatever queues while it
-    /// is busy beat two or more in the bench (see docs/performance.md).
+    /// How many connections are kept out of the pool for single-device
+    /// lookups, one lookup at a time each (at most half of
+    /// `max_connections`; 0 sends each lookup through the pool). Default 4:
+    /// about as many as lookups in flight at once on a busy server; 4 and 8
+    /// did alike in the bench, and both beat the pool 2× (docs/performance.md).
     #[serde(default = "default_lookup_connections")]
     pub lookup_connections: u32,
 }
 
 fn default_lookup_connections() -> u32 {
-    1
+    4
 }
 
 fn default_schema() -> String {
