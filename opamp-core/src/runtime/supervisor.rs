@@ -431,11 +431,20 @@ impl Inner {
     async fn update_loop(self: Arc<Self>, mut updates: Subscription<ConfigUpdate>) {
         while let Some(delivery) = self.next_delivery(&mut updates, "config updates").await {
             let (update, acker) = delivery.into_parts();
-            // Left unacknowledged on a store failure, so that it comes again.
-            if self.converge_fleet(&update).await.is_ok() {
-                if let Err(err) = acker.ack().await {
-                    warn!(supervisor = %self.config.id, error = %err, "acknowledging a config update failed");
+            match self.converge_fleet(&update).await {
+                Ok(()) => {
+                    if let Err(err) = acker.ack().await {
+                        warn!(supervisor = %self.config.id, error = %err, "acknowledging a config update failed");
+                    }
                 }
+                // Left unacknowledged, so that it comes again to this supervisor's next subscription.
+                Err(err) => warn!(
+                    supervisor = %self.config.id,
+                    config = %update.config,
+                    correlation_id = %update.correlation_id,
+                    error = %err,
+                    "applying a config update failed; left unacknowledged"
+                ),
             }
         }
     }
