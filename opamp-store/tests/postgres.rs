@@ -650,3 +650,19 @@ async fn an_audit_row_edited_by_hand_names_itself() {
         .unwrap_err();
     assert_names(&err, &[&format!("command_audit row id={id}"), "column payload"]);
 }
+
+/// A store whose lookup lanes hold connections can be dropped after its
+/// runtime is gone (a pooled connection would need the runtime to go back to
+/// its pool).
+#[test]
+fn a_store_with_busy_lanes_drops_outside_a_runtime() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let store = runtime.block_on(async {
+        let store = store_with(Arc::new(ManualClock::starting_now())).await;
+        let device = DeviceId::new("lane-holder").unwrap();
+        assert_eq!(store.lookup(&device).await.unwrap(), None);
+        store
+    });
+    drop(runtime);
+    drop(store);
+}

@@ -1,5 +1,6 @@
-//! Lookup lanes: a few connections kept out of the pool for single-device
-//! lookups, each used by one lookup at a time, in the caller's own task.
+//! Lookup lanes: a few connections kept out of the pool (detached from it, so
+//! they come on top of its `max_connections`) for single-device lookups, each
+//! used by one lookup at a time, in the caller's own task.
 //!
 //! Why not the pool per lookup: sqlx tests every connection handed back to
 //! its pool with a round trip of its own (a `Sync`), so a one-row lookup
@@ -10,14 +11,14 @@
 //! A lookup takes the first free lane, or waits for one. A lookup cancelled
 //! mid-statement leaves its lane's connection with an answer still to read;
 //! sqlx reads it off before the connection's next statement. If a lane's
-//! statement fails, its connection is dropped (the lane takes a fresh one
+//! statement fails, its connection is closed (the lane takes a fresh one
 //! next time) and the lookup runs through the pool instead, which reports
-//! its own error.
+//! its own error. The store can be dropped anywhere, in a runtime or not.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use opamp_core::{DeviceId, Result, SupervisorId, Timestamp};
-use sqlx::pool::PoolConnection;
+use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -27,7 +28,9 @@ use super::rows::sql_time;
 /// A lane's answer: `None` when the lane could not run the statement.
 type Answer = Option<Result<Option<SupervisorId>>>;
 
-type Lane = Mutex<Option<PoolConnection<sqlx::Postgres>>>;
+/// A lane's connection, detached from the pool: it is never handed back, and
+/// dropping a pooled connection would need a runtime to hand it back on.
+type Lane = Mutex<Option<PgConnection>>;
 
 /// The lookup lanes of one store.
 pub(super) struct LookupLanes {
@@ -55,9 +58,9 @@ impl LookupLanes {
     pub(super) async fn lookup(&self, device: DeviceId, now: Timestamp) -> Answer {
         let mut lane = self.free_lane().await?;
         if lane.is_none() {
-            *lane = self.pool.acquire().await.ok();
+            *lane = self.pool.acquire().await.ok().map(|pooled| pooled.detach());
         }
-        let conn = lane.as_deref_mut()?;
+        let conn = lane.as_mut()?;
         let owner: std::result::Result<Option<String>, _> = sqlx::query_scalar(LOOKUP)
             .bind(device.as_str())
             .bind(sql_time(now).ok()?)
@@ -70,7 +73,7 @@ impl LookupLanes {
                     .transpose(),
             ),
             Err(_) => {
-                // The connection may be broken: hand it back (the pool tests it).
+                // The connection may be broken: close it; the lane opens another next time.
                 *lane = None;
                 None
             }
@@ -78,7 +81,7 @@ impl LookupLanes {
     }
 
     /// The first lane nobody is using, or, if all are busy, the next one in turn once it is free.
-    async fn free_lane(&self) -> Option<MutexGuard<'_, Option<PoolConnection<sqlx::Postgres>>>> {
+    async fn free_lane(&self) -> Option<MutexGuard<'_, Option<PgConnection>>> {
         let count = self.lanes.len();
         if count == 0 {
             return None;

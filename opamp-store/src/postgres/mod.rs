@@ -123,8 +123,9 @@ pub struct PostgresConfig {
     #[serde(default = "default_acquire_timeout", with = "duration_text")]
     pub acquire_timeout: Duration,
     /// How many connections are kept out of the pool for single-device
-    /// lookups, one lookup at a time each (at most half of
-    /// `max_connections`; 0 sends each lookup through the pool). Default 4:
+    /// lookups, one lookup at a time each, on top of the pool's
+    /// `max_connections` (at most half as many; 0 sends each lookup through
+    /// the pool). Default 4:
     /// about as many as lookups in flight at once on a busy server; 4 and 8
     /// did alike in the bench, and both beat the pool 2× (docs/performance.md).
     #[serde(default = "default_lookup_connections")]
