@@ -134,8 +134,12 @@ async fn a_toggle_is_tracked_to_its_acknowledgement() {
         .await;
 
     let id = fleet.control.set_emission(&did("d1"), true).await.unwrap();
-    assert_eq!(fleet.ended(id).await, CommandState::Acked);
-    let record = fleet.control.command(&id).await.unwrap().unwrap();
+    let record = fleet.control.wait(&id, WAIT).await.unwrap();
+    assert_eq!(record.state, CommandState::Acked);
+    assert!(matches!(
+        fleet.control.wait(&CorrelationId::new(), WAIT).await,
+        Err(Error::NotFound { .. })
+    ));
     assert_eq!((record.supervisor, record.attempts), (Some(sid("s1")), 1));
     assert!(record.completed_at.is_some());
     assert!(fleet.store.status(&did("d1")).await.unwrap().unwrap().emission);
@@ -266,6 +270,12 @@ async fn a_device_that_never_answers_times_out_after_one_retry() {
     fleet.online(did("mute")).await;
 
     let id = fleet.control.set_emission(&did("mute"), true).await.unwrap();
+    let waited = fleet.control.wait(&id, Duration::from_millis(20)).await.unwrap();
+    assert_eq!(
+        waited.state,
+        CommandState::Pending,
+        "time ran out before the device's deadline"
+    );
     assert_eq!(fleet.ended(id).await, CommandState::TimedOut);
     assert_eq!(fleet.control.command(&id).await.unwrap().unwrap().attempts, 2);
 }

@@ -354,6 +354,34 @@ impl ControlPlane {
         self.inner().store.command_record(id).await
     }
 
+    /// Waits until the command `id` has ended, up to `timeout`, and returns
+    /// its record as it stands then (still pending if time ran out).
+    /// [`Error::NotFound`] if the command is not known.
+    ///
+    /// Outcomes recorded by this instance wake it at once; those another
+    /// instance records are seen within `rollout_poll`.
+    pub async fn wait(&self, id: &CorrelationId, timeout: Duration) -> Result<CommandRecord> {
+        let inner = self.inner();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before reading, so an outcome recorded in between still wakes us.
+            let progress = inner.progress.notified();
+            let record = inner
+                .store
+                .command_record(id)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("command {id}")))?;
+            if record.state.is_final() || tokio::time::Instant::now() >= deadline {
+                return Ok(record);
+            }
+            let poll = deadline.min(tokio::time::Instant::now() + inner.config.rollout_poll);
+            tokio::select! {
+                _ = progress => {}
+                _ = tokio::time::sleep_until(poll) => {}
+            }
+        }
+    }
+
     /// Stores a new template version. Versions are immutable: storing one
     /// again with the same files is accepted, with other files it is
     /// [`Error::AlreadyExists`]. A template over `max_template_bytes` is
