@@ -21,7 +21,10 @@ async fn driver_available() -> bool {
         return true;
     }
     let hint = "start it with `scripts/services/chromium start /tmp/chromium` (or set OPAMP_TEST_CHROMEDRIVER_URL)";
-    assert!(std::env::var_os("CI").is_none(), "chromedriver is not reachable at {addr}; {hint}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chromedriver is not reachable at {addr}; {hint}"
+    );
     eprintln!("SKIPPED: chromedriver is not reachable at {addr}; {hint}");
     false
 }
@@ -38,7 +41,9 @@ async fn toggle_a_device_from_the_dashboard() {
     ])
     .await;
     let addr = fleet.serve(api_config()).await;
-    let browser = Browser::start(driver_addr()).await.expect("a headless Chromium session");
+    let browser = Browser::start(driver_addr())
+        .await
+        .expect("a headless Chromium session");
 
     browser.goto(&format!("http://{addr}/")).await.unwrap();
     browser.type_into("#token", OPERATOR).await.unwrap();
@@ -58,23 +63,27 @@ async fn toggle_a_device_from_the_dashboard() {
     .await;
     browser.wait_for_text(&row("dash-3", "device-id"), "dash-3", WAIT).await;
     browser
-        .run("const s = document.getElementById('search'); s.value = ''; s.dispatchEvent(new Event('input'));", serde_json::json!([]))
+        .run(
+            "const s = document.getElementById('search'); s.value = ''; s.dispatchEvent(new Event('input'));",
+            serde_json::json!([]),
+        )
         .await
         .unwrap();
     browser.wait_for_text(&row("dash-2", "emission"), "off", WAIT).await;
 
     // The toggle goes through the API, the bus, the supervisor and the agent; the table shows the result.
-    browser
-        .click("tr[data-device=\"dash-2\"] button.toggle")
-        .await
-        .unwrap();
+    browser.click("tr[data-device=\"dash-2\"] button.toggle").await.unwrap();
     browser.wait_for_text(&row("dash-2", "emission"), "on", WAIT).await;
     let status = fleet.store.status(&did("dash-2")).await.unwrap().unwrap();
     assert!(status.emission, "the store agrees with the page");
     let others = fleet.store.status(&did("dash-1")).await.unwrap().unwrap();
     assert!(!others.emission, "only the clicked device changed");
     browser
-        .wait_for_text("tr[data-device=\"dash-2\"] button.toggle", "Turn off", Duration::from_secs(5))
+        .wait_for_text(
+            "tr[data-device=\"dash-2\"] button.toggle",
+            "Turn off",
+            Duration::from_secs(5),
+        )
         .await;
 
     browser.quit().await;

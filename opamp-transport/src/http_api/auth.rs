@@ -214,7 +214,12 @@ impl Tokens {
     }
 
     /// Checks the bearer token, the rate limit and the role for a request.
-    fn admit(&self, authorization: Option<&[u8]>, method: &Method, now: Instant) -> std::result::Result<Principal, ApiError> {
+    fn admit(
+        &self,
+        authorization: Option<&[u8]>,
+        method: &Method,
+        now: Instant,
+    ) -> std::result::Result<Principal, ApiError> {
         let Some(header) = authorization else {
             return Err(ApiError::unauthorized(
                 "this request needs an `Authorization: Bearer <token>` header",
@@ -286,12 +291,30 @@ mod tests {
         let now = Instant::now();
         let code = |r: std::result::Result<Principal, ApiError>| r.map(|p| p.name.to_string()).map_err(|e| e.code());
         assert_eq!(code(t.admit(None, &Method::GET, now)), Err("unauthorized"));
-        assert_eq!(code(t.admit(Some(b"Basic abc"), &Method::GET, now)), Err("unauthorized"));
-        assert_eq!(code(t.admit(Some(b"Bearer wrong-secret-000000"), &Method::GET, now)), Err("unauthorized"));
-        assert_eq!(code(t.admit(Some(b"Bearer read-only-secret-0001"), &Method::GET, now)), Ok("viewer".into()));
-        assert_eq!(code(t.admit(Some(b"Bearer read-only-secret-0001"), &Method::POST, now)), Err("forbidden"));
-        assert_eq!(code(t.admit(Some(b"Bearer operator-secret-0001"), &Method::PUT, now)), Ok("ops".into()));
-        assert_eq!(code(t.admit(Some(b"Bearer \xff\xfe"), &Method::GET, now)), Err("unauthorized"));
+        assert_eq!(
+            code(t.admit(Some(b"Basic abc"), &Method::GET, now)),
+            Err("unauthorized")
+        );
+        assert_eq!(
+            code(t.admit(Some(b"Bearer wrong-secret-000000"), &Method::GET, now)),
+            Err("unauthorized")
+        );
+        assert_eq!(
+            code(t.admit(Some(b"Bearer read-only-secret-0001"), &Method::GET, now)),
+            Ok("viewer".into())
+        );
+        assert_eq!(
+            code(t.admit(Some(b"Bearer read-only-secret-0001"), &Method::POST, now)),
+            Err("forbidden")
+        );
+        assert_eq!(
+            code(t.admit(Some(b"Bearer operator-secret-0001"), &Method::PUT, now)),
+            Ok("ops".into())
+        );
+        assert_eq!(
+            code(t.admit(Some(b"Bearer \xff\xfe"), &Method::GET, now)),
+            Err("unauthorized")
+        );
     }
 
     #[test]
@@ -305,7 +328,10 @@ mod tests {
         let err = t.admit(ops, &Method::GET, start).unwrap_err();
         assert_eq!(err.code(), "rate_limited");
         // The other token has its own bucket.
-        assert!(t.admit(Some(b"Bearer read-only-secret-0001"), &Method::GET, start).is_ok());
+        assert!(
+            t.admit(Some(b"Bearer read-only-secret-0001"), &Method::GET, start)
+                .is_ok()
+        );
         // Half a second at 2/s refills one request.
         assert!(t.admit(ops, &Method::GET, start + Duration::from_millis(500)).is_ok());
         assert!(t.admit(ops, &Method::GET, start + Duration::from_millis(500)).is_err());

@@ -3,10 +3,9 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use opamp_core::runtime::control_plane::{DevicesShim as _, Issued, Target};
 use opamp_core::{
-    AgentType, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Labels, Page,
-    PageRequest, SupervisorId,
+    AgentType, CommandRecord, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Issued, Labels,
+    Page, PageRequest, SupervisorId, Target,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +23,10 @@ const LIST_QUERY: &[(&str, &str)] = &[
     ("agent_type", "devices of this agent type"),
     ("label", "`key=value`; repeat for several, all must match"),
     ("q", "devices whose id contains this text"),
-    ("limit", "page size, 1-1000 (default 50); a filtered page may be shorter, follow `next`"),
+    (
+        "limit",
+        "page size, 1-1000 (default 50); a filtered page may be shorter, follow `next`",
+    ),
     ("after", "the `next` cursor of the previous page"),
 ];
 
@@ -39,19 +41,35 @@ pub(super) fn routes() -> Routes {
         .add(
             Verb::Get,
             "/api/v1/devices/{device}",
-            Doc::read("devices", "One device: its status, owner and desired config", "DeviceDetail"),
+            Doc::read(
+                "devices",
+                "One device: its status, owner and desired config",
+                "DeviceDetail",
+            ),
             detail,
         )
         .add(
             Verb::Post,
             "/api/v1/devices/{device}/emission",
-            Doc::write("devices", "Turn a device's emission on or off", Some("Emission"), 202, "Issued"),
+            Doc::write(
+                "devices",
+                "Turn a device's emission on or off",
+                Some("Emission"),
+                202,
+                "Issued",
+            ),
             emission,
         )
         .add(
             Verb::Post,
             "/api/v1/devices/{device}/config",
-            Doc::write("devices", "Apply a stored config template to a device", Some("ConfigRef"), 202, "IssuedList"),
+            Doc::write(
+                "devices",
+                "Apply a stored config template to a device",
+                Some("ConfigRef"),
+                202,
+                "IssuedList",
+            ),
             device_config,
         )
         .add(
@@ -143,7 +161,10 @@ impl Filter {
             && self.supervisor.is_none_or(|s| status.supervisor == Some(s))
             && self.agent_type.is_none_or(|t| status.agent_type == Some(t))
             && self.labels.iter().all(|(k, v)| status.labels.get(k) == Some(v))
-            && self.contains.as_deref().is_none_or(|q| status.device.as_str().contains(q))
+            && self
+                .contains
+                .as_deref()
+                .is_none_or(|q| status.device.as_str().contains(q))
     }
 }
 
@@ -226,34 +247,19 @@ struct EmissionBody {
 }
 
 #[derive(Serialize)]
-pub(super) struct IssuedBody {
-    device: DeviceId,
-    correlation_id: CorrelationId,
-}
-
-impl From<Issued> for IssuedBody {
-    fn from(issued: Issued) -> Self {
-        IssuedBody {
-            device: issued.device,
-            correlation_id: issued.correlation_id,
-        }
-    }
-}
-
-#[derive(Serialize)]
 struct IssuedList {
-    issued: Vec<IssuedBody>,
+    issued: Vec<Issued>,
 }
 
 async fn emission(
     State(api): State<Api>,
     ApiPath(device): ApiPath<String>,
     ApiJson(body): ApiJson<EmissionBody>,
-) -> ApiResult<(StatusCode, Json<IssuedBody>)> {
+) -> ApiResult<(StatusCode, Json<Issued>)> {
     let device = device_id(&device)?;
     known(&api, &device).await?;
     let correlation_id = api.control.set_emission(&device, body.on).await?;
-    Ok((StatusCode::ACCEPTED, Json(IssuedBody { device, correlation_id })))
+    Ok((StatusCode::ACCEPTED, Json(Issued { device, correlation_id })))
 }
 
 /// A config as the API names it: `{"agent_type": "fluentbit", "version": "v2"}`.
@@ -292,7 +298,7 @@ async fn device_config(
 /// A target as the API names it: `{"device": "d1"}` or `{"agent_type": "fluentbit", "labels": {...}}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct TargetBody {
+struct TargetBody {
     #[serde(default)]
     device: Option<DeviceId>,
     #[serde(default)]
@@ -302,7 +308,7 @@ pub(super) struct TargetBody {
 }
 
 impl TargetBody {
-    pub(super) fn into_target(self) -> ApiResult<Target> {
+    fn into_target(self) -> ApiResult<Target> {
         match (self.device, self.agent_type, self.labels) {
             (Some(device), None, None) => Ok(Target::Device(device)),
             (None, Some(agent_type), labels) => Ok(Target::Selector {
@@ -336,24 +342,30 @@ async fn apply(State(api): State<Api>, ApiJson(body): ApiJson<ApplyBody>) -> Api
 
 async fn issue(api: &Api, target: &Target, config: ConfigRef) -> ApiResult<(StatusCode, Json<IssuedList>)> {
     let issued = api.control.apply_config(target, &config).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(IssuedList {
-            issued: issued.into_iter().map(IssuedBody::from).collect(),
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(IssuedList { issued })))
 }
 
-async fn command(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
+/// A command record with its id and device at the top, beside the command as it went on the bus.
+#[derive(Serialize)]
+struct CommandView {
+    correlation_id: CorrelationId,
+    device: DeviceId,
+    #[serde(flatten)]
+    record: CommandRecord,
+}
+
+async fn command(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CommandView>> {
     let id: CorrelationId = parse("correlation id in the path", &id)?;
     let record = api
         .control
         .command(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("command {id} is not known")))?;
-    Ok(Json(serde_json::to_value(&record).map_err(|err| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("command {id}: {err}"))
-    })?))
+    Ok(Json(CommandView {
+        correlation_id: record.correlation_id(),
+        device: record.device(),
+        record,
+    }))
 }
 
 #[cfg(test)]

@@ -112,7 +112,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -266,7 +268,11 @@ mod tests {
             (Error::already_exists("t"), StatusCode::CONFLICT, "already_exists"),
             (Error::invalid_input("x"), StatusCode::BAD_REQUEST, "invalid_input"),
             (Error::unauthenticated("x"), StatusCode::UNAUTHORIZED, "unauthorized"),
-            (Error::unavailable("redis"), StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            (
+                Error::unavailable("redis"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
             (Error::timeout("claim"), StatusCode::GATEWAY_TIMEOUT, "timeout"),
             (Error::unsupported("x"), StatusCode::NOT_IMPLEMENTED, "unsupported"),
             (

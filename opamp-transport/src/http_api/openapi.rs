@@ -134,18 +134,29 @@ fn operation(verb: Verb, path: &str, doc: &Doc) -> Value {
     );
 
     let body = match doc.response {
-        Response::Schema(schema) => json!({ "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }),
+        Response::Schema(schema) => {
+            json!({ "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } })
+        }
         Response::AnyJson => json!({ "application/json": { "schema": {} } }),
         Response::Text(content_type) => json!({ content_type: { "schema": { "type": "string" } } }),
     };
     let mut responses = Map::new();
-    responses.insert(doc.status.to_string(), json!({ "description": "success", "content": body }));
+    responses.insert(
+        doc.status.to_string(),
+        json!({ "description": "success", "content": body }),
+    );
     if !parameters.is_empty() || doc.request.is_some() {
-        responses.insert("400".into(), error_response("invalid input: names the parameter or field"));
+        responses.insert(
+            "400".into(),
+            error_response("invalid input: names the parameter or field"),
+        );
     }
     if doc.access != Access::Public {
         responses.insert("401".into(), error_response("no valid bearer token"));
-        responses.insert("429".into(), error_response("this token's rate limit; see `Retry-After`"));
+        responses.insert(
+            "429".into(),
+            error_response("this token's rate limit; see `Retry-After`"),
+        );
     }
     if doc.access == Access::Write {
         responses.insert("403".into(), error_response("a read-only token"));
@@ -397,8 +408,8 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use super::super::auth::{ApiToken, Role, Tokens};
     use super::super::assemble;
+    use super::super::auth::{ApiToken, Role, Tokens};
     use super::*;
 
     fn routes(probes_need_token: bool) -> super::super::Routes {
@@ -426,13 +437,39 @@ mod tests {
         let doc = document(&routes.docs);
         let mut served = BTreeSet::new();
         for route in &routes.docs {
-            assert!(served.insert((route.path, route.verb)), "{} {} added twice", route.verb.as_str(), route.path);
+            assert!(
+                served.insert((route.path, route.verb)),
+                "{} {} added twice",
+                route.verb.as_str(),
+                route.path
+            );
             let op = &doc["paths"][route.path][route.verb.as_str()];
-            assert!(op["summary"].is_string(), "{} {} is not in the document", route.verb.as_str(), route.path);
+            assert!(
+                op["summary"].is_string(),
+                "{} {} is not in the document",
+                route.verb.as_str(),
+                route.path
+            );
         }
-        let documented: usize = doc["paths"].as_object().unwrap().values().map(|item| item.as_object().unwrap().len()).sum();
-        assert_eq!(documented, served.len(), "the document has operations the router does not serve");
-        for path in ["/api/v1/devices", "/api/v1/rollouts/{id}/abort", "/health/ready", "/metrics", "/openapi.json", "/"] {
+        let documented: usize = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|item| item.as_object().unwrap().len())
+            .sum();
+        assert_eq!(
+            documented,
+            served.len(),
+            "the document has operations the router does not serve"
+        );
+        for path in [
+            "/api/v1/devices",
+            "/api/v1/rollouts/{id}/abort",
+            "/health/ready",
+            "/metrics",
+            "/openapi.json",
+            "/",
+        ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
         }
 
@@ -440,7 +477,10 @@ mod tests {
         refs(&doc, &mut targets);
         for target in targets {
             let name = target.strip_prefix("#/components/schemas/").expect("a schema ref");
-            assert!(doc["components"]["schemas"][name].is_object(), "{target} does not resolve");
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "{target} does not resolve"
+            );
         }
     }
 

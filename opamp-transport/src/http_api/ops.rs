@@ -24,7 +24,11 @@ pub(super) fn api_routes() -> Routes {
     Routes::new().add(
         Verb::Get,
         "/api/v1/supervisors",
-        Doc::read("supervisors", "Supervisors and how many devices are online under each", "Supervisors"),
+        Doc::read(
+            "supervisors",
+            "Supervisors and how many devices are online under each",
+            "Supervisors",
+        ),
         supervisors,
     )
 }
@@ -41,7 +45,11 @@ pub(super) fn probe_routes() -> Routes {
         .add(
             Verb::Get,
             "/health/ready",
-            Doc::public("health", "Readiness: the store and the bus answer (503 with the reason if not)", "Health"),
+            Doc::public(
+                "health",
+                "Readiness: the store and the bus answer (503 with the reason if not)",
+                "Health",
+            ),
             ready,
         )
         .add(
@@ -114,7 +122,11 @@ fn append_devices_online(text: &mut String, counts: &[SupervisorLoad]) {
     text.push_str("# TYPE opamp_devices_online gauge\n");
     for load in counts {
         // Supervisor ids are [A-Za-z0-9._:-]: nothing to escape in a label value.
-        let _ = writeln!(text, "opamp_devices_online{{supervisor=\"{}\"}} {}", load.supervisor, load.devices);
+        let _ = writeln!(
+            text,
+            "opamp_devices_online{{supervisor=\"{}\"}} {}",
+            load.supervisor, load.devices
+        );
     }
 }
 

@@ -3,11 +3,11 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use opamp_core::runtime::control_plane::{Rollout, RolloutId, RolloutSpec};
-use opamp_core::{Cursor, PageRequest};
+use opamp_core::tracking::Tally;
+use opamp_core::{ConfigRef, Cursor, Labels, PageRequest, Rollout, RolloutId, RolloutSpec};
 use serde::{Deserialize, Serialize};
 
-use super::devices::{ConfigRefBody, TargetBody, parse};
+use super::devices::{ConfigRefBody, parse};
 use super::error::{ApiError, ApiJson, ApiPath, ApiResult, QueryPairs};
 use super::openapi::Doc;
 use super::{Api, Routes, Verb};
@@ -28,7 +28,13 @@ pub(super) fn routes() -> Routes {
         .add(
             Verb::Post,
             "/api/v1/rollouts",
-            Doc::write("rollouts", "Start a staged rollout", Some("RolloutRequest"), 201, "Rollout"),
+            Doc::write(
+                "rollouts",
+                "Start a staged rollout",
+                Some("RolloutRequest"),
+                201,
+                "Rollout",
+            ),
             start,
         )
         .add(
@@ -57,37 +63,62 @@ pub(super) fn routes() -> Routes {
         )
 }
 
+/// A rollout to start: the config, the labels its devices must carry (none: every device
+/// of the config's agent type), and optionally the waves.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartBody {
-    target: TargetBody,
     config: ConfigRefBody,
     #[serde(default)]
-    canary: Option<usize>,
+    labels: Labels,
     #[serde(default)]
-    growth: Option<f64>,
+    canary: Option<u32>,
+    #[serde(default)]
+    growth: Option<u32>,
+    #[serde(default)]
+    max_wave: Option<u32>,
     #[serde(default)]
     failure_threshold: Option<f64>,
 }
 
-async fn start(State(api): State<Api>, ApiJson(body): ApiJson<StartBody>) -> ApiResult<(StatusCode, Json<Rollout>)> {
-    let mut spec = RolloutSpec::new(body.target.into_target()?, body.config.into());
-    if let Some(canary) = body.canary {
-        spec.canary = canary;
+/// A rollout with its totals over every wave, for progress bars.
+#[derive(Serialize)]
+struct RolloutView {
+    #[serde(flatten)]
+    rollout: Rollout,
+    totals: Tally,
+}
+
+impl From<Rollout> for RolloutView {
+    fn from(rollout: Rollout) -> Self {
+        RolloutView {
+            totals: rollout.totals(),
+            rollout,
+        }
     }
-    if let Some(growth) = body.growth {
-        spec.growth = growth;
-    }
-    if let Some(threshold) = body.failure_threshold {
-        spec.failure_threshold = threshold;
-    }
+}
+
+async fn start(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<StartBody>,
+) -> ApiResult<(StatusCode, Json<RolloutView>)> {
+    let defaults = RolloutSpec::new(ConfigRef::from(body.config));
+    let spec = defaults
+        .clone()
+        .with_labels(body.labels)
+        .with_waves(
+            body.canary.unwrap_or(defaults.canary),
+            body.growth.unwrap_or(defaults.growth),
+            body.max_wave.unwrap_or(defaults.max_wave),
+        )
+        .with_failure_threshold(body.failure_threshold.unwrap_or(defaults.failure_threshold));
     let rollout = api.control.start_rollout(spec).await?;
-    Ok((StatusCode::CREATED, Json(rollout)))
+    Ok((StatusCode::CREATED, Json(rollout.into())))
 }
 
 #[derive(Serialize)]
 struct RolloutPage {
-    items: Vec<Rollout>,
+    items: Vec<RolloutView>,
     next: Option<Cursor>,
 }
 
@@ -98,7 +129,11 @@ async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResul
         match key.as_str() {
             "limit" => {
                 limit = value.parse().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("limit must be 1-100, not {value:?}"))
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("limit must be 1-100, not {value:?}"),
+                    )
                 })?
             }
             "after" => after = Some(Cursor::new(value)).filter(|c| !c.as_str().is_empty()),
@@ -117,7 +152,7 @@ async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResul
     };
     let page = api.control.rollouts(&request).await?;
     Ok(Json(RolloutPage {
-        items: page.items,
+        items: page.items.into_iter().map(RolloutView::from).collect(),
         next: page.next,
     }))
 }
@@ -126,24 +161,24 @@ fn rollout_id(text: &str) -> ApiResult<RolloutId> {
     parse("rollout id in the path", text)
 }
 
-async fn one(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Rollout>> {
+async fn one(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<RolloutView>> {
     let id = rollout_id(&id)?;
     let rollout = api
         .control
         .rollout(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("rollout {id} is not known")))?;
-    Ok(Json(rollout))
+    Ok(Json(rollout.into()))
 }
 
-async fn pause(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Rollout>> {
-    Ok(Json(api.control.pause_rollout(&rollout_id(&id)?).await?))
+async fn pause(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<RolloutView>> {
+    Ok(Json(api.control.pause_rollout(&rollout_id(&id)?).await?.into()))
 }
 
-async fn resume(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Rollout>> {
-    Ok(Json(api.control.resume_rollout(&rollout_id(&id)?).await?))
+async fn resume(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<RolloutView>> {
+    Ok(Json(api.control.resume_rollout(&rollout_id(&id)?).await?.into()))
 }
 
-async fn abort(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Rollout>> {
-    Ok(Json(api.control.abort_rollout(&rollout_id(&id)?).await?))
+async fn abort(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<RolloutView>> {
+    Ok(Json(api.control.abort_rollout(&rollout_id(&id)?).await?.into()))
 }

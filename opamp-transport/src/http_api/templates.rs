@@ -1,8 +1,8 @@
 //! Configuration templates: versions of an agent type, one version, creating one, `latest`.
 
+use axum::Json;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
-use axum::Json;
 use opamp_core::{AgentType, ConfigBundle, ConfigHash, ConfigRef, ConfigTemplate, ConfigVersion, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +20,11 @@ pub(super) fn routes() -> Routes {
         .add(
             Verb::Get,
             "/api/v1/templates/{agent_type}",
-            Doc::read("templates", "The stored versions of an agent type and its latest", "TemplateVersions"),
+            Doc::read(
+                "templates",
+                "The stored versions of an agent type and its latest",
+                "TemplateVersions",
+            ),
             versions,
         )
         .add(
@@ -32,7 +36,13 @@ pub(super) fn routes() -> Routes {
         .add(
             Verb::Put,
             "/api/v1/templates/{agent_type}/latest",
-            Doc::write("templates", "Point `latest` at a stored version", Some("Latest"), 200, "TemplateVersions"),
+            Doc::write(
+                "templates",
+                "Point `latest` at a stored version",
+                Some("Latest"),
+                200,
+                "TemplateVersions",
+            ),
             set_latest,
         )
         .add(
@@ -144,7 +154,9 @@ async fn set_latest(
     ApiJson(body): ApiJson<LatestBody>,
 ) -> ApiResult<Json<Versions>> {
     let agent_type = agent_type(&agent)?;
-    api.control.set_latest(&ConfigRef::new(agent_type, body.version)).await?;
+    api.control
+        .set_latest(&ConfigRef::new(agent_type, body.version))
+        .await?;
     Ok(Json(versions_of(&api, agent_type).await?))
 }
 

@@ -1,24 +1,38 @@
 //! A memory store and a memory bus that can be told to fail, for readiness tests.
 //! While failing, every call answers `Error::Unavailable` naming the store or the bus.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_bus::memory::MemoryBus;
+use opamp_core::bus::{Delivery, MessageStream};
 use opamp_core::{
-    AgentType, Claim, Command, CommandBus, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate, ConfigVersion,
-    DeviceEvent, DeviceId, DeviceStatus, Error, EventBus, GroupName, Page, PageRequest, Result, RoutingStore,
-    StatusPatch, StatusStore, Subscription, SupervisorId, SupervisorLoad,
+    AgentType, Claim, Command, CommandBus, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate,
+    ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Error, EventBus, GroupName, Page, PageRequest,
+    Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId, SupervisorLoad,
+    TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
+use tokio::sync::watch;
 
-#[derive(Debug, Default)]
-struct Switch(AtomicBool);
+/// On or off, shared with the streams a failing bus hands out, which it wakes.
+#[derive(Debug, Clone)]
+struct Switch(Arc<watch::Sender<bool>>);
+
+impl Default for Switch {
+    fn default() -> Self {
+        Switch(Arc::new(watch::channel(false).0))
+    }
+}
 
 impl Switch {
+    fn set(&self, off: bool) {
+        self.0.send_replace(off);
+    }
+
     fn check(&self, what: &str) -> Result<()> {
-        if self.0.load(Ordering::SeqCst) {
+        if *self.0.borrow() {
             Err(Error::unavailable(format!("the test {what} is switched off")))
         } else {
             Ok(())
@@ -35,7 +49,7 @@ pub(crate) struct FailingStore {
 
 impl FailingStore {
     pub(crate) fn fail(&self, on: bool) {
-        self.off.0.store(on, Ordering::SeqCst);
+        self.off.set(on);
     }
 }
 
@@ -77,6 +91,9 @@ impl StatusStore for FailingStore {
     async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
         guarded!(self, "store", online_devices(page))
     }
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        guarded!(self, "store", devices(page))
+    }
     async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
         guarded!(self, "store", supervisor_devices(supervisor, page))
     }
@@ -113,6 +130,28 @@ impl ConfigStore for FailingStore {
     }
 }
 
+#[async_trait]
+impl TrackingStore for FailingStore {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        guarded!(self, "store", insert_command(record))
+    }
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        guarded!(self, "store", update_command(record))
+    }
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        guarded!(self, "store", command_record(id))
+    }
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
+        guarded!(self, "store", put_rollout(rollout))
+    }
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
+        guarded!(self, "store", rollout(id))
+    }
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {
+        guarded!(self, "store", rollouts(page))
+    }
+}
+
 /// A [`MemoryBus`] that fails every call while switched off.
 #[derive(Debug, Default)]
 pub(crate) struct FailingBus {
@@ -122,7 +161,7 @@ pub(crate) struct FailingBus {
 
 impl FailingBus {
     pub(crate) fn fail(&self, on: bool) {
-        self.off.0.store(on, Ordering::SeqCst);
+        self.off.set(on);
     }
 }
 
@@ -148,6 +187,30 @@ impl EventBus for FailingBus {
         guarded!(self, "bus", publish_event(event))
     }
     async fn subscribe_events(&self, group: &GroupName) -> Result<Subscription<DeviceEvent>> {
-        guarded!(self, "bus", subscribe_events(group))
+        let inner = guarded!(self, "bus", subscribe_events(group))?;
+        Ok(Box::new(FailingStream {
+            inner,
+            off: self.off.clone(),
+        }))
+    }
+}
+
+/// An event subscription whose `next` fails while the bus is switched off,
+/// also when the switch flips while it waits.
+#[derive(Debug)]
+struct FailingStream<T> {
+    inner: Subscription<T>,
+    off: Switch,
+}
+
+#[async_trait]
+impl<T: Send + std::fmt::Debug + 'static> MessageStream<T> for FailingStream<T> {
+    async fn next(&mut self) -> Result<Option<Delivery<T>>> {
+        self.off.check("bus")?;
+        let mut switch = self.off.0.subscribe();
+        tokio::select! {
+            next = self.inner.next() => next,
+            _ = switch.wait_for(|off| *off) => Err(Error::unavailable("the test bus is switched off")),
+        }
     }
 }

@@ -52,7 +52,10 @@ pub(crate) async fn send(
         .await
         .expect("HTTP handshake");
     tokio::spawn(connection);
-    let mut request = Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -102,7 +105,8 @@ impl Client {
     }
 
     pub(crate) async fn send_json(&self, method: Method, path: &str, body: &Value) -> Answer {
-        self.raw(method, path, "application/json", body.to_string().into_bytes()).await
+        self.raw(method, path, "application/json", body.to_string().into_bytes())
+            .await
     }
 
     pub(crate) async fn post(&self, path: &str, body: &Value) -> Answer {

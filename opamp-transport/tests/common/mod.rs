@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::agent::{Agent, MemoryApplier};
-use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig, ControlStore};
+use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector};
@@ -39,12 +39,14 @@ pub(crate) fn api_config() -> ApiConfig {
 
 /// A running fleet on the memory backends.
 pub(crate) struct Fleet {
-    pub(crate) store: Arc<dyn ControlStore>,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) control: ControlPlane,
     pub(crate) supervisor: Option<RunningSupervisor>,
     pub(crate) connector: ChannelConnector,
     pub(crate) agents: Vec<(Arc<Agent>, tokio::sync::oneshot::Sender<()>)>,
+    /// Each agent's applier, in the order the devices were given.
+    pub(crate) appliers: Vec<Arc<MemoryApplier>>,
 }
 
 /// A device of the fleet: its id and labels; agent type `fluentbit`.
@@ -52,7 +54,10 @@ pub(crate) fn hello(device: &str, labels: &[(&str, &str)]) -> DeviceHello {
     let mut hello = DeviceHello::new(did(device));
     hello.capabilities = Capabilities::all_builtin();
     hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
-    hello.labels = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Labels>();
+    hello.labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect::<Labels>();
     hello
 }
 
@@ -63,14 +68,17 @@ impl Fleet {
     }
 
     /// As [`start`](Self::start), on the given store and bus.
-    pub(crate) async fn start_on(store: Arc<dyn ControlStore>, bus: Arc<dyn Bus>, devices: Vec<DeviceHello>) -> Fleet {
+    pub(crate) async fn start_on(store: Arc<dyn Store>, bus: Arc<dyn Bus>, devices: Vec<DeviceHello>) -> Fleet {
         let (transport, connector) = channel::pair(channel::ChannelConfig::default());
-        let routing: Arc<dyn Store> = store.clone();
-        let supervisor = Supervisor::new(SupervisorConfig::new(SupervisorId::new("s1").unwrap()), routing, bus.clone())
-            .start(vec![Arc::new(transport)])
-            .await
-            .expect("supervisor starts");
-        let control = ControlPlane::start(store.clone(), bus.clone(), ControlPlaneConfig::default())
+        let supervisor = Supervisor::new(
+            SupervisorConfig::new(SupervisorId::new("s1").unwrap()),
+            store.clone(),
+            bus.clone(),
+        )
+        .start(vec![Arc::new(transport)])
+        .await
+        .expect("supervisor starts");
+        let control = ControlPlane::start(ControlPlaneConfig::default(), store.clone(), bus.clone())
             .await
             .expect("control plane starts");
         let mut fleet = Fleet {
@@ -80,14 +88,15 @@ impl Fleet {
             supervisor: Some(supervisor),
             connector,
             agents: Vec::new(),
+            appliers: Vec::new(),
         };
         for hello in devices {
             let device = hello.device;
-            fleet.agents.push(spawn_agent(
-                Arc::new(fleet.connector.clone()),
-                hello,
-                Arc::new(MemoryApplier::new()),
-            ));
+            let applier = Arc::new(MemoryApplier::new());
+            fleet.appliers.push(applier.clone());
+            fleet
+                .agents
+                .push(spawn_agent(Arc::new(fleet.connector.clone()), hello, applier));
             let store = fleet.store.clone();
             eventually(&format!("{device} online"), WAIT, || {
                 let store = store.clone();

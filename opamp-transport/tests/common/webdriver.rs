@@ -73,12 +73,18 @@ impl Browser {
 
     /// Loads `url`.
     pub(crate) async fn goto(&self, url: &str) -> Result<(), String> {
-        self.call(Method::POST, "/url", Some(&json!({ "url": url }))).await.map(drop)
+        self.call(Method::POST, "/url", Some(&json!({ "url": url })))
+            .await
+            .map(drop)
     }
 
     async fn element(&self, css: &str) -> Result<String, String> {
         let found = self
-            .call(Method::POST, "/element", Some(&json!({ "using": "css selector", "value": css })))
+            .call(
+                Method::POST,
+                "/element",
+                Some(&json!({ "using": "css selector", "value": css })),
+            )
             .await?;
         found[ELEMENT]
             .as_str()
@@ -89,9 +95,13 @@ impl Browser {
     /// Types `text` into the element `css`.
     pub(crate) async fn type_into(&self, css: &str, text: &str) -> Result<(), String> {
         let id = self.element(css).await?;
-        self.call(Method::POST, &format!("/element/{id}/value"), Some(&json!({ "text": text })))
-            .await
-            .map(drop)
+        self.call(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            Some(&json!({ "text": text })),
+        )
+        .await
+        .map(drop)
     }
 
     /// Clicks the element `css`.
@@ -104,8 +114,12 @@ impl Browser {
 
     /// Runs `script` in the page with `args`; its return value.
     pub(crate) async fn run(&self, script: &str, args: Value) -> Result<Value, String> {
-        self.call(Method::POST, "/execute/sync", Some(&json!({ "script": script, "args": args })))
-            .await
+        self.call(
+            Method::POST,
+            "/execute/sync",
+            Some(&json!({ "script": script, "args": args })),
+        )
+        .await
     }
 
     /// The text of the first element matching `css`, `None` if there is none.
@@ -152,8 +166,13 @@ impl Browser {
 async fn command(driver: SocketAddr, method: Method, path: &str, body: Option<&Value>) -> Result<Value, String> {
     let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
     let answer = http::send(driver, method, path, &[], body).await;
-    let value: Value = serde_json::from_slice(&answer.body)
-        .map_err(|err| format!("chromedriver answered {} with non-JSON ({err}): {}", answer.status, answer.text()))?;
+    let value: Value = serde_json::from_slice(&answer.body).map_err(|err| {
+        format!(
+            "chromedriver answered {} with non-JSON ({err}): {}",
+            answer.status,
+            answer.text()
+        )
+    })?;
     if answer.status.is_success() {
         Ok(value["value"].clone())
     } else {
