@@ -84,7 +84,7 @@ struct Supervisors {
 
 async fn supervisors(State(api): State<Api>) -> ApiResult<Json<Supervisors>> {
     let mut items = api.control.store().device_counts().await?;
-    items.sort_by(|a, b| a.supervisor.cmp(&b.supervisor));
+    items.sort_by_key(|load| load.supervisor);
     Ok(Json(Supervisors { items }))
 }
 
