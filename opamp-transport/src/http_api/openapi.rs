@@ -248,7 +248,7 @@ fn schemas() -> Value {
         "required": ["agent_type", "version"],
         "properties": { "agent_type": string(), "version": string() }
     });
-    json!({
+    let mut all = json!({
         "Error": {
             "type": "object",
             "required": ["error"],
@@ -318,20 +318,21 @@ fn schemas() -> Value {
         },
         "CommandRecord": {
             "type": "object",
-            "required": ["correlation_id", "device", "state"],
+            "required": ["correlation_id", "device", "command", "state", "attempts"],
             "properties": {
                 "correlation_id": { "type": "string", "format": "uuid" },
                 "device": string(),
-                "kind": {},
-                "supervisor": nullable_string(),
+                "command": { "type": "object", "description": "the command as it went on the bus (the design's Appendix B JSON)" },
+                "supervisor": string(),
                 "state": { "type": "string", "enum": ["pending", "deferred", "acked", "failed", "timed_out", "device_offline", "unsupported"] },
-                "issued_at": string(),
-                "deadline": string(),
                 "attempts": { "type": "integer" },
-                "completed_at": nullable_string(),
-                "reason": nullable_string()
+                "completed_at": string(),
+                "reason": string()
             }
-        },
+        }
+    });
+    // Two halves: one `json!` of all of them is past the macro recursion limit.
+    let more = json!({
         "ConfigFile": {
             "type": "object",
             "properties": { "content_type": string(), "text": string(), "base64": string() },
@@ -371,19 +372,50 @@ fn schemas() -> Value {
         },
         "RolloutRequest": {
             "type": "object",
-            "required": ["target", "config"],
+            "required": ["config"],
+            "description": "Rolls `config` out to every device of its agent type carrying `labels`, in waves: `canary` devices, then each wave `growth` times the last, at most `max_wave`; pauses when a wave's failures exceed `failure_threshold`.",
             "properties": {
-                "target": reference("Target"),
                 "config": reference("ConfigRef"),
+                "labels": labels(),
                 "canary": { "type": "integer", "minimum": 1 },
-                "growth": { "type": "number", "exclusiveMinimum": 1 },
+                "growth": { "type": "integer", "minimum": 1 },
+                "max_wave": { "type": "integer", "minimum": 1 },
                 "failure_threshold": { "type": "number", "minimum": 0, "maximum": 1 }
+            }
+        },
+        "Tally": {
+            "type": "object",
+            "properties": {
+                "pending": { "type": "integer" },
+                "acked": { "type": "integer" },
+                "deferred": { "type": "integer" },
+                "failed": { "type": "integer" }
             }
         },
         "Rollout": {
             "type": "object",
-            "required": ["id", "state"],
-            "properties": { "id": string(), "spec": {}, "state": {}, "waves": { "type": "array" }, "counts": { "type": "object" } }
+            "required": ["id", "spec", "state", "waves", "totals"],
+            "properties": {
+                "id": { "type": "string", "format": "uuid" },
+                "spec": { "type": "object", "description": "the config (`agent_type`, `config_version`), labels and wave settings" },
+                "state": { "type": "string", "enum": ["running", "paused", "completed", "aborted"] },
+                "reason": { "type": "string", "description": "why it is paused" },
+                "revision": { "type": "integer" },
+                "created_at": string(),
+                "updated_at": string(),
+                "waves": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "number": { "type": "integer" },
+                        "tally": reference("Tally"),
+                        "started_at": string(),
+                        "finished_at": string(),
+                        "commands": { "type": "array", "items": reference("Issued") }
+                    }
+                } },
+                "exhausted": { "type": "boolean" },
+                "totals": reference("Tally")
+            }
         },
         "RolloutPage": page_of("Rollout"),
         "Supervisors": {
@@ -400,7 +432,11 @@ fn schemas() -> Value {
             "required": ["status"],
             "properties": { "status": { "type": "string", "enum": ["ok", "unavailable"] }, "reason": string() }
         }
-    })
+    });
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), more) {
+        all.extend(more);
+    }
+    all
 }
 
 #[cfg(test)]
