@@ -1,6 +1,7 @@
 //! The dashboard page in headless Chromium, driven through chromedriver's
 //! WebDriver API, against a real supervisor and in-process agents: load the
-//! page, give the token, search, toggle a device and see its new state.
+//! page, give the token, search, toggle a device and see its new state, push
+//! a config as a rollout from the form and see its progress.
 //!
 //! Needs chromedriver (`scripts/services/chromium start DIR`, or
 //! `OPAMP_TEST_CHROMEDRIVER_URL`). Without it the test fails under CI and
@@ -85,6 +86,37 @@ async fn toggle_a_device_from_the_dashboard() {
             Duration::from_secs(5),
         )
         .await;
+
+    // A config pushed from the form as a staged rollout, and the rollout's progress on the page.
+    let ops = common::http::Client::new(addr, Some(OPERATOR));
+    let template =
+        serde_json::json!({ "bundle": { "fluent-bit.conf": { "content_type": "text/plain", "text": "[SERVICE]\n" } } });
+    assert_eq!(
+        ops.put("/api/v1/templates/fluentbit/v7", &template)
+            .await
+            .status
+            .as_u16(),
+        201
+    );
+    browser.type_into("#push-agent-type", "fluentbit").await.unwrap();
+    browser.type_into("#push-version", "v7").await.unwrap();
+    browser.type_into("#push-labels", "ring=main").await.unwrap();
+    browser.click("#push-rollout").await.unwrap();
+    browser.click("#push-form button[type=submit]").await.unwrap();
+    browser
+        .wait_for_text(".rollout .rollout-title", "fluentbit/v7 – completed", WAIT)
+        .await;
+    browser
+        .wait_for_text(
+            ".rollout .rollout-totals",
+            "acked 2, pending 0, deferred 0, failed 0 · 2 wave(s)",
+            WAIT,
+        )
+        .await;
+    browser
+        .wait_for_text(&row("dash-3", "config-version"), "v7", WAIT)
+        .await;
+    browser.wait_for_text(&row("dash-1", "config-version"), "–", WAIT).await;
 
     browser.quit().await;
 }
