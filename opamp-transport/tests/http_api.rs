@@ -364,6 +364,13 @@ async fn auth_roles_and_rate_limit() {
     for path in ["/health/live", "/health/ready", "/metrics", "/openapi.json", "/"] {
         assert_eq!(anonymous.get(path).await.status, StatusCode::OK, "{path}");
     }
+    let page = anonymous.get("/").await;
+    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    let policy = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("script-src 'sha256-") && policy.contains("connect-src 'self'"),
+        "{policy}"
+    );
 
     // A bucket of two that refills once a minute: the third request waits.
     let limited = fleet

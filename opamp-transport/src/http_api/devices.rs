@@ -1,13 +1,16 @@
 //! Devices (list, detail, emission, config), applying configs and commands.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use opamp_core::{
     AgentType, CommandRecord, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Issued, Labels,
-    Page, PageRequest, SupervisorId, Target,
+    Page, PageRequest, Store, SupervisorId, Target,
 };
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
 
 use super::error::{ApiError, ApiJson, ApiPath, ApiResult, QueryPairs};
 use super::openapi::Doc;
@@ -196,10 +199,9 @@ async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResul
             _ => store.devices(&request).await?,
         };
         scanned += page.items.len();
-        for device in &page.items {
-            match store.status(device).await? {
-                Some(status) if filter.admits(&status) => items.push(status),
-                _ => {}
+        for status in statuses(store, &page.items).await?.into_iter().flatten() {
+            if filter.admits(&status) {
+                items.push(status);
             }
         }
         cursor = page.next;
@@ -208,6 +210,35 @@ async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResul
         }
     }
     Ok(Json(DevicePage { items, next: cursor }))
+}
+
+/// How many status reads a listing has in flight at once.
+const READS_IN_FLIGHT: usize = 16;
+
+/// The statuses of `devices`, in their order, read a few at a time
+/// (one round trip each on a networked store).
+async fn statuses(store: &Arc<dyn Store>, devices: &[DeviceId]) -> ApiResult<Vec<Option<DeviceStatus>>> {
+    let mut out = Vec::with_capacity(devices.len());
+    for chunk in devices.chunks(READS_IN_FLIGHT) {
+        let mut reads = JoinSet::new();
+        for (i, device) in chunk.iter().enumerate() {
+            let (store, device) = (Arc::clone(store), *device);
+            reads.spawn(async move { (i, store.status(&device).await) });
+        }
+        let mut read = vec![None; chunk.len()];
+        while let Some(joined) = reads.join_next().await {
+            let (i, status) = joined.map_err(|err| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("a status read failed: {err}"),
+                )
+            })?;
+            read[i] = status?;
+        }
+        out.extend(read);
+    }
+    Ok(out)
 }
 
 /// The device's status, or 404 naming it.
