@@ -159,7 +159,7 @@ fn content_security_policy(page: &str) -> String {
         while let Some(start) = rest.find(&open) {
             let body = &rest[start + open.len()..];
             let Some(end) = body.find(&close) else { break };
-            let digest = Sha256::digest(body[..end].as_bytes());
+            let digest = Sha256::digest(&body.as_bytes()[..end]);
             let _ = write!(out, " 'sha256-{}'", BASE64.encode(digest));
             rest = &body[end + close.len()..];
         }
