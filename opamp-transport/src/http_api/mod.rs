@@ -80,10 +80,11 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
-    /// The default request body limit: 1 MiB, room for a config template.
-    pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+    /// The default request body limit: 4 MiB, room for the control plane's
+    /// largest template (3 MiB by default) sent as base64.
+    pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
 
-    /// No tokens yet (add one with [`token`](Self::token)), no rate limit, a 1 MiB body limit, no metrics.
+    /// No tokens yet (add one with [`token`](Self::token)), no rate limit, a 4 MiB body limit, no metrics.
     pub fn new() -> Self {
         ApiConfig {
             tokens: Vec::new(),
