@@ -187,8 +187,8 @@ async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResul
     let mut cursor = filter.after.clone();
     let mut scanned = 0;
     loop {
-        // Never more than the page still has room for, so the cursor stays exact.
-        let want = filter.limit - items.len();
+        // Never more than the page has room for, nor than the scan allows, so the cursor stays exact.
+        let want = (filter.limit - items.len()).min(api.scan_limit - scanned);
         let request = match cursor.take() {
             Some(after) => PageRequest::after(after, want),
             None => PageRequest::first(want),

@@ -120,6 +120,12 @@ impl ApiConfig {
         self
     }
 
+    /// Reads at most `devices` statuses per filtered device listing (at least 1).
+    pub fn scan_limit(mut self, devices: usize) -> Self {
+        self.scan_limit = devices;
+        self
+    }
+
     /// Whether health and metrics need a token too.
     pub fn probes_need_token(mut self, yes: bool) -> Self {
         self.probes_need_token = yes;
