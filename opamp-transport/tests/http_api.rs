@@ -174,6 +174,27 @@ async fn emission_toggle_and_its_command_record() {
     let detail = ops.get("/api/v1/devices/dev-2").await.json();
     assert_eq!(detail["emission"], true);
 
+    // `wait` answers once the command has ended.
+    let answer = ops
+        .post("/api/v1/devices/dev-2/emission", &json!({ "on": false }))
+        .await;
+    let id = answer.json()["correlation_id"].as_str().unwrap().to_owned();
+    let waited = ops.get(&format!("/api/v1/commands/{id}?wait=5s")).await;
+    assert_eq!(waited.status, StatusCode::OK, "{}", waited.text());
+    assert_eq!(waited.json()["state"], "acked");
+    for query in ["wait=forever", "wait=61s", "colour=red"] {
+        let refused = ops.get(&format!("/api/v1/commands/{id}?{query}")).await;
+        assert_eq!(
+            (refused.status, refused.code().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_query"),
+            "{query}"
+        );
+    }
+    let unknown = ops
+        .get("/api/v1/commands/6f1c0b1e-8a57-4a8e-9d4e-3c1f7d2b9a10?wait=50ms")
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+
     let unknown = ops.post("/api/v1/devices/dev-9/emission", &json!({ "on": true })).await;
     assert_eq!(
         (unknown.status, unknown.code().as_str()),

@@ -1,10 +1,12 @@
 //! Devices (list, detail, emission, config), applying configs and commands.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use opamp_core::time::duration_text;
 use opamp_core::{
     AgentType, CommandRecord, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Issued, Labels,
     Page, PageRequest, Store, SupervisorId, Target,
@@ -90,7 +92,10 @@ pub(super) fn routes() -> Routes {
         .add(
             Verb::Get,
             "/api/v1/commands/{correlation_id}",
-            Doc::read("commands", "A command's record, by correlation id", "CommandRecord"),
+            Doc::read("commands", "A command's record, by correlation id", "CommandRecord").query(&[(
+                "wait",
+                "wait up to this long (e.g. 500ms, 5s; at most 60s) for the command to end before answering",
+            )]),
             command,
         )
 }
@@ -385,13 +390,49 @@ struct CommandView {
     record: CommandRecord,
 }
 
-async fn command(State(api): State<Api>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CommandView>> {
+/// The longest `wait` a command read may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+async fn command(
+    State(api): State<Api>,
+    ApiPath(id): ApiPath<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> ApiResult<Json<CommandView>> {
     let id: CorrelationId = parse("correlation id in the path", &id)?;
-    let record = api
-        .control
-        .command(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("command {id} is not known")))?;
+    let mut wait = Duration::ZERO;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "wait" => {
+                wait = duration_text::parse(&value)
+                    .ok()
+                    .filter(|wait| *wait <= MAX_WAIT)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_query",
+                            format!("wait must be a duration like 500ms or 5s, at most 60s, not {value:?}"),
+                        )
+                    })?;
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("unknown query parameter {other:?}; expected wait"),
+                ));
+            }
+        }
+    }
+    let record = if wait.is_zero() {
+        api.control.command(&id).await?
+    } else {
+        match api.control.wait(&id, wait).await {
+            Ok(record) => Some(record),
+            Err(opamp_core::Error::NotFound { .. }) => None,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    .ok_or_else(|| ApiError::not_found(format!("command {id} is not known")))?;
     Ok(Json(CommandView {
         correlation_id: record.correlation_id(),
         device: record.device(),
