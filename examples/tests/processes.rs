@@ -1,0 +1,325 @@
+//! opamp-supervisor and opamp-agent as real processes, on the live Redis and
+//! Kafka-protocol broker (`scripts/services/redis` and `scripts/services/kafka`,
+//! or `OPAMP_TEST_REDIS_URL` and `OPAMP_TEST_KAFKA_BROKERS`).
+//!
+//! The test plays the stateless control plane: it opens the same store and
+//! bus URLs through `opamp_examples`, looks the device's owner up, puts a
+//! command on the bus and watches the events. Keys and topics are the test's
+//! own (a fresh prefix), so it runs beside the other tests.
+
+use std::fs::File;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use opamp_core::{
+    AgentType, Bus, Command, CommandKind, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigTemplate, ConfigUpdate, ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store,
+    Subscription, SupervisorId, Timestamp,
+};
+use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command as Process};
+use tokio::time::{Instant, sleep, timeout};
+
+/// How long anything expected may take (a loaded machine, a broker joining groups).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn redis_url() -> String {
+    std::env::var("OPAMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/".to_owned())
+}
+
+fn kafka_brokers() -> String {
+    std::env::var("OPAMP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".to_owned())
+}
+
+fn reachable(host_port: &str) -> bool {
+    host_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .is_some_and(|address| TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok())
+}
+
+/// Whether both services answer. Under CI a missing one fails the test; locally it is skipped, loudly.
+fn services_present() -> bool {
+    let redis = redis_url();
+    let redis_host = redis
+        .trim_start_matches("redis://")
+        .split(['/', '?'])
+        .next()
+        .unwrap_or_default();
+    let redis_host = redis_host.rsplit_once('@').map_or(redis_host, |(_, host)| host);
+    let brokers = kafka_brokers();
+    let broker = brokers.split(',').next().unwrap_or_default();
+    let missing: Vec<String> = [("Redis", redis_host), ("Kafka-protocol broker", broker)]
+        .into_iter()
+        .filter(|(_, address)| !reachable(address))
+        .map(|(what, address)| format!("{what} at {address}"))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!(
+        "no {}: start them with scripts/services/redis and scripts/services/kafka (or run scripts/test), \
+         or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_KAFKA_BROKERS at running ones",
+        missing.join(", ")
+    );
+    assert!(std::env::var_os("CI").is_none(), "{message}");
+    eprintln!("SKIPPED (not under CI): {message}");
+    false
+}
+
+/// A child process whose stderr goes to a file, shown when the test fails; killed when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, binary: &str, args: &[String], fleet_key: &str) -> Proc {
+        let log = std::env::temp_dir().join(format!("opamp-examples-{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let child = Process::new(binary)
+            .args(args)
+            .env("OPAMP_FLEET_KEY", fleet_key)
+            .env("RUST_LOG", "info,opamp_core=debug,librdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).expect("a log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {binary}: {err}"));
+        Proc { name, child, log }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The first stdout line, which a supervisor prints once it serves devices.
+    async fn first_line(&mut self) -> String {
+        let stdout = self.child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        let read = timeout(DEADLINE, BufReader::new(stdout).read_line(&mut line)).await;
+        assert!(
+            matches!(read, Ok(Ok(n)) if n > 0),
+            "{} printed no line: {read:?}\n{}",
+            self.name,
+            self.logs()
+        );
+        line.trim().to_owned()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    async fn terminate(&mut self) {
+        let pid = self.child.id().expect("still running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM {pid}");
+        let status = timeout(DEADLINE, self.child.wait()).await;
+        assert!(
+            matches!(status, Ok(Ok(status)) if status.success()),
+            "{} did not exit cleanly on SIGTERM: {status:?}\n{}",
+            self.name,
+            self.logs()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.name, self.logs());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Waits until `check` holds, polling, or fails with `what`.
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next event of `device` that `pick` accepts, acknowledging every event read.
+async fn next_event<T>(
+    events: &mut Subscription<DeviceEvent>,
+    device: &DeviceId,
+    mut pick: impl FnMut(&EventKind) -> Option<T>,
+) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let delivery = timeout(left, events.next())
+            .await
+            .expect("an event before the deadline")
+            .expect("reading events")
+            .expect("the event stream is open");
+        let (event, acker) = delivery.into_parts();
+        acker.ack().await.expect("acknowledging an event");
+        if &event.device == device {
+            if let Some(found) = pick(&event.kind) {
+                return found;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_it() {
+    if !services_present() {
+        return;
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let redis = redis_url();
+    let separator = if redis.contains('?') { '&' } else { '?' };
+    let store_url = format!("{redis}{separator}prefix=t{run}:");
+    let bus_url = format!(
+        "kafka://{}?topic_prefix=t{run}.&replication=1&commands_partitions=2&events_partitions=2",
+        kafka_brokers()
+    );
+    // The control side opens the same URLs the processes are given; this makes the topics.
+    let store: std::sync::Arc<dyn Store> = open_store(&store_url.parse::<StoreUrl>().unwrap()).await.unwrap();
+    let open = open_bus(&bus_url.parse::<BusUrl>().unwrap()).await.unwrap();
+    let bus: std::sync::Arc<dyn Bus> = open.bus();
+    let mut events = bus
+        .subscribe_events(&GroupName::new(format!("test-{run}")).unwrap())
+        .await
+        .unwrap();
+
+    let key = base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
+    let supervisor = SupervisorId::new(format!("s-{run}")).unwrap();
+    let device = DeviceId::new(format!("d-{run}")).unwrap();
+
+    let mut supervisor_proc = Proc::spawn(
+        "opamp-supervisor",
+        env!("CARGO_BIN_EXE_opamp-supervisor"),
+        &[
+            "--id".into(),
+            supervisor.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--store".into(),
+            store_url.clone(),
+            "--bus".into(),
+            bus_url.clone(),
+            "--lease-ttl".into(),
+            "30s".into(),
+        ],
+        &key,
+    );
+    let line = supervisor_proc.first_line().await;
+    let address = line
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("expected `listening ADDR`, got {line:?}"));
+
+    let mut agent_proc = Proc::spawn(
+        "opamp-agent",
+        env!("CARGO_BIN_EXE_opamp-agent"),
+        &[
+            "--server".into(),
+            format!("http://{address}"),
+            "--device".into(),
+            device.to_string(),
+            "--agent-type".into(),
+            "fluentbit".into(),
+            "--label".into(),
+            "ring=canary".into(),
+            "--applier".into(),
+            "memory".into(),
+        ],
+        &key,
+    );
+
+    // Registration: the lease names the supervisor and the status is online, with the hello's labels.
+    wait_until("the device is online under the supervisor", || {
+        let (store, device) = (store.clone(), device);
+        async move {
+            let owner = store.lookup(&device).await.unwrap();
+            let status = store.status(&device).await.unwrap();
+            owner == Some(supervisor) && status.is_some_and(|status| status.status == Presence::Online)
+        }
+    })
+    .await;
+    let status = store.status(&device).await.unwrap().unwrap();
+    assert_eq!(status.labels.get("ring").map(String::as_str), Some("canary"));
+    assert!(!status.emission);
+
+    // A toggle, as a control plane sends it: to the owner's key on the bus.
+    let owner = store.lookup(&device).await.unwrap().expect("an owner");
+    let toggle = Command::new(
+        device,
+        CommandKind::SetEmission { state: true },
+        Timestamp::now(),
+        Duration::from_secs(30),
+    );
+    bus.send(&owner, &toggle).await.unwrap();
+    let outcome = next_event(&mut events, &device, |kind| match kind {
+        EventKind::CommandCompleted {
+            correlation_id,
+            outcome,
+        } if *correlation_id == toggle.correlation_id => Some(outcome.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(outcome, CommandOutcome::Acked);
+    assert!(store.status(&device).await.unwrap().unwrap().emission);
+
+    // A configuration broadcast selecting the device by agent type and label.
+    let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v1").unwrap());
+    let bundle = ConfigBundle::new()
+        .with_file(
+            "fluent-bit.conf",
+            ConfigFile::new("text/plain", "[SERVICE]\n    flush 1\n"),
+        )
+        .unwrap();
+    store
+        .put_template(&ConfigTemplate::new(config, bundle, "test", Timestamp::now()))
+        .await
+        .unwrap();
+    let selector = Labels::from([("ring".to_owned(), "canary".to_owned())]);
+    bus.broadcast(&ConfigUpdate::new(config, selector, Timestamp::now()))
+        .await
+        .unwrap();
+    next_event(&mut events, &device, |kind| match kind {
+        EventKind::ConfigAck { state, error, .. } => match state {
+            ConfigApplyState::Applied => Some(()),
+            ConfigApplyState::Failed => panic!("the config push failed: {error:?}"),
+            ConfigApplyState::Applying => None,
+        },
+        _ => None,
+    })
+    .await;
+    wait_until("the store has the applied config version", || {
+        let store = store.clone();
+        async move {
+            let status = store.status(&device).await.unwrap().unwrap();
+            status.config_version == Some(config.version)
+        }
+    })
+    .await;
+
+    // A graceful stop releases the lease and marks the device offline.
+    supervisor_proc.terminate().await;
+    assert_eq!(store.lookup(&device).await.unwrap(), None);
+    let status = store.status(&device).await.unwrap().unwrap();
+    assert_eq!(status.status, Presence::Offline);
+
+    agent_proc.terminate().await;
+    let agent_log = agent_proc.logs();
+    assert!(agent_log.contains("emission set"), "{agent_log}");
+    assert!(agent_log.contains("config applied"), "{agent_log}");
+    open.shutdown(Duration::from_secs(5)).await.unwrap();
+}
