@@ -2,6 +2,8 @@
 //! durations, labels, PEM files, the fleet key and the shutdown signal.
 
 use std::path::Path;
+use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
 use opamp_core::time::duration_text;
@@ -24,6 +26,22 @@ pub fn parse_label(text: &str) -> std::result::Result<(String, String), String> 
     }
 }
 
+/// Parses the value of `flag`; an [`Error::InvalidInput`] names the flag.
+///
+/// For values clap must not parse itself: its errors repeat the value, and
+/// a URL's password with it.
+pub fn parse_flag<T: FromStr<Err = Error>>(flag: &str, text: &str) -> Result<T> {
+    text.parse().map_err(|err| naming(flag, err))
+}
+
+/// `err` with `what` (a flag, a variable) in front of its message, when the input was at fault.
+fn naming(what: &str, err: Error) -> Error {
+    match err {
+        Error::InvalidInput { message } => Error::invalid_input(format!("{what}: {message}")),
+        other => other,
+    }
+}
+
 /// Reads the PEM file `path` given with `flag`; the error names both.
 pub fn read_pem(path: &Path, flag: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path)
@@ -43,12 +61,33 @@ pub fn fleet_key_from_env() -> Result<Option<FleetKey>> {
     match std::env::var(FLEET_KEY_ENV) {
         Ok(text) if !text.trim().is_empty() => FleetKey::from_base64(&text)
             .map(Some)
-            .map_err(|err| Error::invalid_input(format!("{FLEET_KEY_ENV}: {err}"))),
+            .map_err(|err| naming(FLEET_KEY_ENV, err)),
         Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => {
             Err(Error::invalid_input(format!("{FLEET_KEY_ENV} is not UTF-8 text")))
         }
     }
+}
+
+/// Ends a binary: on error prints `{binary}: {error}` and each cause to
+/// stderr and fails (exit code 1).
+pub fn exit_code(binary: &str, result: Result<()>) -> ExitCode {
+    let Err(err) = result else {
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("{binary}: {err}");
+    let mut said = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        // Some causes wrap one that says the same; say it once.
+        let text = cause.to_string();
+        if text != said {
+            eprintln!("  caused by: {text}");
+            said = text;
+        }
+        source = cause.source();
+    }
+    ExitCode::FAILURE
 }
 
 /// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM; returns which came.

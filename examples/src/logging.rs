@@ -1,5 +1,7 @@
 //! Structured logs with `tracing`, to stderr, as text or JSON lines.
 
+use std::io::IsTerminal;
+
 use clap::{Args, ValueEnum};
 use opamp_core::{Error, Result};
 use tracing_subscriber::EnvFilter;
@@ -31,7 +33,8 @@ impl LogArgs {
             .map_err(|err| Error::invalid_input(format!("log filter {:?} (--log / RUST_LOG): {err}", self.filter)))?;
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
         let installed = match self.log_format {
             LogFormat::Text => builder.try_init(),
             LogFormat::Json => builder.json().try_init(),

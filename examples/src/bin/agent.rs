@@ -12,6 +12,7 @@
 //! it without Fluent Bit. Stops on Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,9 @@ use opamp_core::runtime::agent::{Agent, AgentConfig, ConfigApplier, MemoryApplie
 use opamp_core::runtime::fluent_bit::{DEFAULT_RELOAD_URL, FluentBitApplier, FluentBitConfig};
 use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello, FailoverConnector};
 use opamp_core::{AgentType, DeviceId, Error, Labels};
-use opamp_examples::cli::{FLEET_KEY_ENV, fleet_key_from_env, parse_duration, parse_label, read_pem, shutdown_signal};
+use opamp_examples::cli::{
+    FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_label, read_pem, shutdown_signal,
+};
 use opamp_examples::logging::LogArgs;
 use opamp_transport::auth::DeviceToken;
 use opamp_transport::grpc::{ClientTls, GrpcConnector, GrpcConnectorConfig};
@@ -100,8 +103,11 @@ enum Applier {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+async fn main() -> ExitCode {
+    exit_code("opamp-agent", run(Args::parse()).await)
+}
+
+async fn run(args: Args) -> opamp_core::Result<()> {
     args.log.init()?;
     let connector = connector(&args)?;
     let applier: Arc<dyn ConfigApplier> = match args.applier {
@@ -131,9 +137,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut connected = agent.connected();
     let device = args.device;
     tokio::spawn(async move {
+        let mut was = false;
+        // Every failed attempt sends `false` again; only transitions are logged.
         while connected.changed().await.is_ok() {
             let now = *connected.borrow_and_update();
-            info!(%device, connected = now, "{}", if now { "connected" } else { "disconnected" });
+            if now != was {
+                info!(%device, connected = now, "{}", if now { "connected" } else { "disconnected" });
+                was = now;
+            }
         }
     });
     info!(%device, servers = ?args.servers, applier = ?args.applier, "agent starting");

@@ -14,13 +14,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::{DeviceTransport, Error, SupervisorId};
-use opamp_examples::cli::{FLEET_KEY_ENV, fleet_key_from_env, parse_duration, read_pem, shutdown_signal};
+use opamp_examples::cli::{
+    FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, read_pem, shutdown_signal,
+};
 use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport, ServerTls};
@@ -37,11 +40,12 @@ struct Args {
     #[arg(long, env = "OPAMP_GRPC_LISTEN", default_value = "127.0.0.1:4320")]
     listen: SocketAddr,
     /// The store: memory://, redis://host:port[/db], redis+cluster://host:port,…, postgres://…
-    #[arg(long, env = "OPAMP_STORE", default_value = "memory://")]
-    store: StoreUrl,
+    // Parsed after clap, whose errors would echo the URL with its password.
+    #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
+    store: String,
     /// The bus: memory:// or kafka://host:port[,host:port][?topic_prefix=…&replication=…].
-    #[arg(long, env = "OPAMP_BUS", default_value = "memory://")]
-    bus: BusUrl,
+    #[arg(long, env = "OPAMP_BUS", hide_env_values = true, default_value = "memory://")]
+    bus: String,
     /// How devices prove who they are: `fleet-token` (the fleet key from OPAMP_FLEET_KEY)
     /// or `client-cert` (mTLS; needs --tls-cert, --tls-key and --tls-client-ca).
     #[arg(long, value_enum, env = "OPAMP_AUTH", default_value = "fleet-token")]
@@ -86,15 +90,20 @@ enum Auth {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+async fn main() -> ExitCode {
+    exit_code("opamp-supervisor", run(Args::parse()).await)
+}
+
+async fn run(args: Args) -> opamp_core::Result<()> {
     args.log.init()?;
+    let store_url: StoreUrl = parse_flag("--store", &args.store)?;
+    let bus_url: BusUrl = parse_flag("--bus", &args.bus)?;
     let grpc = grpc_config(&args)?;
 
-    info!(store = ?args.store, bus = ?args.bus, "opening the store and the bus");
-    let store = open_store(&args.store).await?;
-    let bus = open_bus(&args.bus).await?;
-    if args.bus == BusUrl::Memory {
+    info!(store = ?store_url, bus = ?bus_url, "opening the store and the bus");
+    let store = open_store(&store_url).await?;
+    let bus = open_bus(&bus_url).await?;
+    if bus_url == BusUrl::Memory {
         warn!(
             "memory:// bus: commands can only come from this process, which sends none; use kafka:// to command devices"
         );
