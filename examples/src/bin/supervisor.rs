@@ -39,11 +39,11 @@ struct Args {
     /// Where the gRPC ControlService listens for devices (port 0 picks a free one).
     #[arg(long, env = "OPAMP_GRPC_LISTEN", default_value = "127.0.0.1:4320")]
     listen: SocketAddr,
-    /// The store: memory://, redis://host:port[/db], redis+cluster://host:port,…, postgres://…
+    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…` or `postgres://…`.
     // Parsed after clap, whose errors would echo the URL with its password.
     #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
     store: String,
-    /// The bus: memory:// or kafka://host:port[,host:port][?topic_prefix=…&replication=…].
+    /// The bus: `memory://` or `kafka://host:port[,host:port][?topic_prefix=…&replication=…]`.
     #[arg(long, env = "OPAMP_BUS", hide_env_values = true, default_value = "memory://")]
     bus: String,
     /// How devices prove who they are: `fleet-token` (the fleet key from OPAMP_FLEET_KEY)
