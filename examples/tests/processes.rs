@@ -8,7 +8,6 @@
 //! own (a fresh prefix), so it runs beside the other tests.
 
 use std::fs::File;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,53 +23,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command as Process};
 use tokio::time::{Instant, sleep, timeout};
 
+mod common;
+use common::{kafka_brokers, redis_url, services_present};
+
 /// How long anything expected may take (a loaded machine, a broker joining groups).
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn redis_url() -> String {
-    std::env::var("OPAMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/".to_owned())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("OPAMP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".to_owned())
-}
-
-fn reachable(host_port: &str) -> bool {
-    host_port
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addresses| addresses.next())
-        .is_some_and(|address| TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok())
-}
-
-/// Whether both services answer. Under CI a missing one fails the test; locally it is skipped, loudly.
-fn services_present() -> bool {
-    let redis = redis_url();
-    let redis_host = redis
-        .trim_start_matches("redis://")
-        .split(['/', '?'])
-        .next()
-        .unwrap_or_default();
-    let redis_host = redis_host.rsplit_once('@').map_or(redis_host, |(_, host)| host);
-    let brokers = kafka_brokers();
-    let broker = brokers.split(',').next().unwrap_or_default();
-    let missing: Vec<String> = [("Redis", redis_host), ("Kafka-protocol broker", broker)]
-        .into_iter()
-        .filter(|(_, address)| !reachable(address))
-        .map(|(what, address)| format!("{what} at {address}"))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!(
-        "no {}: start them with scripts/services/redis and scripts/services/kafka (or run scripts/test), \
-         or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_KAFKA_BROKERS at running ones",
-        missing.join(", ")
-    );
-    assert!(std::env::var_os("CI").is_none(), "{message}");
-    eprintln!("SKIPPED (not under CI): {message}");
-    false
-}
 
 /// A child process whose stderr goes to a file, shown when the test fails; killed when dropped.
 struct Proc {
@@ -179,7 +136,7 @@ async fn next_event<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_it() {
-    if !services_present() {
+    if !services_present(&[("Redis", redis_url()), ("Kafka-protocol broker", kafka_brokers())]) {
         return;
     }
     let run = uuid::Uuid::new_v4().simple().to_string();

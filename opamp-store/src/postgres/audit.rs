@@ -257,7 +257,8 @@ impl PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
-        self.changed_if_recorded(done.rows_affected(), correlation_id, doing).await
+        self.changed_if_recorded(done.rows_affected(), correlation_id, doing)
+            .await
     }
 
     /// Whether a conditional update of a command's row changed it: `true` if

@@ -175,7 +175,10 @@ impl TrackingStore for PostgresStore {
             .map_err(PgError::query(|| "listing rollouts".to_owned()))?;
         let items = rows
             .iter()
-            .map(|id| id.parse::<RolloutId>().map_err(|err| Error::invalid_input(format!("rollout row id: {err}"))))
+            .map(|id| {
+                id.parse::<RolloutId>()
+                    .map_err(|err| Error::invalid_input(format!("rollout row id: {err}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Page::from_one_more(items, limit, |last| Cursor::new(last.to_string())))
     }
