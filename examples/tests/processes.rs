@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
+use opamp_core::testkit::fluent_bit::ReloadStandIn;
 use opamp_core::{
     AgentType, Bus, Command, CommandKind, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef,
     ConfigTemplate, ConfigUpdate, ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store,
@@ -25,6 +26,9 @@ use tokio::time::{Instant, sleep, timeout};
 
 mod common;
 use common::{kafka_brokers, redis_url, services_present};
+
+/// The configuration pushed to the agent; a stand-in reload accepts it (it starts with `[SERVICE]`).
+const FLUENT_BIT_CONF: &str = "[SERVICE]\n    flush 1\n";
 
 /// How long anything expected may take (a loaded machine, a broker joining groups).
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -135,7 +139,7 @@ async fn next_event<T>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_it() {
+async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_config_reach_it() {
     if !services_present(&[("Redis", redis_url()), ("Kafka-protocol broker", kafka_brokers())]) {
         return;
     }
@@ -182,6 +186,10 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("expected `listening ADDR`, got {line:?}"));
 
+    // The agent applies configuration with the Fluent Bit applier, reloading a stand-in.
+    let config_dir = std::env::temp_dir().join(format!("opamp-examples-fluent-bit-{run}"));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let fluent_bit = ReloadStandIn::start(config_dir.join("fluent-bit.conf")).await.unwrap();
     let mut agent_proc = Proc::spawn(
         "opamp-agent",
         env!("CARGO_BIN_EXE_opamp-agent"),
@@ -194,8 +202,10 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_
             "fluentbit".into(),
             "--label".into(),
             "ring=canary".into(),
-            "--applier".into(),
-            "memory".into(),
+            "--fluent-bit-config-dir".into(),
+            config_dir.display().to_string(),
+            "--fluent-bit-reload-url".into(),
+            fluent_bit.url().to_owned(),
         ],
         &key,
     );
@@ -268,6 +278,10 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_
     })
     .await;
 
+    let written = std::fs::read_to_string(config_dir.join("fluent-bit.conf")).unwrap();
+    assert_eq!(written, FLUENT_BIT_CONF);
+    assert_eq!(fluent_bit.reloads(), [FLUENT_BIT_CONF]);
+
     // A graceful stop releases the lease and marks the device offline.
     supervisor_proc.terminate().await;
     assert_eq!(store.lookup(&device).await.unwrap(), None);
@@ -279,4 +293,5 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_config_reach_
     assert!(agent_log.contains("emission set"), "{agent_log}");
     assert!(agent_log.contains("config applied"), "{agent_log}");
     open.shutdown(Duration::from_secs(5)).await.unwrap();
+    std::fs::remove_dir_all(&config_dir).unwrap();
 }
