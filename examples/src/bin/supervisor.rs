@@ -103,6 +103,11 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     info!(store = ?store_url, bus = ?bus_url, "opening the store and the bus");
     let store = open_store(&store_url).await?;
     let bus = open_bus(&bus_url).await?;
+    if store_url == StoreUrl::Memory {
+        warn!(
+            "memory:// store: no other process can look this supervisor's devices up; use redis:// or postgres:// for a fleet"
+        );
+    }
     if bus_url == BusUrl::Memory {
         warn!(
             "memory:// bus: commands can only come from this process, which sends none; use kafka:// to command devices"
