@@ -93,7 +93,7 @@ impl FromStr for StoreUrl {
     type Err = Error;
 
     fn from_str(text: &str) -> Result<Self> {
-        let url = UrlParts::split(text, "store")?;
+        let url = UrlParts::split(text, "store", "redis://host:port")?;
         match url.scheme.as_str() {
             "memory" => {
                 url.expect_empty()?;
@@ -266,7 +266,7 @@ impl FromStr for BusUrl {
     type Err = Error;
 
     fn from_str(text: &str) -> Result<Self> {
-        let url = UrlParts::split(text, "bus")?;
+        let url = UrlParts::split(text, "bus", "kafka://host:port")?;
         match url.scheme.as_str() {
             "memory" => {
                 url.expect_empty()?;
@@ -316,57 +316,54 @@ impl FromStr for BusUrl {
 pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     match url {
         StoreUrl::Memory => Ok(Arc::new(MemoryStore::new())),
-        StoreUrl::Redis { .. } => open_redis(url).await,
-        StoreUrl::Postgres { .. } => open_postgres(url).await,
+        StoreUrl::Redis {
+            nodes,
+            cluster,
+            key_prefix,
+            response_timeout,
+        } => open_redis(nodes, *cluster, key_prefix, *response_timeout).await,
+        StoreUrl::Postgres {
+            url,
+            schema,
+            max_connections,
+        } => open_postgres(url, schema.as_deref(), *max_connections).await,
     }
 }
 
 #[cfg(feature = "redis")]
-async fn open_redis(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+async fn open_redis(
+    nodes: &[String],
+    cluster: bool,
+    key_prefix: &str,
+    response_timeout: Option<Duration>,
+) -> Result<Arc<dyn Store>> {
     use opamp_store::redis::{RedisStore, RedisStoreConfig};
-    let StoreUrl::Redis {
-        nodes,
-        cluster,
-        key_prefix,
-        response_timeout,
-    } = url
-    else {
-        return Err(Error::invalid_input(format!("{url:?} is not a Redis URL")));
-    };
-    let mut config = if *cluster {
+    let mut config = if cluster {
         RedisStoreConfig::cluster(nodes.iter().cloned())
     } else {
         RedisStoreConfig::standalone(nodes.first().cloned().unwrap_or_default())
     }
-    .key_prefix(key_prefix.clone());
+    .key_prefix(key_prefix);
     if let Some(timeout) = response_timeout {
-        config = config.response_timeout(*timeout);
+        config = config.response_timeout(timeout);
     }
     Ok(Arc::new(RedisStore::connect(config).await?))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis(_url: &StoreUrl) -> Result<Arc<dyn Store>> {
+async fn open_redis(_: &[String], _: bool, _: &str, _: Option<Duration>) -> Result<Arc<dyn Store>> {
     Err(not_built("redis", "redis:// store URLs"))
 }
 
 #[cfg(feature = "postgres")]
-async fn open_postgres(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+async fn open_postgres(url: &str, schema: Option<&str>, max_connections: Option<u32>) -> Result<Arc<dyn Store>> {
     use opamp_store::postgres::{PostgresConfig, PostgresStore};
-    let StoreUrl::Postgres {
-        url: driver_url,
-        schema,
-        max_connections,
-    } = url
-    else {
-        return Err(Error::invalid_input(format!("{url:?} is not a PostgreSQL URL")));
-    };
-    let mut config = PostgresConfig::new(driver_url.clone());
+    let mut config = PostgresConfig::new(url);
     if let Some(schema) = schema {
-        config = config.with_schema(schema.clone());
+        config = config.with_schema(schema);
     }
     if let Some(max) = max_connections {
-        config = config.with_max_connections(*max);
+        config = config.with_max_connections(max);
     }
     let store = PostgresStore::connect(&config).await?;
     store.migrate().await?;
@@ -374,7 +371,7 @@ async fn open_postgres(url: &StoreUrl) -> Result<Arc<dyn Store>> {
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &StoreUrl) -> Result<Arc<dyn Store>> {
+async fn open_postgres(_: &str, _: Option<&str>, _: Option<u32>) -> Result<Arc<dyn Store>> {
     Err(not_built("postgres", "postgres:// store URLs"))
 }
 
@@ -469,16 +466,12 @@ struct UrlParts {
 }
 
 impl UrlParts {
-    fn split(text: &str, what: &'static str) -> Result<Self> {
+    /// `what` is `store` or `bus`; `example` a URL of that kind, for the message of a URL without a scheme.
+    fn split(text: &str, what: &'static str, example: &str) -> Result<Self> {
         let redacted = redact(text);
         let Some((scheme, rest)) = text.split_once("://") else {
             return Err(Error::invalid_input(format!(
-                "{what} URL {redacted:?} has no scheme: write it like memory:// or {}",
-                if what == "store" {
-                    "redis://host:port"
-                } else {
-                    "kafka://host:port"
-                }
+                "{what} URL {redacted:?} has no scheme: write it like memory:// or {example}"
             )));
         };
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
