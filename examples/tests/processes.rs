@@ -2,9 +2,10 @@
 //! Kafka-protocol broker (`scripts/services/redis` and `scripts/services/kafka`,
 //! or `OPAMP_TEST_REDIS_URL` and `OPAMP_TEST_KAFKA_BROKERS`).
 //!
-//! The test plays the stateless control plane: it opens the same store and
-//! bus URLs through `opamp_examples`, looks the device's owner up, puts a
-//! command on the bus and watches the events. Keys and topics are the test's
+//! The test runs the stateless control plane (`ControlPlane`) on the same
+//! store and bus URLs, opened through `opamp_examples`: it sends a toggle and
+//! a configuration and tracks them to their outcome; a broadcast config
+//! update goes straight on the bus. Keys and topics are the test's
 //! own (a fresh prefix), so it runs beside the other tests.
 
 use std::fs::File;
@@ -13,11 +14,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
+use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::testkit::fluent_bit::ReloadStandIn;
 use opamp_core::{
-    AgentType, Bus, Command, CommandKind, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef,
-    ConfigTemplate, ConfigUpdate, ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store,
-    Subscription, SupervisorId, Timestamp,
+    AgentType, Bus, CommandState, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate, ConfigUpdate,
+    ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store, Subscription, SupervisorId,
+    Target, Timestamp,
 };
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -27,8 +29,17 @@ use tokio::time::{Instant, sleep, timeout};
 mod common;
 use common::{kafka_brokers, redis_url, services_present};
 
-/// The configuration pushed to the agent; a stand-in reload accepts it (it starts with `[SERVICE]`).
-const FLUENT_BIT_CONF: &str = "[SERVICE]\n    flush 1\n";
+/// The configurations pushed to the agent; a stand-in reload accepts them (they start with `[SERVICE]`).
+const FLUENT_BIT_V1: &str = "[SERVICE]\n    flush 1\n";
+const FLUENT_BIT_V2: &str = "[SERVICE]\n    flush 2\n";
+
+/// A template of one file, `fluent-bit.conf`.
+fn template(config: ConfigRef, conf: &str) -> ConfigTemplate {
+    let bundle = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", conf))
+        .unwrap();
+    ConfigTemplate::new(config, bundle, "test", Timestamp::now())
+}
 
 /// How long anything expected may take (a loaded machine, a broker joining groups).
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -159,6 +170,13 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
         .subscribe_events(&GroupName::new(format!("test-{run}")).unwrap())
         .await
         .unwrap();
+    let control = ControlPlane::start(
+        ControlPlaneConfig::default().event_group(GroupName::new(format!("control-{run}")).unwrap()),
+        store.clone(),
+        bus.clone(),
+    )
+    .await
+    .unwrap();
 
     let key = base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
     let supervisor = SupervisorId::new(format!("s-{run}")).unwrap();
@@ -224,40 +242,35 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
     assert_eq!(status.labels.get("ring").map(String::as_str), Some("canary"));
     assert!(!status.emission);
 
-    // A toggle, as a control plane sends it: to the owner's key on the bus.
-    let owner = store.lookup(&device).await.unwrap().expect("an owner");
-    let toggle = Command::new(
-        device,
-        CommandKind::SetEmission { state: true },
-        Timestamp::now(),
-        Duration::from_secs(30),
-    );
-    bus.send(&owner, &toggle).await.unwrap();
-    let outcome = next_event(&mut events, &device, |kind| match kind {
-        EventKind::CommandCompleted {
-            correlation_id,
-            outcome,
-        } if *correlation_id == toggle.correlation_id => Some(outcome.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(outcome, CommandOutcome::Acked);
+    // A toggle through the control plane: owner looked up, command on the bus, outcome tracked.
+    let toggle = control.set_emission(&device, true).await.unwrap();
+    let record = control.wait(&toggle, DEADLINE).await.unwrap();
+    assert_eq!(record.state, CommandState::Acked, "{record:?}");
+    assert_eq!(record.supervisor, Some(supervisor));
     assert!(store.status(&device).await.unwrap().unwrap().emission);
 
-    // A configuration broadcast selecting the device by agent type and label.
-    let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v1").unwrap());
-    let bundle = ConfigBundle::new()
-        .with_file(
-            "fluent-bit.conf",
-            ConfigFile::new("text/plain", "[SERVICE]\n    flush 1\n"),
-        )
-        .unwrap();
-    store
-        .put_template(&ConfigTemplate::new(config, bundle, "test", Timestamp::now()))
-        .await
-        .unwrap();
-    let selector = Labels::from([("ring".to_owned(), "canary".to_owned())]);
-    bus.broadcast(&ConfigUpdate::new(config, selector, Timestamp::now()))
+    // A configuration for the devices of a selector, through the control plane.
+    let fluentbit = AgentType::new("fluentbit").unwrap();
+    let v1 = ConfigRef::new(fluentbit, ConfigVersion::new("v1").unwrap());
+    control.create_template(&template(v1, FLUENT_BIT_V1)).await.unwrap();
+    let canary = Labels::from([("ring".to_owned(), "canary".to_owned())]);
+    let selector = Target::Selector {
+        agent_type: fluentbit,
+        labels: canary.clone(),
+    };
+    let issued = control.apply_config(&selector, &v1).await.unwrap();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert_eq!(issued[0].device, device);
+    let record = control.wait(&issued[0].correlation_id, DEADLINE).await.unwrap();
+    assert_eq!(record.state, CommandState::Acked, "{record:?}");
+    let conf = config_dir.join("fluent-bit.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), FLUENT_BIT_V1);
+    assert_eq!(fluent_bit.reloads(), [FLUENT_BIT_V1]);
+
+    // A broadcast config update on the bus reaches the supervisor's process too.
+    let v2 = ConfigRef::new(fluentbit, ConfigVersion::new("v2").unwrap());
+    control.create_template(&template(v2, FLUENT_BIT_V2)).await.unwrap();
+    bus.broadcast(&ConfigUpdate::new(v2, canary, Timestamp::now()))
         .await
         .unwrap();
     next_event(&mut events, &device, |kind| match kind {
@@ -269,29 +282,37 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
         _ => None,
     })
     .await;
-    wait_until("the store has the applied config version", || {
+    wait_until("the store has the version applied last", || {
         let store = store.clone();
         async move {
             let status = store.status(&device).await.unwrap().unwrap();
-            status.config_version == Some(config.version)
+            status.config_version == Some(v2.version)
         }
     })
     .await;
-
-    let written = std::fs::read_to_string(config_dir.join("fluent-bit.conf")).unwrap();
-    assert_eq!(written, FLUENT_BIT_CONF);
-    assert_eq!(fluent_bit.reloads(), [FLUENT_BIT_CONF]);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), FLUENT_BIT_V2);
+    assert_eq!(fluent_bit.reloads(), [FLUENT_BIT_V1, FLUENT_BIT_V2]);
 
     // A graceful stop releases the lease and marks the device offline.
     supervisor_proc.terminate().await;
     assert_eq!(store.lookup(&device).await.unwrap(), None);
     let status = store.status(&device).await.unwrap().unwrap();
     assert_eq!(status.status, Presence::Offline);
+    // ... and says so on the bus; nothing of the device's comes after it.
+    let from = next_event(&mut events, &device, |kind| match kind {
+        EventKind::Disconnected { supervisor } => Some(*supervisor),
+        _ => None,
+    })
+    .await;
+    assert_eq!(from, supervisor);
 
     agent_proc.terminate().await;
     let agent_log = agent_proc.logs();
     assert!(agent_log.contains("emission set"), "{agent_log}");
     assert!(agent_log.contains("config applied"), "{agent_log}");
+    control.shutdown().await;
+    // Every event was read and acknowledged, so the bus drains at once.
+    drop(events);
     open.shutdown(Duration::from_secs(5)).await.unwrap();
     std::fs::remove_dir_all(&config_dir).unwrap();
 }
