@@ -8,11 +8,6 @@
 //! update goes straight on the bus. Keys and topics are the test's
 //! own (a fresh prefix), so it runs beside the other tests.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
-
 use base64::Engine as _;
 use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::testkit::fluent_bit::ReloadStandIn;
@@ -22,12 +17,10 @@ use opamp_core::{
     Target, Timestamp,
 };
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command as Process};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 
 mod common;
-use common::{kafka_brokers, redis_url, services_present};
+use common::{DEADLINE, Proc, kafka_brokers, redis_url, services_present, wait_until};
 
 /// The configurations pushed to the agent; a stand-in reload accepts them (they start with `[SERVICE]`).
 const FLUENT_BIT_V1: &str = "[SERVICE]\n    flush 1\n";
@@ -39,90 +32,6 @@ fn template(config: ConfigRef, conf: &str) -> ConfigTemplate {
         .with_file("fluent-bit.conf", ConfigFile::new("text/plain", conf))
         .unwrap();
     ConfigTemplate::new(config, bundle, "test", Timestamp::now())
-}
-
-/// How long anything expected may take (a loaded machine, a broker joining groups).
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A child process whose stderr goes to a file, shown when the test fails; killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, binary: &str, args: &[String], fleet_key: &str) -> Proc {
-        let log = std::env::temp_dir().join(format!("opamp-examples-{name}-{}.log", uuid::Uuid::new_v4().simple()));
-        let child = Process::new(binary)
-            .args(args)
-            .env("OPAMP_FLEET_KEY", fleet_key)
-            .env("RUST_LOG", "info,opamp_core=debug,librdkafka=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).expect("a log file"))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {binary}: {err}"));
-        Proc { name, child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The first stdout line, which a supervisor prints once it serves devices.
-    async fn first_line(&mut self) -> String {
-        let stdout = self.child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        let read = timeout(DEADLINE, BufReader::new(stdout).read_line(&mut line)).await;
-        assert!(
-            matches!(read, Ok(Ok(n)) if n > 0),
-            "{} printed no line: {read:?}\n{}",
-            self.name,
-            self.logs()
-        );
-        line.trim().to_owned()
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    async fn terminate(&mut self) {
-        let pid = self.child.id().expect("still running");
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill -TERM {pid}");
-        let status = timeout(DEADLINE, self.child.wait()).await;
-        assert!(
-            matches!(status, Ok(Ok(status)) if status.success()),
-            "{} did not exit cleanly on SIGTERM: {status:?}\n{}",
-            self.name,
-            self.logs()
-        );
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- {} log ----\n{}", self.name, self.logs());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// Waits until `check` holds, polling, or fails with `what`.
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(Instant::now() < end, "timed out waiting until {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The next event of `device` that `pick` accepts, acknowledging every event read.
@@ -197,7 +106,7 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
             "--lease-ttl".into(),
             "30s".into(),
         ],
-        &key,
+        Some(&key),
     );
     let line = supervisor_proc.first_line().await;
     let address = line
@@ -225,7 +134,7 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
             "--fluent-bit-reload-url".into(),
             fluent_bit.url().to_owned(),
         ],
-        &key,
+        Some(&key),
     );
 
     // Registration: the lease names the supervisor and the status is online, with the hello's labels.
