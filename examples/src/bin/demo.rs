@@ -13,8 +13,11 @@
 //!    failure and is resumed;
 //! 6. a supervisor crash: its devices move to the other one, and commands follow them.
 //!
+//! With `--serve` it then keeps the REST API and the dashboard up (printing
+//! the address and a token) until Ctrl-C.
+//!
 //! ```text
-//! cargo run -p opamp-examples --bin opamp-demo -- --devices 2000
+//! cargo run -p opamp-examples --bin opamp-demo -- --devices 2000 --serve
 //! ```
 
 use std::collections::BTreeMap;
@@ -35,6 +38,7 @@ use opamp_core::{
 };
 use opamp_store::memory::MemoryStore;
 use opamp_transport::channel;
+use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -45,6 +49,13 @@ struct Args {
     /// How many simulated devices to connect.
     #[arg(long, default_value_t = 1000, env = "OPAMP_DEMO_DEVICES")]
     devices: usize,
+    /// After the walk-through, keep serving the REST API and the dashboard
+    /// until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+    /// Where `--serve` listens.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "OPAMP_DEMO_LISTEN")]
+    listen: std::net::SocketAddr,
     /// Log filter, e.g. `warn`, `info` or `opamp_core=debug` (logs go to stderr).
     #[arg(long, default_value = "error", env = "RUST_LOG")]
     log: String,
@@ -310,6 +321,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fmt(sent.elapsed())
     );
 
+    if args.serve {
+        serve(&control, args.listen).await?;
+    }
+
     // Done: stop the devices, then the surviving supervisor and the control plane, gracefully.
     let _ = stop_agents.send(true);
     for supervisor in supervisors {
@@ -317,6 +332,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     control.shutdown().await;
     println!("\ndone: every command ended with a definite outcome, recorded by the control plane; nothing was lost.");
+    Ok(())
+}
+
+/// Serves the REST API and the dashboard over the demo's control plane until Ctrl-C.
+async fn serve(control: &ControlPlane, listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let config = ApiConfig::new()
+        .token(ApiToken::new("demo", secret.clone(), Role::Operator)?)
+        .rate_limit(RateLimit::new(500.0, 1000)?);
+    let app = http_api::router(control.clone(), config)?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!(
+        "\nThe dashboard: http://{} (token {secret}); Ctrl-C to stop.",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
 }
 
