@@ -10,9 +10,9 @@
 //! | [`channel`] | always      | in-process bounded channels: tests, demos, embedding agents in the supervisor's process |
 //! | [`auth`]    | always      | fleet tokens: per-device credentials checked without a lookup |
 //! | `grpc`      | `grpc`      | the design's `ControlService` over gRPC (tonic), with TLS and mTLS (rustls) |
+//! | `websocket` | `websocket` | OpAMP over WebSocket and plain HTTP on one port, for any OpAMP agent |
 //!
-//! OpAMP over WebSocket and plain HTTP, and the REST API, join this table
-//! behind features named after them.
+//! The REST API joins this table behind a feature named after it.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -20,5 +20,8 @@ pub mod auth;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket;
 
 pub use opamp_core::transport::channel;
