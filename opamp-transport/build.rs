@@ -1,4 +1,4 @@
-//! Compiles the gRPC protocol when the `grpc` feature is on, with the pure-Rust
+//! Compiles the protocols of the enabled transports with the pure-Rust
 //! `protox` parser: no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,6 +13,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Small starting buffers: see src/grpc/codec.rs.
             .codec_path("crate::grpc::codec::LeanCodec")
             .compile_fds(descriptors)?;
+    }
+    #[cfg(feature = "websocket")]
+    {
+        const PROTOS: [&str; 2] = ["proto/opamp/v1/opamp.proto", "proto/opamp/v1/anyvalue.proto"];
+        for proto in PROTOS {
+            println!("cargo:rerun-if-changed={proto}");
+        }
+        let descriptors = protox::compile(PROTOS, ["proto"])?;
+        prost_build::Config::new().compile_fds(descriptors)?;
     }
     Ok(())
 }

@@ -11,9 +11,7 @@
 //! | [`auth`]    | always      | fleet tokens: per-device credentials checked without a lookup |
 //! | `grpc`      | `grpc`      | the design's `ControlService` over gRPC (tonic), with TLS and mTLS (rustls) |
 //! | `http_api`  | `http-api`  | the REST API over the control plane, health, Prometheus metrics, the dashboard (axum) |
-//!
-//! OpAMP over WebSocket and plain HTTP join this table behind features named
-//! after them.
+//! | `websocket` | `websocket` | OpAMP over WebSocket and plain HTTP on one port, for any OpAMP agent |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -24,5 +22,10 @@ pub mod grpc;
 #[cfg(feature = "http-api")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-api")))]
 pub mod http_api;
+#[cfg(any(feature = "grpc", feature = "websocket"))]
+mod net;
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket;
 
 pub use opamp_core::transport::channel;

@@ -7,12 +7,12 @@
 //! `OPAMP_TEST_CHROMEDRIVER_URL`). Without it the test fails under CI and
 //! skips loudly elsewhere.
 
-mod common;
+mod api;
 
 use std::time::Duration;
 
-use common::webdriver::{Browser, driver_addr};
-use common::{Fleet, OPERATOR, WAIT, api_config, did, hello};
+use api::webdriver::{Browser, driver_addr};
+use api::{Fleet, OPERATOR, WAIT, api_config, did, hello};
 use opamp_core::testkit::eventually;
 
 /// Whether chromedriver answers; panics under CI if it does not.
@@ -88,7 +88,7 @@ async fn toggle_a_device_from_the_dashboard() {
         .await;
 
     // A config pushed from the form as a staged rollout, and the rollout's progress on the page.
-    let ops = common::http::Client::new(addr, Some(OPERATOR));
+    let ops = api::http::Client::new(addr, Some(OPERATOR));
     let template =
         serde_json::json!({ "bundle": { "fluent-bit.conf": { "content_type": "text/plain", "text": "[SERVICE]\n" } } });
     assert_eq!(

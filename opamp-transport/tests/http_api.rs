@@ -3,13 +3,13 @@
 //! path, and the error paths (auth, rate limit, bad input, unknown things,
 //! readiness when the store or the bus fails).
 
-mod common;
+mod api;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
-use common::http::{Client, send};
-use common::{Fleet, OPERATOR, READER, WAIT, api_config, did, hello};
+use api::http::{Client, send};
+use api::{Fleet, OPERATOR, READER, WAIT, api_config, did, hello};
 use hyper::{Method, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opamp_core::testkit::eventually;
@@ -454,7 +454,7 @@ async fn bad_requests_name_the_problem() {
     let addr = fleet.serve(api_config().body_limit(1024)).await;
     let ops = Client::new(addr, Some(OPERATOR));
 
-    let cases: Vec<(common::http::Answer, StatusCode, &str, &str)> = vec![
+    let cases: Vec<(api::http::Answer, StatusCode, &str, &str)> = vec![
         (
             ops.raw(
                 Method::POST,
@@ -634,11 +634,11 @@ async fn openapi_describes_every_route_the_router_serves() {
     assert!(operations >= 20, "{operations} operations documented");
 }
 
-/// The store and bus doubles are in `common::failing`.
+/// The store and bus doubles are in `api::failing`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_fails_while_the_store_or_the_bus_fails() {
-    let store = Arc::new(common::failing::FailingStore::default());
-    let bus = Arc::new(common::failing::FailingBus::default());
+    let store = Arc::new(api::failing::FailingStore::default());
+    let bus = Arc::new(api::failing::FailingBus::default());
     let fleet = Fleet::start_on(store.clone(), bus.clone(), vec![hello("dev-1", &[])]).await;
     let addr = fleet.serve(api_config()).await;
     let anonymous = Client::new(addr, None);

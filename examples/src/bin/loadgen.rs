@@ -1,4 +1,4 @@
-//! Load generator: simulated devices over gRPC, and the benchmarks built on them.
+//! Load generator: simulated devices over gRPC or OpAMP (WebSocket), and the benchmarks built on them.
 //!
 //! ```text
 //! # The idle-connection benchmark: supervisor vs a bare tonic server, side by side.
@@ -7,9 +7,13 @@
 //! # Its parts, by hand:
 //! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or --kind bare
 //! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
+//!
+//! # Idle OpAMP WebSocket agents against the same baseline:
+//! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --servers bare,opamp-transport,opamp-supervisor
 //! ```
 //!
-//! `devices` opens one gRPC stream (one TCP connection) per simulated device,
+//! `devices` opens one gRPC stream (one TCP connection) per simulated device
+//! (one OpAMP WebSocket when the URL is `ws://…`),
 //! registers it with its fleet token, waits for `registered`, prints how long
 //! that took, and holds the streams idle until its stdin closes. A process
 //! holds at most ~19,900 sockets here, so `grpc-idle` spreads devices over
@@ -33,6 +37,7 @@ use opamp_core::{AgentType, DeviceId, SupervisorId};
 use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
+use opamp_transport::websocket::{OpampAuth, OpampConnector, OpampConnectorConfig, OpampServerConfig, OpampTransport};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
@@ -52,7 +57,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Job {
-    /// Idle gRPC streams: memory per device and registration rate, supervisor vs bare tonic.
+    /// Idle devices: memory per device and registration rate, supervisor (gRPC or OpAMP) vs bare tonic.
     GrpcIdle(IdleArgs),
     /// Serves gRPC devices until stdin closes (one side of `grpc-idle`).
     Serve(ServeArgs),
@@ -90,6 +95,10 @@ enum ServerKind {
     Transport,
     /// A bare tonic `ControlService` that answers `registered` and holds the stream.
     Bare,
+    /// The supervisor runtime on the in-memory store and bus, serving OpAMP (agents over WebSocket).
+    OpampSupervisor,
+    /// The OpAMP transport alone: sessions accepted, registered and held, no runtime.
+    OpampTransport,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,18 +174,24 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
             let transport =
                 GrpcTransport::bind(GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key))).await?;
             println!("listening {}", transport.local_addr());
-            let me = SupervisorId::new("loadgen-transport")?;
-            let mut held = Vec::new();
-            let accepting = async {
-                while let Ok(Some(session)) = transport.accept().await {
-                    let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
-                    held.push(session);
-                }
-            };
-            tokio::select! {
-                _ = accepting => {}
-                _ = wait_for_stdin_eof() => {}
-            }
+            hold_sessions(&transport).await?;
+        }
+        ServerKind::OpampSupervisor => {
+            let transport =
+                Arc::new(OpampTransport::bind(OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key))).await?);
+            println!("listening {}", transport.local_addr());
+            let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
+            let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
+                .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+                .await?;
+            wait_for_stdin_eof().await;
+            supervisor.abort();
+        }
+        ServerKind::OpampTransport => {
+            let transport =
+                OpampTransport::bind(OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key))).await?;
+            println!("listening {}", transport.local_addr());
+            hold_sessions(&transport).await?;
         }
         ServerKind::Bare => {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -187,6 +202,23 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
                 .serve_with_incoming_shutdown(incoming, wait_for_stdin_eof());
             server.await?;
         }
+    }
+    Ok(())
+}
+
+/// Accepts sessions, answers `registered` and holds them until stdin closes: a transport without the runtime.
+async fn hold_sessions(transport: &dyn DeviceTransport) -> Result<(), Box<dyn std::error::Error>> {
+    let me = SupervisorId::new("loadgen-transport")?;
+    let mut held = Vec::new();
+    let accepting = async {
+        while let Ok(Some(session)) = transport.accept().await {
+            let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
+            held.push(session);
+        }
+    };
+    tokio::select! {
+        _ = accepting => {}
+        _ = wait_for_stdin_eof() => {}
     }
     Ok(())
 }
@@ -280,11 +312,19 @@ async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std:
     let mut tasks = tokio::task::JoinSet::new();
     for n in args.first..args.first + args.count {
         let device = DeviceId::new(format!("dev-{n:06}"))?;
-        let mut config = GrpcConnectorConfig::new(&args.url).token(key.token(&device));
-        if let Some(source) = args.source {
-            config = config.local_address(source);
-        }
-        let connector = GrpcConnector::new(config)?;
+        let connector: Arc<dyn AgentConnector> = if args.url.starts_with("ws://") {
+            let mut config = OpampConnectorConfig::new(&args.url).token(key.token(&device));
+            if let Some(source) = args.source {
+                config = config.local_address(source);
+            }
+            Arc::new(OpampConnector::new(config)?)
+        } else {
+            let mut config = GrpcConnectorConfig::new(&args.url).token(key.token(&device));
+            if let Some(source) = args.source {
+                config = config.local_address(source);
+            }
+            Arc::new(GrpcConnector::new(config)?)
+        };
         let (permits, tally) = (permits.clone(), tally.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire().await;
@@ -456,13 +496,18 @@ async fn measure_idle(
         ServerKind::Supervisor => "supervisor",
         ServerKind::Transport => "transport",
         ServerKind::Bare => "bare",
+        ServerKind::OpampSupervisor => "opamp-supervisor",
+        ServerKind::OpampTransport => "opamp-transport",
     };
     let mut server = spawn_self(&["serve".into(), "--kind".into(), kind_name.into()], key).await?;
     let listening = server.line().await?;
     let addr = listening
         .strip_prefix("listening ")
         .ok_or("the server did not say where it listens")?;
-    let url = format!("http://{addr}");
+    let url = match kind {
+        ServerKind::OpampSupervisor | ServerKind::OpampTransport => format!("ws://{addr}/v1/opamp"),
+        _ => format!("http://{addr}"),
+    };
 
     let mut clients = Vec::new();
     let mut next_source = 2u8;
@@ -570,7 +615,7 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
     };
     let added = args.high - args.low;
     println!(
-        "\nidle gRPC streams: {} → {} devices, {} rounds, medians (per device = RSS slope)\n",
+        "\nidle device connections: {} → {} devices, {} rounds, medians (per device = RSS slope)\n",
         args.low, args.high, args.rounds
     );
     println!(
@@ -585,6 +630,8 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
                 ServerKind::Bare => "bare tonic",
                 ServerKind::Transport => "gRPC transport alone",
                 ServerKind::Supervisor => "supervisor (memory store + bus)",
+                ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
+                ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (memory store + bus)",
             },
             of(kind, |m| m.rss_low_kib as f64) / 1024.0,
             of(kind, |m| m.rss_high_kib as f64) / 1024.0,

@@ -1,118 +1,308 @@
-//! What the REST API tests share: a fleet (memory store and bus, a supervisor,
-//! in-process agents, a control plane) and the API served on loopback.
+//! What the transport tests share: a fleet (store, bus, clock, events) and
+//! the end-to-end scenarios every transport must pass unchanged.
 
-#![allow(dead_code)] // each test binary uses its own part of this module
+// Each test crate uses the parts its transport needs.
+#![allow(dead_code)]
 
-pub(crate) mod failing;
-pub(crate) mod http;
-pub(crate) mod webdriver;
-
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use opamp_bus::memory::MemoryBus;
-use opamp_core::runtime::agent::{Agent, MemoryApplier};
-use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
+use opamp_core::runtime::agent::MemoryApplier;
+use opamp_core::runtime::fluent_bit::{FluentBitApplier, FluentBitConfig};
 use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use opamp_core::testkit::fluent_bit::ReloadStandIn;
 use opamp_core::testkit::{eventually, spawn_agent};
-use opamp_core::transport::channel::{self, ChannelConnector};
-use opamp_core::transport::{Capabilities, DeviceHello};
-use opamp_core::{AgentType, Bus, DeviceId, Labels, Store, SupervisorId};
+use opamp_core::transport::{
+    AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, FailoverConnector, ToDevice,
+};
+use opamp_core::{
+    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, EventBus, EventKind, GroupName,
+    ManualClock, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
+};
 use opamp_store::memory::MemoryStore;
-use opamp_transport::http_api::{self, ApiConfig, ApiToken, Role};
+use opamp_transport::auth::FleetKey;
 
-pub(crate) const WAIT: Duration = Duration::from_secs(15);
-pub(crate) const OPERATOR: &str = "operator-secret-for-tests-0001";
-pub(crate) const READER: &str = "read-only-secret-for-tests-0001";
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) fn key() -> FleetKey {
+    FleetKey::new(b"integration-test fleet secret").unwrap()
+}
 
 pub(crate) fn did(id: &str) -> DeviceId {
     DeviceId::new(id).unwrap()
 }
 
-/// Tokens for an operator (`ops`) and a reader (`viewer`).
-pub(crate) fn api_config() -> ApiConfig {
-    ApiConfig::new()
-        .token(ApiToken::new("ops", OPERATOR, Role::Operator).unwrap())
-        .token(ApiToken::new("viewer", READER, Role::ReadOnly).unwrap())
+pub(crate) fn sid(id: &str) -> SupervisorId {
+    SupervisorId::new(id).unwrap()
 }
 
-/// A running fleet on the memory backends.
-pub(crate) struct Fleet {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) bus: Arc<dyn Bus>,
-    pub(crate) control: ControlPlane,
-    pub(crate) supervisor: Option<RunningSupervisor>,
-    pub(crate) connector: ChannelConnector,
-    pub(crate) agents: Vec<(Arc<Agent>, tokio::sync::oneshot::Sender<()>)>,
-    /// Each agent's applier, in the order the devices were given.
-    pub(crate) appliers: Vec<Arc<MemoryApplier>>,
-}
-
-/// A device of the fleet: its id and labels; agent type `fluentbit`.
-pub(crate) fn hello(device: &str, labels: &[(&str, &str)]) -> DeviceHello {
+pub(crate) fn hello(device: &str) -> DeviceHello {
     let mut hello = DeviceHello::new(did(device));
     hello.capabilities = Capabilities::all_builtin();
     hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
-    hello.labels = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect::<Labels>();
     hello
 }
 
+pub(crate) fn loopback() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A transport under test: how a supervisor serves it and a device reaches it.
+#[async_trait]
+pub(crate) trait Wire: Send + Sync + 'static {
+    /// The server side.
+    type Transport: DeviceTransport;
+
+    /// A transport on a free loopback port, and the URL devices use.
+    async fn bind(&self) -> (Arc<Self::Transport>, String);
+
+    /// Stops the transport, as when its process dies.
+    async fn stop(transport: &Self::Transport);
+
+    /// The connector of `device`, holding its credential.
+    fn connector(&self, url: &str, device: &str) -> Arc<dyn AgentConnector>;
+}
+
+/// A store, a bus, and an event subscription to watch outcomes on.
+pub(crate) struct Fleet {
+    pub(crate) store: Arc<MemoryStore>,
+    pub(crate) bus: Arc<MemoryBus>,
+    pub(crate) clock: Arc<ManualClock>,
+    pub(crate) events: Subscription<DeviceEvent>,
+}
+
 impl Fleet {
-    /// A supervisor `s1` and one agent per hello, all online.
-    pub(crate) async fn start(devices: Vec<DeviceHello>) -> Fleet {
-        Self::start_on(Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()), devices).await
-    }
-
-    /// As [`start`](Self::start), on the given store and bus.
-    pub(crate) async fn start_on(store: Arc<dyn Store>, bus: Arc<dyn Bus>, devices: Vec<DeviceHello>) -> Fleet {
-        let (transport, connector) = channel::pair(channel::ChannelConfig::default());
-        let supervisor = Supervisor::new(
-            SupervisorConfig::new(SupervisorId::new("s1").unwrap()),
-            store.clone(),
-            bus.clone(),
-        )
-        .start(vec![Arc::new(transport)])
-        .await
-        .expect("supervisor starts");
-        let control = ControlPlane::start(ControlPlaneConfig::default(), store.clone(), bus.clone())
-            .await
-            .expect("control plane starts");
-        let mut fleet = Fleet {
-            store,
+    pub(crate) async fn new() -> Self {
+        let clock = Arc::new(ManualClock::starting_now());
+        let bus = Arc::new(MemoryBus::new());
+        let events = bus.subscribe_events(&GroupName::new("test").unwrap()).await.unwrap();
+        Fleet {
+            store: Arc::new(MemoryStore::with_clock(clock.clone())),
             bus,
-            control,
-            supervisor: Some(supervisor),
-            connector,
-            agents: Vec::new(),
-            appliers: Vec::new(),
-        };
-        for hello in devices {
-            let device = hello.device;
-            let applier = Arc::new(MemoryApplier::new());
-            fleet.appliers.push(applier.clone());
-            fleet
-                .agents
-                .push(spawn_agent(Arc::new(fleet.connector.clone()), hello, applier));
-            let store = fleet.store.clone();
-            eventually(&format!("{device} online"), WAIT, || {
-                let store = store.clone();
-                async move { matches!(store.status(&device).await, Ok(Some(s)) if s.is_online()) }
-            })
-            .await;
+            clock,
+            events,
         }
-        fleet
     }
 
-    /// Serves the API with `config` on a free loopback port.
-    pub(crate) async fn serve(&self, config: ApiConfig) -> SocketAddr {
-        let app = http_api::router(self.control.clone(), config).expect("router");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        addr
+    /// A supervisor `id` serving `transports`.
+    pub(crate) async fn start(
+        &self,
+        id: &str,
+        transports: Vec<Arc<dyn DeviceTransport>>,
+        supervisor: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+    ) -> RunningSupervisor {
+        let store: Arc<dyn Store> = self.store.clone();
+        let bus: Arc<dyn Bus> = self.bus.clone();
+        Supervisor::new(supervisor(SupervisorConfig::new(sid(id))), store, bus)
+            .with_clock(self.clock.clone())
+            .start(transports)
+            .await
+            .unwrap()
     }
+
+    /// A supervisor `id` serving `wire` on a free port.
+    pub(crate) async fn serve<W: Wire>(&self, wire: &W, id: &str) -> (RunningSupervisor, Arc<W::Transport>, String) {
+        let (transport, url) = wire.bind().await;
+        let running = self
+            .start(id, vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+            .await;
+        (running, transport, url)
+    }
+
+    pub(crate) async fn send(&self, to: &str, device: &str, kind: CommandKind) -> CorrelationId {
+        let command = Command::new(did(device), kind, self.clock.now(), WAIT);
+        self.bus.send(&sid(to), &command).await.unwrap();
+        command.correlation_id
+    }
+
+    pub(crate) async fn outcome(&mut self, id: CorrelationId) -> CommandOutcome {
+        self.outcomes(&[id]).await.remove(0)
+    }
+
+    /// The outcomes of the commands `ids`, in that order, whichever completes first.
+    pub(crate) async fn outcomes(&mut self, ids: &[CorrelationId]) -> Vec<CommandOutcome> {
+        let mut found: Vec<Option<CommandOutcome>> = vec![None; ids.len()];
+        let waited = tokio::time::timeout(WAIT, async {
+            while found.iter().any(Option::is_none) {
+                let delivery = self.events.next().await.unwrap().expect("event stream open");
+                if let EventKind::CommandCompleted {
+                    correlation_id,
+                    outcome,
+                } = &delivery.message().kind
+                {
+                    if let Some(at) = ids.iter().position(|id| id == correlation_id) {
+                        found[at] = Some(outcome.clone());
+                    }
+                }
+                delivery.ack().await.unwrap();
+            }
+        })
+        .await;
+        waited.expect("the commands' outcomes within the deadline");
+        found.into_iter().flatten().collect()
+    }
+
+    pub(crate) async fn owner_is(&self, device: &str, owner: Option<&str>) {
+        let (store, device, owner) = (self.store.clone(), did(device), owner.map(sid));
+        eventually(&format!("{device} owned by {owner:?}"), WAIT, || {
+            let store = store.clone();
+            async move { store.lookup(&device).await.unwrap() == owner }
+        })
+        .await;
+    }
+}
+
+/// A device that registers and then only does what the test says.
+pub(crate) async fn raw_device(connector: &dyn AgentConnector, device: &str) -> AgentSession {
+    let mut session = connector.connect(&hello(device)).await.unwrap();
+    let first = session.inbound.recv().await.unwrap();
+    assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+    session
+}
+
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("opamp-transport-{name}-{}", CorrelationId::new()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- the scenarios ----
+
+/// Emission and configuration reach a Fluent Bit agent: bus → supervisor →
+/// transport → agent runtime → Fluent Bit reload → ack → store → event.
+pub(crate) async fn emission_and_config_reach_a_fluent_bit_agent<W: Wire>(wire: &W) {
+    let mut fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet.serve(wire, "s1").await;
+    let dir = TempDir::new("e2e");
+    let fluent_bit = ReloadStandIn::start(dir.0.join("fluent-bit.conf")).await.unwrap();
+    let applier = FluentBitApplier::new(FluentBitConfig::new(&dir.0).reload_url(fluent_bit.url())).unwrap();
+    let (agent, _stop) = spawn_agent(wire.connector(&url, "edge-1"), hello("edge-1"), Arc::new(applier));
+    fleet.owner_is("edge-1", Some("s1")).await;
+
+    let toggle = fleet
+        .send("s1", "edge-1", CommandKind::SetEmission { state: true })
+        .await;
+    assert_eq!(fleet.outcome(toggle).await, CommandOutcome::Acked);
+    assert!(*agent.emission().borrow());
+    let store = fleet.store.clone();
+    eventually("emission recorded", WAIT, || {
+        let store = store.clone();
+        async move { store.status(&did("edge-1")).await.unwrap().is_some_and(|s| s.emission) }
+    })
+    .await;
+
+    let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v2").unwrap());
+    let text = "[SERVICE]\n    flush 1\n[OUTPUT]\n    name stdout\n";
+    let bundle = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", text))
+        .unwrap();
+    let template = ConfigTemplate::new(config, bundle.clone(), "test", Timestamp::now());
+    fleet.store.put_template(&template).await.unwrap();
+    let apply = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: config.version,
+    };
+    let id = fleet.send("s1", "edge-1", apply).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    assert_eq!(
+        fluent_bit.reloads(),
+        vec![text.to_owned()],
+        "Fluent Bit reloaded the pushed file"
+    );
+    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
+    assert_eq!(status.config_version, Some(config.version));
+    assert_eq!(status.config_hash, Some(bundle.hash()));
+
+    // A config Fluent Bit refuses fails with its reason, and the file is restored.
+    let broken = ConfigRef::new(config.agent_type, ConfigVersion::new("v3").unwrap());
+    let bad = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[BROKEN"))
+        .unwrap();
+    let template = ConfigTemplate::new(broken, bad, "test", Timestamp::now());
+    fleet.store.put_template(&template).await.unwrap();
+    let apply = CommandKind::ApplyConfig {
+        agent_type: broken.agent_type,
+        version: broken.version,
+    };
+    let id = fleet.send("s1", "edge-1", apply).await;
+    match fleet.outcome(id).await {
+        CommandOutcome::Failed { reason } => assert!(reason.contains("refused"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(std::fs::read_to_string(dir.0.join("fluent-bit.conf")).unwrap(), text);
+    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
+    assert_eq!(status.config_version, Some(config.version), "still the applied one");
+    assert!(status.last_error.is_some_and(|e| e.contains("refused")));
+    s1.shutdown().await;
+}
+
+/// A device that comes back through another supervisor: the old one closes
+/// its stale session, and its release is fenced off.
+pub(crate) async fn a_takeover_closes_the_stale_session_and_fences_its_release<W: Wire>(wire: &W) {
+    let fleet = Fleet::new().await;
+    let (s1, _t1, url1) = fleet.serve(wire, "s1").await;
+    let (s2, _t2, url2) = fleet.serve(wire, "s2").await;
+    let mut old = raw_device(&*wire.connector(&url1, "d1"), "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // The device comes back through s2 while its old session with s1 lingers.
+    let _new = raw_device(&*wire.connector(&url2, "d1"), "d1").await;
+    fleet.owner_is("d1", Some("s2")).await;
+    s1.renew_leases().await;
+    let ended = tokio::time::timeout(WAIT, old.inbound.recv())
+        .await
+        .expect("closed in time");
+    assert!(matches!(ended, Ok(None)), "s1 closed the stale session: {ended:?}");
+    eventually("s1 dropped d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
+    fleet.owner_is("d1", Some("s2")).await;
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!(status.supervisor, Some(sid("s2")), "s1's offline mark was fenced off");
+    assert!(s2.is_connected(&did("d1")));
+    s2.shutdown().await;
+    s1.shutdown().await;
+}
+
+/// A supervisor dies: its leases lapse and its device re-homes to another.
+pub(crate) async fn a_dead_supervisors_leases_lapse_and_the_device_rehomes<W: Wire>(wire: &W) {
+    let fleet = Fleet::new().await;
+    let (s1, t1, url1) = fleet.serve(wire, "s1").await;
+    let (s2, _t2, url2) = fleet.serve(wire, "s2").await;
+    let failover = FailoverConnector::new(vec![wire.connector(&url1, "d1"), wire.connector(&url2, "d1")]).unwrap();
+    let (agent, _stop) = spawn_agent(Arc::new(failover), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // s1 dies without releasing anything; its lease is still there until it lapses.
+    s1.abort();
+    W::stop(&t1).await;
+    fleet.clock.advance(Duration::from_secs(300));
+    // The agent reconnects through s2, whose claim finds the lapsed lease.
+    fleet.owner_is("d1", Some("s2")).await;
+    eventually("agent connected", WAIT, || async { *agent.connected().borrow() }).await;
+
+    // Devices that stay away: their leases lapse and lookups say nobody holds them.
+    let (s3, t3, url3) = fleet.serve(wire, "s3").await;
+    let away = raw_device(&*wire.connector(&url3, "d2"), "d2").await;
+    fleet.owner_is("d2", Some("s3")).await;
+    s3.abort();
+    W::stop(&t3).await;
+    drop(away);
+    fleet.clock.advance(Duration::from_secs(300));
+    assert_eq!(fleet.store.lookup(&did("d2")).await.unwrap(), None);
+    let _back = raw_device(&*wire.connector(&url2, "d2"), "d2").await;
+    fleet.owner_is("d2", Some("s2")).await;
+    s2.shutdown().await;
 }

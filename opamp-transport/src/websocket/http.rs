@@ -1,0 +1,375 @@
+//! Plain HTTP on the server side: each `POST` is a report, its response what
+//! waited for the agent since its last poll.
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, StatusCode};
+use opamp_core::transport::{FromDevice, ToDevice};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::convert;
+use super::proto::{AgentToServer, ServerToAgent};
+use super::server::{self, Credential, HTTP_OWNER, Link, Refusal, Reply, Shared};
+
+/// The media type of OpAMP's plain HTTP bodies.
+pub(super) const PROTOBUF: &str = "application/x-protobuf";
+
+/// A plain HTTP agent between polls.
+pub(super) struct HttpAgent {
+    link: Link,
+    queue: mpsc::Receiver<ToDevice>,
+    /// A message taken from the queue that did not fit the last response.
+    held: Option<ToDevice>,
+    last_request: Instant,
+}
+
+fn protobuf(status: StatusCode, message: &ServerToAgent, gzip: bool) -> Reply {
+    let body = message.encode_to_vec();
+    let (body, encoded) = if gzip { (compress(&body), true) } else { (body, false) };
+    let mut response = server::reply(status, body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
+    if encoded {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
+pub(super) fn compress(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder =
+        flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 2 + 32), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(bytes);
+    encoder.finish().unwrap_or_default()
+}
+
+/// Decompresses gzip `bytes`; `Err(true)` when the result exceeds `limit`.
+pub(super) fn decompress(bytes: &[u8], limit: usize) -> Result<Vec<u8>, Option<String>> {
+    let mut out = Vec::new();
+    let mut decoder = flate2::read::GzDecoder::new(bytes).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|err| Some(format!("the gzip body does not decompress: {err}")))?;
+    if out.len() > limit {
+        return Err(None);
+    }
+    Ok(out)
+}
+
+pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
+
+/// Serves one plain HTTP report.
+pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Request<Incoming>) -> Reply {
+    let config = &shared.config;
+    let is_protobuf = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case(PROTOBUF))
+        });
+    if !is_protobuf {
+        return server::reply(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("an OpAMP POST has Content-Type: {PROTOBUF}"),
+        );
+    }
+    let credential = match server::credential(shared, request.headers()) {
+        Ok(credential) => credential,
+        Err(problem) => return server::unauthorized(problem),
+    };
+    let gzip_response = accepts_gzip(request.headers());
+    let encoding = request
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let too_large = || {
+        server::reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than the limit of {} bytes", config.max_message_size),
+        )
+    };
+    let body = match Limited::new(request.into_body(), config.max_message_size)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
+        Err(err) => return server::reply(StatusCode::BAD_REQUEST, format!("reading the body: {err}")),
+    };
+    let body: Bytes = match encoding.as_deref() {
+        None | Some("identity") => body,
+        Some("gzip") => match decompress(&body, config.max_message_size) {
+            Ok(plain) => plain.into(),
+            Err(None) => return too_large(),
+            Err(Some(problem)) => return server::reply(StatusCode::BAD_REQUEST, problem),
+        },
+        Some(other) => {
+            return server::reply(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Encoding {other:?} is not supported: use gzip or none"),
+            );
+        }
+    };
+    let bad_request = |uid: &[u8], problem: String| {
+        protobuf(
+            StatusCode::BAD_REQUEST,
+            &convert::error_response(uid, problem, None),
+            gzip_response,
+        )
+    };
+    let message = match AgentToServer::decode(body) {
+        Ok(message) => message,
+        Err(err) => return bad_request(&[], format!("the body is not a valid AgentToServer: {err}")),
+    };
+    let uid = match super::instance_uid(&message.instance_uid) {
+        Ok(uid) => uid,
+        Err(problem) => return bad_request(&message.instance_uid, problem),
+    };
+    let peer = format!("opamp-http {peer}");
+
+    let existing = shared
+        .http_agents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned();
+    if let Some(agent) = existing {
+        let mut agent = agent.lock().await;
+        if !(agent.queue.is_closed() && agent.queue.is_empty() && agent.held.is_none()) {
+            if let Err(problem) = credential.admits(shared, &agent.link.device) {
+                return server::unauthorized(problem);
+            }
+            agent.last_request = Instant::now();
+            let reply = match agent.link.report(&message, true).await {
+                Ok(reply) => reply,
+                Err(problem) => {
+                    agent.link.fail(&problem);
+                    drop(agent);
+                    forget(shared, &uid);
+                    return bad_request(&uid, problem);
+                }
+            };
+            let reply = respond(shared, &mut agent, reply).await;
+            if message.agent_disconnect.is_some() {
+                drop(agent);
+                forget(shared, &uid);
+            }
+            return protobuf(StatusCode::OK, &reply, gzip_response);
+        }
+        // The supervisor ended the session (a takeover, say): tell the
+        // agent, whose next full report registers it again.
+        drop(agent);
+        forget(shared, &uid);
+        let ended = convert::error_response(
+            &uid,
+            "the supervisor ended this agent's session; register again".into(),
+            Some(Duration::ZERO),
+        );
+        return protobuf(StatusCode::OK, &ended, gzip_response);
+    }
+    register(shared, &credential, uid, &message, &peer, gzip_response).await
+}
+
+async fn register(
+    shared: &Arc<Shared>,
+    credential: &Credential,
+    uid: [u8; 16],
+    message: &AgentToServer,
+    peer: &str,
+    gzip_response: bool,
+) -> Reply {
+    match server::register(shared, HTTP_OWNER, credential, uid, message, peer).await {
+        Ok((mut link, queue, mut first)) => {
+            match link.report(message, false).await {
+                Ok(reply) => first.flags |= reply.flags,
+                Err(problem) => {
+                    link.fail(&problem);
+                    return protobuf(
+                        StatusCode::BAD_REQUEST,
+                        &convert::error_response(&uid, problem, None),
+                        gzip_response,
+                    );
+                }
+            }
+            if message.agent_disconnect.is_some() {
+                return protobuf(StatusCode::OK, &first, gzip_response);
+            }
+            let mut agent = HttpAgent {
+                link,
+                queue,
+                held: None,
+                last_request: Instant::now(),
+            };
+            let first = respond(shared, &mut agent, first).await;
+            shared
+                .http_agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, Arc::new(tokio::sync::Mutex::new(agent)));
+            protobuf(StatusCode::OK, &first, gzip_response)
+        }
+        Err(Refusal::Unauthenticated(problem)) => server::unauthorized(problem),
+        Err(Refusal::BadRequest(problem)) => protobuf(
+            StatusCode::BAD_REQUEST,
+            &convert::error_response(&uid, problem, None),
+            gzip_response,
+        ),
+        Err(Refusal::Throttled { message, too_many }) => {
+            let status = if too_many {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            server::retry_later(status, message, shared.config.retry_after)
+        }
+        Err(refusal) => match server::refusal_reply(shared, &uid, &refusal) {
+            Some(reply) => protobuf(StatusCode::OK, &reply, gzip_response),
+            None => server::reply(StatusCode::INTERNAL_SERVER_ERROR, "no answer for this refusal"),
+        },
+    }
+}
+
+fn forget(shared: &Shared, uid: &[u8; 16]) {
+    shared.http_agents.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+}
+
+/// Adds what waited for the agent to `reply`, as much as one `ServerToAgent`
+/// holds (one remote config, one custom message, a command alone); the rest
+/// waits for the next poll.
+async fn respond(shared: &Shared, agent: &mut HttpAgent, mut reply: ServerToAgent) -> ServerToAgent {
+    let limit = shared.config.max_message_size;
+    let mut sent: Vec<FromDevice> = Vec::new();
+    loop {
+        let next = match agent.held.take() {
+            Some(held) => held,
+            None => match agent.queue.try_recv() {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+        };
+        if matches!(next, ToDevice::Registered(_)) {
+            continue;
+        }
+        let outgoing = convert::to_agent(&next, &agent.link.uid, agent.link.fleet);
+        let part = outgoing.message;
+        let taken = reply.remote_config.is_some() || reply.custom_message.is_some() || reply.command.is_some();
+        let fits = !(part.remote_config.is_some() && reply.remote_config.is_some()
+            || part.custom_message.is_some() && reply.custom_message.is_some()
+            || part.command.is_some() && taken
+            || reply.command.is_some());
+        if !fits {
+            agent.held = Some(next);
+            break;
+        }
+        let mut merged = reply.clone();
+        merged.remote_config = merged.remote_config.or(part.remote_config);
+        merged.custom_message = merged.custom_message.or(part.custom_message);
+        merged.command = merged.command.or(part.command);
+        if merged.encoded_len() > limit {
+            if !taken {
+                warn!(device = %agent.link.device, limit, "not sending a message over the OpAMP size limit");
+                if let Some(refused) = outgoing.on_refused {
+                    agent.link.tell(refused).await;
+                }
+                continue;
+            }
+            agent.held = Some(next);
+            break;
+        }
+        reply = merged;
+        sent.extend(outgoing.on_sent);
+    }
+    for message in sent {
+        agent.link.tell(message).await;
+    }
+    reply
+}
+
+/// Disconnects plain HTTP agents that stopped polling, until the transport stops.
+pub(super) async fn reap(shared: Arc<Shared>) {
+    let timeout = shared.config.http_session_timeout;
+    let every = (timeout / 4).max(Duration::from_millis(50));
+    let mut stop = shared.stop.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = server::stopped(&mut stop) => {
+                shared.http_agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                return;
+            }
+        }
+        let mut agents = shared.http_agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.retain(|_, agent| match agent.try_lock() {
+            // Busy answering a request: alive.
+            Err(_) => true,
+            Ok(agent) => {
+                let alive =
+                    agent.last_request.elapsed() < timeout && !(agent.queue.is_closed() && agent.queue.is_empty());
+                if !alive {
+                    debug!(device = %agent.link.device, "plain HTTP agent stopped polling; ending its session");
+                }
+                alive
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_round_trips_within_the_limit() {
+        let body = vec![b'x'; 10_000];
+        let packed = compress(&body);
+        assert!(packed.len() < body.len());
+        assert_eq!(decompress(&packed, 10_000).unwrap(), body);
+        assert_eq!(
+            decompress(&packed, 9_999),
+            Err(None),
+            "over the limit after decompression"
+        );
+        assert!(
+            decompress(b"not gzip", 100)
+                .unwrap_err()
+                .unwrap()
+                .contains("does not decompress")
+        );
+    }
+
+    #[test]
+    fn accept_encoding_is_read() {
+        let mut headers = HeaderMap::new();
+        assert!(!accepts_gzip(&headers));
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("deflate, gzip;q=0.8"));
+        assert!(accepts_gzip(&headers));
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0"));
+        assert!(!accepts_gzip(&headers));
+    }
+}

@@ -1,0 +1,888 @@
+//! The supervisor side: one HTTP/1.1 listener serving OpAMP over WebSocket
+//! and plain HTTP, whose registered agents become device sessions.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::{SinkExt as _, Stream, StreamExt as _};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::{DeviceId, Error, Result};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamMap;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{debug, info, warn};
+
+use super::convert::{self, LastConfigStatus};
+use super::proto::{AgentToServer, ServerToAgent, ServerToAgentFlags};
+use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http};
+
+/// The OpAMP [`DeviceTransport`]: serves OpAMP over WebSocket and plain HTTP
+/// on one port, and hands each agent that registered with a valid
+/// credential to the supervisor.
+///
+/// Bound and serving from [`bind`](Self::bind) on; sessions wait (up to the
+/// accept queue) until [`accept`](DeviceTransport::accept) takes them.
+/// [`shutdown`](Self::shutdown) stops it gracefully; dropping it does too,
+/// without waiting.
+#[derive(Debug)]
+pub struct OpampTransport {
+    local_addr: SocketAddr,
+    sessions: tokio::sync::Mutex<mpsc::Receiver<DeviceSession>>,
+    stopping: watch::Sender<bool>,
+    active: watch::Receiver<usize>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl OpampTransport {
+    /// Listens on `config.listen` and starts serving.
+    ///
+    /// [`Error::InvalidInput`] for a setting out of range;
+    /// [`Error::Unavailable`] if the address cannot be bound.
+    pub async fn bind(config: OpampServerConfig) -> Result<Self> {
+        config.validate()?;
+        let listener = crate::net::listen(config.listen, config.backlog)?;
+        let local_addr = crate::net::local_addr(&listener, config.listen)?;
+        let (sessions, accepted) = mpsc::channel(config.accept_queue);
+        let (stopping, stop) = watch::channel(false);
+        let (active_tx, active) = watch::channel(0usize);
+        info!(%local_addr, path = %config.path, auth = ?config.auth, device_id = ?config.device_id, "OpAMP device transport listening");
+        let shared = Arc::new(Shared {
+            ws_config: super::ws_config(
+                config.read_buffer_size,
+                config.write_buffer_size,
+                config.max_message_size,
+            ),
+            config,
+            sessions,
+            live: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            next_owner: AtomicU64::new(HTTP_OWNER + 1),
+            http_agents: Mutex::new(HashMap::new()),
+            stop,
+            active: active_tx,
+        });
+        let server = tokio::spawn(accept_loop(shared.clone(), listener));
+        let reaper = tokio::spawn(http::reap(shared));
+        Ok(OpampTransport {
+            local_addr,
+            sessions: tokio::sync::Mutex::new(accepted),
+            stopping,
+            active,
+            tasks: Mutex::new(vec![server, reaper]),
+        })
+    }
+
+    /// The address it listens on (with the port picked, if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting connections, closes WebSockets with 1001 (going away)
+    /// and ends plain HTTP sessions, waiting up to `grace` for connections to finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut active = self.active.clone();
+        let drained = tokio::time::timeout(grace, async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+            let _ = active.wait_for(|n| *n == 0).await.map(drop);
+        })
+        .await;
+        if drained.is_err() {
+            warn!(local_addr = %self.local_addr, "OpAMP connections still open after the grace period; dropping them");
+        }
+    }
+}
+
+impl Drop for OpampTransport {
+    fn drop(&mut self) {
+        self.stopping.send_replace(true);
+    }
+}
+
+#[async_trait]
+impl DeviceTransport for OpampTransport {
+    fn name(&self) -> &'static str {
+        "opamp"
+    }
+
+    async fn accept(&self) -> Result<Option<DeviceSession>> {
+        let mut stopping = self.stopping.subscribe();
+        let mut sessions = self.sessions.lock().await;
+        tokio::select! {
+            session = sessions.recv() => Ok(session),
+            _ = stopping.wait_for(|stop| *stop) => Ok(None),
+        }
+    }
+}
+
+/// Waits until the transport is stopping.
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across other awaits: it is not `Send`.
+    let _ = stop.wait_for(|stop| *stop).await.map(drop);
+}
+
+/// The owner of plain HTTP agents in the live registry; WebSocket connections count up from 1.
+pub(super) const HTTP_OWNER: u64 = 0;
+
+/// What every connection of one transport shares.
+pub(super) struct Shared {
+    pub(super) config: OpampServerConfig,
+    ws_config: WebSocketConfig,
+    sessions: mpsc::Sender<DeviceSession>,
+    /// Instance uids with a registered agent, and which connection has each.
+    live: Mutex<HashMap<[u8; 16], u64>>,
+    connections: AtomicUsize,
+    pending: AtomicUsize,
+    next_owner: AtomicU64,
+    pub(super) http_agents: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<http::HttpAgent>>>>,
+    pub(super) stop: watch::Receiver<bool>,
+    active: watch::Sender<usize>,
+}
+
+/// Counts a connection task for [`OpampTransport::shutdown`] while it lives.
+struct Active(Arc<Shared>);
+
+impl Active {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.active.send_modify(|n| *n += 1);
+        Active(shared.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
+}
+
+/// TCP keepalive on every connection: probes after 60 s of silence, every
+/// 10 s, 3 unanswered ones drop it (a dead agent goes after about 90 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut stop = shared.stop.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, usually: wait a little instead of spinning.
+                    warn!(error = %err, "accepting an OpAMP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        // The kernel finds dead peers (a half-open connection would keep its
+        // agent's lease alive forever), at no memory cost to the process.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _active = Active::new(&shared);
+            let service = hyper::service::service_fn({
+                let shared = shared.clone();
+                move |request| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(route(&shared, peer, request).await) }
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(shared.config.register_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let mut stop = shared.stop.clone();
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(err) = served {
+                        debug!(%peer, error = %err, "OpAMP HTTP connection ended");
+                    }
+                }
+                _ = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+pub(super) type Reply = Response<Full<Bytes>>;
+
+pub(super) fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+pub(super) fn retry_later(status: StatusCode, message: String, retry_after: Duration) -> Reply {
+    let mut response = reply(status, message);
+    let seconds = retry_after.as_secs().max(1).to_string();
+    if let Ok(value) = HeaderValue::from_str(&seconds) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+pub(super) fn unauthorized(message: String) -> Reply {
+    let mut response = reply(StatusCode::UNAUTHORIZED, message);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"opamp\", Basic realm=\"opamp\""),
+    );
+    response
+}
+
+async fn route(shared: &Arc<Shared>, peer: SocketAddr, request: Request<Incoming>) -> Reply {
+    if request.uri().path() != shared.config.path {
+        return reply(
+            StatusCode::NOT_FOUND,
+            format!("the OpAMP endpoint is {}", shared.config.path),
+        );
+    }
+    if is_upgrade(request.headers()) {
+        if request.method() != Method::GET {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade is a GET");
+        }
+        return upgrade(shared, peer, request);
+    }
+    if request.method() == Method::POST {
+        return http::post(shared, peer, request).await;
+    }
+    reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "OpAMP takes a WebSocket upgrade (GET) or a POST of application/x-protobuf",
+    )
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|part| part.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<Incoming>) -> Reply {
+    let credential = match credential(shared, request.headers()) {
+        Ok(credential) => credential,
+        Err(problem) => return unauthorized(problem),
+    };
+    let version_ok = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "the WebSocket upgrade has no Sec-WebSocket-Key",
+        );
+    };
+    if !version_ok {
+        let mut response = reply(StatusCode::UPGRADE_REQUIRED, "only WebSocket version 13 is supported");
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
+    let config = &shared.config;
+    let open = shared.connections.fetch_add(1, Ordering::AcqRel);
+    let slot = ConnectionSlot(shared.clone());
+    if open >= config.max_connections {
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the server has its limit of {} OpAMP connections open",
+                config.max_connections
+            ),
+            config.retry_after,
+        );
+    }
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _active = Active::new(&shared);
+        let _slot = slot;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(shared.ws_config))
+                    .await;
+                let owner = shared.next_owner.fetch_add(1, Ordering::Relaxed);
+                Connection {
+                    shared: &shared,
+                    ws,
+                    owner,
+                    credential,
+                    peer: format!("opamp-ws {peer}"),
+                    links: Vec::new(),
+                    queues: StreamMap::new(),
+                }
+                .serve()
+                .await;
+            }
+            Err(err) => debug!(%peer, error = %err, "the WebSocket upgrade failed"),
+        }
+    });
+    let mut response = reply(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// Counts an open WebSocket connection against `max_connections`.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// ---- credentials ----
+
+/// What a request's credential proved.
+#[derive(Debug, Clone)]
+pub(super) enum Credential {
+    /// This device, and only it.
+    Device(DeviceId),
+    /// A bearer fleet token, to check against the device an agent reports.
+    Token(String),
+    /// The fleet's shared credential: any device.
+    Fleet,
+}
+
+/// The credential in `headers`, checked as far as it can be before the agent reports.
+pub(super) fn credential(shared: &Shared, headers: &HeaderMap) -> std::result::Result<Credential, String> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("an Authorization header is required")?
+        .to_str()
+        .map_err(|_| "the Authorization header is not text")?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    match (&shared.config.auth, scheme.to_ascii_lowercase().as_str()) {
+        (OpampAuth::FleetToken(key), "basic") => {
+            let (user, token) = basic(rest)?;
+            let device = DeviceId::new(&user).map_err(|err| format!("the Basic user name: {err}"))?;
+            key.verify(&device, &token).map_err(|err| err.to_string())?;
+            Ok(Credential::Device(device))
+        }
+        (OpampAuth::FleetToken(key), "bearer") => {
+            // The id comes from the instance uid: it is known now, so check now.
+            let early = match shared.config.device_id {
+                DeviceIdSource::ServiceInstanceId => None,
+                source => headers
+                    .get("opamp-instance-uid")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|text| uuid::Uuid::parse_str(text).ok())
+                    .and_then(|uid| convert::device_id(source, uid.as_bytes(), None).ok()),
+            };
+            match early {
+                Some(device) => key
+                    .verify(&device, rest)
+                    .map(|()| Credential::Device(device))
+                    .map_err(|err| err.to_string()),
+                None if rest.is_empty() => Err("the bearer token is empty".into()),
+                None => Ok(Credential::Token(rest.to_owned())),
+            }
+        }
+        (OpampAuth::Basic { username, password }, "basic") => {
+            let (user, pass) = basic(rest)?;
+            if constant_time_eq(user.as_bytes(), username.as_bytes())
+                & constant_time_eq(pass.as_bytes(), password.as_bytes())
+            {
+                Ok(Credential::Fleet)
+            } else {
+                Err("the Basic user name or password is wrong".into())
+            }
+        }
+        (OpampAuth::FleetToken(_), other) => Err(format!(
+            "the Authorization scheme {other:?} is not accepted: use Bearer or Basic with a fleet token"
+        )),
+        (OpampAuth::Basic { .. }, other) => {
+            Err(format!("the Authorization scheme {other:?} is not accepted: use Basic"))
+        }
+    }
+}
+
+fn basic(encoded: &str) -> std::result::Result<(String, String), String> {
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|err| format!("the Basic credential is not base64: {err}"))?;
+    let text = String::from_utf8(decoded).map_err(|_| "the Basic credential is not UTF-8")?;
+    let (user, pass) = text
+        .split_once(':')
+        .ok_or("the Basic credential has no ':' between user name and password")?;
+    Ok((user.to_owned(), pass.to_owned()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Credential {
+    /// Whether this credential lets an agent be `device`; why not if it does not.
+    pub(super) fn admits(&self, shared: &Shared, device: &DeviceId) -> std::result::Result<(), String> {
+        match (self, &shared.config.auth) {
+            (Credential::Fleet, _) => Ok(()),
+            (Credential::Device(proven), _) if proven == device => Ok(()),
+            (Credential::Device(proven), _) => Err(format!(
+                "the credential is for device {proven}, but the agent reports device {device}"
+            )),
+            (Credential::Token(token), OpampAuth::FleetToken(key)) => {
+                key.verify(device, token).map_err(|err| err.to_string())
+            }
+            (Credential::Token(_), _) => Err("a bearer token is not accepted here".into()),
+        }
+    }
+}
+
+// ---- registration and reports, shared by both transports ----
+
+/// Why an agent was not registered, and how to answer it.
+pub(super) enum Refusal {
+    /// Its first message lacked the description: ask for everything.
+    FullState,
+    /// Another connection has its instance uid: offer it this one.
+    NewUid([u8; 16]),
+    /// Something it sent was wrong.
+    BadRequest(String),
+    /// Its credential does not admit the device it reports.
+    Unauthenticated(String),
+    /// The server is overloaded; `too_many` says the agents are (429), not the server (503).
+    Throttled { message: String, too_many: bool },
+}
+
+/// A registered agent: its session's sending half towards the supervisor.
+pub(super) struct Link {
+    pub(super) uid: [u8; 16],
+    pub(super) device: DeviceId,
+    pub(super) fleet: bool,
+    inbound: mpsc::Sender<Result<FromDevice>>,
+    last_seq: u64,
+    last_config: LastConfigStatus,
+    _live: LiveUid,
+}
+
+impl Link {
+    /// Hands a report's messages to the supervisor; the reply to send, or
+    /// what was wrong with the report.
+    pub(super) async fn report(
+        &mut self,
+        message: &AgentToServer,
+        check_sequence: bool,
+    ) -> std::result::Result<ServerToAgent, String> {
+        let mut reply = ServerToAgent {
+            instance_uid: self.uid.to_vec(),
+            ..Default::default()
+        };
+        if check_sequence && message.sequence_num != self.last_seq.wrapping_add(1) {
+            debug!(device = %self.device, expected = self.last_seq.wrapping_add(1), got = message.sequence_num, "sequence gap; asking for the full state");
+            reply.flags |= ServerToAgentFlags::ReportFullState as u64;
+        }
+        self.last_seq = message.sequence_num;
+        for report in convert::from_agent(message, &mut self.last_config)? {
+            // A closed session is the supervisor's doing: the queue's end tells the connection.
+            if self.inbound.send(Ok(report)).await.is_err() {
+                break;
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Tells the supervisor something the transport reports for the device.
+    pub(super) async fn tell(&self, message: FromDevice) {
+        let _ = self.inbound.send(Ok(message)).await;
+    }
+
+    /// Ends the session with `problem`, for the supervisor's log.
+    pub(super) fn fail(&self, problem: &str) {
+        let _ = self
+            .inbound
+            .try_send(Err(Error::invalid_input(format!("device {}: {problem}", self.device))));
+    }
+}
+
+/// An instance uid's entry in the live registry, removed when the agent goes.
+struct LiveUid {
+    shared: Arc<Shared>,
+    uid: [u8; 16],
+    owner: u64,
+}
+
+impl Drop for LiveUid {
+    fn drop(&mut self) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&self.uid) == Some(&self.owner) {
+            live.remove(&self.uid);
+        }
+    }
+}
+
+/// Counts a registration in flight against `max_pending_registrations`.
+struct Pending(Arc<Shared>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Registers the agent `uid`, whose first message is `message`, with the
+/// supervisor: the link, its queue, and the first reply.
+pub(super) async fn register(
+    shared: &Arc<Shared>,
+    owner: u64,
+    credential: &Credential,
+    uid: [u8; 16],
+    message: &AgentToServer,
+    peer: &str,
+) -> std::result::Result<(Link, mpsc::Receiver<ToDevice>, ServerToAgent), Refusal> {
+    let config = &shared.config;
+    if message.agent_description.is_none() {
+        return Err(Refusal::FullState);
+    }
+    let device =
+        convert::device_id(config.device_id, &uid, message.agent_description.as_ref()).map_err(Refusal::BadRequest)?;
+    credential.admits(shared, &device).map_err(Refusal::Unauthenticated)?;
+    let live = {
+        let mut live = shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.contains_key(&uid) {
+            let fresh = *uuid::Uuid::now_v7().as_bytes();
+            info!(%device, uid = %super::uuid_text(&uid), new_uid = %super::uuid_text(&fresh), "duplicate instance_uid; offering a new one");
+            return Err(Refusal::NewUid(fresh));
+        }
+        live.insert(uid, owner);
+        LiveUid {
+            shared: shared.clone(),
+            uid,
+            owner,
+        }
+    };
+    let in_flight = shared.pending.fetch_add(1, Ordering::AcqRel);
+    let _pending = Pending(shared.clone());
+    if in_flight >= config.max_pending_registrations {
+        return Err(Refusal::Throttled {
+            message: format!(
+                "{} agents are being registered already; try again later",
+                config.max_pending_registrations
+            ),
+            too_many: true,
+        });
+    }
+    let hello = convert::hello(device, message);
+    let fleet = convert::speaks_fleet(&hello);
+    let (outbound, mut queue) = Outbound::channel(config.device_queue);
+    let (inbound, received) = mpsc::channel(config.device_queue);
+    let session = DeviceSession::new(hello, peer, Box::new(AgentInbound(received)), outbound);
+    match shared.sessions.try_send(session) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return Err(Refusal::Throttled {
+                message: "the supervisor is not keeping up with registrations; try again later".into(),
+                too_many: false,
+            });
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Err(Refusal::Throttled {
+                message: "the server is shutting down".into(),
+                too_many: false,
+            });
+        }
+    }
+    let unavailable = |why: &str| Refusal::Throttled {
+        message: format!("device {device} was not registered: {why}"),
+        too_many: false,
+    };
+    let first = match tokio::time::timeout(config.register_timeout, queue.recv()).await {
+        Ok(Some(registered @ ToDevice::Registered(_))) => convert::to_agent(&registered, &uid, fleet).message,
+        Ok(Some(_)) => return Err(unavailable("the supervisor sent something before registering it")),
+        Ok(None) => return Err(unavailable("the supervisor closed its session")),
+        Err(_) => return Err(unavailable("the supervisor did not register it in time")),
+    };
+    debug!(%device, %peer, "agent registered");
+    let link = Link {
+        uid,
+        device,
+        fleet,
+        inbound,
+        last_seq: message.sequence_num,
+        last_config: None,
+        _live: live,
+    };
+    Ok((link, queue, first))
+}
+
+/// The reply that answers a refused registration; `None` for a credential
+/// that does not admit the device, which the transport answers its own way.
+pub(super) fn refusal_reply(shared: &Shared, uid: &[u8; 16], refusal: &Refusal) -> Option<ServerToAgent> {
+    let mut reply = ServerToAgent {
+        instance_uid: uid.to_vec(),
+        capabilities: SERVER_CAPABILITIES,
+        ..Default::default()
+    };
+    match refusal {
+        Refusal::FullState => reply.flags = ServerToAgentFlags::ReportFullState as u64,
+        Refusal::NewUid(fresh) => {
+            reply.agent_identification = Some(super::proto::AgentIdentification {
+                new_instance_uid: fresh.to_vec(),
+            })
+        }
+        Refusal::BadRequest(problem) => return Some(convert::error_response(uid, problem.clone(), None)),
+        Refusal::Throttled { message, .. } => {
+            return Some(convert::error_response(
+                uid,
+                message.clone(),
+                Some(shared.config.retry_after),
+            ));
+        }
+        Refusal::Unauthenticated(_) => return None,
+    }
+    Some(reply)
+}
+
+/// Messages from one agent, as the supervisor reads them.
+#[derive(Debug)]
+struct AgentInbound(mpsc::Receiver<Result<FromDevice>>);
+
+#[async_trait]
+impl Inbound<FromDevice> for AgentInbound {
+    async fn recv(&mut self) -> Result<Option<FromDevice>> {
+        self.0.recv().await.transpose()
+    }
+}
+
+// ---- WebSocket connections ----
+
+type Queue = Pin<Box<dyn Stream<Item = Option<ToDevice>> + Send>>;
+
+/// One WebSocket connection and the agents registered over it.
+struct Connection<'a> {
+    shared: &'a Arc<Shared>,
+    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    owner: u64,
+    credential: Credential,
+    peer: String,
+    links: Vec<Link>,
+    /// Each agent's queue, ending with `None` when the supervisor closes its session.
+    queues: StreamMap<[u8; 16], Queue>,
+}
+
+impl Connection<'_> {
+    /// Serves the connection until it closes. What it does between idle
+    /// waits is boxed: the future of an idle connection is what a server
+    /// keeps per agent, so it holds only the waits themselves.
+    async fn serve(mut self) {
+        let mut stop = self.shared.stop.clone();
+        loop {
+            tokio::select! {
+                frame = self.ws.next() => match frame {
+                    Some(Ok(Message::Binary(bytes))) => {
+                        if !Box::pin(self.on_frame(&bytes)).await {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Text(_))) => {
+                        return Box::pin(self.refuse(CloseCode::Unsupported, "OpAMP uses binary WebSocket messages")).await;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(tungstenite::Error::Capacity(err))) => {
+                        let problem = format!("message larger than the limit of {} bytes: {err}", self.shared.config.max_message_size);
+                        return Box::pin(self.refuse(CloseCode::Size, &problem)).await;
+                    }
+                    Some(Err(err)) => {
+                        debug!(peer = %self.peer, error = %err, "OpAMP WebSocket ended");
+                        return;
+                    }
+                },
+                Some((uid, queued)) = self.queues.next(), if !self.queues.is_empty() => {
+                    match queued {
+                        Some(message) => {
+                            if !Box::pin(self.deliver(uid, &message)).await {
+                                return;
+                            }
+                        }
+                        None => {
+                            self.links.retain(|link| link.uid != uid);
+                            if self.links.is_empty() {
+                                return Box::pin(self.close(CloseCode::Normal, "the supervisor closed the session")).await;
+                            }
+                        }
+                    }
+                }
+                _ = stopped(&mut stop) => return Box::pin(self.close(CloseCode::Away, "the server is shutting down")).await,
+            }
+        }
+    }
+
+    /// Handles one binary message; false once the connection is to close.
+    async fn on_frame(&mut self, bytes: &[u8]) -> bool {
+        let message: AgentToServer = match super::unframe(bytes) {
+            Ok(message) => message,
+            Err(problem) => {
+                let code = match problem {
+                    FrameProblem::Header(_) => CloseCode::Protocol,
+                    FrameProblem::Payload(_) => CloseCode::Invalid,
+                };
+                self.refuse(code, &problem.to_string()).await;
+                return false;
+            }
+        };
+        let uid = match super::instance_uid(&message.instance_uid) {
+            Ok(uid) => uid,
+            Err(problem) => {
+                self.refuse(CloseCode::Invalid, &problem).await;
+                return false;
+            }
+        };
+        if let Some(at) = self.links.iter().position(|link| link.uid == uid) {
+            match self.links[at].report(&message, true).await {
+                Ok(reply) => {
+                    if message.agent_disconnect.is_some() {
+                        self.links.swap_remove(at);
+                        self.queues.remove(&uid);
+                    }
+                    return self.send(&reply).await;
+                }
+                Err(problem) => {
+                    self.links[at].fail(&problem);
+                    let _ = self.send(&convert::error_response(&uid, problem.clone(), None)).await;
+                    self.close(CloseCode::Invalid, &problem).await;
+                    return false;
+                }
+            }
+        }
+        let registered = register(self.shared, self.owner, &self.credential, uid, &message, &self.peer).await;
+        match registered {
+            Ok((mut link, queue, mut first)) => {
+                match link.report(&message, false).await {
+                    Ok(reply) => first.flags |= reply.flags,
+                    Err(problem) => {
+                        link.fail(&problem);
+                        return self.send(&convert::error_response(&uid, problem, None)).await;
+                    }
+                }
+                let queue: Queue = Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(queue)
+                        .map(Some)
+                        .chain(futures_util::stream::once(async { None })),
+                );
+                self.links.push(link);
+                self.queues.insert(uid, queue);
+                self.send(&first).await
+            }
+            Err(Refusal::Unauthenticated(problem)) => {
+                let _ = self.send(&convert::error_response(&uid, problem.clone(), None)).await;
+                self.close(CloseCode::Policy, &problem).await;
+                false
+            }
+            Err(refusal) => match refusal_reply(self.shared, &uid, &refusal) {
+                Some(reply) => self.send(&reply).await,
+                None => false,
+            },
+        }
+    }
+
+    /// Sends a queued message to its agent; false once the connection is to close.
+    async fn deliver(&mut self, uid: [u8; 16], message: &ToDevice) -> bool {
+        let Some(link) = self.links.iter().find(|link| link.uid == uid) else {
+            return true;
+        };
+        if matches!(message, ToDevice::Registered(_)) {
+            return true;
+        }
+        let outgoing = convert::to_agent(message, &uid, link.fleet);
+        let bytes = super::frame(&outgoing.message);
+        if bytes.len() > self.shared.config.max_message_size {
+            warn!(device = %link.device, bytes = bytes.len(), limit = self.shared.config.max_message_size, "not sending a message over the OpAMP size limit");
+            if let Some(refused) = outgoing.on_refused {
+                link.tell(refused).await;
+            }
+            return true;
+        }
+        if let Err(err) = self.ws.send(Message::Binary(bytes.into())).await {
+            debug!(peer = %self.peer, error = %err, "writing to an OpAMP WebSocket failed");
+            return false;
+        }
+        if let Some(sent) = outgoing.on_sent {
+            link.tell(sent).await;
+        }
+        true
+    }
+
+    async fn send(&mut self, message: &ServerToAgent) -> bool {
+        match self.ws.send(Message::Binary(super::frame(message).into())).await {
+            Ok(()) => true,
+            Err(err) => {
+                debug!(peer = %self.peer, error = %err, "writing to an OpAMP WebSocket failed");
+                false
+            }
+        }
+    }
+
+    /// Closes the connection over bad input: every agent on it is told why.
+    async fn refuse(&mut self, code: CloseCode, problem: &str) {
+        warn!(peer = %self.peer, %problem, "closing an OpAMP WebSocket over bad input");
+        for link in &self.links {
+            link.fail(problem);
+        }
+        if code != CloseCode::Size {
+            let _ = self.send(&convert::error_response(&[], problem.to_owned(), None)).await;
+        }
+        self.close(code, problem).await;
+    }
+
+    async fn close(&mut self, code: CloseCode, reason: &str) {
+        // A close reason is at most 123 bytes.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame {
+            code,
+            reason: reason[..end].to_owned().into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
+    }
+}
