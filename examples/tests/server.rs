@@ -52,6 +52,8 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
             "127.0.0.1:0".into(),
             "--grpc-listen".into(),
             "127.0.0.1:0".into(),
+            "--opamp-listen".into(),
+            "127.0.0.1:0".into(),
             "--tokens".into(),
             TOKEN.into(),
             "--command-timeout".into(),
@@ -61,9 +63,9 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
     );
     let line = server.first_line().await;
     let parts: Vec<&str> = line.split(' ').collect();
-    let (http_address, grpc_address) = match parts.as_slice() {
-        ["listening", http, "grpc", grpc] => (http.to_string(), grpc.to_string()),
-        _ => panic!("expected `listening ADDR grpc ADDR`, got {line:?}"),
+    let (http_address, grpc_address, opamp_address) = match parts.as_slice() {
+        ["listening", http, "grpc", grpc, "opamp", opamp] => (http.to_string(), grpc.to_string(), opamp.to_string()),
+        _ => panic!("expected `listening ADDR grpc ADDR opamp ADDR`, got {line:?}"),
     };
 
     let _agent = Proc::spawn(
@@ -81,26 +83,45 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
         ],
         Some(&key),
     );
-    wait_until("edge-1 is listed online", || async {
-        let (status, body) = http(&http_address, "GET", "/api/v1/devices?online=true", None).await;
-        status == 200 && body.contains("edge-1")
-    })
-    .await;
-
-    let (status, body) = http(
-        &http_address,
-        "POST",
-        "/api/v1/devices/edge-1/emission",
-        Some(&serde_json::json!({"on": true})),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let id = json(&body)["correlation_id"].as_str().unwrap().to_owned();
-    let (status, body) = http(&http_address, "GET", &format!("/api/v1/commands/{id}?wait=5s"), None).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(json(&body)["state"], "acked", "{body}");
-    let (_, body) = http(&http_address, "GET", "/api/v1/devices/edge-1", None).await;
-    assert_eq!(json(&body)["emission"], true, "{body}");
+    // The same agent binary over OpAMP: WebSocket, and plain HTTP polling.
+    let mut opamp_agents = Vec::new();
+    for (device, url) in [
+        ("edge-ws", format!("ws://{opamp_address}/v1/opamp")),
+        ("edge-poll", format!("opamp+http://{opamp_address}/v1/opamp")),
+    ] {
+        let args = [
+            "--server".into(),
+            url,
+            "--device".into(),
+            device.into(),
+            "--applier".into(),
+            "memory".into(),
+            "--poll-interval".into(),
+            "200ms".into(),
+        ];
+        opamp_agents.push(Proc::spawn(
+            "opamp-agent",
+            env!("CARGO_BIN_EXE_opamp-agent"),
+            &args,
+            Some(&key),
+        ));
+    }
+    for device in ["edge-1", "edge-ws", "edge-poll"] {
+        wait_until(&format!("{device} is listed online"), || async {
+            let (status, body) = http(&http_address, "GET", "/api/v1/devices?online=true", None).await;
+            status == 200 && body.contains(&format!("\"{device}\""))
+        })
+        .await;
+        let path = format!("/api/v1/devices/{device}/emission");
+        let (status, body) = http(&http_address, "POST", &path, Some(&serde_json::json!({"on": true}))).await;
+        assert_eq!(status, 202, "{body}");
+        let id = json(&body)["correlation_id"].as_str().unwrap().to_owned();
+        let (status, body) = http(&http_address, "GET", &format!("/api/v1/commands/{id}?wait=10s"), None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["state"], "acked", "{device}: {body}");
+        let (_, body) = http(&http_address, "GET", &format!("/api/v1/devices/{device}"), None).await;
+        assert_eq!(json(&body)["emission"], true, "{body}");
+    }
 
     let (status, body) = http(&http_address, "GET", "/health/ready", None).await;
     assert_eq!(status, 200, "{body}");
@@ -108,7 +129,7 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
     assert_eq!(status, 200);
     assert!(metrics.contains("opamp_commands_total"), "{metrics}");
     assert!(
-        metrics.contains("opamp_devices_online{supervisor=\"server-supervisor\"} 1"),
+        metrics.contains("opamp_devices_online{supervisor=\"server-supervisor\"} 3"),
         "{metrics}"
     );
 

@@ -27,14 +27,17 @@ use opamp_examples::cli::{
 use opamp_examples::logging::LogArgs;
 use opamp_transport::auth::DeviceToken;
 use opamp_transport::grpc::{ClientTls, GrpcConnector, GrpcConnectorConfig};
+use opamp_transport::websocket::{OpampConnector, OpampConnectorConfig};
 use tracing::info;
 
 /// A device agent: registers with a supervisor, answers commands, applies configuration.
 #[derive(Debug, Parser)]
 #[command(name = "opamp-agent", version)]
 struct Args {
-    /// A supervisor's gRPC URL, http://host:port (https:// with --tls-ca). Repeat it for
-    /// failover: the agent tries them in turn when a connection is lost.
+    /// A supervisor's URL: gRPC as http://host:port (https:// with --tls-ca), or
+    /// OpAMP as ws://host:port/v1/opamp (WebSocket) or opamp+http://host:port/v1/opamp
+    /// (plain HTTP polling). Repeat it for failover: the agent tries them in turn
+    /// when a connection is lost.
     #[arg(
         long = "server",
         value_name = "URL",
@@ -43,6 +46,9 @@ struct Args {
         required = true
     )]
     servers: Vec<String>,
+    /// How often an `opamp+http://` agent polls (commands wait for the next poll).
+    #[arg(long, env = "OPAMP_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    poll_interval: Duration,
     /// This device's id.
     #[arg(long, env = "OPAMP_DEVICE_ID")]
     device: DeviceId,
@@ -158,7 +164,37 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     Ok(())
 }
 
-/// One gRPC connector per `--server`, tried in turn.
+/// An OpAMP connector for a `ws://` or `opamp+http://` URL; none for other URLs.
+fn opamp_connector(
+    url: &str,
+    device: &DeviceId,
+    token: Option<&DeviceToken>,
+    tls: bool,
+    poll_interval: Duration,
+) -> opamp_core::Result<Option<Arc<dyn AgentConnector>>> {
+    let config = if url.starts_with("ws://") {
+        OpampConnectorConfig::new(url)
+    } else if let Some(rest) = url.strip_prefix("opamp+http://") {
+        OpampConnectorConfig::new(format!("http://{rest}")).http(poll_interval)
+    } else {
+        return Ok(None);
+    };
+    if tls {
+        return Err(Error::invalid_input(format!(
+            "--server {url}: OpAMP connections here are without TLS"
+        )));
+    }
+    let token = token.ok_or_else(|| {
+        Error::invalid_input(format!(
+            "--server {url}: OpAMP agents need a fleet token ({FLEET_KEY_ENV} or --token)"
+        ))
+    })?;
+    // Basic `<device>:<token>` proves the device on every request, polls included.
+    let config = config.basic(device.as_str(), token.as_str());
+    Ok(Some(Arc::new(OpampConnector::new(config)?)))
+}
+
+/// One connector per `--server` (gRPC or OpAMP by its scheme), tried in turn.
 fn connector(args: &Args) -> opamp_core::Result<Arc<dyn AgentConnector>> {
     let token = match (&args.token, fleet_key_from_env()?) {
         (Some(token), _) => Some(DeviceToken::new(token.clone())),
@@ -188,6 +224,10 @@ fn connector(args: &Args) -> opamp_core::Result<Arc<dyn AgentConnector>> {
         .servers
         .iter()
         .map(|url| {
+            if let Some(opamp) = opamp_connector(url, &args.device, token.as_ref(), tls.is_some(), args.poll_interval)?
+            {
+                return Ok(opamp);
+            }
             let mut config = GrpcConnectorConfig::new(url.clone());
             if let Some(token) = &token {
                 config = config.token(token.clone());

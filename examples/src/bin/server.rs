@@ -31,6 +31,7 @@ use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport};
 use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
+use opamp_transport::websocket::{OpampAuth, OpampServerConfig, OpampTransport};
 use tracing::{info, warn};
 
 /// Serves the REST API and the dashboard over a control plane.
@@ -61,6 +62,10 @@ struct Args {
     /// (fleet key from OPAMP_FLEET_KEY).
     #[arg(long, env = "OPAMP_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
+    /// Also serve OpAMP agents (WebSocket and plain HTTP, `/v1/opamp`) with that
+    /// supervisor; device ids from `service.instance.id`, fleet tokens as credentials.
+    #[arg(long, env = "OPAMP_OPAMP_LISTEN", requires = "grpc_listen")]
+    opamp_listen: Option<SocketAddr>,
     /// The id of that supervisor.
     #[arg(long, env = "OPAMP_SUPERVISOR_ID", default_value = "server-supervisor")]
     supervisor_id: SupervisorId,
@@ -105,13 +110,23 @@ async fn run(args: Args) -> opamp_core::Result<()> {
                     "--grpc-listen needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
                 ))
             })?;
-            let transport =
-                Arc::new(GrpcTransport::bind(GrpcServerConfig::new(listen, DeviceAuth::FleetToken(key))).await?);
+            let grpc = GrpcServerConfig::new(listen, DeviceAuth::FleetToken(key.clone()));
+            let transport = Arc::new(GrpcTransport::bind(grpc).await?);
+            let mut transports = vec![transport.clone() as Arc<dyn DeviceTransport>];
+            let opamp = match args.opamp_listen {
+                Some(listen) => {
+                    let config = OpampServerConfig::new(listen, OpampAuth::FleetToken(key));
+                    let opamp = Arc::new(OpampTransport::bind(config).await?);
+                    transports.push(opamp.clone() as Arc<dyn DeviceTransport>);
+                    Some(opamp)
+                }
+                None => None,
+            };
             let running = Supervisor::new(SupervisorConfig::new(args.supervisor_id), store, bus.bus())
-                .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+                .start(transports)
                 .await?;
             info!(supervisor = %args.supervisor_id, listen = %transport.local_addr(), "serving devices over gRPC");
-            Some((running, transport))
+            Some((running, transport, opamp))
         }
     };
 
@@ -129,7 +144,14 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     info!(listen = %local, "serving the REST API and the dashboard");
     // The line scripts and tests wait for, with the ports chosen.
     match &supervisor {
-        Some((_, transport)) => println!("listening {local} grpc {}", transport.local_addr()),
+        Some((_, transport, Some(opamp))) => {
+            println!(
+                "listening {local} grpc {} opamp {}",
+                transport.local_addr(),
+                opamp.local_addr()
+            )
+        }
+        Some((_, transport, None)) => println!("listening {local} grpc {}", transport.local_addr()),
         None => println!("listening {local}"),
     }
     if let Some(secret) = made_up {
@@ -157,9 +179,12 @@ async fn run(args: Args) -> opamp_core::Result<()> {
         Ok(Err(err)) => warn!(error = %err, "the HTTP server task failed"),
         Err(_) => warn!("requests still open after the shutdown grace; dropping them"),
     }
-    if let Some((running, transport)) = supervisor {
+    if let Some((running, transport, opamp)) = supervisor {
         running.shutdown().await;
         transport.shutdown(args.shutdown_grace).await;
+        if let Some(opamp) = opamp {
+            opamp.shutdown(args.shutdown_grace).await;
+        }
     }
     // The bus first: events it already fetched drain into the running control plane.
     if let Err(err) = bus.shutdown(args.shutdown_grace).await {

@@ -8,7 +8,10 @@
 //!     --store redis://127.0.0.1:6379/ --bus kafka://127.0.0.1:9092
 //! ```
 //!
-//! Prints `listening ADDR` on stdout once it serves devices; stops gracefully
+//! With `--opamp-listen` it also serves OpAMP agents (WebSocket and plain
+//! HTTP), side by side with the gRPC devices.
+//!
+//! Prints `listening ADDR` (and `opamp ADDR`) on stdout once it serves devices; stops gracefully
 //! on Ctrl-C or SIGTERM (the supervisor first, releasing its leases, then the
 //! transport, then the bus).
 
@@ -27,6 +30,7 @@ use opamp_examples::cli::{
 use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport, ServerTls};
+use opamp_transport::websocket::{DeviceIdSource, OpampAuth, OpampServerConfig, OpampTransport};
 use tracing::{info, warn};
 
 /// Serves devices over gRPC and executes the commands the bus brings.
@@ -39,6 +43,19 @@ struct Args {
     /// Where the gRPC ControlService listens for devices (port 0 picks a free one).
     #[arg(long, env = "OPAMP_GRPC_LISTEN", default_value = "127.0.0.1:4320")]
     listen: SocketAddr,
+    /// Also serve OpAMP agents (WebSocket and plain HTTP, path `/v1/opamp`)
+    /// here, e.g. `127.0.0.1:4321`; needs `--auth fleet-token` (agents send
+    /// `Authorization: Basic <device>:<token>` or `Bearer <token>`).
+    #[arg(long, env = "OPAMP_OPAMP_LISTEN")]
+    opamp_listen: Option<SocketAddr>,
+    /// Where an OpAMP agent's device id comes from.
+    #[arg(
+        long,
+        value_enum,
+        env = "OPAMP_OPAMP_DEVICE_ID",
+        default_value = "service-instance-id"
+    )]
+    opamp_device_id: OpampDeviceId,
     /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…` or `postgres://…`.
     // Parsed after clap, whose errors would echo the URL with its password.
     #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
@@ -82,6 +99,16 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OpampDeviceId {
+    /// The `service.instance.id` identifying attribute of the agent description.
+    ServiceInstanceId,
+    /// The instance UID as 32 hex digits.
+    InstanceUidHex,
+    /// The instance UID as UUID text.
+    InstanceUidUuid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Auth {
     /// Fleet tokens derived from the fleet key.
     FleetToken,
@@ -113,18 +140,28 @@ async fn run(args: Args) -> opamp_core::Result<()> {
             "memory:// bus: commands can only come from this process, which sends none; use kafka:// to command devices"
         );
     }
+    let opamp = match opamp_config(&args)? {
+        Some(config) => Some(Arc::new(OpampTransport::bind(config).await?)),
+        None => None,
+    };
     let transport = Arc::new(GrpcTransport::bind(grpc).await?);
+    let mut transports = vec![transport.clone() as Arc<dyn DeviceTransport>];
+    if let Some(opamp) = &opamp {
+        info!(listen = %opamp.local_addr(), "serving OpAMP agents over WebSocket and HTTP");
+        transports.push(opamp.clone() as Arc<dyn DeviceTransport>);
+    }
     let config = SupervisorConfig::new(args.id)
         .lease_ttl(args.lease_ttl)
         .max_in_flight(args.max_in_flight)
         .device_queue(args.device_queue)
         .shutdown_grace(args.shutdown_grace);
-    let running = Supervisor::new(config, store, bus.bus())
-        .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
-        .await?;
+    let running = Supervisor::new(config, store, bus.bus()).start(transports).await?;
     info!(supervisor = %args.id, listen = %transport.local_addr(), "serving devices over gRPC");
-    // The line scripts and tests wait for: the address, with the port chosen.
-    println!("listening {}", transport.local_addr());
+    // The line scripts and tests wait for: the addresses, with the ports chosen.
+    match &opamp {
+        Some(opamp) => println!("listening {} opamp {}", transport.local_addr(), opamp.local_addr()),
+        None => println!("listening {}", transport.local_addr()),
+    }
 
     let mut shutdown = std::pin::pin!(shutdown_signal());
     // interval() refuses zero; the guard below keeps a zero interval from ticking.
@@ -141,11 +178,42 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     info!(signal, "shutting down: supervisor, then transport, then bus");
     running.shutdown().await;
     transport.shutdown(args.shutdown_grace).await;
+    if let Some(opamp) = &opamp {
+        opamp.shutdown(args.shutdown_grace).await;
+    }
     if let Err(err) = bus.shutdown(args.shutdown_grace).await {
         warn!(error = %err, "the bus did not shut down cleanly");
     }
     info!("stopped");
     Ok(())
+}
+
+/// The OpAMP transport's settings, when `--opamp-listen` asks for one.
+fn opamp_config(args: &Args) -> opamp_core::Result<Option<OpampServerConfig>> {
+    let Some(listen) = args.opamp_listen else {
+        return Ok(None);
+    };
+    if args.auth != Auth::FleetToken {
+        return Err(Error::invalid_input(
+            "--opamp-listen needs --auth fleet-token: OpAMP agents prove who they are with fleet tokens",
+        ));
+    }
+    let key = fleet_key_from_env()?.ok_or_else(|| {
+        Error::invalid_input(format!(
+            "--opamp-listen needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
+        ))
+    })?;
+    let source = match args.opamp_device_id {
+        OpampDeviceId::ServiceInstanceId => DeviceIdSource::ServiceInstanceId,
+        OpampDeviceId::InstanceUidHex => DeviceIdSource::InstanceUidHex,
+        OpampDeviceId::InstanceUidUuid => DeviceIdSource::InstanceUidUuid,
+    };
+    Ok(Some(
+        OpampServerConfig::new(listen, OpampAuth::FleetToken(key))
+            .device_id(source)
+            .register_timeout(args.register_timeout)
+            .device_queue(args.device_queue),
+    ))
 }
 
 /// The gRPC transport's settings from the flags and OPAMP_FLEET_KEY.
