@@ -8,6 +8,10 @@
 //! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or --kind bare
 //! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
 //!
+//! # End-to-end command latency through opamp-server, 10,000 devices over gRPC:
+//! cargo build --release -p opamp-examples --bins
+//! target/release/opamp-loadgen command-latency --devices 10000 --rates 1000,5000
+//!
 //! # Idle OpAMP WebSocket agents against the same baseline:
 //! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --servers bare,opamp-transport,opamp-supervisor
 //! ```
@@ -32,8 +36,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
-use opamp_core::transport::{AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, ToDevice};
-use opamp_core::{AgentType, DeviceId, SupervisorId};
+use opamp_core::transport::{
+    AgentConnector, AgentSession, Capabilities, CommandAck, DeviceHello, DeviceTransport, FromDevice, ToDevice,
+};
+use opamp_core::{AgentType, CommandOutcome, DeviceId, SupervisorId};
 use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
@@ -63,6 +69,10 @@ enum Job {
     Serve(ServeArgs),
     /// Connects simulated devices and holds them until stdin closes (the other side).
     Devices(DeviceArgs),
+    /// End-to-end command latency (REST call to ack recorded) against an opamp-server with devices over gRPC.
+    CommandLatency(LatencyArgs),
+    /// Connects devices that answer every command, until stdin closes (the device side of `command-latency`).
+    Responders(DeviceArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +150,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Job::GrpcIdle(idle) => grpc_idle(idle).await,
             Job::Serve(serve) => serve_until_stdin_closes(serve).await,
             Job::Devices(devices) => devices_until_stdin_closes(devices).await,
+            Job::CommandLatency(latency) => command_latency(latency).await,
+            Job::Responders(devices) => responders_until_stdin_closes(devices).await,
         }
     })
 }
@@ -655,4 +667,387 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
         }
     }
     println!("registrations retried after a refused or reset connection: {retried}, in all rounds");
+}
+
+// ---- command-latency ----
+
+/// Connects `count` devices that answer every command at once (as a device
+/// that applies a toggle in no time would), prints the registration line,
+/// and answers until its stdin closes.
+async fn responders_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = fleet_key()?;
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in args.first..args.first + args.count {
+        let device = DeviceId::new(format!("dev-{n:06}"))?;
+        let mut config = GrpcConnectorConfig::new(&args.url).token(key.token(&device));
+        if let Some(source) = args.source {
+            config = config.local_address(source);
+        }
+        let connector = GrpcConnector::new(config)?;
+        let (permits, latencies, failures) = (permits.clone(), latencies.clone(), failures.clone());
+        tasks.spawn(async move {
+            let permit = permits.acquire().await;
+            let mut hello = DeviceHello::new(device);
+            hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
+            hello.capabilities = Capabilities::all_builtin();
+            let begun = Instant::now();
+            let mut session = match connector.connect(&hello).await {
+                Ok(session) => session,
+                Err(err) => {
+                    failures.lock().expect("not poisoned").push(format!("{device}: {err}"));
+                    return;
+                }
+            };
+            let mut registered = false;
+            drop(permit);
+            while let Ok(Some(message)) = session.inbound.recv().await {
+                match message {
+                    ToDevice::Registered(_) if !registered => {
+                        registered = true;
+                        latencies.lock().expect("not poisoned").push(begun.elapsed());
+                    }
+                    ToDevice::Command(command) => {
+                        let ack = CommandAck::new(command.correlation_id, CommandOutcome::Acked);
+                        if session.outbound.send(FromDevice::CommandAck(ack)).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    // Every device has registered (or failed) once as many latencies and failures as devices are in.
+    while latencies.lock().expect("not poisoned").len() + failures.lock().expect("not poisoned").len() < args.count {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = {
+        let mut latencies = latencies.lock().expect("not poisoned");
+        latencies.sort();
+        let failures = failures.lock().expect("not poisoned");
+        for failure in failures.iter().take(5) {
+            eprintln!("failed: {failure}");
+        }
+        Registered {
+            ok: latencies.len(),
+            failed: failures.len(),
+            retried: 0,
+            wall: started.elapsed(),
+            p50: percentile(&latencies, 0.50),
+            p99: percentile(&latencies, 0.99),
+        }
+    };
+    println!("{}", summary.line());
+    wait_for_stdin_eof().await;
+    tasks.abort_all();
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+struct LatencyArgs {
+    /// Devices connected over gRPC, answering every command.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Commands per second offered, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
+    rates: Vec<u32>,
+    /// How long each rate is offered.
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    seconds: Duration,
+    /// Devices per responder process.
+    #[arg(long, default_value_t = 5000)]
+    per_process: usize,
+    /// The opamp-server binary (default: next to this one).
+    #[arg(long)]
+    server: Option<std::path::PathBuf>,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
+}
+
+/// End-to-end command latency: REST call to outcome recorded.
+///
+/// Starts `opamp-server` (in-memory store and bus, a supervisor in the same
+/// process serving gRPC), connects the devices from responder processes,
+/// then offers each rate open-loop from this process: every command is a
+/// `POST /api/v1/devices/{id}/emission` followed by
+/// `GET /api/v1/commands/{id}?wait=10s`, which answers once the control plane
+/// has recorded the device's acknowledgement. Latency runs from the moment
+/// the command was due to be sent (so a client falling behind counts against
+/// it), to that answer.
+async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = random_key();
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let server_bin = match &args.server {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("opamp-server"),
+    };
+    let mut server = spawn(
+        &server_bin,
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--tokens".into(),
+            format!("bench:operator:{secret}"),
+            "--rate".into(),
+            "1000000".into(),
+        ],
+        &key,
+    )
+    .await?;
+    let line = server.line().await?;
+    let (http, grpc) = match line.split(' ').collect::<Vec<_>>().as_slice() {
+        ["listening", http, "grpc", grpc] => (http.to_string(), grpc.to_string()),
+        _ => return Err(format!("unexpected output of opamp-server: {line}").into()),
+    };
+    println!("opamp-server: REST on {http}, gRPC devices on {grpc}");
+
+    let mut responders = Vec::new();
+    let mut first = 0;
+    let mut connected = 0;
+    for (n, chunk) in chunks(args.devices, args.per_process).into_iter().enumerate() {
+        let source = format!("127.0.{}.{}", 20 + n / 200, 2 + n % 200);
+        let process = spawn_self(
+            &[
+                "responders".into(),
+                "--url".into(),
+                format!("http://{grpc}"),
+                "--count".into(),
+                chunk.to_string(),
+                "--first".into(),
+                first.to_string(),
+                "--source".into(),
+                source,
+            ],
+            &key,
+        )
+        .await?;
+        responders.push(process);
+        first += chunk;
+    }
+    for responder in &mut responders {
+        let line = responder.line().await?;
+        let registered = Registered::parse(&line).ok_or_else(|| format!("unexpected output: {line}"))?;
+        if registered.failed > 0 {
+            return Err(format!("{} devices failed to register", registered.failed).into());
+        }
+        connected += registered.ok;
+    }
+    println!("{connected} devices connected over gRPC, each answering every command");
+
+    let client = Http::new(http, secret);
+    let mut rows = Vec::new();
+    for &rate in &args.rates {
+        // A short warm-up at the same rate, not counted.
+        offer(&client, rate, Duration::from_secs(1), args.devices, 0).await?;
+        let run = offer(&client, rate, args.seconds, args.devices, 1).await?;
+        println!(
+            "  {rate}/s offered: {} commands, {:.0}/s achieved, p50 {}, p99 {}, max {}{}",
+            run.sent,
+            run.achieved,
+            micros(run.p50),
+            micros(run.p99),
+            micros(run.max),
+            if run.failures.is_empty() {
+                String::new()
+            } else {
+                format!(", {} not acked", run.failures.len())
+            }
+        );
+        for failure in run.failures.iter().take(3) {
+            println!("    {failure}");
+        }
+        rows.push((rate, run));
+    }
+    drop(responders);
+    drop(server);
+
+    println!(
+        "\nEnd-to-end command latency, REST call to acknowledgement recorded ({connected} devices over gRPC, in-memory backends):\n"
+    );
+    println!("| offered | commands | achieved | p50 | p99 | max | not acked |");
+    println!("|---|---|---|---|---|---|---|");
+    for (rate, run) in rows {
+        println!(
+            "| {rate}/s | {} | {:.0}/s | {} | {} | {} | {} |",
+            run.sent,
+            run.achieved,
+            micros(run.p50),
+            micros(run.p99),
+            micros(run.max),
+            run.failures.len()
+        );
+    }
+    Ok(())
+}
+
+fn chunks(total: usize, per: usize) -> Vec<usize> {
+    let per = per.max(1);
+    (0..total.div_ceil(per)).map(|n| per.min(total - n * per)).collect()
+}
+
+fn micros(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1e3)
+}
+
+async fn spawn(binary: &std::path::Path, args: &[String], key: &str) -> Result<Process, Box<dyn std::error::Error>> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .env(FLEET_KEY_ENV, key)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|err| format!("starting {}: {err}", binary.display()))?;
+    let stdout = child.stdout.take().ok_or("child has no stdout")?;
+    Ok(Process {
+        child,
+        lines: BufReader::new(stdout).lines(),
+    })
+}
+
+/// A keep-alive HTTP/1.1 client for the REST API.
+#[derive(Clone)]
+struct Http {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    base: Arc<str>,
+    bearer: Arc<str>,
+}
+
+impl Http {
+    fn new(address: String, secret: String) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Http {
+            client,
+            base: format!("http://{address}").into(),
+            bearer: format!("Bearer {secret}").into(),
+        }
+    }
+
+    /// The status and body of one request.
+    async fn call(&self, method: hyper::Method, path: &str, body: Option<String>) -> Result<(u16, Vec<u8>), String> {
+        use http_body_util::BodyExt as _;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", &*self.bearer)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+            .map_err(|err| err.to_string())?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|err| format!("{path}: {err}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| err.to_string())?
+            .to_bytes();
+        Ok((status, body.to_vec()))
+    }
+
+    /// Toggles `device` and waits for the outcome; the final state's name.
+    async fn toggle(&self, device: &str, on: bool) -> Result<String, String> {
+        let (status, body) = self
+            .call(
+                hyper::Method::POST,
+                &format!("/api/v1/devices/{device}/emission"),
+                Some(format!("{{\"on\":{on}}}")),
+            )
+            .await?;
+        if status != 202 {
+            return Err(format!(
+                "POST emission of {device}: {status} {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let issued: serde_json::Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
+        let id = issued["correlation_id"].as_str().ok_or("no correlation id")?;
+        let (status, body) = self
+            .call(hyper::Method::GET, &format!("/api/v1/commands/{id}?wait=10s"), None)
+            .await?;
+        if status != 200 {
+            return Err(format!("GET command {id}: {status} {}", String::from_utf8_lossy(&body)));
+        }
+        let record: serde_json::Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
+        Ok(record["state"].as_str().unwrap_or("?").to_owned())
+    }
+}
+
+/// One rate offered for a while.
+struct Run {
+    sent: usize,
+    achieved: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    failures: Vec<String>,
+}
+
+/// Offers `rate` commands a second for `duration`, open loop, to devices in turn.
+async fn offer(
+    client: &Http,
+    rate: u32,
+    duration: Duration,
+    devices: usize,
+    round: usize,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let total = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(due).await;
+        let client = client.clone();
+        let device = format!("dev-{:06}", n % devices);
+        let on = (n / devices + round) % 2 == 0;
+        tasks.spawn(async move {
+            let outcome = client.toggle(&device, on).await;
+            (due.elapsed(), outcome.map_err(|err| format!("{device}: {err}")))
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (latency, outcome) = done?;
+        match outcome {
+            Ok(state) if state == "acked" => latencies.push(latency),
+            Ok(state) => failures.push(format!("ended {state}")),
+            Err(err) => failures.push(err),
+        }
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    Ok(Run {
+        sent: total,
+        achieved: total as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+        failures,
+    })
 }
