@@ -1,134 +1,61 @@
 //! The gRPC transport end to end over loopback sockets: the supervisor and
 //! agent runtimes, the Fluent Bit applier, credentials, TLS, and bad input.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use opamp_bus::memory::MemoryBus;
+use async_trait::async_trait;
+use common::{Fleet, WAIT, Wire, did, hello, key, loopback};
 use opamp_core::runtime::agent::MemoryApplier;
-use opamp_core::runtime::fluent_bit::{FluentBitApplier, FluentBitConfig};
-use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
-use opamp_core::testkit::fluent_bit::ReloadStandIn;
-use opamp_core::testkit::{eventually, spawn_agent};
-use opamp_core::transport::{
-    AgentConnector, AgentSession, Capabilities, DeviceHello, DeviceTransport, FailoverConnector, FromDevice,
-    StatusReport, ToDevice,
-};
-use opamp_core::{
-    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
-    ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error, EventBus, EventKind,
-    GroupName, ManualClock, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
-};
-use opamp_store::memory::MemoryStore;
-use opamp_transport::auth::FleetKey;
+use opamp_core::runtime::supervisor::{RunningSupervisor, SupervisorConfig};
+use opamp_core::testkit::spawn_agent;
+use opamp_core::transport::{AgentConnector, AgentSession, DeviceTransport, FromDevice, StatusReport};
+use opamp_core::{CommandKind, CommandOutcome, Error, RoutingStore};
 use opamp_transport::grpc::proto::{self, envelope::Body};
 use opamp_transport::grpc::{
     ClientTls, DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport, ServerTls,
 };
 use prost::Message as _;
 
-const WAIT: Duration = Duration::from_secs(10);
+/// gRPC with fleet tokens, for the shared scenarios.
+struct Grpc;
 
-fn key() -> FleetKey {
-    FleetKey::new(b"integration-test fleet secret").unwrap()
-}
+#[async_trait]
+impl Wire for Grpc {
+    type Transport = GrpcTransport;
 
-fn did(id: &str) -> DeviceId {
-    DeviceId::new(id).unwrap()
-}
-
-fn sid(id: &str) -> SupervisorId {
-    SupervisorId::new(id).unwrap()
-}
-
-fn hello(device: &str) -> DeviceHello {
-    let mut hello = DeviceHello::new(did(device));
-    hello.capabilities = Capabilities::all_builtin();
-    hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
-    hello
-}
-
-fn loopback() -> std::net::SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// A store, a bus, and an event subscription to watch outcomes on.
-struct Fleet {
-    store: Arc<MemoryStore>,
-    bus: Arc<MemoryBus>,
-    clock: Arc<ManualClock>,
-    events: Subscription<DeviceEvent>,
-}
-
-impl Fleet {
-    async fn new() -> Self {
-        let clock = Arc::new(ManualClock::starting_now());
-        let bus = Arc::new(MemoryBus::new());
-        let events = bus.subscribe_events(&GroupName::new("test").unwrap()).await.unwrap();
-        Fleet {
-            store: Arc::new(MemoryStore::with_clock(clock.clone())),
-            bus,
-            clock,
-            events,
-        }
-    }
-
-    /// A supervisor serving gRPC with fleet tokens on a free port.
-    async fn supervisor(
-        &self,
-        id: &str,
-        server: impl FnOnce(GrpcServerConfig) -> GrpcServerConfig,
-        supervisor: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
-    ) -> (RunningSupervisor, Arc<GrpcTransport>, String) {
-        let config = server(GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key())));
+    async fn bind(&self) -> (Arc<GrpcTransport>, String) {
+        let config = GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key()));
         let transport = Arc::new(GrpcTransport::bind(config).await.unwrap());
         let url = format!("http://{}", transport.local_addr());
-        let store: Arc<dyn Store> = self.store.clone();
-        let bus: Arc<dyn Bus> = self.bus.clone();
-        let running = Supervisor::new(supervisor(SupervisorConfig::new(sid(id))), store, bus)
-            .with_clock(self.clock.clone())
-            .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
-            .await
-            .unwrap();
-        (running, transport, url)
+        (transport, url)
     }
 
-    async fn send(&self, to: &str, device: &str, kind: CommandKind) -> CorrelationId {
-        let command = Command::new(did(device), kind, self.clock.now(), WAIT);
-        self.bus.send(&sid(to), &command).await.unwrap();
-        command.correlation_id
+    async fn stop(transport: &GrpcTransport) {
+        transport.shutdown(Duration::from_secs(1)).await;
     }
 
-    async fn outcome(&mut self, id: CorrelationId) -> CommandOutcome {
-        let found = tokio::time::timeout(WAIT, async {
-            loop {
-                let delivery = self.events.next().await.unwrap().expect("event stream open");
-                let found = match &delivery.message().kind {
-                    EventKind::CommandCompleted {
-                        correlation_id,
-                        outcome,
-                    } if *correlation_id == id => Some(outcome.clone()),
-                    _ => None,
-                };
-                delivery.ack().await.unwrap();
-                if let Some(found) = found {
-                    return found;
-                }
-            }
-        })
+    fn connector(&self, url: &str, device: &str) -> Arc<dyn AgentConnector> {
+        Arc::new(connector(url, device))
+    }
+}
+
+/// A supervisor serving gRPC with fleet tokens on a free port.
+async fn supervisor(
+    fleet: &Fleet,
+    id: &str,
+    server: impl FnOnce(GrpcServerConfig) -> GrpcServerConfig,
+    supervisor: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+) -> (RunningSupervisor, Arc<GrpcTransport>, String) {
+    let config = server(GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key())));
+    let transport = Arc::new(GrpcTransport::bind(config).await.unwrap());
+    let url = format!("http://{}", transport.local_addr());
+    let running = fleet
+        .start(id, vec![transport.clone() as Arc<dyn DeviceTransport>], supervisor)
         .await;
-        found.expect("the command's outcome within the deadline")
-    }
-
-    async fn owner_is(&self, device: &str, owner: Option<&str>) {
-        let (store, device, owner) = (self.store.clone(), did(device), owner.map(sid));
-        eventually(&format!("{device} owned by {owner:?}"), WAIT, || {
-            let store = store.clone();
-            async move { store.lookup(&device).await.unwrap() == owner }
-        })
-        .await;
-    }
+    (running, transport, url)
 }
 
 fn connector(url: &str, device: &str) -> GrpcConnector {
@@ -137,145 +64,22 @@ fn connector(url: &str, device: &str) -> GrpcConnector {
 
 /// A device that registers and then only does what the test says.
 async fn raw_device(url: &str, device: &str) -> AgentSession {
-    let mut session = connector(url, device).connect(&hello(device)).await.unwrap();
-    let first = session.inbound.recv().await.unwrap();
-    assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
-    session
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("opamp-grpc-{name}-{}", CorrelationId::new()));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    common::raw_device(&connector(url, device), device).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emission_and_config_reach_a_fluent_bit_agent_over_grpc() {
-    let mut fleet = Fleet::new().await;
-    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c).await;
-    let dir = TempDir::new("e2e");
-    let fluent_bit = ReloadStandIn::start(dir.0.join("fluent-bit.conf")).await.unwrap();
-    let applier = FluentBitApplier::new(FluentBitConfig::new(&dir.0).reload_url(fluent_bit.url())).unwrap();
-    let (agent, _stop) = spawn_agent(Arc::new(connector(&url, "edge-1")), hello("edge-1"), Arc::new(applier));
-    fleet.owner_is("edge-1", Some("s1")).await;
-
-    let toggle = fleet
-        .send("s1", "edge-1", CommandKind::SetEmission { state: true })
-        .await;
-    assert_eq!(fleet.outcome(toggle).await, CommandOutcome::Acked);
-    assert!(*agent.emission().borrow());
-    assert!(fleet.store.status(&did("edge-1")).await.unwrap().unwrap().emission);
-
-    let config = ConfigRef::new(AgentType::new("fluentbit").unwrap(), ConfigVersion::new("v2").unwrap());
-    let text = "[SERVICE]\n    flush 1\n[OUTPUT]\n    name stdout\n";
-    let bundle = ConfigBundle::new()
-        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", text))
-        .unwrap();
-    let template = ConfigTemplate::new(config, bundle.clone(), "test", Timestamp::now());
-    fleet.store.put_template(&template).await.unwrap();
-    let apply = CommandKind::ApplyConfig {
-        agent_type: config.agent_type,
-        version: config.version,
-    };
-    let id = fleet.send("s1", "edge-1", apply).await;
-    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
-    assert_eq!(
-        fluent_bit.reloads(),
-        vec![text.to_owned()],
-        "Fluent Bit reloaded the pushed file"
-    );
-    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
-    assert_eq!(status.config_version, Some(config.version));
-    assert_eq!(status.config_hash, Some(bundle.hash()));
-
-    // A config Fluent Bit refuses fails with its reason, and the file is restored.
-    let broken = ConfigRef::new(config.agent_type, ConfigVersion::new("v3").unwrap());
-    let bad = ConfigBundle::new()
-        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[BROKEN"))
-        .unwrap();
-    let template = ConfigTemplate::new(broken, bad, "test", Timestamp::now());
-    fleet.store.put_template(&template).await.unwrap();
-    let apply = CommandKind::ApplyConfig {
-        agent_type: broken.agent_type,
-        version: broken.version,
-    };
-    let id = fleet.send("s1", "edge-1", apply).await;
-    match fleet.outcome(id).await {
-        CommandOutcome::Failed { reason } => assert!(reason.contains("refused"), "{reason}"),
-        other => panic!("expected a failure, got {other:?}"),
-    }
-    assert_eq!(std::fs::read_to_string(dir.0.join("fluent-bit.conf")).unwrap(), text);
-    let status = fleet.store.status(&did("edge-1")).await.unwrap().unwrap();
-    assert_eq!(status.config_version, Some(config.version), "still the applied one");
-    assert!(status.last_error.is_some_and(|e| e.contains("refused")));
-    s1.shutdown().await;
+    common::emission_and_config_reach_a_fluent_bit_agent(&Grpc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_closes_the_stale_session_and_fences_its_release() {
-    let fleet = Fleet::new().await;
-    let (s1, _t1, url1) = fleet.supervisor("s1", |c| c, |c| c).await;
-    let (s2, _t2, url2) = fleet.supervisor("s2", |c| c, |c| c).await;
-    let mut old = raw_device(&url1, "d1").await;
-    fleet.owner_is("d1", Some("s1")).await;
-
-    // The device comes back through s2 while its old stream to s1 lingers.
-    let _new = raw_device(&url2, "d1").await;
-    fleet.owner_is("d1", Some("s2")).await;
-    s1.renew_leases().await;
-    let ended = tokio::time::timeout(WAIT, old.inbound.recv())
-        .await
-        .expect("closed in time");
-    assert!(matches!(ended, Ok(None)), "s1 closed the stale stream: {ended:?}");
-    eventually("s1 dropped d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
-    fleet.owner_is("d1", Some("s2")).await;
-    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
-    assert_eq!(status.supervisor, Some(sid("s2")), "s1's offline mark was fenced off");
-    assert!(s2.is_connected(&did("d1")));
-    s2.shutdown().await;
-    s1.shutdown().await;
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Grpc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_supervisors_leases_lapse_and_the_device_rehomes() {
-    let fleet = Fleet::new().await;
-    let (s1, t1, url1) = fleet.supervisor("s1", |c| c, |c| c).await;
-    let (s2, _t2, url2) = fleet.supervisor("s2", |c| c, |c| c).await;
-    let failover =
-        FailoverConnector::new(vec![Arc::new(connector(&url1, "d1")), Arc::new(connector(&url2, "d1"))]).unwrap();
-    let (agent, _stop) = spawn_agent(Arc::new(failover), hello("d1"), Arc::new(MemoryApplier::new()));
-    fleet.owner_is("d1", Some("s1")).await;
-
-    // s1 dies without releasing anything; its lease is still there until it lapses.
-    s1.abort();
-    t1.shutdown(Duration::from_secs(1)).await;
-    fleet.clock.advance(Duration::from_secs(300));
-    // The agent reconnects through s2, whose claim finds the lapsed lease.
-    fleet.owner_is("d1", Some("s2")).await;
-    eventually("agent connected", WAIT, || async { *agent.connected().borrow() }).await;
-
-    // Devices that stay away: their leases lapse and lookups say nobody holds them.
-    let (s3, t3, url3) = fleet.supervisor("s3", |c| c, |c| c).await;
-    let away = raw_device(&url3, "d2").await;
-    fleet.owner_is("d2", Some("s3")).await;
-    s3.abort();
-    t3.shutdown(Duration::from_secs(1)).await;
-    drop(away);
-    fleet.clock.advance(Duration::from_secs(300));
-    assert_eq!(fleet.store.lookup(&did("d2")).await.unwrap(), None);
-    let _back = raw_device(&url2, "d2").await;
-    fleet.owner_is("d2", Some("s2")).await;
-    s2.shutdown().await;
+    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&Grpc).await;
 }
 
 /// A raw gRPC client that sends whatever bytes it is given as frames.
@@ -372,13 +176,13 @@ async fn closing_status(mut stream: tonic::Streaming<Vec<u8>>) -> tonic::Status 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_closes_only_the_offending_stream() {
     let mut fleet = Fleet::new().await;
-    let (s1, _transport, url) = fleet
-        .supervisor(
-            "s1",
-            |c| c.register_timeout(Duration::from_millis(300)).max_message_size(4096),
-            |c| c,
-        )
-        .await;
+    let (s1, _transport, url) = supervisor(
+        &fleet,
+        "s1",
+        |c| c.register_timeout(Duration::from_millis(300)).max_message_size(4096),
+        |c| c,
+    )
+    .await;
     let (good, _stop) = spawn_agent(
         Arc::new(connector(&url, "good")),
         hello("good"),
@@ -457,7 +261,7 @@ async fn bad_input_closes_only_the_offending_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_cannot_register_as_another() {
     let fleet = Fleet::new().await;
-    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c).await;
+    let (s1, _transport, url) = supervisor(&fleet, "s1", |c| c, |c| c).await;
     // d1's token, claiming to be d2.
     let err = connector(&url, "d1").connect(&hello("d2")).await.unwrap_err();
     assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
@@ -472,7 +276,7 @@ async fn a_device_cannot_register_as_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_to_a_device_with_a_full_queue_fail_at_once() {
     let mut fleet = Fleet::new().await;
-    let (s1, _transport, url) = fleet.supervisor("s1", |c| c, |c| c.device_queue(1)).await;
+    let (s1, _transport, url) = supervisor(&fleet, "s1", |c| c, |c| c.device_queue(1)).await;
     let _silent = raw_device(&url, "slow").await;
     fleet.owner_is("slow", Some("s1")).await;
     let ids = [
@@ -527,13 +331,9 @@ async fn tls_supervisor(fleet: &Fleet, auth: DeviceAuth, tls: ServerTls) -> (Run
             .unwrap(),
     );
     let url = format!("https://localhost:{}", transport.local_addr().port());
-    let store: Arc<dyn Store> = fleet.store.clone();
-    let bus: Arc<dyn Bus> = fleet.bus.clone();
-    let running = Supervisor::new(SupervisorConfig::new(sid("tls")), store, bus)
-        .with_clock(fleet.clock.clone())
-        .start(vec![transport as Arc<dyn DeviceTransport>])
-        .await
-        .unwrap();
+    let running = fleet
+        .start("tls", vec![transport as Arc<dyn DeviceTransport>], |c| c)
+        .await;
     (running, url)
 }
 

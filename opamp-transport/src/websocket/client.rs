@@ -839,6 +839,12 @@ async fn pump_http(
         };
         let got = match got {
             Ok(got) => got,
+            // The server ended the session or is overloaded: the session is
+            // over, and the agent reconnects with its backoff.
+            Err(Error::Unavailable { message, .. }) => {
+                debug!(device = %state.hello.device, %message, "the OpAMP server ended the session");
+                return;
+            }
             Err(err) => {
                 let _ = inbound.send(Err(err)).await;
                 return;

@@ -182,9 +182,16 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             }
             return protobuf(StatusCode::OK, &reply, gzip_response);
         }
-        // The supervisor ended the session (a takeover, say): register again.
+        // The supervisor ended the session (a takeover, say): tell the
+        // agent, whose next full report registers it again.
         drop(agent);
         forget(shared, &uid);
+        let ended = convert::error_response(
+            &uid,
+            "the supervisor ended this agent's session; register again".into(),
+            Some(Duration::ZERO),
+        );
+        return protobuf(StatusCode::OK, &ended, gzip_response);
     }
     register(shared, &credential, uid, &message, &peer, gzip_response).await
 }

@@ -1,0 +1,895 @@
+//! OpAMP over WebSocket and plain HTTP end to end over loopback sockets: the
+//! shared scenarios over both transports, and the spec's behaviours (bad
+//! input, limits, credentials, sequence gaps, duplicate instance uids,
+//! multiplexing, throttling), each judged per connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use common::{Fleet, WAIT, Wire, did, hello, key, loopback, sid};
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::{BodyExt as _, Full};
+use opamp_core::runtime::agent::MemoryApplier;
+use opamp_core::testkit::{eventually, spawn_agent};
+use opamp_core::transport::{AgentConnector, DeviceTransport, ToDevice};
+use opamp_core::{CommandKind, CommandOutcome, Error, RoutingStore};
+use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
+use opamp_transport::websocket::proto::{
+    self, AgentToServer, AnyValue, KeyValue, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags, any_value,
+};
+use opamp_transport::websocket::{
+    DeviceIdSource, EMISSION_CAPABILITY, OpampAuth, OpampConnector, OpampConnectorConfig, OpampServerConfig,
+    OpampTransport, SERVER_CAPABILITIES,
+};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// OpAMP over WebSocket with bearer fleet tokens.
+struct Ws;
+
+/// OpAMP over plain HTTP, polling every 50 ms, with Basic `device:token`.
+struct Http;
+
+async fn bind(config: impl FnOnce(OpampServerConfig) -> OpampServerConfig) -> Arc<OpampTransport> {
+    let config = config(OpampServerConfig::new(loopback(), OpampAuth::FleetToken(key())));
+    Arc::new(OpampTransport::bind(config).await.unwrap())
+}
+
+#[async_trait]
+impl Wire for Ws {
+    type Transport = OpampTransport;
+
+    async fn bind(&self) -> (Arc<OpampTransport>, String) {
+        let transport = bind(|c| c).await;
+        let url = format!("ws://{}/v1/opamp", transport.local_addr());
+        (transport, url)
+    }
+
+    async fn stop(transport: &OpampTransport) {
+        transport.shutdown(Duration::from_secs(1)).await;
+    }
+
+    fn connector(&self, url: &str, device: &str) -> Arc<dyn AgentConnector> {
+        Arc::new(ws_connector(url, device))
+    }
+}
+
+#[async_trait]
+impl Wire for Http {
+    type Transport = OpampTransport;
+
+    async fn bind(&self) -> (Arc<OpampTransport>, String) {
+        let transport = bind(|c| c).await;
+        let url = format!("http://{}/v1/opamp", transport.local_addr());
+        (transport, url)
+    }
+
+    async fn stop(transport: &OpampTransport) {
+        transport.shutdown(Duration::from_secs(1)).await;
+    }
+
+    fn connector(&self, url: &str, device: &str) -> Arc<dyn AgentConnector> {
+        let token = key().token(&did(device));
+        let config = OpampConnectorConfig::new(url)
+            .http(Duration::from_millis(50))
+            .basic(device, token.as_str())
+            .gzip(true);
+        Arc::new(OpampConnector::new(config).unwrap())
+    }
+}
+
+fn ws_connector(url: &str, device: &str) -> OpampConnector {
+    OpampConnector::new(OpampConnectorConfig::new(url).token(key().token(&did(device)))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emission_and_config_reach_a_fluent_bit_agent_over_websocket() {
+    common::emission_and_config_reach_a_fluent_bit_agent(&Ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emission_and_config_reach_a_fluent_bit_agent_over_http_polling() {
+    common::emission_and_config_reach_a_fluent_bit_agent(&Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_closes_the_stale_websocket_session() {
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_ends_the_stale_http_session() {
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_device_rehomes_when_its_supervisor_dies() {
+    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&Ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_device_rehomes_when_its_supervisor_dies() {
+    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&Http).await;
+}
+
+// ---- a raw OpAMP client, to send what a real client would not ----
+
+type Raw = WebSocketStream<TcpStream>;
+
+fn bearer(device: &str) -> String {
+    format!("Bearer {}", key().token(&did(device)).as_str())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// Opens a WebSocket to `url` with `authorization`; the HTTP status if the upgrade is refused.
+async fn raw_ws(url: &str, authorization: Option<&str>) -> Result<Raw, (u16, Option<String>)> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(value) = authorization {
+        request.headers_mut().insert("authorization", value.parse().unwrap());
+    }
+    let host = request.uri().authority().unwrap().to_string();
+    let stream = TcpStream::connect(host).await.unwrap();
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => Err((
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        )),
+        Err(other) => panic!("the upgrade failed otherwise: {other}"),
+    }
+}
+
+fn framed(message: &AgentToServer) -> Message {
+    let mut bytes = vec![0];
+    message.encode(&mut bytes).unwrap();
+    Message::Binary(bytes.into())
+}
+
+async fn send(ws: &mut Raw, message: &AgentToServer) {
+    ws.send(framed(message)).await.unwrap();
+}
+
+/// The next `ServerToAgent`.
+async fn recv(ws: &mut Raw) -> ServerToAgent {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the connection is open")
+            .expect("a readable frame");
+        if let Message::Binary(bytes) = frame {
+            assert_eq!(bytes[0], 0, "the header is 0");
+            return ServerToAgent::decode(&bytes[1..]).unwrap();
+        }
+    }
+}
+
+/// Reads until the server closes; its close code.
+async fn close_code(ws: &mut Raw) -> CloseCode {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next()).await.expect("closed in time");
+        match frame {
+            Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => panic!("the connection broke instead of closing: {err}"),
+        }
+    }
+}
+
+fn text(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+    }
+}
+
+/// A full first report of the agent `uid`, which says it is `device`.
+fn report(uid: [u8; 16], sequence: u64, device: &str) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: sequence,
+        capabilities: proto::AgentCapabilities::ReportsStatus as u64,
+        agent_description: Some(proto::AgentDescription {
+            identifying_attributes: vec![text("service.instance.id", device), text("service.name", "otelcol")],
+            non_identifying_attributes: vec![text("os.type", "linux")],
+        }),
+        custom_capabilities: Some(proto::CustomCapabilities {
+            capabilities: vec![EMISSION_CAPABILITY.to_owned()],
+        }),
+        ..Default::default()
+    }
+}
+
+/// A report with nothing but the uid and the sequence number.
+fn bare(uid: [u8; 16], sequence: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: sequence,
+        capabilities: proto::AgentCapabilities::ReportsStatus as u64,
+        ..Default::default()
+    }
+}
+
+fn error_of(reply: &ServerToAgent) -> (ServerErrorResponseType, String) {
+    let error = reply.error_response.as_ref().expect("an error response");
+    (error.r#type(), error.error_message.clone())
+}
+
+/// A supervisor serving OpAMP with `config` on a free port; the ws:// and http:// URLs.
+async fn opamp_supervisor(
+    fleet: &Fleet,
+    id: &str,
+    config: impl FnOnce(OpampServerConfig) -> OpampServerConfig,
+) -> (opamp_core::runtime::supervisor::RunningSupervisor, String, String) {
+    let transport = bind(config).await;
+    let addr = transport.local_addr();
+    let running = fleet
+        .start(id, vec![transport as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    (
+        running,
+        format!("ws://{addr}/v1/opamp"),
+        format!("http://{addr}/v1/opamp"),
+    )
+}
+
+/// A good agent on its own connection, to show bad input elsewhere leaves it alone.
+async fn good_agent(
+    fleet: &mut Fleet,
+    ws_url: &str,
+) -> (Arc<opamp_core::runtime::agent::Agent>, tokio::sync::oneshot::Sender<()>) {
+    let good = spawn_agent(
+        Arc::new(ws_connector(ws_url, "good")),
+        hello("good"),
+        Arc::new(MemoryApplier::new()),
+    );
+    fleet.owner_is("good", Some("s1")).await;
+    good
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_websocket_input_closes_only_that_connection() {
+    let mut fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c.max_message_size(4096)).await;
+    let (good, _stop) = good_agent(&mut fleet, &url).await;
+    let auth = bearer("bad");
+
+    // No credential, a wrong one, another scheme: 401 before the upgrade.
+    assert_eq!(raw_ws(&url, None).await.unwrap_err().0, 401);
+    let wrong = basic("bad", key().token(&did("other")).as_str());
+    assert_eq!(raw_ws(&url, Some(&wrong)).await.unwrap_err().0, 401);
+    assert_eq!(raw_ws(&url, Some("Digest x")).await.unwrap_err().0, 401);
+
+    // A bearer token for another device than the agent reports: refused after the first message.
+    let mut ws = raw_ws(&url, Some(&bearer("other"))).await.unwrap();
+    send(&mut ws, &report([1; 16], 1, "bad")).await;
+    let (kind, message) = error_of(&recv(&mut ws).await);
+    assert_eq!(kind, ServerErrorResponseType::BadRequest);
+    assert!(message.contains("token for device bad"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Policy);
+
+    // A header that is not 0.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.send(Message::Binary(vec![1, 0x0a, 0x00].into())).await.unwrap();
+    let (kind, message) = error_of(&recv(&mut ws).await);
+    assert_eq!(kind, ServerErrorResponseType::BadRequest);
+    assert!(message.contains("header is 1"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Protocol);
+
+    // A header that is not even a varint.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.send(Message::Binary(vec![0xff; 11].into())).await.unwrap();
+    let _ = recv(&mut ws).await;
+    assert_eq!(close_code(&mut ws).await, CloseCode::Protocol);
+
+    // Garbage after the header.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.send(Message::Binary(vec![0, 0x0a, 0xff, 0x01].into()))
+        .await
+        .unwrap();
+    let (_, message) = error_of(&recv(&mut ws).await);
+    assert!(message.contains("not a valid AgentToServer"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Invalid);
+
+    // Garbage after a valid registration: that agent's session ends too.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    send(&mut ws, &report([2; 16], 1, "bad")).await;
+    assert_eq!(recv(&mut ws).await.capabilities, SERVER_CAPABILITIES);
+    fleet.owner_is("bad", Some("s1")).await;
+    ws.send(Message::Binary(vec![0, 0x0a, 0xff, 0x01].into()))
+        .await
+        .unwrap();
+    let _ = recv(&mut ws).await;
+    assert_eq!(close_code(&mut ws).await, CloseCode::Invalid);
+    fleet.owner_is("bad", None).await;
+
+    // An instance uid that is not 16 bytes.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    let mut short = report([3; 16], 1, "bad");
+    short.instance_uid = vec![1, 2, 3];
+    send(&mut ws, &short).await;
+    let (_, message) = error_of(&recv(&mut ws).await);
+    assert!(message.contains("instance_uid must be 16 bytes, got 3"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Invalid);
+
+    // Text instead of binary.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, CloseCode::Unsupported);
+
+    // A message over the limit: 1009.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    let mut big = report([4; 16], 1, "bad");
+    big.health = Some(proto::ComponentHealth {
+        last_error: "x".repeat(8192),
+        ..Default::default()
+    });
+    let _ = ws.send(framed(&big)).await;
+    assert_eq!(close_code(&mut ws).await, CloseCode::Size);
+
+    // A first message without its description: the full state is asked for, nothing refused.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    send(&mut ws, &bare([5; 16], 7)).await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(reply.flags & ServerToAgentFlags::ReportFullState as u64, 1);
+    assert_eq!(reply.capabilities, SERVER_CAPABILITIES);
+
+    // Through all of it the good agent kept working.
+    let id = fleet.send("s1", "good", CommandKind::SetEmission { state: true }).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    assert!(*good.emission().borrow());
+    s1.shutdown().await;
+}
+
+/// A plain HTTP response: status, headers, body.
+struct Posted {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+/// POSTs `body` to `url` with `headers` over a fresh connection.
+async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Posted {
+    let uri: hyper::Uri = url.parse().unwrap();
+    let stream = TcpStream::connect(uri.authority().unwrap().as_str()).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::post(uri.clone()).header("host", uri.authority().unwrap().as_str());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Posted { status, headers, body }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+    out
+}
+
+fn protobuf_headers(authorization: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("content-type", "application/x-protobuf".to_owned()),
+        ("authorization", authorization.to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_input_is_refused_per_request() {
+    let mut fleet = Fleet::new().await;
+    let (s1, ws_url, url) = opamp_supervisor(&fleet, "s1", |c| c.max_message_size(4096)).await;
+    let (good, _stop) = good_agent(&mut fleet, &ws_url).await;
+    let auth = basic("h1", key().token(&did("h1")).as_str());
+
+    // No credential, a wrong token (Basic and bearer): 401.
+    let body = report([1; 16], 1, "h1").encode_to_vec();
+    let refused = post(&url, &[("content-type", "application/x-protobuf".into())], body.clone()).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.headers.contains_key("www-authenticate"));
+    let wrong = basic("h1", key().token(&did("h2")).as_str());
+    assert_eq!(post(&url, &protobuf_headers(&wrong), body.clone()).await.status, 401);
+    assert_eq!(
+        post(&url, &protobuf_headers(&bearer("h2")), body.clone()).await.status,
+        401
+    );
+
+    // Not protobuf; not the endpoint.
+    let mut headers = protobuf_headers(&auth);
+    headers[0].1 = "application/json".into();
+    assert_eq!(post(&url, &headers, body.clone()).await.status, 415);
+    assert_eq!(
+        post(
+            &url.replace("/v1/opamp", "/other"),
+            &protobuf_headers(&auth),
+            body.clone()
+        )
+        .await
+        .status,
+        404
+    );
+
+    // Garbage: 400 with an ErrorResponse.
+    let refused = post(&url, &protobuf_headers(&auth), vec![0x0a, 0xff, 0x01]).await;
+    assert_eq!(refused.status, 400);
+    let (kind, message) = error_of(&ServerToAgent::decode(refused.body).unwrap());
+    assert_eq!(kind, ServerErrorResponseType::BadRequest);
+    assert!(message.contains("not a valid AgentToServer"), "{message}");
+
+    // Over the limit, plain and after decompression: 413.
+    let mut big = report([1; 16], 1, "h1");
+    big.health = Some(proto::ComponentHealth {
+        last_error: "x".repeat(8192),
+        ..Default::default()
+    });
+    let big = big.encode_to_vec();
+    assert_eq!(post(&url, &protobuf_headers(&auth), big.clone()).await.status, 413);
+    let mut gzipped = protobuf_headers(&auth);
+    gzipped.push(("content-encoding", "gzip".into()));
+    let packed = gzip(&big);
+    assert!(packed.len() < 4096, "small on the wire, large inside");
+    assert_eq!(post(&url, &gzipped, packed).await.status, 413);
+    assert_eq!(post(&url, &gzipped, b"not gzip".to_vec()).await.status, 400);
+
+    // A gzipped request registers; a gzipped response comes when asked for.
+    gzipped.push(("accept-encoding", "gzip".into()));
+    let registered = post(&url, &gzipped, gzip(&body)).await;
+    assert_eq!(registered.status, 200);
+    assert_eq!(registered.headers.get("content-encoding").unwrap(), "gzip");
+    let reply = ServerToAgent::decode(gunzip(&registered.body).as_slice()).unwrap();
+    assert_eq!(reply.capabilities, SERVER_CAPABILITIES);
+    assert_eq!(reply.instance_uid, vec![1; 16]);
+    fleet.owner_is("h1", Some("s1")).await;
+
+    // Its next poll, uncompressed both ways, with a sequence gap: ReportFullState.
+    let polled = post(&url, &protobuf_headers(&auth), bare([1; 16], 5).encode_to_vec()).await;
+    assert_eq!(polled.status, 200);
+    assert!(polled.headers.get("content-encoding").is_none());
+    let reply = ServerToAgent::decode(polled.body).unwrap();
+    assert_eq!(reply.flags & ServerToAgentFlags::ReportFullState as u64, 1);
+    // Another device's credential cannot poll for it.
+    let other = basic("h2", key().token(&did("h2")).as_str());
+    assert_eq!(
+        post(&url, &protobuf_headers(&other), bare([1; 16], 6).encode_to_vec())
+            .await
+            .status,
+        401
+    );
+
+    // A command waits for the poll, and is acknowledged by the agent's answer.
+    let id = fleet.send("s1", "h1", CommandKind::SetEmission { state: true }).await;
+    let store = fleet.store.clone();
+    let command = loop {
+        let polled = post(&url, &protobuf_headers(&auth), bare([1; 16], 6).encode_to_vec()).await;
+        let reply = ServerToAgent::decode(polled.body).unwrap();
+        if let Some(custom) = reply.custom_message {
+            break custom;
+        }
+        assert!(store.lookup(&did("h1")).await.unwrap().is_some());
+    };
+    assert_eq!(command.capability, EMISSION_CAPABILITY);
+    assert_eq!(command.r#type, "set_emission");
+    let sent: serde_json::Value = serde_json::from_slice(&command.data).unwrap();
+    assert_eq!(sent["enabled"], true);
+    let mut answer = bare([1; 16], 7);
+    answer.custom_message = Some(proto::CustomMessage {
+        capability: EMISSION_CAPABILITY.into(),
+        r#type: "set_emission_result".into(),
+        data: serde_json::to_vec(&serde_json::json!({"correlation_id": sent["correlation_id"], "outcome": "acked"}))
+            .unwrap(),
+    });
+    assert_eq!(
+        post(&url, &protobuf_headers(&auth), answer.encode_to_vec())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+
+    // Saying goodbye ends the session at once.
+    let mut bye = bare([1; 16], 8);
+    bye.agent_disconnect = Some(proto::AgentDisconnect {});
+    assert_eq!(
+        post(&url, &protobuf_headers(&auth), bye.encode_to_vec()).await.status,
+        200
+    );
+    fleet.owner_is("h1", None).await;
+
+    let id = fleet
+        .send("s1", "good", CommandKind::SetEmission { state: false })
+        .await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    assert!(!*good.emission().borrow());
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_is_answered_with_report_full_state() {
+    let fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c).await;
+    let mut ws = raw_ws(&url, Some(&bearer("seq"))).await.unwrap();
+    send(&mut ws, &report([9; 16], 1, "seq")).await;
+    let first = recv(&mut ws).await;
+    assert_eq!(
+        first.capabilities, SERVER_CAPABILITIES,
+        "capabilities in the first reply"
+    );
+    assert_eq!(first.flags, 0);
+    send(&mut ws, &bare([9; 16], 2)).await;
+    let next = recv(&mut ws).await;
+    assert_eq!(next.flags, 0, "no gap");
+    assert_eq!(next.instance_uid, vec![9; 16]);
+    send(&mut ws, &bare([9; 16], 5)).await;
+    assert_eq!(recv(&mut ws).await.flags, ServerToAgentFlags::ReportFullState as u64);
+    send(&mut ws, &report([9; 16], 6, "seq")).await;
+    assert_eq!(recv(&mut ws).await.flags, 0, "the full state came, in sequence");
+    s1.shutdown().await;
+}
+
+fn fleet_basic() -> OpampAuth {
+    OpampAuth::Basic {
+        username: "fleet".into(),
+        password: "fleet password".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_instance_uid_is_offered_a_new_one() {
+    let fleet = Fleet::new().await;
+    let (s1, url, http_url) = opamp_supervisor(&fleet, "s1", |mut c| {
+        c.auth = fleet_basic();
+        c
+    })
+    .await;
+    let auth = basic("fleet", "fleet password");
+    let mut first = raw_ws(&url, Some(&auth)).await.unwrap();
+    send(&mut first, &report([7; 16], 1, "twin-1")).await;
+    assert!(recv(&mut first).await.error_response.is_none());
+    fleet.owner_is("twin-1", Some("s1")).await;
+
+    // A clone of the VM: same uid, another connection.
+    let mut clone = raw_ws(&url, Some(&auth)).await.unwrap();
+    send(&mut clone, &report([7; 16], 1, "twin-2")).await;
+    let offered = recv(&mut clone).await;
+    let fresh = offered
+        .agent_identification
+        .expect("a new instance uid")
+        .new_instance_uid;
+    assert_eq!(fresh.len(), 16);
+    assert_ne!(fresh, vec![7; 16]);
+    assert_eq!(
+        fleet.store.lookup(&did("twin-2")).await.unwrap(),
+        None,
+        "not registered under the duplicate"
+    );
+    // The same over plain HTTP.
+    let polled = post(
+        &http_url,
+        &protobuf_headers(&auth),
+        report([7; 16], 1, "twin-3").encode_to_vec(),
+    )
+    .await;
+    let offered = ServerToAgent::decode(polled.body).unwrap();
+    assert!(offered.agent_identification.is_some());
+
+    // With the new uid it is registered, and the first keeps its own.
+    let fresh: [u8; 16] = fresh.try_into().unwrap();
+    send(&mut clone, &report(fresh, 2, "twin-2")).await;
+    let registered = recv(&mut clone).await;
+    assert_eq!(registered.instance_uid, fresh.to_vec());
+    assert!(registered.agent_identification.is_none());
+    fleet.owner_is("twin-2", Some("s1")).await;
+    fleet.owner_is("twin-1", Some("s1")).await;
+
+    // Our connector adopts an offered uid by itself.
+    let connector = OpampConnector::new(OpampConnectorConfig::new(&url).basic("fleet", "fleet password")).unwrap();
+    let taken: [u8; 16] = connector.instance_uid();
+    let mut holder = raw_ws(&url, Some(&auth)).await.unwrap();
+    drop(first);
+    send(&mut holder, &report(taken, 1, "holder")).await;
+    assert!(recv(&mut holder).await.error_response.is_none());
+    let session = connector.connect(&hello("adopter")).await.unwrap();
+    assert_ne!(connector.instance_uid(), taken);
+    fleet.owner_is("adopter", Some("s1")).await;
+    drop(session);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_agents_share_one_websocket() {
+    let mut fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |mut c| {
+        c.auth = fleet_basic();
+        c
+    })
+    .await;
+    let mut ws = raw_ws(&url, Some(&basic("fleet", "fleet password"))).await.unwrap();
+    let agents = [([0xa1; 16], "mux-1"), ([0xa2; 16], "mux-2"), ([0xa3; 16], "mux-3")];
+    for (uid, device) in agents {
+        send(&mut ws, &report(uid, 1, device)).await;
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply.instance_uid, uid.to_vec());
+        assert_eq!(reply.capabilities, SERVER_CAPABILITIES);
+        fleet.owner_is(device, Some("s1")).await;
+    }
+    // A command to each reaches the right agent, and each answer completes its own.
+    let mut ids = Vec::new();
+    for (_, device) in agents {
+        ids.push(fleet.send("s1", device, CommandKind::SetEmission { state: true }).await);
+    }
+    let mut answered = 0;
+    let mut sequences = [1u64; 3];
+    while answered < agents.len() {
+        let message = recv(&mut ws).await;
+        let Some(custom) = message.custom_message else { continue };
+        let at = agents
+            .iter()
+            .position(|(uid, _)| uid.to_vec() == message.instance_uid)
+            .expect("a known agent");
+        let sent: serde_json::Value = serde_json::from_slice(&custom.data).unwrap();
+        assert_eq!(
+            sent["correlation_id"],
+            ids[at].to_string(),
+            "addressed to the agent it is for"
+        );
+        sequences[at] += 1;
+        let mut answer = bare(agents[at].0, sequences[at]);
+        answer.custom_message = Some(proto::CustomMessage {
+            capability: EMISSION_CAPABILITY.into(),
+            r#type: "set_emission_result".into(),
+            data: serde_json::to_vec(
+                &serde_json::json!({"correlation_id": sent["correlation_id"], "outcome": "acked"}),
+            )
+            .unwrap(),
+        });
+        send(&mut ws, &answer).await;
+        answered += 1;
+    }
+    assert_eq!(fleet.outcomes(&ids).await, vec![CommandOutcome::Acked; 3]);
+    // One agent leaves; the others stay.
+    let mut bye = bare(agents[0].0, sequences[0] + 1);
+    bye.agent_disconnect = Some(proto::AgentDisconnect {});
+    send(&mut ws, &bye).await;
+    fleet.owner_is("mux-1", None).await;
+    fleet.owner_is("mux-2", Some("s1")).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_answers_retry_later() {
+    // No supervisor: the test plays it, and keeps one registration pending.
+    let transport = bind(|c| c.throttle(2, 1, Duration::from_secs(7))).await;
+    let url = format!("ws://{}/v1/opamp", transport.local_addr());
+    let http_url = format!("http://{}/v1/opamp", transport.local_addr());
+
+    let mut pending = raw_ws(&url, Some(&bearer("p1"))).await.unwrap();
+    send(&mut pending, &report([1; 16], 1, "p1")).await;
+    let session = tokio::time::timeout(WAIT, transport.accept())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(session.hello.device, did("p1"));
+
+    // Over WebSocket: ErrorResponse UNAVAILABLE with RetryInfo.
+    let mut second = raw_ws(&url, Some(&bearer("p2"))).await.unwrap();
+    send(&mut second, &report([2; 16], 1, "p2")).await;
+    let reply = recv(&mut second).await;
+    let error = reply.error_response.expect("an error response");
+    assert_eq!(error.r#type(), ServerErrorResponseType::Unavailable);
+    let Some(proto::server_error_response::Details::RetryInfo(retry)) = error.details else {
+        panic!("no RetryInfo")
+    };
+    assert_eq!(retry.retry_after_nanoseconds, 7_000_000_000);
+    // Our connector reports it as unavailable, which the agent runtime retries.
+    let connector = ws_connector(&url, "p3");
+    // (The limit of 2 connections is reached now: `pending` and `second`.)
+    drop(second);
+    let err = connector.connect(&hello("p3")).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+
+    // Over plain HTTP: 429 with Retry-After.
+    let auth = basic("p4", key().token(&did("p4")).as_str());
+    let refused = post(
+        &http_url,
+        &protobuf_headers(&auth),
+        report([4; 16], 1, "p4").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.headers.get("retry-after").unwrap(), "7");
+
+    // Too many connections: 503 with Retry-After before the upgrade.
+    let _third = raw_ws(&url, Some(&bearer("p5"))).await.unwrap();
+    let (status, retry_after) = raw_ws(&url, Some(&bearer("p6"))).await.unwrap_err();
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("7"));
+
+    // Once the supervisor registers the first, it gets its reply.
+    session
+        .outbound
+        .try_send(ToDevice::Registered(Box::new(sid("s1"))))
+        .unwrap();
+    assert_eq!(recv(&mut pending).await.capabilities, SERVER_CAPABILITIES);
+    transport.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_accept_queue_is_answered_503() {
+    let transport = bind(|mut c| {
+        c.accept_queue = 1;
+        c.register_timeout = Duration::from_millis(200);
+        c
+    })
+    .await;
+    let http_url = format!("http://{}/v1/opamp", transport.local_addr());
+    let url = format!("ws://{}/v1/opamp", transport.local_addr());
+    // The first waits in the accept queue nobody drains; it times out unregistered.
+    let mut waiting = raw_ws(&url, Some(&bearer("q1"))).await.unwrap();
+    send(&mut waiting, &report([1; 16], 1, "q1")).await;
+    let auth = basic("q2", key().token(&did("q2")).as_str());
+    let refused = post(
+        &http_url,
+        &protobuf_headers(&auth),
+        report([2; 16], 1, "q2").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.headers.contains_key("retry-after"));
+    let (kind, message) = error_of(&recv(&mut waiting).await);
+    assert_eq!(kind, ServerErrorResponseType::Unavailable);
+    assert!(message.contains("did not register it in time"), "{message}");
+    transport.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_ids_can_come_from_the_instance_uid() {
+    let fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c.device_id(DeviceIdSource::InstanceUidUuid)).await;
+    let uid = [0x0f; 16];
+    let device = "0f0f0f0f-0f0f-0f0f-0f0f-0f0f0f0f0f0f";
+    // The uid is in the header, so a wrong bearer token is refused before the upgrade.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", bearer("someone-else").parse().unwrap());
+    request
+        .headers_mut()
+        .insert("opamp-instance-uid", device.parse().unwrap());
+    let stream = TcpStream::connect(url.trim_start_matches("ws://").trim_end_matches("/v1/opamp"))
+        .await
+        .unwrap();
+    match tokio_tungstenite::client_async(request, stream).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    let mut ws = raw_ws(&url, Some(&bearer(device))).await.unwrap();
+    send(&mut ws, &report(uid, 1, "ignored-instance-id")).await;
+    assert!(recv(&mut ws).await.error_response.is_none());
+    fleet.owner_is(device, Some("s1")).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_and_capabilities_over_opamp() {
+    let mut fleet = Fleet::new().await;
+    let (s1, url, http_url) = opamp_supervisor(&fleet, "s1", |c| c).await;
+    let (agent, _stop) = spawn_agent(
+        Arc::new(ws_connector(&url, "r1")),
+        hello("r1"),
+        Arc::new(MemoryApplier::new()),
+    );
+    fleet.owner_is("r1", Some("s1")).await;
+    let id = fleet.send("s1", "r1", CommandKind::Restart).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    // It restarted its session and came back.
+    eventually("r1 back", WAIT, || async {
+        *agent.connected().borrow() && s1.is_connected(&did("r1"))
+    })
+    .await;
+
+    // An agent that does not list the emission capability: the command is unsupported.
+    let mut plain = hello("r2");
+    plain.capabilities.emission = false;
+    plain.capabilities.restart = false;
+    let http = OpampConnectorConfig::new(&http_url)
+        .http(Duration::from_millis(50))
+        .token(key().token(&did("r2")));
+    let (_agent, _stop2) = spawn_agent(
+        Arc::new(OpampConnector::new(http).unwrap()),
+        plain,
+        Arc::new(MemoryApplier::new()),
+    );
+    fleet.owner_is("r2", Some("s1")).await;
+    let id = fleet.send("s1", "r2", CommandKind::SetEmission { state: true }).await;
+    assert!(matches!(fleet.outcome(id).await, CommandOutcome::Unsupported { .. }));
+    let id = fleet.send("s1", "r2", CommandKind::Restart).await;
+    assert!(matches!(fleet.outcome(id).await, CommandOutcome::Unsupported { .. }));
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_supervisor_serves_grpc_and_opamp_devices_at_once() {
+    let mut fleet = Fleet::new().await;
+    let grpc = Arc::new(
+        GrpcTransport::bind(GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key())))
+            .await
+            .unwrap(),
+    );
+    let opamp = bind(|c| c).await;
+    let grpc_url = format!("http://{}", grpc.local_addr());
+    let ws_url = format!("ws://{}/v1/opamp", opamp.local_addr());
+    let http_url = format!("http://{}/v1/opamp", opamp.local_addr());
+    let s1 = fleet
+        .start(
+            "s1",
+            vec![grpc as Arc<dyn DeviceTransport>, opamp as Arc<dyn DeviceTransport>],
+            |c| c,
+        )
+        .await;
+    let grpc_connector =
+        GrpcConnector::new(GrpcConnectorConfig::new(&grpc_url).token(key().token(&did("via-grpc")))).unwrap();
+    let (grpc_agent, _a) = spawn_agent(
+        Arc::new(grpc_connector),
+        hello("via-grpc"),
+        Arc::new(MemoryApplier::new()),
+    );
+    let (ws_agent, _b) = spawn_agent(
+        Arc::new(ws_connector(&ws_url, "via-ws")),
+        hello("via-ws"),
+        Arc::new(MemoryApplier::new()),
+    );
+    let (http_agent, _c) = spawn_agent(
+        Http.connector(&http_url, "via-http"),
+        hello("via-http"),
+        Arc::new(MemoryApplier::new()),
+    );
+    for (device, agent) in [
+        ("via-grpc", &grpc_agent),
+        ("via-ws", &ws_agent),
+        ("via-http", &http_agent),
+    ] {
+        fleet.owner_is(device, Some("s1")).await;
+        let id = fleet.send("s1", device, CommandKind::SetEmission { state: true }).await;
+        assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked, "{device}");
+        assert!(*agent.emission().borrow(), "{device}");
+    }
+    s1.shutdown().await;
+}
