@@ -35,7 +35,7 @@ use opamp_core::{
 };
 use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
-use opamp_transport::websocket::{DeviceIdSource, OpampAuth, OpampServerConfig, OpampTransport};
+use opamp_transport::websocket::{DeviceIdSource, OpampAuth, OpampServerConfig, OpampTransport, proto};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -84,7 +84,9 @@ fn installed_clients() -> Option<PathBuf> {
 
 /// The driver scripts, in the repository.
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/interop").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/interop")
+        .join(name)
 }
 
 /// An external client this project did not write, and the transport it uses.
@@ -282,7 +284,15 @@ struct Fleet {
     bus: Arc<MemoryBus>,
     events: Subscription<DeviceEvent>,
     supervisor: RunningSupervisor,
+    transport: Arc<OpampTransport>,
     addr: std::net::SocketAddr,
+}
+
+/// The server's settings for these tests: fleet tokens, short HTTP sessions.
+fn server_config(addr: std::net::SocketAddr, device_ids: DeviceIdSource) -> OpampServerConfig {
+    OpampServerConfig::new(addr, OpampAuth::FleetToken(key()))
+        .device_id(device_ids)
+        .http_session_timeout(HTTP_SESSION_TIMEOUT)
 }
 
 impl Fleet {
@@ -290,23 +300,25 @@ impl Fleet {
         let store = Arc::new(MemoryStore::new());
         let bus = Arc::new(MemoryBus::new());
         let events = bus.subscribe_events(&GroupName::new("interop").unwrap()).await.unwrap();
-        let config = OpampServerConfig::new("127.0.0.1:0".parse().unwrap(), OpampAuth::FleetToken(key()))
-            .device_id(device_ids)
-            .http_session_timeout(HTTP_SESSION_TIMEOUT);
-        let transport = Arc::new(OpampTransport::bind(config).await.unwrap());
-        let addr = transport.local_addr();
-        let (dyn_store, dyn_bus): (Arc<dyn Store>, Arc<dyn Bus>) = (store.clone(), bus.clone());
-        let supervisor = Supervisor::new(SupervisorConfig::new(sid("s1")).lease_ttl(LEASE_TTL), dyn_store, dyn_bus)
-            .start(vec![transport as Arc<dyn DeviceTransport>])
-            .await
-            .unwrap();
+        let config = server_config("127.0.0.1:0".parse().unwrap(), device_ids);
+        let (supervisor, transport) = serve("s1", config, &store, &bus).await;
         Fleet {
+            addr: transport.local_addr(),
             store,
             bus,
             events,
             supervisor,
-            addr,
+            transport,
         }
+    }
+
+    /// Stops the supervisor and its transport, and starts `id` on the same
+    /// address and store: a server restart, as its agents see it.
+    async fn restart_as(&mut self, id: &str, device_ids: DeviceIdSource) {
+        self.transport.shutdown(Duration::from_secs(1)).await;
+        let (supervisor, transport) = serve(id, server_config(self.addr, device_ids), &self.store, &self.bus).await;
+        std::mem::replace(&mut self.supervisor, supervisor).shutdown().await;
+        self.transport = transport;
     }
 
     async fn until_status(&self, what: &str, device: &DeviceId, check: impl Fn(&opamp_core::DeviceStatus) -> bool) {
@@ -325,8 +337,17 @@ impl Fleet {
     }
 
     /// Stores a template for `agent_type` and pushes it to `device`; its outcome.
-    async fn push(&mut self, device: &DeviceId, agent_type: &str, version: &str, bundle: ConfigBundle) -> CommandOutcome {
-        let config = ConfigRef::new(AgentType::new(agent_type).unwrap(), ConfigVersion::new(version).unwrap());
+    async fn push(
+        &mut self,
+        device: &DeviceId,
+        agent_type: &str,
+        version: &str,
+        bundle: ConfigBundle,
+    ) -> CommandOutcome {
+        let config = ConfigRef::new(
+            AgentType::new(agent_type).unwrap(),
+            ConfigVersion::new(version).unwrap(),
+        );
         let template = ConfigTemplate::new(config, bundle, "interop", Timestamp::now());
         self.store.put_template(&template).await.unwrap();
         let kind = CommandKind::ApplyConfig {
@@ -360,6 +381,21 @@ impl Fleet {
     }
 }
 
+async fn serve(
+    id: &str,
+    config: OpampServerConfig,
+    store: &Arc<MemoryStore>,
+    bus: &Arc<MemoryBus>,
+) -> (RunningSupervisor, Arc<OpampTransport>) {
+    let transport = Arc::new(OpampTransport::bind(config).await.unwrap());
+    let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = (store.clone(), bus.clone());
+    let supervisor = Supervisor::new(SupervisorConfig::new(sid(id)).lease_ttl(LEASE_TTL), store, bus)
+        .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+        .await
+        .unwrap();
+    (supervisor, transport)
+}
+
 fn json_bundle(name: &str, body: &str) -> ConfigBundle {
     ConfigBundle::new()
         .with_file(name, ConfigFile::new("application/json", body))
@@ -381,7 +417,10 @@ async fn lifecycle(client: Client, device: &str) {
         .await;
     assert_eq!(fleet.store.lookup(&device_id).await.unwrap(), Some(sid("s1")));
     let status = fleet.store.status(&device_id).await.unwrap().unwrap();
-    assert_eq!(status.agent_type.map(|t| t.to_string()).as_deref(), Some(client.agent_type()));
+    assert_eq!(
+        status.agent_type.map(|t| t.to_string()).as_deref(),
+        Some(client.agent_type())
+    );
     assert!(fleet.supervisor.is_connected(&device_id));
 
     // A config pushed from our side reaches it, and its RemoteConfigStatus comes back as the ack.
@@ -389,8 +428,15 @@ async fn lifecycle(client: Client, device: &str) {
     let outcome = fleet.push(&device_id, client.agent_type(), "v1", bundle.clone()).await;
     assert_eq!(outcome, CommandOutcome::Acked, "{:#?}", agent.lines.lock().unwrap());
     let applied = agent.nth("config", 1).await;
-    assert_eq!(applied["hash"], bundle.hash().to_string(), "the config_hash is the bundle's hash");
-    assert_eq!(applied["files"], json!({"app.json": {"sampling": 0.25, "exporters": ["otlp"]}}));
+    assert_eq!(
+        applied["hash"],
+        bundle.hash().to_string(),
+        "the config_hash is the bundle's hash"
+    );
+    assert_eq!(
+        applied["files"],
+        json!({"app.json": {"sampling": 0.25, "exporters": ["otlp"]}})
+    );
     let status = fleet.store.status(&device_id).await.unwrap().unwrap();
     assert_eq!(status.config_version, Some(ConfigVersion::new("v1").unwrap()));
     assert_eq!(status.config_hash, Some(bundle.hash()));
@@ -413,11 +459,21 @@ async fn lifecycle(client: Client, device: &str) {
     let beats = agent.events(client.heartbeat_event()).len();
     let needed = ((2 * LEASE_TTL.max(HTTP_SESSION_TIMEOUT)).as_secs_f64() / HEARTBEAT_SECS).ceil() as usize;
     agent.nth(client.heartbeat_event(), beats + needed).await;
-    assert!(fleet.supervisor.is_connected(&device_id), "still connected after {needed} heartbeats");
-    assert_eq!(fleet.store.lookup(&device_id).await.unwrap(), Some(sid("s1")), "lease renewed");
+    assert!(
+        fleet.supervisor.is_connected(&device_id),
+        "still connected after {needed} heartbeats"
+    );
+    assert_eq!(
+        fleet.store.lookup(&device_id).await.unwrap(),
+        Some(sid("s1")),
+        "lease renewed"
+    );
     let status = fleet.store.status(&device_id).await.unwrap().unwrap();
     assert_eq!(status.status, Presence::Online);
-    assert!(status.last_seen.is_some_and(|last| last > seen), "heartbeats are recorded");
+    assert!(
+        status.last_seen.is_some_and(|last| last > seen),
+        "heartbeats are recorded"
+    );
 
     // It leaves: offline, and the lease is let go. A client that says goodbye
     // is gone at once; one that just stops polling, after the session timeout.
@@ -452,4 +508,94 @@ async fn elastic_node_client_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_messages_over_websocket() {
     lifecycle(Client::PythonWebSocket, "py-ws-agent-1").await;
+}
+
+/// A server restart forgets every agent. A plain HTTP agent's next poll (a
+/// heartbeat, without its description) is answered with `ReportFullState`;
+/// the client sends its full state and is registered by the new supervisor.
+async fn full_state_after_a_restart(client: Client, device: &str) {
+    let Some(clients) = installed_clients() else { return };
+    let mut fleet = Fleet::start(client.device_ids()).await;
+    let device_id = did(device);
+    let mut agent = Driver::spawn(&format!("{client:?}"), client.command(&clients, fleet.addr, device));
+    fleet
+        .until_status("online at s1", &device_id, |s| {
+            s.status == Presence::Online && s.supervisor == Some(sid("s1"))
+        })
+        .await;
+
+    fleet.restart_as("s2", client.device_ids()).await;
+    fleet
+        .until_status("online at s2", &device_id, |s| {
+            s.status == Presence::Online && s.supervisor == Some(sid("s2"))
+        })
+        .await;
+    assert_eq!(fleet.store.lookup(&device_id).await.unwrap(), Some(sid("s2")));
+    assert!(fleet.supervisor.is_connected(&device_id));
+    if matches!(client, Client::NodeHttp) {
+        // This client shows the flags of each reply: it was asked.
+        let report_full_state = proto::ServerToAgentFlags::ReportFullState as u64;
+        assert!(
+            agent.events("sent").iter().any(|sent| sent["flags"]
+                .as_u64()
+                .is_some_and(|flags| flags & report_full_state != 0)),
+            "{:#?}",
+            agent.lines.lock().unwrap()
+        );
+    }
+    agent.stop();
+    agent.exited().await;
+    fleet.supervisor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opentelemetry_python_client_reports_full_state_to_a_restarted_server() {
+    full_state_after_a_restart(Client::PythonHttp, "py-http-agent-2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elastic_node_client_reports_full_state_to_a_restarted_server() {
+    full_state_after_a_restart(Client::NodeHttp, "0190a6f1-7c4e-7b1a-8e2d-5f3c9a1b2c3e").await;
+}
+
+/// A server that cannot register agents in time (here: a transport no
+/// supervisor accepts from) throttles them and says when to come back:
+/// `503` with `Retry-After` over HTTP, `ErrorResponse` `UNAVAILABLE` with
+/// `RetryInfo` over WebSocket; the clients read the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_clients_are_told_when_to_retry() {
+    let Some(clients) = installed_clients() else { return };
+    // Above the Node.js client's floor of 30 s, so the value it reads is ours.
+    let retry_after = Duration::from_secs(45);
+    let throttling = |device_ids| async move {
+        let config = server_config("127.0.0.1:0".parse().unwrap(), device_ids)
+            .register_timeout(Duration::from_millis(200))
+            .throttle(100, 100, retry_after);
+        OpampTransport::bind(config).await.unwrap()
+    };
+
+    let http = throttling(Client::NodeHttp.device_ids()).await;
+    let node = Driver::spawn(
+        "NodeHttp",
+        Client::NodeHttp.command(&clients, http.local_addr(), "0190a6f1-7c4e-7b1a-8e2d-5f3c9a1b2c3f"),
+    );
+    let failed = node.nth("send_failed", 1).await;
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("503")), "{failed}");
+    assert_eq!(failed["retry_after_ms"], json!(retry_after.as_millis() as u64));
+
+    let ws = throttling(Client::PythonWebSocket.device_ids()).await;
+    let python = Driver::spawn(
+        "PythonWebSocket",
+        Client::PythonWebSocket.command(&clients, ws.local_addr(), "py-ws-agent-2"),
+    );
+    let error = python.nth("error", 1).await;
+    assert_eq!(
+        error["type"],
+        json!(proto::ServerErrorResponseType::Unavailable as i32),
+        "{error}"
+    );
+    assert_eq!(error["retry_after_ns"], json!(retry_after.as_nanos() as u64));
+
+    http.shutdown(Duration::from_secs(1)).await;
+    ws.shutdown(Duration::from_secs(1)).await;
 }

@@ -1,24 +1,33 @@
-//! Load generator: simulated devices over gRPC, and the benchmarks built on them.
+//! Load generator: simulated devices over gRPC, OpAMP and MQTT, and the benchmarks built on them.
 //!
 //! ```text
 //! # The idle-connection benchmark: supervisor vs a bare tonic server, side by side.
 //! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --low 2000 --high 15000
 //!
-//! # Its parts, by hand:
-//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or --kind bare
+//! # Idle OpAMP agents over WebSocket vs Mosquitto holding idle MQTT clients.
+//! cargo run --release -p opamp-examples --bin opamp-loadgen -- opamp-idle --low 2000 --high 15000
+//!
+//! # Their parts, by hand:
+//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or bare, transport, opamp, opamp-transport
 //! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
+//! opamp-loadgen devices --protocol opamp --url ws://127.0.0.1:4320/v1/opamp --count 5000
 //! ```
 //!
-//! `devices` opens one gRPC stream (one TCP connection) per simulated device,
-//! registers it with its fleet token, waits for `registered`, prints how long
-//! that took, and holds the streams idle until its stdin closes. A process
-//! holds at most ~19,900 sockets here, so `grpc-idle` spreads devices over
-//! several processes, each connecting from its own 127.x.y.z source address.
+//! `devices` opens one connection per simulated device (a gRPC stream, an
+//! OpAMP WebSocket, or an MQTT connection), registers it (with its fleet token
+//! for gRPC and OpAMP), waits for `registered` (or MQTT's CONNACK), prints how
+//! long that took, and holds the connections idle until its stdin closes. A
+//! process holds at most ~19,900 sockets here, so the benchmarks spread
+//! devices over several processes, each connecting from its own 127.x.y.z
+//! source address.
 //!
-//! `grpc-idle` measures the server's resident memory (VmRSS) with `low` and
-//! then `high` devices connected and reports the slope per device, for the
-//! supervisor runtime (in-memory store and bus, gRPC transport) and for a
-//! bare tonic server holding the same streams, round after round.
+//! `grpc-idle` and `opamp-idle` measure each server's resident memory (VmRSS)
+//! with `low` and then `high` devices connected and report the slope per
+//! device, round after round: `grpc-idle` for the supervisor runtime
+//! (in-memory store and bus, gRPC transport) against a bare tonic server
+//! holding the same streams; `opamp-idle` for the supervisor serving OpAMP
+//! over WebSocket against a Mosquitto broker (its own process, its own config
+//! on a free loopback port) holding as many idle MQTT 3.1.1 clients.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
@@ -516,7 +525,11 @@ mod mqtt {
         source: Option<IpAddr>,
         client_id: &str,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let socket = if broker.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if broker.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(source) = source {
             socket.bind(SocketAddr::new(source, 0))?;
         }
@@ -527,7 +540,9 @@ mod mqtt {
         stream.read_exact(&mut connack).await?;
         match connack {
             [0x20, 0x02, _, 0] => Ok(tokio::spawn(keep_alive(stream))),
-            [0x20, 0x02, _, code] => Err(std::io::Error::other(format!("CONNACK refused the client: code {code}"))),
+            [0x20, 0x02, _, code] => Err(std::io::Error::other(format!(
+                "CONNACK refused the client: code {code}"
+            ))),
             other => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("expected CONNACK, got {other:02x?}"),
@@ -661,9 +676,8 @@ impl Mosquitto {
         )?;
         let mut command = Command::new("mosquitto");
         command.arg("-c").arg(&config);
-        let process = Process::spawn(command).map_err(|err| {
-            format!("cannot start mosquitto ({err}); install it with `apt-get install -y mosquitto`")
-        })?;
+        let process = Process::spawn(command)
+            .map_err(|err| format!("cannot start mosquitto ({err}); install it with `apt-get install -y mosquitto`"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             if Instant::now() > deadline {
@@ -802,7 +816,10 @@ async fn measure_idle(
             batch.push(vec![
                 "devices".to_owned(),
                 "--protocol".to_owned(),
-                kind.protocol().to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default(),
+                kind.protocol()
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
                 "--url".to_owned(),
                 url.clone(),
                 "--count".to_owned(),
@@ -945,4 +962,3 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
     }
     println!("registrations retried after a refused or reset connection: {retried}, in all rounds");
 }
-
