@@ -354,7 +354,7 @@ impl Fleet {
             agent_type: config.agent_type,
             version: config.version,
         };
-        let command = FleetCommand::new(device.clone(), kind, Timestamp::now(), WAIT);
+        let command = FleetCommand::new(*device, kind, Timestamp::now(), WAIT);
         self.bus.send(&sid("s1"), &command).await.unwrap();
         self.outcome(command.correlation_id).await
     }

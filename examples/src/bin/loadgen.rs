@@ -485,7 +485,7 @@ impl Client {
     async fn register(&self, device: &DeviceId) -> Result<Held, opamp_core::Error> {
         match self {
             Client::Connector(connector) => {
-                let mut hello = DeviceHello::new(device.clone());
+                let mut hello = DeviceHello::new(*device);
                 hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
                 hello.capabilities = Capabilities::all_builtin();
                 let mut session = connector.connect(&hello).await?;
