@@ -736,8 +736,16 @@ async fn throttling_answers_retry_later() {
     assert_eq!(refused.status, 429);
     assert_eq!(refused.headers.get("retry-after").unwrap(), "7");
 
-    // Too many connections: 503 with Retry-After before the upgrade.
-    let _third = raw_ws(&url, Some(&bearer("p5"))).await.unwrap();
+    // Too many connections: 503 with Retry-After before the upgrade. (The
+    // server notices the closed ones in its own time: wait for a free slot.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let _third = loop {
+        match raw_ws(&url, Some(&bearer("p5"))).await {
+            Ok(ws) => break ws,
+            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(refused) => panic!("no slot freed: {refused:?}"),
+        }
+    };
     let (status, retry_after) = raw_ws(&url, Some(&bearer("p6"))).await.unwrap_err();
     assert_eq!(status, 503);
     assert_eq!(retry_after.as_deref(), Some("7"));
@@ -773,9 +781,13 @@ async fn a_full_accept_queue_is_answered_503() {
     .await;
     assert_eq!(refused.status, 503);
     assert!(refused.headers.contains_key("retry-after"));
+    // Whichever came second found the queue full; the other was never registered.
     let (kind, message) = error_of(&recv(&mut waiting).await);
     assert_eq!(kind, ServerErrorResponseType::Unavailable);
-    assert!(message.contains("did not register it in time"), "{message}");
+    assert!(
+        message.contains("did not register it in time") || message.contains("not keeping up"),
+        "{message}"
+    );
     transport.shutdown(Duration::from_secs(1)).await;
 }
 

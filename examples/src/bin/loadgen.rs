@@ -8,7 +8,7 @@
 //! cargo run --release -p opamp-examples --bin opamp-loadgen -- opamp-idle --low 2000 --high 15000
 //!
 //! # Their parts, by hand:
-//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or bare, transport, opamp, opamp-transport
+//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or bare, transport, opamp-supervisor, opamp-transport
 //! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
 //! opamp-loadgen devices --protocol opamp --url ws://127.0.0.1:4320/v1/opamp --count 5000
 //! ```
@@ -92,7 +92,7 @@ struct IdleArgs {
     #[command(flatten)]
     buffers: WsBuffers,
     /// The servers to measure, in each round (default: `bare,supervisor` for
-    /// `grpc-idle`, `mosquitto,opamp` for `opamp-idle`).
+    /// `grpc-idle`, `mosquitto,opamp-supervisor` for `opamp-idle`).
     #[arg(long, value_enum, value_delimiter = ',')]
     servers: Vec<ServerKind>,
 }
@@ -105,8 +105,8 @@ enum ServerKind {
     Transport,
     /// A bare tonic `ControlService` that answers `registered` and holds the stream.
     Bare,
-    /// The supervisor runtime on the in-memory store and bus, serving OpAMP over WebSocket.
-    Opamp,
+    /// The supervisor runtime on the in-memory store and bus, serving OpAMP (agents over WebSocket).
+    OpampSupervisor,
     /// The OpAMP transport alone: sessions accepted, answered `registered` and held, no runtime.
     OpampTransport,
     /// A Mosquitto broker (Debian's `mosquitto`) holding idle MQTT clients: the baseline of `opamp-idle`.
@@ -119,7 +119,7 @@ impl ServerKind {
             ServerKind::Supervisor => "supervisor",
             ServerKind::Transport => "transport",
             ServerKind::Bare => "bare",
-            ServerKind::Opamp => "opamp",
+            ServerKind::OpampSupervisor => "opamp-supervisor",
             ServerKind::OpampTransport => "opamp-transport",
             ServerKind::Mosquitto => "mosquitto",
         }
@@ -129,7 +129,7 @@ impl ServerKind {
     fn protocol(self) -> Protocol {
         match self {
             ServerKind::Supervisor | ServerKind::Transport | ServerKind::Bare => Protocol::Grpc,
-            ServerKind::Opamp | ServerKind::OpampTransport => Protocol::Opamp,
+            ServerKind::OpampSupervisor | ServerKind::OpampTransport => Protocol::Opamp,
             ServerKind::Mosquitto => Protocol::Mqtt,
         }
     }
@@ -181,9 +181,9 @@ impl WsBuffers {
 
 #[derive(Debug, clap::Args)]
 struct DeviceArgs {
-    /// What the devices speak.
-    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
-    protocol: Protocol,
+    /// What the devices speak (default: `opamp` for a `ws://` URL, else `grpc`).
+    #[arg(long, value_enum)]
+    protocol: Option<Protocol>,
     /// The server's URL: `http://127.0.0.1:4317` (gRPC), `ws://127.0.0.1:4320/v1/opamp` (OpAMP),
     /// `127.0.0.1:1883` (MQTT).
     #[arg(long)]
@@ -244,7 +244,7 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
     };
     match args.kind {
         ServerKind::Supervisor => supervise(Arc::new(GrpcTransport::bind(grpc()).await?)).await?,
-        ServerKind::Opamp => supervise(Arc::new(OpampTransport::bind(opamp()).await?)).await?,
+        ServerKind::OpampSupervisor => supervise(Arc::new(OpampTransport::bind(opamp()).await?)).await?,
         ServerKind::Transport => hold_sessions(&GrpcTransport::bind(grpc()).await?).await?,
         ServerKind::OpampTransport => hold_sessions(&OpampTransport::bind(opamp()).await?).await?,
         ServerKind::Mosquitto => return Err("mosquitto is its own program: `opamp-idle` starts it".into()),
@@ -389,8 +389,13 @@ impl Registered {
     }
 }
 
-async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let key = match args.protocol {
+async fn devices_until_stdin_closes(mut args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let protocol = *args.protocol.get_or_insert(if args.url.starts_with("ws://") {
+        Protocol::Opamp
+    } else {
+        Protocol::Grpc
+    });
+    let key = match protocol {
         Protocol::Mqtt => None,
         Protocol::Grpc | Protocol::Opamp => Some(fleet_key()?),
     };
@@ -460,7 +465,7 @@ enum Client {
 impl Client {
     fn new(args: &DeviceArgs, key: Option<&FleetKey>, device: &DeviceId) -> Result<Self, Box<dyn std::error::Error>> {
         let token = || key.map(|key| key.token(device)).ok_or("no fleet key");
-        Ok(match args.protocol {
+        Ok(match args.protocol.unwrap_or(Protocol::Grpc) {
             Protocol::Grpc => {
                 let mut config = GrpcConnectorConfig::new(&args.url).token(token()?);
                 if let Some(source) = args.source {
@@ -718,7 +723,7 @@ impl Benchmark {
     fn default_servers(self) -> Vec<ServerKind> {
         match self {
             Benchmark::Grpc => vec![ServerKind::Bare, ServerKind::Supervisor],
-            Benchmark::Opamp => vec![ServerKind::Mosquitto, ServerKind::Opamp],
+            Benchmark::Opamp => vec![ServerKind::Mosquitto, ServerKind::OpampSupervisor],
         }
     }
 
@@ -934,7 +939,7 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
                 ServerKind::Bare => "bare tonic",
                 ServerKind::Transport => "gRPC transport alone",
                 ServerKind::Supervisor => "supervisor (memory store + bus), gRPC",
-                ServerKind::Opamp => "supervisor (memory store + bus), OpAMP over WebSocket",
+                ServerKind::OpampSupervisor => "supervisor (memory store + bus), OpAMP over WebSocket",
                 ServerKind::OpampTransport => "OpAMP transport alone, WebSocket",
                 ServerKind::Mosquitto => "Mosquitto, idle MQTT 3.1.1 clients",
             },

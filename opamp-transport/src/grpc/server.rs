@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
 use opamp_core::{DeviceId, Error, Result};
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
@@ -44,10 +43,8 @@ impl GrpcTransport {
     /// does not load; [`Error::Unavailable`] if the address cannot be bound.
     pub async fn bind(config: GrpcServerConfig) -> Result<Self> {
         config.validate()?;
-        let listener = listen(config.listen, config.backlog)?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|err| unavailable(format!("reading the address of {}", config.listen), err))?;
+        let listener = crate::net::listen(config.listen, config.backlog)?;
+        let local_addr = crate::net::local_addr(&listener, config.listen)?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
@@ -130,27 +127,6 @@ impl DeviceTransport for GrpcTransport {
             _ = stopping.wait_for(|stop| *stop) => Ok(None),
         }
     }
-}
-
-fn unavailable(doing: String, err: std::io::Error) -> Error {
-    Error::Unavailable {
-        message: doing,
-        source: Some(Box::new(err)),
-    }
-}
-
-fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
-    let bind = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(backlog)
-    };
-    bind().map_err(|err| unavailable(format!("listening on {addr}"), err))
 }
 
 struct Shared {

@@ -698,22 +698,49 @@ async fn post(
     message: AgentToServer,
 ) -> Result<ServerToAgent> {
     let config = &connector.config;
-    let url = &config.url;
-    let body = message.encode_to_vec();
-    if body.len() > config.max_message_size {
+    if message.encoded_len() > config.max_message_size {
         return Err(Error::invalid_input(format!(
             "a report of {} bytes is over the limit of {} bytes",
-            body.len(),
+            message.encoded_len(),
             config.max_message_size
         )));
     }
+    // A kept-alive connection the server closed between polls fails the
+    // send: the report is sent again once over a fresh connection.
+    let reused = sender.as_ref().is_some_and(|s| !s.is_closed());
+    match send_once(connector, sender, &message).await {
+        Err(Retry::Fresh(_)) if reused => {}
+        Err(Retry::Fresh(err) | Retry::Final(err)) => return Err(err),
+        Ok(reply) => return Ok(reply),
+    }
+    send_once(connector, sender, &message)
+        .await
+        .map_err(|(Retry::Fresh(err) | Retry::Final(err))| err)
+}
+
+/// Why a request failed: before the server answered (worth one retry on a fresh connection) or after.
+enum Retry {
+    Fresh(Error),
+    Final(Error),
+}
+
+async fn send_once(
+    connector: &OpampConnector,
+    sender: &mut Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    message: &AgentToServer,
+) -> std::result::Result<ServerToAgent, Retry> {
+    let config = &connector.config;
+    let url = &config.url;
+    let body = message.encode_to_vec();
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        let stream = connector.tcp().await?;
+        let stream = connector.tcp().await.map_err(Retry::Final)?;
         let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|err| Error::Unavailable {
-                message: format!("opening an HTTP connection to {url}"),
-                source: Some(Box::new(err)),
+            .map_err(|err| {
+                Retry::Final(Error::Unavailable {
+                    message: format!("opening an HTTP connection to {url}"),
+                    source: Some(Box::new(err)),
+                })
             })?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -723,7 +750,7 @@ async fn post(
         *sender = Some(send);
     }
     let Some(send) = sender.as_mut() else {
-        return Err(Error::unavailable(format!("no HTTP connection to {url}")));
+        return Err(Retry::Final(Error::unavailable(format!("no HTTP connection to {url}"))));
     };
     let (body, gzipped) = if config.gzip {
         (compress(&body), true)
@@ -746,13 +773,13 @@ async fn post(
     }
     let request = request
         .body(Full::new(Bytes::from(body)))
-        .map_err(|err| Error::invalid_input(format!("building the request to {url}: {err}")))?;
+        .map_err(|err| Retry::Final(Error::invalid_input(format!("building the request to {url}: {err}"))))?;
     let response = send.send_request(request).await.map_err(|err| {
         *sender = None;
-        Error::Unavailable {
+        Retry::Fresh(Error::Unavailable {
             message: format!("posting to {url}"),
             source: Some(Box::new(err)),
-        }
+        })
     })?;
     let status = response.status();
     let gzipped = response
@@ -767,15 +794,15 @@ async fn post(
     let body = Limited::new(response.into_body(), config.max_message_size)
         .collect()
         .await
-        .map_err(|err| Error::unavailable(format!("reading the response from {url}: {err}")))?
+        .map_err(|err| Retry::Final(Error::unavailable(format!("reading the response from {url}: {err}"))))?
         .to_bytes();
     let body: Bytes = if gzipped {
         decompress(&body, config.max_message_size)
             .map_err(|problem| {
-                Error::invalid_input(format!(
+                Retry::Final(Error::invalid_input(format!(
                     "the response from {url}: {}",
                     problem.unwrap_or_else(|| "larger than the limit after decompression".into())
-                ))
+                )))
             })?
             .into()
     } else {
@@ -789,16 +816,16 @@ async fn post(
         }
     }
     if status == StatusCode::OK {
-        return Err(Error::invalid_input(format!(
+        return Err(Retry::Final(Error::invalid_input(format!(
             "the response from {url} is not a ServerToAgent"
-        )));
+        ))));
     }
-    Err(status_error(
+    Err(Retry::Final(status_error(
         status,
         &String::from_utf8_lossy(&body),
         retry_after.as_deref(),
         &format!("posting to {url}"),
-    ))
+    )))
 }
 
 /// Carries the session over plain HTTP: a request per report and one every poll interval.

@@ -20,7 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
 use opamp_core::{DeviceId, Error, Result};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamMap;
@@ -58,11 +58,8 @@ impl OpampTransport {
     /// [`Error::Unavailable`] if the address cannot be bound.
     pub async fn bind(config: OpampServerConfig) -> Result<Self> {
         config.validate()?;
-        let listener = listen(config.listen, config.backlog)?;
-        let local_addr = listener.local_addr().map_err(|err| Error::Unavailable {
-            message: format!("reading the address of {}", config.listen),
-            source: Some(Box::new(err)),
-        })?;
+        let listener = crate::net::listen(config.listen, config.backlog)?;
+        let local_addr = crate::net::local_addr(&listener, config.listen)?;
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
         let (stopping, stop) = watch::channel(false);
         let (active_tx, active) = watch::channel(0usize);
@@ -138,23 +135,6 @@ impl DeviceTransport for OpampTransport {
             _ = stopping.wait_for(|stop| *stop) => Ok(None),
         }
     }
-}
-
-fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
-    let bind = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(backlog)
-    };
-    bind().map_err(|err| Error::Unavailable {
-        message: format!("listening on {addr}"),
-        source: Some(Box::new(err)),
-    })
 }
 
 /// Waits until the transport is stopping.

@@ -1,0 +1,37 @@
+//! Listening sockets, shared by the network transports.
+
+use std::net::SocketAddr;
+
+use opamp_core::{Error, Result};
+use tokio::net::{TcpListener, TcpSocket};
+
+/// `Error::Unavailable` for an I/O error while `doing`.
+pub(crate) fn unavailable(doing: String, err: std::io::Error) -> Error {
+    Error::Unavailable {
+        message: doing,
+        source: Some(Box::new(err)),
+    }
+}
+
+/// A listener on `addr` with `backlog` (capped by the kernel's `somaxconn`):
+/// connection storms need more than tokio's default of 1024.
+pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind().map_err(|err| unavailable(format!("listening on {addr}"), err))
+}
+
+/// The address `listener` is bound to.
+pub(crate) fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr> {
+    listener
+        .local_addr()
+        .map_err(|err| unavailable(format!("reading the address of {asked}"), err))
+}
