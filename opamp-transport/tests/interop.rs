@@ -133,58 +133,64 @@ impl Client {
         !matches!(self, Client::NodeHttp)
     }
 
-    /// The command that runs it against `addr` as `device`, with its fleet token.
+    /// The command that runs it against `addr` as `device`, with its fleet
+    /// token (as bearer over HTTP, Basic over WebSocket).
     fn command(self, clients: &Path, addr: std::net::SocketAddr, device: &str) -> Command {
         let token = key().token(&did(device));
-        let heartbeat = HEARTBEAT_SECS.to_string();
-        let mut command = match self {
-            Client::PythonHttp => {
-                let mut command = Command::new(clients.join("venv/bin/python"));
-                command.arg(script("python_http_agent.py")).args([
-                    "--endpoint",
-                    &format!("http://{addr}/v1/opamp"),
-                    "--instance-id",
-                    device,
-                    "--header",
-                    &format!("Authorization: Bearer {}", token.as_str()),
-                ]);
-                command
-            }
+        let authorization = match self {
+            Client::PythonHttp | Client::NodeHttp => format!("Bearer {}", token.as_str()),
+            Client::PythonWebSocket => basic(device, token.as_str()),
+        };
+        self.command_with(clients, addr, device, &authorization)
+    }
+
+    /// The command that runs it against `addr` as `device` (its
+    /// `service.instance.id`, or for the Node.js client its `instance_uid`),
+    /// sending `authorization`.
+    fn command_with(self, clients: &Path, addr: std::net::SocketAddr, device: &str, authorization: &str) -> Command {
+        let (mut command, script_name, scheme, id_flag) = match self {
+            Client::PythonHttp => (
+                Command::new(clients.join("venv/bin/python")),
+                "python_http_agent.py",
+                "http",
+                "--instance-id",
+            ),
             Client::NodeHttp => {
                 let mut command = Command::new("node");
-                command
-                    .env("NODE_PATH", clients.join("node/node_modules"))
-                    .arg(script("node_http_agent.js"))
-                    .args([
-                        "--endpoint",
-                        &format!("http://{addr}/v1/opamp"),
-                        "--instance-uid",
-                        device,
-                        "--header",
-                        &format!("Authorization: Bearer {}", token.as_str()),
-                    ]);
-                command
+                command.env("NODE_PATH", clients.join("node/node_modules"));
+                (command, "node_http_agent.js", "http", "--instance-uid")
             }
-            Client::PythonWebSocket => {
-                use base64::Engine as _;
-                let basic = base64::engine::general_purpose::STANDARD.encode(format!("{device}:{}", token.as_str()));
-                let mut command = Command::new(clients.join("venv/bin/python"));
-                command.arg(script("python_ws_agent.py")).args([
-                    "--endpoint",
-                    &format!("ws://{addr}/v1/opamp"),
-                    "--instance-id",
-                    device,
-                    "--header",
-                    &format!("Authorization: Basic {basic}"),
-                ]);
-                command
-            }
+            Client::PythonWebSocket => (
+                Command::new(clients.join("venv/bin/python")),
+                "python_ws_agent.py",
+                "ws",
+                "--instance-id",
+            ),
         };
-        command
-            .args(["--service-name", self.agent_type(), "--heartbeat", &heartbeat])
-            .env("PYTHONUNBUFFERED", "1");
+        command.arg(script(script_name)).args([
+            "--endpoint",
+            &format!("{scheme}://{addr}/v1/opamp"),
+            id_flag,
+            device,
+            "--header",
+            &format!("Authorization: {authorization}"),
+            "--service-name",
+            self.agent_type(),
+            "--heartbeat",
+            &HEARTBEAT_SECS.to_string(),
+        ]);
+        command.env("PYTHONUNBUFFERED", "1");
         command
     }
+}
+
+/// An HTTP Basic `Authorization` value.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 /// A running client process and every line it printed: its JSON events, and
@@ -231,6 +237,11 @@ impl Driver {
         }
     }
 
+    /// Everything it printed so far.
+    fn dump(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
     fn events(&self, event: &str) -> Vec<Value> {
         self.lines
             .lock()
@@ -252,7 +263,7 @@ impl Driver {
                 panic!(
                     "the {} client printed no {event:?} #{nth} within {WAIT:?}; it printed:\n{:#?}",
                     self.name,
-                    self.lines.lock().unwrap()
+                    self.dump()
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -273,7 +284,7 @@ impl Driver {
             status.success(),
             "the {} client failed ({status}); it printed:\n{:#?}",
             self.name,
-            self.lines.lock().unwrap()
+            self.dump()
         );
     }
 }
@@ -426,7 +437,7 @@ async fn lifecycle(client: Client, device: &str) {
     // A config pushed from our side reaches it, and its RemoteConfigStatus comes back as the ack.
     let bundle = json_bundle("app.json", r#"{"sampling": 0.25, "exporters": ["otlp"]}"#);
     let outcome = fleet.push(&device_id, client.agent_type(), "v1", bundle.clone()).await;
-    assert_eq!(outcome, CommandOutcome::Acked, "{:#?}", agent.lines.lock().unwrap());
+    assert_eq!(outcome, CommandOutcome::Acked, "{:#?}", agent.dump());
     let applied = agent.nth("config", 1).await;
     assert_eq!(
         applied["hash"],
@@ -540,7 +551,7 @@ async fn full_state_after_a_restart(client: Client, device: &str) {
                 .as_u64()
                 .is_some_and(|flags| flags & report_full_state != 0)),
             "{:#?}",
-            agent.lines.lock().unwrap()
+            agent.dump()
         );
     }
     agent.stop();
@@ -598,4 +609,125 @@ async fn throttled_clients_are_told_when_to_retry() {
 
     http.shutdown(Duration::from_secs(1)).await;
     ws.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A server where any agent may register under its `instance_uid` (one
+/// fleet-wide Basic credential), on `store`: agents that collide can then
+/// register under the new uid they are offered.
+async fn uid_server(id: &str, store: &Arc<MemoryStore>) -> (RunningSupervisor, Arc<OpampTransport>) {
+    let fleet_wide = OpampAuth::Basic {
+        username: "fleet".into(),
+        password: "interop".into(),
+    };
+    let config = OpampServerConfig::new("127.0.0.1:0".parse().unwrap(), fleet_wide)
+        .device_id(DeviceIdSource::InstanceUidUuid)
+        .http_session_timeout(HTTP_SESSION_TIMEOUT);
+    serve(id, config, store, &Arc::new(MemoryBus::new())).await
+}
+
+async fn until_online(store: &MemoryStore, device: &str) {
+    let device = did(device);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = store.status(&device).await.unwrap();
+        if status.as_ref().is_some_and(|s| s.status == Presence::Online) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{device} online: {status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The first uid other than `uid` (32 hex digits) the Node.js client sent
+/// with, as UUID text.
+async fn node_renamed(agent: &Driver, uid: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(sent) = agent.events("sent").into_iter().find(|sent| sent["uid"] != uid) {
+            let hex = sent["uid"].as_str().unwrap().to_owned();
+            return [&hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]].join("-");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the {} client kept instance_uid {uid}; it printed:\n{:#?}",
+            agent.name,
+            agent.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Agents that arrive with an `instance_uid` a WebSocket agent holds are
+/// offered a new one (`agent_identification.new_instance_uid`), take it, are
+/// asked for their full state under it, and are registered beside the first:
+/// a second WebSocket agent, and Elastic's Node.js client over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_instance_uids_are_given_new_ones() {
+    let Some(clients) = installed_clients() else { return };
+    let store = Arc::new(MemoryStore::new());
+    let (supervisor, transport) = uid_server("s1", &store).await;
+    let addr = transport.local_addr();
+    let authorization = basic("fleet", "interop");
+    let uid = "0190a6f1-7c4e-7b1a-8e2d-5f3c9a1b2c40";
+    let ws_agent = |name: &str| {
+        let mut command = Client::PythonWebSocket.command_with(&clients, addr, name, &authorization);
+        command.args(["--instance-uid", uid]);
+        Driver::spawn(name, command)
+    };
+
+    let first = ws_agent("py-ws-agent-3");
+    until_online(&store, uid).await;
+    let second = ws_agent("py-ws-agent-4");
+    let offered = second.nth("new_uid", 1).await["uid"].as_str().unwrap().to_owned();
+    let offered = [
+        &offered[..8],
+        &offered[8..12],
+        &offered[12..16],
+        &offered[16..20],
+        &offered[20..],
+    ]
+    .join("-");
+    assert_ne!(offered, uid);
+    until_online(&store, &offered).await;
+
+    let node = Driver::spawn(
+        "NodeHttp",
+        Client::NodeHttp.command_with(&clients, addr, uid, &authorization),
+    );
+    let renamed = node_renamed(&node, &uid.replace('-', "")).await;
+    until_online(&store, &renamed).await;
+
+    assert!(first.events("new_uid").is_empty(), "the first keeps its uid");
+    assert_eq!(store.lookup(&did(uid)).await.unwrap(), Some(sid("s1")));
+    drop((first, second, node));
+    supervisor.shutdown().await;
+}
+
+/// Two plain HTTP agents with one `instance_uid` (both Elastic's Node.js
+/// client, with identical descriptions). FAILS against opamp-ws as merged:
+/// the second agent's polls join the first one's session, every poll is a
+/// sequence gap answered with `ReportFullState`, and neither is offered a new
+/// uid. Run with `--ignored`; see the report of branch opamp-interop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "opamp-ws does not tell two plain HTTP agents with one instance_uid apart (reported)"]
+async fn two_http_agents_with_one_instance_uid_are_told_apart() {
+    let Some(clients) = installed_clients() else { return };
+    let store = Arc::new(MemoryStore::new());
+    let (supervisor, transport) = uid_server("s1", &store).await;
+    let addr = transport.local_addr();
+    let authorization = basic("fleet", "interop");
+    let uid = "0190a6f1-7c4e-7b1a-8e2d-5f3c9a1b2c41";
+    let first = Driver::spawn(
+        "NodeHttp 1",
+        Client::NodeHttp.command_with(&clients, addr, uid, &authorization),
+    );
+    until_online(&store, uid).await;
+    let second = Driver::spawn(
+        "NodeHttp 2",
+        Client::NodeHttp.command_with(&clients, addr, uid, &authorization),
+    );
+    let renamed = node_renamed(&second, &uid.replace('-', "")).await;
+    until_online(&store, &renamed).await;
+    drop((first, second));
+    supervisor.shutdown().await;
 }

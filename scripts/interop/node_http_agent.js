@@ -5,7 +5,7 @@
 // RemoteConfigStatus, 429/503 Retry-After and ServerErrorResponse back-off. This
 // script wires its callbacks and diagnostics channels to lines of JSON on stdout:
 //
-//   {"event": "sent", "seq": N, "server_capabilities": N, "flags": N}   a request answered
+//   {"event": "sent", "uid": HEX, "seq": N, "server_capabilities": N, "flags": N}   a request answered
 //   {"event": "send_failed", "error": TEXT, "retry_after_ms": N|null}   one that was not
 //   {"event": "config", "hash": HEX, "files": {...}}   a remote config it applied
 //   {"event": "refused", "hash": HEX, "error": TEXT}   one whose JSON did not parse
@@ -52,6 +52,7 @@ for (const header of args.header) {
 diagnostics.subscribe(DIAG_CH_SEND_SUCCESS, (msg) => {
     say({
         event: 'sent',
+        uid: hex(msg.a2s.instanceUid),
         seq: Number(msg.a2s.sequenceNum),
         server_capabilities: Number(msg.s2a.capabilities),
         flags: Number(msg.s2a.flags),
