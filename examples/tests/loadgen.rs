@@ -31,6 +31,34 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
 }
 
 #[test]
+fn grpc_idle_measures_opamp_websocket_servers() {
+    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
+        .args([
+            "grpc-idle",
+            "--low",
+            "20",
+            "--high",
+            "60",
+            "--rounds",
+            "1",
+            "--per-process",
+            "25",
+            "--servers",
+            "bare,opamp-transport,opamp-supervisor",
+        ])
+        .output()
+        .expect("the load generator runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
+    assert!(
+        stdout.contains("OpampSupervisor / bare tonic: memory per device"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn devices_without_a_fleet_key_are_refused_with_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
         .args(["devices", "--url", "http://127.0.0.1:1", "--count", "1"])

@@ -177,6 +177,12 @@ impl Drop for Active {
     }
 }
 
+/// TCP keepalive on every connection: probes after 60 s of silence, every
+/// 10 s, 3 unanswered ones drop it (a dead agent goes after about 90 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let mut stop = shared.stop.clone();
     loop {
@@ -193,6 +199,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             _ = stopped(&mut stop) => return,
         };
         let _ = stream.set_nodelay(true);
+        // The kernel finds dead peers (a half-open connection would keep its
+        // agent's lease alive forever), at no memory cost to the process.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let shared = shared.clone();
         tokio::spawn(async move {
             let _active = Active::new(&shared);
@@ -696,24 +709,27 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
+    /// Serves the connection until it closes. What it does between idle
+    /// waits is boxed: the future of an idle connection is what a server
+    /// keeps per agent, so it holds only the waits themselves.
     async fn serve(mut self) {
         let mut stop = self.shared.stop.clone();
         loop {
             tokio::select! {
                 frame = self.ws.next() => match frame {
                     Some(Ok(Message::Binary(bytes))) => {
-                        if !self.on_frame(&bytes).await {
+                        if !Box::pin(self.on_frame(&bytes)).await {
                             return;
                         }
                     }
                     Some(Ok(Message::Text(_))) => {
-                        return self.refuse(CloseCode::Unsupported, "OpAMP uses binary WebSocket messages").await;
+                        return Box::pin(self.refuse(CloseCode::Unsupported, "OpAMP uses binary WebSocket messages")).await;
                     }
                     Some(Ok(Message::Close(_))) | None => return,
                     Some(Ok(_)) => {}
                     Some(Err(tungstenite::Error::Capacity(err))) => {
                         let problem = format!("message larger than the limit of {} bytes: {err}", self.shared.config.max_message_size);
-                        return self.refuse(CloseCode::Size, &problem).await;
+                        return Box::pin(self.refuse(CloseCode::Size, &problem)).await;
                     }
                     Some(Err(err)) => {
                         debug!(peer = %self.peer, error = %err, "OpAMP WebSocket ended");
@@ -723,19 +739,19 @@ impl Connection<'_> {
                 Some((uid, queued)) = self.queues.next(), if !self.queues.is_empty() => {
                     match queued {
                         Some(message) => {
-                            if !self.deliver(uid, &message).await {
+                            if !Box::pin(self.deliver(uid, &message)).await {
                                 return;
                             }
                         }
                         None => {
                             self.links.retain(|link| link.uid != uid);
                             if self.links.is_empty() {
-                                return self.close(CloseCode::Normal, "the supervisor closed the session").await;
+                                return Box::pin(self.close(CloseCode::Normal, "the supervisor closed the session")).await;
                             }
                         }
                     }
                 }
-                _ = stopped(&mut stop) => return self.close(CloseCode::Away, "the server is shutting down").await,
+                _ = stopped(&mut stop) => return Box::pin(self.close(CloseCode::Away, "the server is shutting down")).await,
             }
         }
     }
