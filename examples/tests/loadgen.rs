@@ -69,3 +69,43 @@ fn devices_without_a_fleet_key_are_refused_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("OPAMP_FLEET_KEY"), "{stderr}");
 }
+
+#[test]
+fn opamp_idle_measures_opamp_agents_against_mosquitto() {
+    let installed = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .any(|path| std::path::Path::new(path).exists());
+    if !installed {
+        let why = "mosquitto is not installed (scripts/services/mosquitto start /tmp/mosquitto installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("\n!!! SKIPPED: {why}\n");
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
+        .args([
+            "opamp-idle",
+            "--low",
+            "20",
+            "--high",
+            "60",
+            "--rounds",
+            "1",
+            "--per-process",
+            "25",
+            "--servers",
+            "mosquitto,opamp-transport,opamp-supervisor",
+            "--ws-read-buffer",
+            "512",
+        ])
+        .output()
+        .expect("the load generator runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("| Mosquitto, idle MQTT 3.1.1 clients |"), "{stdout}");
+    assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
+    assert!(
+        stdout.contains("OpampSupervisor / Mosquitto: memory per device"),
+        "{stdout}"
+    );
+}

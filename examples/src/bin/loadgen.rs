@@ -679,7 +679,12 @@ impl Mosquitto {
                  log_dest stderr\nlog_type error\n"
             ),
         )?;
-        let mut command = Command::new("mosquitto");
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let program = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .unwrap_or("mosquitto");
+        let mut command = Command::new(program);
         command.arg("-c").arg(&config);
         let process = Process::spawn(command)
             .map_err(|err| format!("cannot start mosquitto ({err}); install it with `apt-get install -y mosquitto`"))?;
@@ -731,6 +736,13 @@ impl Benchmark {
         match self {
             Benchmark::Grpc => ServerKind::Bare,
             Benchmark::Opamp => ServerKind::Mosquitto,
+        }
+    }
+
+    fn baseline_name(self) -> &'static str {
+        match self {
+            Benchmark::Grpc => "bare tonic",
+            Benchmark::Opamp => "Mosquitto",
         }
     }
 
@@ -938,9 +950,9 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
             match kind {
                 ServerKind::Bare => "bare tonic",
                 ServerKind::Transport => "gRPC transport alone",
-                ServerKind::Supervisor => "supervisor (memory store + bus), gRPC",
-                ServerKind::OpampSupervisor => "supervisor (memory store + bus), OpAMP over WebSocket",
-                ServerKind::OpampTransport => "OpAMP transport alone, WebSocket",
+                ServerKind::Supervisor => "supervisor (memory store + bus)",
+                ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (memory store + bus)",
+                ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
                 ServerKind::Mosquitto => "Mosquitto, idle MQTT 3.1.1 clients",
             },
             of(kind, |m| m.rss_low_kib as f64) / 1024.0,
@@ -959,7 +971,8 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
         println!();
         for &kind in args.servers.iter().filter(|k| **k != baseline) {
             println!(
-                "{kind:?} / {baseline:?}: memory per device {:.2}×, registration rate {:.2}×",
+                "{kind:?} / {}: memory per device {:.2}×, registration rate {:.2}×",
+                benchmark.baseline_name(),
                 of(kind, |m| m.per_device_bytes) / base_memory,
                 of(kind, |m| m.registration_rate) / base_rate,
             );
