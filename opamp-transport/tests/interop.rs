@@ -1,7 +1,9 @@
 //! OpAMP clients this project did not write, against the supervisor serving
 //! OpAMP on loopback: they register (device online, with the derived id), take
 //! a pushed config and acknowledge it (recorded in the store), keep their
-//! lease with heartbeats, and go offline when they leave.
+//! lease with heartbeats, and go offline when they leave; they also send their
+//! full state to a restarted server, read the delay when throttled, and take a
+//! new `instance_uid` when theirs collides.
 //!
 //! | client | from | transport |
 //! |---|---|---|
