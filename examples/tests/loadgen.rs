@@ -3,8 +3,8 @@
 
 use std::process::Command;
 
-#[test]
-fn grpc_idle_runs_both_servers_and_prints_the_table() {
+/// Runs a tiny `grpc-idle` with `extra` arguments; its table.
+fn tiny_idle(extra: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
         .args([
             "grpc-idle",
@@ -17,11 +17,18 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
             "--per-process",
             "25",
         ])
+        .args(extra)
         .output()
         .expect("the load generator runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    stdout
+}
+
+#[test]
+fn grpc_idle_runs_both_servers_and_prints_the_table() {
+    let stdout = tiny_idle(&[]);
     assert!(stdout.contains("| bare tonic |"), "{stdout}");
     assert!(stdout.contains("| supervisor (memory store + bus) |"), "{stdout}");
     assert!(
@@ -32,25 +39,7 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
 
 #[test]
 fn grpc_idle_measures_opamp_websocket_servers() {
-    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
-        .args([
-            "grpc-idle",
-            "--low",
-            "20",
-            "--high",
-            "60",
-            "--rounds",
-            "1",
-            "--per-process",
-            "25",
-            "--servers",
-            "bare,opamp-transport,opamp-supervisor",
-        ])
-        .output()
-        .expect("the load generator runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let stdout = tiny_idle(&["--servers", "bare,opamp-transport,opamp-supervisor"]);
     assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
     assert!(
         stdout.contains("OpampSupervisor / bare tonic: memory per device"),
