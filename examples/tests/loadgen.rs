@@ -3,11 +3,11 @@
 
 use std::process::Command;
 
-/// Runs a tiny `grpc-idle` with `extra` arguments; its table.
-fn tiny_idle(extra: &[&str]) -> String {
+/// Runs a tiny `benchmark` (`grpc-idle`, `opamp-idle`) with `extra` arguments; its table.
+fn tiny_idle(benchmark: &str, extra: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
         .args([
-            "grpc-idle",
+            benchmark,
             "--low",
             "20",
             "--high",
@@ -28,7 +28,7 @@ fn tiny_idle(extra: &[&str]) -> String {
 
 #[test]
 fn grpc_idle_runs_both_servers_and_prints_the_table() {
-    let stdout = tiny_idle(&[]);
+    let stdout = tiny_idle("grpc-idle", &[]);
     assert!(stdout.contains("| bare tonic |"), "{stdout}");
     assert!(stdout.contains("| supervisor (memory store + bus) |"), "{stdout}");
     assert!(
@@ -39,7 +39,7 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
 
 #[test]
 fn grpc_idle_measures_opamp_websocket_servers() {
-    let stdout = tiny_idle(&["--servers", "bare,opamp-transport,opamp-supervisor"]);
+    let stdout = tiny_idle("grpc-idle", &["--servers", "bare,opamp-transport,opamp-supervisor"]);
     assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
     assert!(
         stdout.contains("OpampSupervisor / bare tonic: memory per device"),
@@ -70,27 +70,15 @@ fn opamp_idle_measures_opamp_agents_against_mosquitto() {
         eprintln!("\n!!! SKIPPED: {why}\n");
         return;
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
-        .args([
-            "opamp-idle",
-            "--low",
-            "20",
-            "--high",
-            "60",
-            "--rounds",
-            "1",
-            "--per-process",
-            "25",
+    let stdout = tiny_idle(
+        "opamp-idle",
+        &[
             "--servers",
             "mosquitto,opamp-transport,opamp-supervisor",
             "--ws-read-buffer",
             "512",
-        ])
-        .output()
-        .expect("the load generator runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+        ],
+    );
     assert!(stdout.contains("| Mosquitto, idle MQTT 3.1.1 clients |"), "{stdout}");
     assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
     assert!(
