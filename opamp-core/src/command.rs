@@ -226,6 +226,22 @@ impl Command {
     }
 }
 
+/// Commands serialise as their Appendix B JSON, so records embedding one read like the bus.
+impl Serialize for Command {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let value: serde_json::Value = serde_json::from_slice(&self.to_json()).map_err(serde::ser::Error::custom)?;
+        value.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let bytes = serde_json::to_vec(&value).map_err(serde::de::Error::custom)?;
+        Command::from_json(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The command as it is on the wire, before validation.
 #[derive(Serialize, Deserialize)]
 struct WireCommand {

@@ -17,11 +17,12 @@
 //! | [`command`]   | [`Command`], [`CommandKind`], [`CommandOutcome`] and their JSON on the bus |
 //! | [`event`]     | [`DeviceEvent`]s published by supervisors |
 //! | [`status`]    | [`DeviceStatus`] and partial updates ([`StatusPatch`]) |
-//! | [`store`]     | the store traits: [`RoutingStore`], [`StatusStore`], [`ConfigStore`] |
+//! | [`store`]     | the store traits: [`RoutingStore`], [`StatusStore`], [`ConfigStore`], [`TrackingStore`] |
 //! | [`bus`]       | the bus traits: [`CommandBus`], [`EventBus`] |
 //! | [`transport`] | the device transport traits: [`DeviceTransport`], [`AgentConnector`], and an in-process transport |
 //! | [`error`]     | the one [`Error`] type, by kind |
 //! | [`time`]      | [`Timestamp`] and the [`Clock`] leases are judged by |
+//! | [`tracking`]  | what control planes track: [`CommandRecord`]s and [`Rollout`]s |
 //! | [`runtime`]   | the supervisor and agent runtimes, generic over the traits |
 //!
 //! Backends live in their own crates, one module each behind a feature named
@@ -48,6 +49,7 @@ pub mod store;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 pub mod time;
+pub mod tracking;
 pub mod transport;
 
 pub use bus::{AckSink, Acker, Bus, CommandBus, ConfigUpdate, Delivery, EventBus, MessageStream, Subscription};
@@ -59,7 +61,8 @@ pub use id::{AgentType, ConfigVersion, DeviceId, GroupName, SupervisorId};
 pub use status::{DeviceStatus, Labels, Presence, PresenceUpdate, StatusPatch};
 pub use store::{
     Claim, ConfigStore, ConfigStoreExt, Cursor, DEFAULT_LEASE_TTL, Page, PageRequest, RoutingStore, RoutingStoreExt,
-    StatusStore, StatusStoreExt, Store, SupervisorLoad,
+    StatusStore, StatusStoreExt, Store, SupervisorLoad, TrackingStore,
 };
 pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
+pub use tracking::{CommandRecord, CommandState, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Target};
 pub use transport::{AgentConnector, DeviceTransport};

@@ -1,6 +1,6 @@
 //! The routing, status and configuration store.
 //!
-//! Three small traits, each object-safe and usable as `Arc<dyn …>`:
+//! Four small traits, each object-safe and usable as `Arc<dyn …>`:
 //!
 //! - [`RoutingStore`]: which supervisor holds device X, as leases with a TTL;
 //! - [`StatusStore`]: what is known about each device, with the online and
@@ -8,7 +8,9 @@
 //! - [`ConfigStore`]: immutable configuration templates, the `latest` pointer
 //!   per agent type and each device's desired configuration.
 //!
-//! [`Store`] is all three at once; every backend implements it. Conveniences
+//! - [`TrackingStore`]: what control planes track, command records and rollouts.
+//!
+//! [`Store`] is all four at once; every backend implements it. Conveniences
 //! built from the required methods live in [`RoutingStoreExt`],
 //! [`StatusStoreExt`] and [`ConfigStoreExt`], implemented for every store.
 
@@ -18,10 +20,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::command::CorrelationId;
 use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::{DeviceStatus, StatusPatch};
+use crate::tracking::{CommandRecord, Rollout, RolloutId};
 
 /// How long a lease lasts without renewal unless configured otherwise (the design's `EXPIRE … 300`).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(300);
@@ -179,6 +183,21 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
+impl<T> Page<T> {
+    /// A page of at most `limit` items from a fetch of up to `limit + 1`: the
+    /// extra item only tells that another page follows, which continues after
+    /// the last item kept (`cursor` makes its cursor).
+    pub fn from_one_more(mut items: Vec<T>, limit: usize, cursor: impl FnOnce(&T) -> Cursor) -> Self {
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor)
+        } else {
+            None
+        };
+        Page { items, next }
+    }
+}
+
 /// How many devices a supervisor holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SupervisorLoad {
@@ -222,6 +241,12 @@ pub trait StatusStore: Send + Sync + Debug + 'static {
 
     /// The online devices, a page at a time.
     async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>>;
+
+    /// Every device that has been online at least once, online now or not, a
+    /// page at a time: the fleet as far as it has shown itself.
+    ///
+    /// The order is the backend's own (by id where it can).
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>>;
 
     /// The devices online under `supervisor`, a page at a time.
     async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>>;
@@ -279,9 +304,61 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
     async fn clear_desired(&self, device: &DeviceId) -> Result<bool>;
 }
 
-/// A complete store: routing, status and configuration.
+/// What control planes track: command records and rollouts.
 ///
-/// Implemented for every type that implements the three parts; use it as
+/// Control planes are stateless, so any instance can answer for a command or
+/// a rollout another one started. Records are written whole; the two
+/// conditional writes keep concurrent writers from undoing each other:
+/// a command's record changes only while it is pending, and a rollout is
+/// written only on top of the revision it was read at.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use std::time::Duration;
+/// use opamp_core::tracking::{CommandRecord, CommandState};
+/// use opamp_core::{Command, CommandKind, CommandOutcome, DeviceId, SupervisorId, Timestamp, TrackingStore};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let store = MemoryStore::new();
+/// let command = Command::new(DeviceId::new("d1")?, CommandKind::Restart, Timestamp::now(), Duration::from_secs(30));
+/// let mut record = CommandRecord::new(command, Some(SupervisorId::new("s1")?), CommandState::Pending);
+/// store.insert_command(&record).await?;
+///
+/// record.complete(&CommandOutcome::Acked, Timestamp::now());
+/// assert!(store.update_command(&record).await?);
+/// assert!(!store.update_command(&record).await?, "an ended command stays as it ended");
+/// assert_eq!(store.command_record(&record.correlation_id()).await?.unwrap().state, CommandState::Acked);
+/// # Ok(())
+/// # }
+/// ```
+#[async_trait]
+pub trait TrackingStore: Send + Sync + Debug + 'static {
+    /// Records a new command; [`Error::AlreadyExists`] if its correlation id is taken.
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()>;
+
+    /// Replaces the record with the same correlation id, if that one is still
+    /// pending; returns whether it did. [`Error::NotFound`] if there is none.
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool>;
+
+    /// The record of the command `id`, if there is one (stores may forget old
+    /// records; see each backend's retention).
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>>;
+
+    /// Writes `rollout` if the stored one is at `rollout.revision - 1` (or, for
+    /// revision 1, if none is stored); returns whether it did.
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<bool>;
+
+    /// The rollout `id`, if stored.
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>>;
+
+    /// The stored rollouts, newest first, a page at a time.
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>>;
+}
+
+/// A complete store: routing, status, configuration and tracking.
+///
+/// Implemented for every type that implements the four parts; use it as
 /// `Arc<dyn Store>` and hand out `Arc<dyn RoutingStore>` (etc.) by upcasting.
 ///
 /// ```
@@ -293,9 +370,9 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
 /// let routing: Arc<dyn RoutingStore> = store.clone();
 /// # let _ = routing;
 /// ```
-pub trait Store: RoutingStore + StatusStore + ConfigStore {}
+pub trait Store: RoutingStore + StatusStore + ConfigStore + TrackingStore {}
 
-impl<T: RoutingStore + StatusStore + ConfigStore + ?Sized> Store for T {}
+impl<T: RoutingStore + StatusStore + ConfigStore + TrackingStore + ?Sized> Store for T {}
 
 /// Conveniences over [`RoutingStore`], for every store.
 ///

@@ -11,7 +11,7 @@
 //! or by [`MemoryStore::purge_expired`], which a host may call on a timer.
 
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::ops::Bound;
@@ -21,9 +21,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use opamp_core::store::validate_ttl;
 use opamp_core::{
-    AgentType, Claim, Clock, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, Cursor, DeviceId, DeviceStatus,
-    Error, Page, PageRequest, Result, RoutingStore, StatusPatch, StatusStore, SupervisorId, SupervisorLoad,
-    SystemClock, Timestamp,
+    AgentType, Claim, Clock, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId,
+    Cursor, DeviceId, DeviceStatus, Error, Page, PageRequest, Result, Rollout, RolloutId, RoutingStore, StatusPatch,
+    StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp, TrackingStore,
 };
 
 /// How many shards each per-device map is split into: enough that two cores
@@ -62,6 +62,7 @@ pub struct MemoryStore {
     indexes: RwLock<Indexes>,
     configs: RwLock<Configs>,
     desired: Sharded<ConfigRef>,
+    tracking: RwLock<Tracking>,
 }
 
 impl MemoryStore {
@@ -80,7 +81,16 @@ impl MemoryStore {
             indexes: RwLock::new(Indexes::default()),
             configs: RwLock::new(Configs::default()),
             desired: Sharded::new(),
+            tracking: RwLock::new(Tracking::new(DEFAULT_COMMAND_RETENTION)),
         }
+    }
+
+    /// Keeps command records for `retention` after they were issued (default
+    /// [`DEFAULT_COMMAND_RETENTION`]), so a long-running store does not grow
+    /// without bound; older ones are forgotten as new ones arrive.
+    pub fn with_command_retention(self, retention: Duration) -> Self {
+        write(&self.tracking).retention = retention;
+        self
     }
 
     /// Drops every lapsed lease; returns how many it dropped.
@@ -216,6 +226,10 @@ impl StatusStore for MemoryStore {
 
     async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
         page_of(&read(&self.indexes).online, page)
+    }
+
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        page_of(&read(&self.indexes).known, page)
     }
 
     async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
@@ -501,6 +515,8 @@ impl<V> Sharded<V> {
 /// The online set and the per-supervisor sets, ordered so pages are stable.
 #[derive(Default)]
 struct Indexes {
+    // Every device that has been online; statuses are never removed.
+    known: BTreeSet<DeviceId>,
     online: BTreeSet<DeviceId>,
     // A supervisor is removed with its last device, so every set is non-empty.
     by_supervisor: HashMap<SupervisorId, BTreeSet<DeviceId>>,
@@ -519,6 +535,7 @@ impl Indexes {
             }
         }
         if let Some(supervisor) = to {
+            self.known.insert(*device);
             self.online.insert(*device);
             self.by_supervisor.entry(supervisor).or_default().insert(*device);
         }
@@ -555,6 +572,113 @@ fn page_of(set: &BTreeSet<DeviceId>, page: &PageRequest) -> Result<Page<DeviceId
         _ => None,
     };
     Ok(Page { items, next })
+}
+
+/// How long the memory store keeps a command's record after it was issued.
+pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Command records, oldest first for retention, and rollouts by id.
+struct Tracking {
+    retention: Duration,
+    commands: HashMap<CorrelationId, CommandRecord>,
+    issued: VecDeque<(Timestamp, CorrelationId)>,
+    rollouts: BTreeMap<RolloutId, Rollout>,
+}
+
+impl Tracking {
+    fn new(retention: Duration) -> Self {
+        Tracking {
+            retention,
+            commands: HashMap::new(),
+            issued: VecDeque::new(),
+            rollouts: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets the records issued more than `retention` before `now`.
+    fn forget_old(&mut self, now: Timestamp) {
+        while let Some(&(issued_at, id)) = self.issued.front() {
+            if now.duration_since(issued_at) <= self.retention {
+                break;
+            }
+            self.issued.pop_front();
+            self.commands.remove(&id);
+        }
+    }
+}
+
+#[async_trait]
+impl TrackingStore for MemoryStore {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        let now = self.clock.now();
+        let mut tracking = write(&self.tracking);
+        tracking.forget_old(now);
+        let id = record.correlation_id();
+        match tracking.commands.entry(id) {
+            Entry::Occupied(_) => return Err(Error::already_exists(format!("command {id}"))),
+            Entry::Vacant(slot) => {
+                slot.insert(record.clone());
+            }
+        }
+        tracking.issued.push_back((now, id));
+        Ok(())
+    }
+
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        let id = record.correlation_id();
+        match write(&self.tracking).commands.get_mut(&id) {
+            None => Err(Error::not_found(format!("command {id}"))),
+            Some(stored) if stored.state.is_final() => Ok(false),
+            Some(stored) => {
+                *stored = record.clone();
+                Ok(true)
+            }
+        }
+    }
+
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        Ok(read(&self.tracking).commands.get(id).cloned())
+    }
+
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
+        let mut tracking = write(&self.tracking);
+        let stored = tracking
+            .rollouts
+            .get(&rollout.id)
+            .map(|stored| stored.revision)
+            .unwrap_or(0);
+        if rollout.revision != stored + 1 {
+            return Ok(false);
+        }
+        tracking.rollouts.insert(rollout.id, rollout.clone());
+        Ok(true)
+    }
+
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
+        Ok(read(&self.tracking).rollouts.get(id).cloned())
+    }
+
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {
+        let limit = page.limit.clamp(1, PageRequest::MAX_LIMIT);
+        let end = match &page.after {
+            Some(cursor) => Bound::Excluded(cursor.as_str().parse::<RolloutId>().map_err(|err| {
+                Error::invalid_input(format!("page cursor {:?} is not this store's: {err}", cursor.as_str()))
+            })?),
+            None => Bound::Unbounded,
+        };
+        let tracking = read(&self.tracking);
+        let mut rest = tracking
+            .rollouts
+            .range((Bound::Unbounded, end))
+            .rev()
+            .map(|(id, _)| *id);
+        let items: Vec<RolloutId> = rest.by_ref().take(limit).collect();
+        let next = match (rest.next(), items.last()) {
+            (Some(_), Some(last)) => Some(Cursor::new(last.to_string())),
+            _ => None,
+        };
+        Ok(Page { items, next })
+    }
 }
 
 /// Templates, their versions in the order stored, and the `latest` pointers.

@@ -10,9 +10,8 @@
 //! | [`channel`] | always      | in-process bounded channels: tests, demos, embedding agents in the supervisor's process |
 //! | [`auth`]    | always      | fleet tokens: per-device credentials checked without a lookup |
 //! | `grpc`      | `grpc`      | the design's `ControlService` over gRPC (tonic), with TLS and mTLS (rustls) |
+//! | `http_api`  | `http-api`  | the REST API over the control plane, health, Prometheus metrics, the dashboard (axum) |
 //! | `websocket` | `websocket` | OpAMP over WebSocket and plain HTTP on one port, for any OpAMP agent |
-//!
-//! The REST API joins this table behind a feature named after it.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -20,6 +19,9 @@ pub mod auth;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
+#[cfg(feature = "http-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-api")))]
+pub mod http_api;
 #[cfg(any(feature = "grpc", feature = "websocket"))]
 mod net;
 #[cfg(feature = "websocket")]

@@ -11,7 +11,7 @@ use common::{Fleet, WAIT, Wire, did, hello, key, loopback};
 use opamp_core::runtime::agent::MemoryApplier;
 use opamp_core::runtime::supervisor::{RunningSupervisor, SupervisorConfig};
 use opamp_core::testkit::spawn_agent;
-use opamp_core::transport::{AgentConnector, AgentSession, DeviceTransport, FromDevice, StatusReport};
+use opamp_core::transport::{AgentConnector, AgentSession, DeviceTransport, FromDevice, StatusReport, ToDevice};
 use opamp_core::{CommandKind, CommandOutcome, Error, RoutingStore};
 use opamp_transport::grpc::proto::{self, envelope::Body};
 use opamp_transport::grpc::{
@@ -277,10 +277,25 @@ async fn a_device_cannot_register_as_another() {
 async fn commands_to_a_device_with_a_full_queue_fail_at_once() {
     let mut fleet = Fleet::new().await;
     let (s1, _transport, url) = supervisor(&fleet, "s1", |c| c, |c| c.device_queue(1)).await;
-    let _silent = raw_device(&url, "slow").await;
+    let mut silent = raw_device(&url, "slow").await;
     fleet.owner_is("slow", Some("s1")).await;
+    // The first command in flight (the device has it and never answers)...
+    let first = fleet.send("s1", "slow", CommandKind::SetEmission { state: true }).await;
+    let delivered = tokio::time::timeout(WAIT, async {
+        loop {
+            match silent.inbound.recv().await.unwrap() {
+                Some(ToDevice::Command(command)) => return command.correlation_id,
+                Some(_) => continue,
+                None => panic!("the session closed"),
+            }
+        }
+    })
+    .await
+    .expect("the first command reaches the device");
+    assert_eq!(delivered, first);
+    // ...the second fills the queue of one, and the third finds it full.
     let ids = [
-        fleet.send("s1", "slow", CommandKind::SetEmission { state: true }).await,
+        first,
         fleet
             .send("s1", "slow", CommandKind::SetEmission { state: false })
             .await,

@@ -1,37 +1,46 @@
 //! The whole system in one process, on in-memory backends.
 //!
-//! Two supervisors, N simulated devices (agents over the in-process
-//! transport), the memory store and the memory bus. The demo walks through the
-//! design's flows and prints what happened:
+//! A control plane, two supervisors, N simulated devices (agents over the
+//! in-process transport), the memory store and the memory bus. The demo walks
+//! through the design's flows and prints what happened:
 //!
 //! 1. registration: every device connects, its lease is claimed, it is marked online;
 //! 2. a toggle: the owner is looked up, the command goes on the bus keyed by
-//!    that supervisor, the device acknowledges, the outcome is recorded;
+//!    that supervisor, the device acknowledges, the control plane records the outcome;
 //! 3. a toggle of every device, with latencies;
-//! 4. a configuration push, which one device rejects;
-//! 5. a supervisor crash: its devices re-home to the other one.
+//! 4. a configuration push to a label selector, which one device rejects;
+//! 5. a rollout to the whole fleet in growing waves, which pauses on a
+//!    failure and is resumed;
+//! 6. a supervisor crash: its devices move to the other one, and commands follow them.
+//!
+//! With `--serve` it then keeps the REST API and the dashboard up (printing
+//! the address and a token) until Ctrl-C.
 //!
 //! ```text
-//! cargo run -p opamp-examples --bin opamp-demo -- --devices 2000
+//! cargo run -p opamp-examples --bin opamp-demo -- --devices 2000 --serve
 //! ```
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::agent::{Agent, AgentConfig, MemoryApplier};
+use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
+use opamp_core::tracking::CommandState;
 use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello, FailoverConnector};
 use opamp_core::{
-    AgentType, Bus, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigStore,
-    ConfigTemplate, ConfigVersion, CorrelationId, DeviceId, EventBus, EventKind, GroupName, Labels, PageRequest,
-    RoutingStore, StatusStore, Store, SupervisorId, Timestamp,
+    AgentType, Bus, ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate, ConfigVersion, DeviceId, Labels, PageRequest,
+    RolloutSpec, RolloutState, RoutingStore, StatusStore, Store, SupervisorId, Target, Timestamp,
 };
 use opamp_store::memory::MemoryStore;
 use opamp_transport::channel;
-use tokio::sync::{oneshot, watch};
+use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// Runs a small fleet in one process and walks through the design's flows.
 #[derive(Debug, Parser)]
@@ -40,61 +49,16 @@ struct Args {
     /// How many simulated devices to connect.
     #[arg(long, default_value_t = 1000, env = "OPAMP_DEMO_DEVICES")]
     devices: usize,
+    /// After the walk-through, keep serving the REST API and the dashboard
+    /// until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+    /// Where `--serve` listens.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "OPAMP_DEMO_LISTEN")]
+    listen: std::net::SocketAddr,
     /// Log filter, e.g. `warn`, `info` or `opamp_core=debug` (logs go to stderr).
     #[arg(long, default_value = "error", env = "RUST_LOG")]
     log: String,
-}
-
-type Outcome = (CommandOutcome, Duration);
-
-/// Who waits for which command's outcome; fed by the event stream.
-#[derive(Default)]
-struct Waiters {
-    waiting: Mutex<HashMap<CorrelationId, (Instant, oneshot::Sender<Outcome>)>>,
-}
-
-impl Waiters {
-    fn wait_for(&self, id: CorrelationId) -> oneshot::Receiver<Outcome> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, (Instant::now(), tx));
-        rx
-    }
-
-    fn complete(&self, id: CorrelationId, outcome: CommandOutcome) {
-        if let Some((sent, tx)) = self.lock().remove(&id) {
-            let _ = tx.send((outcome, sent.elapsed()));
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CorrelationId, (Instant, oneshot::Sender<Outcome>)>> {
-        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// What a stateless control-plane server does for one command: look up the
-/// owner, publish on the bus keyed by it.
-struct Control {
-    store: Arc<MemoryStore>,
-    bus: Arc<MemoryBus>,
-    waiters: Arc<Waiters>,
-}
-
-impl Control {
-    async fn send(
-        &self,
-        device: DeviceId,
-        kind: CommandKind,
-    ) -> opamp_core::Result<(SupervisorId, oneshot::Receiver<Outcome>)> {
-        let owner = self
-            .store
-            .lookup(&device)
-            .await?
-            .ok_or_else(|| opamp_core::Error::not_found(format!("owner of {device}")))?;
-        let command = Command::new(device, kind, Timestamp::now(), Duration::from_secs(10));
-        let done = self.waiters.wait_for(command.correlation_id);
-        self.bus.send(&owner, &command).await?;
-        Ok((owner, done))
-    }
 }
 
 #[tokio::main]
@@ -108,15 +72,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let store = Arc::new(MemoryStore::new());
     let bus = Arc::new(MemoryBus::new());
-    let waiters = Arc::new(Waiters::default());
-    let control = Control {
-        store: store.clone(),
-        bus: bus.clone(),
-        waiters: waiters.clone(),
-    };
-    spawn_outcome_listener(&bus, waiters).await?;
+    let control = ControlPlane::start(ControlPlaneConfig::default(), store.clone(), bus.clone()).await?;
 
-    println!("opamp-demo: {n} simulated devices, 2 supervisors, in-memory store and bus, in-process transport\n");
+    println!(
+        "opamp-demo: a control plane, 2 supervisors and {n} simulated devices; in-memory store and bus, in-process transport\n"
+    );
 
     // Two supervisors, each with its own transport.
     let mut supervisors = Vec::new();
@@ -158,7 +118,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
         });
     }
-    wait_until("every device registered", || async { online_total(&*store).await == n }).await?;
+    let progress = Progress::new("devices online", n);
+    wait_until("every device registered", || async {
+        let online = online_total(&*store).await;
+        progress.show(online);
+        online == n
+    })
+    .await?;
+    progress.done();
     let took = started.elapsed();
     println!(
         "   {n} devices connected, leased and marked online in {} ({:.0} devices/s)",
@@ -176,44 +143,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let owner = store.lookup(&device).await?;
     let lookup_took = lookup_started.elapsed();
     println!(
-        "   GET device:{device}:supervisor -> {} ({})",
+        "   GET device:{{{device}}}:supervisor -> {} ({})",
         owner.map_or("none".into(), |o| o.to_string()),
         fmt(lookup_took)
     );
-    let (owner, done) = control.send(device, CommandKind::SetEmission { state: true }).await?;
-    let (outcome, latency) = done.await?;
+    let sent = Instant::now();
+    let id = control.set_emission(&device, true).await?;
+    let record = control.wait(&id, WAIT).await?;
     let status = store.status(&device).await?.ok_or("no status")?;
     println!(
-        "   command sent to {owner}: {} in {}; the store now says emission={}",
-        outcome.name(),
-        fmt(latency),
+        "   command {id} sent to {}: {} in {}; the store now says emission={}",
+        record.supervisor.map_or("nobody".into(), |s| s.to_string()),
+        record.state,
+        fmt(sent.elapsed()),
         status.emission
     );
 
     // 3. Toggle every device.
     println!("\n3. Toggle emission of every device ({n} commands, all sent at once)");
     let started = Instant::now();
-    let mut pending = Vec::with_capacity(n);
+    let mut pending = JoinSet::new();
     for i in 0..n {
-        pending.push(
-            control
-                .send(device_id(i), CommandKind::SetEmission { state: i % 3 != 0 })
-                .await?
-                .1,
-        );
+        let control = control.clone();
+        pending.spawn(async move {
+            let sent = Instant::now();
+            let id = control.set_emission(&device_id(i), i % 3 != 0).await?;
+            let record = control.wait(&id, WAIT).await?;
+            Ok::<_, opamp_core::Error>((record.state, sent.elapsed()))
+        });
     }
     let mut latencies = Vec::with_capacity(n);
-    let mut by_outcome: HashMap<&'static str, usize> = HashMap::new();
-    for done in pending {
-        let (outcome, latency) = done.await?;
-        *by_outcome.entry(outcome.name()).or_default() += 1;
+    let mut by_state: BTreeMap<CommandState, usize> = BTreeMap::new();
+    for result in pending.join_all().await {
+        let (state, latency) = result?;
+        *by_state.entry(state).or_default() += 1;
         latencies.push(latency);
     }
     let took = started.elapsed();
     latencies.sort();
     println!(
-        "   {} in {} ({:.0} commands/s); latency p50 {}, p99 {}, max {}",
-        summarize(&by_outcome),
+        "   {} in {} ({:.0} commands/s); issue to outcome recorded: p50 {}, p99 {}, max {}",
+        summarize(&by_state),
         fmt(took),
         n as f64 / took.as_secs_f64(),
         fmt(percentile(&latencies, 0.50)),
@@ -221,52 +191,114 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fmt(*latencies.last().unwrap_or(&Duration::ZERO)),
     );
 
-    // 4. A configuration push that one device rejects.
-    let targets = n.min(10);
-    let rejecting = device_id(7 % targets);
-    appliers[7 % targets].reject_with(Some("fluent-bit reload answered {\"status\":1}".into()));
-    let config = ConfigRef::new(AgentType::new("fluentbit")?, ConfigVersion::new("v1.0.0")?);
+    // 4. A configuration push to one site, which one device rejects.
+    let v1 = ConfigRef::new(AgentType::new("fluentbit")?, ConfigVersion::new("v1.0.0")?);
     let bundle = ConfigBundle::new().with_file(
         "fluent-bit.conf",
         ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n[INPUT]\n    name cpu\n"),
     )?;
-    store
-        .put_template(&ConfigTemplate::new(config, bundle.clone(), "demo", Timestamp::now()))
+    control
+        .create_template(&ConfigTemplate::new(v1, bundle.clone(), "demo", Timestamp::now()))
         .await?;
+    let rejecting = 4 % n;
+    appliers[rejecting].reject_with(Some("fluent-bit reload answered {\"status\":1}".into()));
+    let site = Labels::from([("site".to_owned(), "campus-0".to_owned())]);
     println!(
-        "\n4. Push config {config} (hash {}…) to {targets} devices; {rejecting} rejects it",
-        &bundle.hash().to_string()[..12]
+        "\n4. Push template {v1} (hash {}…) to every fluentbit device at site=campus-0; {} rejects it",
+        &bundle.hash().to_string()[..12],
+        device_id(rejecting)
     );
-    let mut pushes = Vec::new();
-    for i in 0..targets {
-        let kind = CommandKind::ApplyConfig {
-            agent_type: config.agent_type,
-            version: config.version,
-        };
-        pushes.push((device_id(i), control.send(device_id(i), kind).await?.1));
-    }
-    let mut by_outcome: HashMap<&'static str, usize> = HashMap::new();
-    for (device, done) in pushes {
-        let (outcome, _) = done.await?;
-        *by_outcome.entry(outcome.name()).or_default() += 1;
-        if let CommandOutcome::Failed { reason } = &outcome {
-            println!("   {device} failed: {reason}");
+    let target = Target::Selector {
+        agent_type: v1.agent_type,
+        labels: site,
+    };
+    let issued = control.apply_config(&target, &v1).await?;
+    let mut by_state: BTreeMap<CommandState, usize> = BTreeMap::new();
+    for command in &issued {
+        let record = control.wait(&command.correlation_id, WAIT).await?;
+        *by_state.entry(record.state).or_default() += 1;
+        if let Some(reason) = &record.reason {
+            println!("   {} {}: {reason}", command.device, record.state);
         }
     }
     let applied = store.status(&device_id(0)).await?.ok_or("no status")?;
     println!(
-        "   {}; {} now reports {}",
-        summarize(&by_outcome),
+        "   {} devices selected: {}; {} now reports {}",
+        issued.len(),
+        summarize(&by_state),
         device_id(0),
         applied.config_version.map_or("nothing".into(), |v| v.to_string())
     );
 
-    // 5. A supervisor crashes; its devices re-home.
+    // 5. A rollout of a new version to the whole fleet, in growing waves.
+    let v2 = ConfigRef::new(v1.agent_type, ConfigVersion::new("v2.0.0")?);
+    let bundle = ConfigBundle::new().with_file(
+        "fluent-bit.conf",
+        ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n[INPUT]\n    name mem\n"),
+    )?;
+    control
+        .create_template(&ConfigTemplate::new(v2, bundle, "demo", Timestamp::now()))
+        .await?;
+    let spec = RolloutSpec::new(v2).with_waves(1, 4, 1000).with_failure_threshold(0.01);
+    println!(
+        "\n5. Roll {v2} out to all {n} devices: a canary of 1, waves growing 4x up to 1000, pausing above 1% failures"
+    );
+    let started = Instant::now();
+    let rollout = control.start_rollout(spec).await?;
+    let mut resumed = false;
+    let terminal = std::io::stdout().is_terminal();
+    let mut shown_waves = 0;
+    let done = loop {
+        let now = control.rollout(&rollout.id).await?.ok_or("the rollout vanished")?;
+        let totals = now.totals();
+        let line = format!(
+            "   wave {:>2}: {:>6} acked, {:>3} failed, {:>5} in flight",
+            now.waves.len(),
+            totals.acked,
+            totals.failed,
+            totals.pending
+        );
+        if terminal {
+            print!("\r{line}   ");
+            let _ = std::io::stdout().flush();
+        } else if now.waves.len() != shown_waves && now.current_wave().is_none() {
+            // Not a terminal: a line per finished wave rather than a redrawn one.
+            shown_waves = now.waves.len();
+            println!("{line}");
+        }
+        match &now.state {
+            RolloutState::Completed | RolloutState::Aborted => break now,
+            RolloutState::Paused { reason } if !resumed => {
+                println!("{}   paused: {reason}", if terminal { "\n" } else { "" });
+                println!("   the operator fixes {} and resumes", device_id(rejecting));
+                appliers[rejecting].reject_with(None);
+                control.resume_rollout(&rollout.id).await?;
+                resumed = true;
+            }
+            RolloutState::Paused { reason } => return Err(format!("paused again: {reason}").into()),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let totals = done.totals();
+    if terminal {
+        println!();
+    }
+    println!(
+        "   {} in {} waves and {}: {} acked, {} failed",
+        done.state.name(),
+        done.waves.len(),
+        fmt(started.elapsed()),
+        totals.acked,
+        totals.failed
+    );
+
+    // 6. A supervisor crashes; its devices move to the other one.
     let dead = supervisors.remove(0);
     let dead_id = dead.id();
     let survivor = &supervisors[0];
     let stranded = devices_of(&*store, &dead_id).await;
-    println!("\n5. {dead_id} crashes, holding {stranded} devices");
+    println!("\n6. {dead_id} crashes, holding {stranded} devices");
     let started = Instant::now();
     dead.abort();
     wait_until("every device routable to the survivor", || async {
@@ -278,22 +310,87 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         survivor.id(),
         fmt(started.elapsed())
     );
-    let moved = device_id(1);
-    let (owner, done) = control.send(moved, CommandKind::SetEmission { state: false }).await?;
-    let (outcome, latency) = done.await?;
+    let moved = device_id(0);
+    let sent = Instant::now();
+    let id = control.set_emission(&moved, false).await?;
+    let record = control.wait(&id, WAIT).await?;
     println!(
-        "   a toggle of {moved} now goes to {owner}: {} in {}",
-        outcome.name(),
-        fmt(latency)
+        "   a toggle of {moved} now goes to {}: {} in {}",
+        record.supervisor.map_or("nobody".into(), |s| s.to_string()),
+        record.state,
+        fmt(sent.elapsed())
     );
 
-    // Done: stop the devices, then the surviving supervisor, gracefully.
+    if args.serve {
+        serve(&control, args.listen).await?;
+    }
+
+    // Done: stop the devices, then the surviving supervisor and the control plane, gracefully.
     let _ = stop_agents.send(true);
     for supervisor in supervisors {
         supervisor.shutdown().await;
     }
-    println!("\ndone: every command ended with a definite outcome; nothing was lost.");
+    control.shutdown().await;
+    println!("\ndone: every command ended with a definite outcome, recorded by the control plane; nothing was lost.");
     Ok(())
+}
+
+/// Serves the REST API and the dashboard over the demo's control plane until Ctrl-C.
+async fn serve(control: &ControlPlane, listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let config = ApiConfig::new()
+        .token(ApiToken::new("demo", secret.clone(), Role::Operator)?)
+        .rate_limit(RateLimit::new(500.0, 1000)?);
+    let app = http_api::router(control.clone(), config)?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!(
+        "\nThe dashboard: http://{} (token {secret}); Ctrl-C to stop.",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// How long the demo waits for any one outcome.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A progress line for a long operation, redrawn in place at most every 100 ms.
+struct Progress {
+    what: &'static str,
+    total: usize,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: usize) -> Self {
+        Progress {
+            what,
+            total,
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn show(&self, done: usize) {
+        if !std::io::stdout().is_terminal() {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.elapsed() >= Duration::from_millis(100) {
+            *last = Instant::now();
+            print!("\r   {done}/{} {}", self.total, self.what);
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    fn done(&self) {
+        if std::io::stdout().is_terminal() {
+            print!("\r");
+        }
+    }
 }
 
 fn device_id(i: usize) -> DeviceId {
@@ -307,23 +404,6 @@ fn hello(device: DeviceId, i: usize) -> DeviceHello {
     hello.capabilities = Capabilities::all_builtin();
     hello.labels = Labels::from([("site".to_owned(), format!("campus-{}", i % 4))]);
     hello
-}
-
-async fn spawn_outcome_listener(bus: &Arc<MemoryBus>, waiters: Arc<Waiters>) -> opamp_core::Result<()> {
-    let mut events = bus.subscribe_events(&GroupName::new("demo-server")?).await?;
-    tokio::spawn(async move {
-        while let Ok(Some(delivery)) = events.next().await {
-            if let EventKind::CommandCompleted {
-                correlation_id,
-                outcome,
-            } = &delivery.message().kind
-            {
-                waiters.complete(*correlation_id, outcome.clone());
-            }
-            let _ = delivery.ack().await;
-        }
-    });
-    Ok(())
 }
 
 async fn online_total(store: &dyn StatusStore) -> usize {
@@ -376,9 +456,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn summarize(counts: &HashMap<&'static str, usize>) -> String {
-    let mut parts: Vec<String> = counts.iter().map(|(name, count)| format!("{count} {name}")).collect();
-    parts.sort();
+fn summarize(counts: &BTreeMap<CommandState, usize>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(state, count)| format!("{count} {state}")).collect();
     parts.join(", ")
 }
 

@@ -25,15 +25,18 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
+use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::{DeviceStatus, Labels, StatusPatch};
+use crate::store::Cursor;
 use crate::store::{
     Claim, ConfigStoreExt, MAX_LEASE_TTL, MIN_LEASE_TTL, Page, PageRequest, RoutingStoreExt, StatusStoreExt, Store,
     SupervisorLoad,
 };
 use crate::time::{Clock, ManualClock, Timestamp};
+use crate::tracking::{CommandRecord, CommandState, Rollout, RolloutSpec, RolloutState};
 
 /// What each case runs against: a fresh, empty store and its clock.
 #[derive(Debug, Clone)]
@@ -104,6 +107,14 @@ macro_rules! store_conformance {
             latest_points_at_stored_templates,
             desired_config_names_stored_templates,
             devices_do_not_interfere,
+            every_device_that_was_online_is_listed,
+            command_records_round_trip,
+            command_ids_are_recorded_once,
+            command_records_change_only_while_pending,
+            concurrent_completions_have_one_winner,
+            rollout_writes_follow_revisions,
+            rollouts_are_listed_newest_first,
+            listing_cursors_from_elsewhere_are_refused,
         );
     };
     (@cases $fixture:path; $($case:ident),+ $(,)?) => {
@@ -1437,4 +1448,252 @@ async fn run_status(fixture: impl Future<Output = StoreFixture>, ops: Vec<Status
         prop_assert_eq!(counts(&f).await, expected_counts, "device counts after {:?}", op);
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The fleet listing and what control planes track.
+
+/// `devices` lists every device that has been online, offline now or not,
+/// and none that never was.
+pub async fn every_device_that_was_online_is_listed(f: &StoreFixture) {
+    let (s1, at) = (supervisor("s1"), f.clock.now());
+    let stay = numbered_devices("known-online", 30);
+    let left = numbered_devices("known-left", 20);
+    let never = numbered_devices("known-never", 5);
+    for d in stay.iter().chain(&left) {
+        f.store
+            .update_status(d, &StatusPatch::new().online(s1, at))
+            .await
+            .unwrap();
+    }
+    for d in &left {
+        f.store.update_status(d, &StatusPatch::new().offline()).await.unwrap();
+    }
+    for d in &never {
+        f.store
+            .update_status(d, &StatusPatch::new().emission(true))
+            .await
+            .unwrap();
+    }
+    let expected: BTreeSet<DeviceId> = stay.iter().chain(&left).copied().collect();
+    for limit in [1, 7, 100] {
+        let mut listed = Vec::new();
+        let mut request = PageRequest::first(limit);
+        for _ in 0..MAX_PAGES {
+            let page = f.store.devices(&request).await.unwrap();
+            assert!(
+                page.items.len() <= limit,
+                "a page of {} for a limit of {limit}",
+                page.items.len()
+            );
+            listed.extend(page.items);
+            match page.next {
+                Some(cursor) => request = PageRequest::after(cursor, limit),
+                None => break,
+            }
+        }
+        assert_listed_once(&listed, &expected, "every device that was online");
+    }
+}
+
+fn pending_record(device_name: &str, kind: CommandKind, at: Timestamp) -> CommandRecord {
+    let command = Command::new(device(device_name), kind, at, Duration::from_secs(30));
+    CommandRecord::new(command, Some(supervisor("s1")), CommandState::Pending)
+}
+
+/// A command's record reads back as written, with its outcome once it has one.
+pub async fn command_records_round_trip(f: &StoreFixture) {
+    let at = f.clock.now();
+    let kinds = [
+        CommandKind::SetEmission { state: true },
+        CommandKind::ApplyConfig {
+            agent_type: agent("fluentbit"),
+            version: version("v2"),
+        },
+        CommandKind::Restart,
+    ];
+    for (n, kind) in kinds.into_iter().enumerate() {
+        let mut record = pending_record(&format!("rec-{n}"), kind, at);
+        f.store.insert_command(&record).await.unwrap();
+        assert_eq!(
+            f.store.command_record(&record.correlation_id()).await.unwrap(),
+            Some(record.clone())
+        );
+
+        record.complete(
+            &CommandOutcome::Failed {
+                reason: format!("reason {n}"),
+            },
+            at,
+        );
+        assert!(f.store.update_command(&record).await.unwrap());
+        let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
+        assert_eq!(stored.state, CommandState::Failed);
+        assert_eq!(stored.reason.as_deref(), Some(format!("reason {n}").as_str()));
+        assert_eq!(stored.command, record.command);
+    }
+    let deferred = CommandRecord::new(
+        Command::new(
+            device("rec-deferred"),
+            CommandKind::Restart,
+            at,
+            Duration::from_secs(30),
+        ),
+        None,
+        CommandState::Deferred,
+    );
+    f.store.insert_command(&deferred).await.unwrap();
+    let stored = f
+        .store
+        .command_record(&deferred.correlation_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.state, stored.supervisor, stored.attempts),
+        (CommandState::Deferred, None, 0)
+    );
+    assert_eq!(f.store.command_record(&CorrelationId::new()).await.unwrap(), None);
+}
+
+/// A correlation id is recorded once; a second insert is `AlreadyExists`.
+pub async fn command_ids_are_recorded_once(f: &StoreFixture) {
+    let record = pending_record("once", CommandKind::Restart, f.clock.now());
+    f.store.insert_command(&record).await.unwrap();
+    let mut again = record.clone();
+    again.state = CommandState::Acked;
+    let err = expect_err(f.store.insert_command(&again).await, "a second insert");
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert!(err.to_string().contains(&record.correlation_id().to_string()), "{err}");
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
+    assert_eq!(stored.state, CommandState::Pending, "the first record stands");
+}
+
+/// A pending record may be replaced (a retry), an ended one never; an unknown one is `NotFound`.
+pub async fn command_records_change_only_while_pending(f: &StoreFixture) {
+    let at = f.clock.now();
+    let mut record = pending_record("retried", CommandKind::SetEmission { state: false }, at);
+    f.store.insert_command(&record).await.unwrap();
+
+    record.attempts = 2;
+    record.supervisor = Some(supervisor("s2"));
+    record.command.deadline = at.saturating_add(Duration::from_secs(60));
+    assert!(
+        f.store.update_command(&record).await.unwrap(),
+        "a retry replaces a pending record"
+    );
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
+    assert_eq!((stored.attempts, stored.supervisor), (2, Some(supervisor("s2"))));
+    assert_eq!(stored.command.deadline, record.command.deadline);
+
+    record.complete(&CommandOutcome::Acked, at);
+    assert!(f.store.update_command(&record).await.unwrap());
+    let mut late = record.clone();
+    late.complete(&CommandOutcome::TimedOut, at);
+    assert!(
+        !f.store.update_command(&late).await.unwrap(),
+        "an ended command stays as it ended"
+    );
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
+    assert_eq!(stored.state, CommandState::Acked);
+
+    let unknown = pending_record("unknown", CommandKind::Restart, at);
+    let err = expect_err(f.store.update_command(&unknown).await, "updating an unknown command");
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+/// Control planes racing to end one command: exactly one write wins.
+pub async fn concurrent_completions_have_one_winner(f: &StoreFixture) {
+    const RACERS: usize = 8;
+    let record = pending_record("raced", CommandKind::Restart, f.clock.now());
+    f.store.insert_command(&record).await.unwrap();
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for n in 0..RACERS {
+        let (store, barrier, mut mine) = (f.store.clone(), barrier.clone(), record.clone());
+        let at = f.clock.now();
+        racers.spawn(async move {
+            mine.complete(
+                &CommandOutcome::Failed {
+                    reason: format!("racer {n}"),
+                },
+                at,
+            );
+            barrier.wait().await;
+            store.update_command(&mine).await.map(|won| won.then_some(n))
+        });
+    }
+    let winners: Vec<usize> = racers.join_all().await.into_iter().filter_map(Result::unwrap).collect();
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
+    assert_eq!(stored.reason, Some(format!("racer {}", winners[0])));
+}
+
+fn rollout_of(v: &str, at: Timestamp) -> Rollout {
+    Rollout::new(RolloutSpec::new(ConfigRef::new(agent("fluentbit"), version(v))), at)
+}
+
+/// A rollout is written only on top of the revision it was read at.
+pub async fn rollout_writes_follow_revisions(f: &StoreFixture) {
+    let at = f.clock.now();
+    let mut rollout = rollout_of("v1", at);
+    assert!(f.store.put_rollout(&rollout).await.unwrap(), "the first write");
+    assert!(!f.store.put_rollout(&rollout).await.unwrap(), "revision 1 again");
+    assert_eq!(f.store.rollout(&rollout.id).await.unwrap(), Some(rollout.clone()));
+
+    let stale = rollout.clone();
+    rollout.revision = 2;
+    rollout.state = RolloutState::Paused {
+        reason: "operator".into(),
+    };
+    assert!(f.store.put_rollout(&rollout).await.unwrap());
+    let mut skipping = rollout.clone();
+    skipping.revision = 4;
+    assert!(
+        !f.store.put_rollout(&skipping).await.unwrap(),
+        "a revision may not be skipped"
+    );
+    let mut racing = stale;
+    racing.revision = 2;
+    racing.state = RolloutState::Aborted;
+    assert!(
+        !f.store.put_rollout(&racing).await.unwrap(),
+        "a writer that read revision 1 lost"
+    );
+    assert_eq!(f.store.rollout(&rollout.id).await.unwrap(), Some(rollout));
+    assert_eq!(f.store.rollout(&rollout_of("v9", at).id).await.unwrap(), None);
+}
+
+/// Rollouts are listed newest first, a page at a time, each once.
+pub async fn rollouts_are_listed_newest_first(f: &StoreFixture) {
+    let at = f.clock.now();
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let rollout = rollout_of(&format!("v{n}"), at);
+        assert!(f.store.put_rollout(&rollout).await.unwrap());
+        ids.push(rollout.id);
+    }
+    ids.reverse();
+    for limit in [1, 3, 7, 100] {
+        let mut listed = Vec::new();
+        let mut request = PageRequest::first(limit);
+        for _ in 0..MAX_PAGES {
+            let page = f.store.rollouts(&request).await.unwrap();
+            assert!(page.items.len() <= limit);
+            listed.extend(page.items);
+            match page.next {
+                Some(cursor) => request = PageRequest::after(cursor, limit),
+                None => break,
+            }
+        }
+        assert_eq!(listed, ids, "newest first with pages of {limit}");
+    }
+}
+
+/// A cursor the store did not make is `InvalidInput`, naming it.
+pub async fn listing_cursors_from_elsewhere_are_refused(f: &StoreFixture) {
+    let bogus = PageRequest::after(Cursor::new("not-a-rollout"), 10);
+    let err = expect_err(f.store.rollouts(&bogus).await, "listing rollouts after a bogus cursor");
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    assert!(err.to_string().contains("not-a-rollout"), "{err}");
 }

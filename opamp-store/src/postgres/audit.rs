@@ -80,7 +80,8 @@ fn outcome_columns(outcome: &CommandOutcome) -> (&'static str, Option<&str>) {
 fn parse_outcome(status: &str, error: Option<String>) -> Result<Option<CommandOutcome>> {
     let reason = || error.clone().unwrap_or_default();
     Ok(Some(match status {
-        PENDING => return Ok(None),
+        // Deferred: recorded as the device's desired config, which its status follows.
+        PENDING | "deferred" => return Ok(None),
         "acked" => CommandOutcome::Acked,
         "failed" => CommandOutcome::Failed { reason: reason() },
         "timed_out" => CommandOutcome::TimedOut,
@@ -256,18 +257,31 @@ impl PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
-        if done.rows_affected() > 0 {
+        self.changed_if_recorded(done.rows_affected(), correlation_id, doing)
+            .await
+    }
+
+    /// Whether a conditional update of a command's row changed it: `true` if
+    /// it did, `false` if the row is there but the condition did not hold,
+    /// [`Error::NotFound`] if the command was never recorded.
+    pub(super) async fn changed_if_recorded(
+        &self,
+        rows_affected: u64,
+        id: &CorrelationId,
+        doing: impl Fn() -> String,
+    ) -> Result<bool> {
+        if rows_affected > 0 {
             return Ok(true);
         }
         let recorded: bool = sqlx::query_scalar(EXISTS)
-            .bind(correlation_id.to_string())
+            .bind(id.to_string())
             .fetch_one(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
         if recorded {
             Ok(false)
         } else {
-            Err(Error::not_found(format!("audit entry of command {correlation_id}")))
+            Err(Error::not_found(format!("command {id}")))
         }
     }
 

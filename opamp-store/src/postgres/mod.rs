@@ -70,6 +70,7 @@ mod lanes;
 mod routing;
 mod rows;
 mod status;
+mod tracking;
 
 use std::fmt;
 use std::str::FromStr;

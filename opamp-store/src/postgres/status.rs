@@ -67,6 +67,10 @@ const ONLINE: &str = "\
 SELECT device_id FROM device_registry
 WHERE status = 'online' AND device_id > $1 ORDER BY device_id LIMIT $2";
 
+const ALL: &str = "\
+SELECT device_id FROM device_registry
+WHERE connected_at IS NOT NULL AND device_id > $1 ORDER BY device_id LIMIT $2";
+
 const UNDER_SUPERVISOR: &str = "\
 SELECT device_id FROM device_registry
 WHERE status = 'online' AND supervisor_id = $2 AND device_id > $1 ORDER BY device_id LIMIT $3";
@@ -264,6 +268,17 @@ impl StatusStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(PgError::query(|| format!("listing online devices after {after:?}")))?;
+        device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
+    }
+
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        let (after, fetch) = page_start(page)?;
+        let rows: Vec<String> = sqlx::query_scalar(ALL)
+            .bind(&after)
+            .bind(fetch)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("listing devices after {after:?}")))?;
         device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
     }
 

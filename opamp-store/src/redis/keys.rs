@@ -8,7 +8,7 @@
 //! `device:{d1:supervisor}` (the status of the device `d1:supervisor`). Ids
 //! cannot contain braces, so the tag always ends where the id does.
 
-use opamp_core::{AgentType, ConfigRef, DeviceId, Error, Result, SupervisorId};
+use opamp_core::{AgentType, ConfigRef, CorrelationId, DeviceId, Error, Result, RolloutId, SupervisorId};
 
 /// The version name the `latest` pointer takes: no template may have it.
 pub(super) const LATEST: &str = "latest";
@@ -80,6 +80,27 @@ impl Keys {
     /// `devices:online`: the set of online devices.
     pub(super) fn online(&self) -> String {
         self.key(&["devices:online"])
+    }
+
+    /// `devices`: the set of every device that has been online.
+    pub(super) fn known(&self) -> String {
+        self.key(&["devices"])
+    }
+
+    /// `command:{id}`: a command's record (JSON), kept for the store's command retention.
+    pub(super) fn command(&self, id: &CorrelationId) -> String {
+        self.key(&["command:{", &id.to_string(), "}"])
+    }
+
+    /// `rollout:{rollouts}:id`: a rollout (JSON). Every rollout shares the
+    /// hash tag of the index, so one script writes both.
+    pub(super) fn rollout(&self, id: &RolloutId) -> String {
+        self.key(&["rollout:{rollouts}:", &id.to_string()])
+    }
+
+    /// `rollouts:{rollouts}`: the ids of the rollouts, a sorted set in id (time) order.
+    pub(super) fn rollouts(&self) -> String {
+        self.key(&["rollouts:{rollouts}"])
     }
 
     /// `supervisors`: the set of supervisors that have held devices (for `device_counts`).

@@ -14,7 +14,8 @@
 //! | `config:{type}:latest` | string | the version `latest` points at |
 //!
 //! and a few of its own (`device:{id}:desired`, `config:{type}`,
-//! `supervisors`, `device:{id}:indexing`); `docs/data-model.md` describes
+//! `supervisors`, `devices`, `device:{id}:indexing`, and the control plane's
+//! `command:{id}`, `rollout:{rollouts}:id`, `rollouts:{rollouts}`); `docs/data-model.md` describes
 //! each key and field. The braces are literal: they are Redis Cluster hash
 //! tags, keeping a device's keys (and a supervisor's, and an agent type's) in
 //! one slot so each Lua script touches one slot only. An optional key prefix
@@ -71,6 +72,7 @@ mod conn;
 mod error;
 mod keys;
 mod scripts;
+mod tracking;
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -140,6 +142,9 @@ pub struct RedisStoreConfig {
     /// take over (a writer that died leaves it behind).
     #[serde(default = "defaults::index_lock_ttl", with = "duration_text")]
     pub index_lock_ttl: Duration,
+    /// How long a command's record is kept after it was issued (its key's expiry).
+    #[serde(default = "defaults::command_retention", with = "duration_text")]
+    pub command_retention: Duration,
 }
 
 mod defaults {
@@ -156,6 +161,9 @@ mod defaults {
     }
     pub(super) fn index_lock_ttl() -> Duration {
         Duration::from_secs(5)
+    }
+    pub(super) fn command_retention() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
 }
 
@@ -179,6 +187,7 @@ impl RedisStoreConfig {
             response_timeout: defaults::response_timeout(),
             custom_clock_margin: defaults::custom_clock_margin(),
             index_lock_ttl: defaults::index_lock_ttl(),
+            command_retention: defaults::command_retention(),
         }
     }
 
@@ -260,6 +269,7 @@ pub struct RedisStore {
     /// How long past the lease's end a routing key stays in Redis, in ms.
     margin_ms: i64,
     lock_ttl_ms: u64,
+    retention_ms: u64,
     token_base: u64,
     tokens: AtomicU64,
 }
@@ -298,6 +308,7 @@ impl RedisStore {
             exact_lookups: custom_clock,
             margin_ms: millis(margin),
             lock_ttl_ms: millis(config.index_lock_ttl).max(1) as u64,
+            retention_ms: millis(config.command_retention).max(1) as u64,
             token_base: RandomState::new().hash_one(std::process::id()),
             tokens: AtomicU64::new(0),
         })
@@ -475,6 +486,8 @@ impl RedisStore {
                     redis::cmd("SADD").arg(&registry).arg(to.as_str()).to_owned(),
                 ));
                 requests.push((online.clone(), redis::cmd("SADD").arg(&online).arg(member).to_owned()));
+                let known = self.keys.known();
+                requests.push((known.clone(), redis::cmd("SADD").arg(&known).arg(member).to_owned()));
             }
             None => requests.push((online.clone(), redis::cmd("SREM").arg(&online).arg(member).to_owned())),
         }
@@ -827,6 +840,10 @@ impl StatusStore for RedisStore {
 
     async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
         self.list_set(&self.keys.online(), page).await
+    }
+
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.list_set(&self.keys.known(), page).await
     }
 
     async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {

@@ -174,6 +174,29 @@ redis.call('SET', KEYS[2], ARGV[1])
 return 1
 ";
 
+/// Replaces a command's record while the stored one is pending, keeping its
+/// expiry. KEYS: record. ARGV: the new JSON. Returns -1 if there is no
+/// record, 0 if it has ended, 1 if replaced.
+const UPDATE_COMMAND: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if not stored then return -1 end
+if cjson.decode(stored)['state'] ~= 'pending' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+return 1
+";
+
+/// Writes a rollout on top of the revision before it and indexes it. KEYS:
+/// rollout, index. ARGV: JSON, revision, id. Returns 1 if written, else 0.
+const PUT_ROLLOUT: &str = r"
+local stored = redis.call('GET', KEYS[1])
+local revision = 0
+if stored then revision = tonumber(cjson.decode(stored)['revision']) end
+if tonumber(ARGV[2]) ~= revision + 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+return 1
+";
+
 /// Every script the store runs, loaded once per connection (and again when
 /// Redis restarted and forgot them).
 #[derive(Debug)]
@@ -191,6 +214,8 @@ pub(super) struct Scripts {
     pub(super) supervisor_recount: Script,
     pub(super) put_template: Script,
     pub(super) set_latest: Script,
+    pub(super) update_command: Script,
+    pub(super) put_rollout: Script,
 }
 
 impl Scripts {
@@ -211,10 +236,12 @@ impl Scripts {
             supervisor_recount: Script::new(SUPERVISOR_RECOUNT),
             put_template: Script::new(PUT_TEMPLATE),
             set_latest: Script::new(SET_LATEST),
+            update_command: Script::new(UPDATE_COMMAND),
+            put_rollout: Script::new(PUT_ROLLOUT),
         }
     }
 
-    pub(super) fn all(&self) -> [&Script; 13] {
+    pub(super) fn all(&self) -> [&Script; 15] {
         [
             &self.claim,
             &self.renew,
@@ -229,6 +256,8 @@ impl Scripts {
             &self.supervisor_recount,
             &self.put_template,
             &self.set_latest,
+            &self.update_command,
+            &self.put_rollout,
         ]
     }
 }

@@ -1,0 +1,180 @@
+//! A supervisor: holds device sessions over gRPC, executes the commands the
+//! bus brings, keeps leases and status in the store.
+//!
+//! ```text
+//! OPAMP_FLEET_KEY=$(head -c 32 /dev/urandom | base64) \
+//! cargo run -p opamp-examples --bin opamp-supervisor -- \
+//!     --id supervisor-1 --listen 127.0.0.1:4320 \
+//!     --store redis://127.0.0.1:6379/ --bus kafka://127.0.0.1:9092
+//! ```
+//!
+//! Prints `listening ADDR` on stdout once it serves devices; stops gracefully
+//! on Ctrl-C or SIGTERM (the supervisor first, releasing its leases, then the
+//! transport, then the bus).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
+use opamp_core::{DeviceTransport, Error, SupervisorId};
+use opamp_examples::cli::{
+    FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, read_pem, shutdown_signal,
+};
+use opamp_examples::logging::LogArgs;
+use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
+use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport, ServerTls};
+use tracing::{info, warn};
+
+/// Serves devices over gRPC and executes the commands the bus brings.
+#[derive(Debug, Parser)]
+#[command(name = "opamp-supervisor", version)]
+struct Args {
+    /// This supervisor's id: its key on the bus and the owner named in leases. Unique in the fleet.
+    #[arg(long, env = "OPAMP_SUPERVISOR_ID")]
+    id: SupervisorId,
+    /// Where the gRPC ControlService listens for devices (port 0 picks a free one).
+    #[arg(long, env = "OPAMP_GRPC_LISTEN", default_value = "127.0.0.1:4320")]
+    listen: SocketAddr,
+    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…` or `postgres://…`.
+    // Parsed after clap, whose errors would echo the URL with its password.
+    #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
+    store: String,
+    /// The bus: `memory://` or `kafka://host:port[,host:port][?topic_prefix=…&replication=…]`.
+    #[arg(long, env = "OPAMP_BUS", hide_env_values = true, default_value = "memory://")]
+    bus: String,
+    /// How devices prove who they are: `fleet-token` (the fleet key from OPAMP_FLEET_KEY)
+    /// or `client-cert` (mTLS; needs --tls-cert, --tls-key and --tls-client-ca).
+    #[arg(long, value_enum, env = "OPAMP_AUTH", default_value = "fleet-token")]
+    auth: Auth,
+    /// The server certificate chain (PEM); serves TLS when given, with --tls-key.
+    #[arg(long, env = "OPAMP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "OPAMP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) device certificates must chain to: every device must present one (mTLS).
+    #[arg(long, env = "OPAMP_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// How long a lease lasts without renewal (renewed every third of it).
+    #[arg(long, env = "OPAMP_LEASE_TTL", value_parser = parse_duration, default_value = "300s")]
+    lease_ttl: Duration,
+    /// Commands taken from the bus and not yet finished; beyond it the supervisor stops pulling.
+    #[arg(long, env = "OPAMP_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// Commands queued per device.
+    #[arg(long, env = "OPAMP_DEVICE_QUEUE", default_value_t = 16)]
+    device_queue: usize,
+    /// How long a device has to register after opening its stream.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    register_timeout: Duration,
+    /// How long a graceful shutdown waits for commands in flight, and then for the transport and the bus.
+    #[arg(long, env = "OPAMP_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    shutdown_grace: Duration,
+    /// How often to log how many devices are connected (0s: never).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    stats_interval: Duration,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Auth {
+    /// Fleet tokens derived from the fleet key.
+    FleetToken,
+    /// The device id is the client certificate's Common Name.
+    ClientCert,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    exit_code("opamp-supervisor", run(Args::parse()).await)
+}
+
+async fn run(args: Args) -> opamp_core::Result<()> {
+    args.log.init()?;
+    let store_url: StoreUrl = parse_flag("--store", &args.store)?;
+    let bus_url: BusUrl = parse_flag("--bus", &args.bus)?;
+    let grpc = grpc_config(&args)?;
+
+    info!(store = ?store_url, bus = ?bus_url, "opening the store and the bus");
+    let store = open_store(&store_url).await?;
+    let bus = open_bus(&bus_url).await?;
+    if store_url == StoreUrl::Memory {
+        warn!(
+            "memory:// store: no other process can look this supervisor's devices up; use redis:// or postgres:// for a fleet"
+        );
+    }
+    if bus_url == BusUrl::Memory {
+        warn!(
+            "memory:// bus: commands can only come from this process, which sends none; use kafka:// to command devices"
+        );
+    }
+    let transport = Arc::new(GrpcTransport::bind(grpc).await?);
+    let config = SupervisorConfig::new(args.id)
+        .lease_ttl(args.lease_ttl)
+        .max_in_flight(args.max_in_flight)
+        .device_queue(args.device_queue)
+        .shutdown_grace(args.shutdown_grace);
+    let running = Supervisor::new(config, store, bus.bus())
+        .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
+        .await?;
+    info!(supervisor = %args.id, listen = %transport.local_addr(), "serving devices over gRPC");
+    // The line scripts and tests wait for: the address, with the port chosen.
+    println!("listening {}", transport.local_addr());
+
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    // interval() refuses zero; the guard below keeps a zero interval from ticking.
+    let mut stats = tokio::time::interval(args.stats_interval.max(Duration::from_millis(1)));
+    stats.tick().await;
+    let signal = loop {
+        tokio::select! {
+            signal = &mut shutdown => break signal,
+            _ = stats.tick(), if !args.stats_interval.is_zero() => {
+                info!(connected_devices = running.connected_devices(), "stats");
+            }
+        }
+    };
+    info!(signal, "shutting down: supervisor, then transport, then bus");
+    running.shutdown().await;
+    transport.shutdown(args.shutdown_grace).await;
+    if let Err(err) = bus.shutdown(args.shutdown_grace).await {
+        warn!(error = %err, "the bus did not shut down cleanly");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The gRPC transport's settings from the flags and OPAMP_FLEET_KEY.
+fn grpc_config(args: &Args) -> opamp_core::Result<GrpcServerConfig> {
+    let auth = match args.auth {
+        Auth::FleetToken => match fleet_key_from_env()? {
+            Some(key) => DeviceAuth::FleetToken(key),
+            None => {
+                return Err(Error::invalid_input(format!(
+                    "--auth fleet-token needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
+                )));
+            }
+        },
+        Auth::ClientCert if args.tls_client_ca.is_none() => {
+            return Err(Error::invalid_input(
+                "--auth client-cert needs --tls-cert, --tls-key and --tls-client-ca",
+            ));
+        }
+        Auth::ClientCert => DeviceAuth::ClientCertificate,
+    };
+    let mut config = GrpcServerConfig::new(args.listen, auth)
+        .register_timeout(args.register_timeout)
+        .device_queue(args.device_queue);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut tls = ServerTls::new(read_pem(cert, "--tls-cert")?, read_pem(key, "--tls-key")?);
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca(read_pem(ca, "--tls-client-ca")?);
+        }
+        config = config.tls(tls);
+    }
+    Ok(config)
+}

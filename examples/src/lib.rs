@@ -1,0 +1,25 @@
+//! What the example binaries share: backends opened from URLs, logging,
+//! shutdown signals and command-line parsing helpers.
+//!
+//! | module       | what it holds |
+//! |--------------|---------------|
+//! | [`backend`]  | [`StoreUrl`] and [`BusUrl`], parsed from `memory://`, `redis://`, `redis+cluster://`, `postgres://` and `kafka://` URLs, and opened into trait objects |
+//! | [`logging`]  | `--log` / `RUST_LOG` and `--log-format text\|json` for `tracing` |
+//! | [`cli`]      | flag parsers (durations, labels), PEM files, the fleet key from `OPAMP_FLEET_KEY`, Ctrl-C / SIGTERM |
+//!
+//! # Features
+//!
+//! All on by default; without one, its URL scheme is refused with
+//! [`Error::Unsupported`](opamp_core::Error::Unsupported) naming the feature.
+//!
+//! | feature    | URLs it opens |
+//! |------------|---------------|
+//! | `redis`    | `redis://…`, `redis+cluster://…` (the Redis store) |
+//! | `postgres` | `postgres://…`, `postgresql://…` (the PostgreSQL store) |
+//! | `kafka`    | `kafka://…` (the Kafka bus; builds the bundled librdkafka) |
+
+pub mod backend;
+pub mod cli;
+pub mod logging;
+
+pub use backend::{BusUrl, KafkaUrl, OpenBus, StoreUrl, open_bus, open_store};

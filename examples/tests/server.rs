@@ -1,0 +1,160 @@
+//! opamp-server as a real process: the REST API over the control plane, with
+//! a supervisor in the same process (`--grpc-listen`) on memory backends, and
+//! an opamp-agent process connected to it over gRPC.
+
+use base64::Engine as _;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod common;
+use common::{Proc, wait_until};
+
+const TOKEN: &str = "ops:operator:an-operator-secret-for-tests";
+const BEARER: &str = "an-operator-secret-for-tests";
+
+/// One HTTP/1.1 request on its own connection; the status and the body.
+async fn http(address: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.expect("the server accepts");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {BEARER}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|err| panic!("{err}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
+    let key = base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
+    let mut server = Proc::spawn(
+        "opamp-server",
+        env!("CARGO_BIN_EXE_opamp-server"),
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--tokens".into(),
+            TOKEN.into(),
+            "--command-timeout".into(),
+            "5s".into(),
+        ],
+        Some(&key),
+    );
+    let line = server.first_line().await;
+    let parts: Vec<&str> = line.split(' ').collect();
+    let (http_address, grpc_address) = match parts.as_slice() {
+        ["listening", http, "grpc", grpc] => (http.to_string(), grpc.to_string()),
+        _ => panic!("expected `listening ADDR grpc ADDR`, got {line:?}"),
+    };
+
+    let _agent = Proc::spawn(
+        "opamp-agent",
+        env!("CARGO_BIN_EXE_opamp-agent"),
+        &[
+            "--server".into(),
+            format!("http://{grpc_address}"),
+            "--device".into(),
+            "edge-1".into(),
+            "--agent-type".into(),
+            "fluentbit".into(),
+            "--applier".into(),
+            "memory".into(),
+        ],
+        Some(&key),
+    );
+    wait_until("edge-1 is listed online", || async {
+        let (status, body) = http(&http_address, "GET", "/api/v1/devices?online=true", None).await;
+        status == 200 && body.contains("edge-1")
+    })
+    .await;
+
+    let (status, body) = http(
+        &http_address,
+        "POST",
+        "/api/v1/devices/edge-1/emission",
+        Some(&serde_json::json!({"on": true})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = json(&body)["correlation_id"].as_str().unwrap().to_owned();
+    let (status, body) = http(&http_address, "GET", &format!("/api/v1/commands/{id}?wait=5s"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["state"], "acked", "{body}");
+    let (_, body) = http(&http_address, "GET", "/api/v1/devices/edge-1", None).await;
+    assert_eq!(json(&body)["emission"], true, "{body}");
+
+    let (status, body) = http(&http_address, "GET", "/health/ready", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = http(&http_address, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("opamp_commands_total"), "{metrics}");
+    assert!(
+        metrics.contains("opamp_devices_online{supervisor=\"server-supervisor\"} 1"),
+        "{metrics}"
+    );
+
+    // Without a valid token: 401.
+    let mut stream = TcpStream::connect(&http_address).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /api/v1/devices HTTP/1.1\r\nHost: {http_address}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn bad_flags_name_what_is_wrong() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-server"))
+        .args(["--listen", "127.0.0.1:0", "--tokens", "ops:admin:0123456789abcdef0123"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("entry 1 (ops)") && !stderr.contains("0123456789abcdef0123"),
+        "{stderr}"
+    );
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--tokens",
+            TOKEN,
+        ])
+        .env_remove("OPAMP_FLEET_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OPAMP_FLEET_KEY"), "{stderr}");
+}

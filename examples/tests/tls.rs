@@ -1,0 +1,136 @@
+//! opamp-supervisor and opamp-agent as processes over TLS: with fleet tokens,
+//! and with mTLS where the device id is the certificate's Common Name. The
+//! supervisors run on memory backends; the agent's log says when it holds a
+//! session and the supervisor's stats line counts it.
+
+use std::path::PathBuf;
+
+mod common;
+use common::Proc;
+
+/// A CA, and certificates it signs for `localhost`, written as PEM files into a directory of the test's own.
+struct Pki {
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("opamp-examples-tls-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "opamp test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        Pki {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.path("ca.pem")
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// Writes `{name}.pem` and `{name}.key` for `common_name`; returns their paths.
+    fn issue(&self, name: &str, common_name: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+/// Starts a supervisor with `supervisor_args` and an agent for `device` with
+/// `agent_args` (the server URL is added), waits until the agent holds a
+/// session that the supervisor counts, and stops both gracefully.
+async fn connects(supervisor_args: &[&str], device: &str, agent_args: &[&str], fleet_key: Option<&str>) {
+    let mut args = strings(&["--id", "s-tls", "--listen", "127.0.0.1:0", "--stats-interval", "100ms"]);
+    args.extend(strings(supervisor_args));
+    let mut supervisor = Proc::spawn(
+        "opamp-supervisor",
+        env!("CARGO_BIN_EXE_opamp-supervisor"),
+        &args,
+        fleet_key,
+    );
+    let line = supervisor.first_line().await;
+    let port = line
+        .rsplit_once(':')
+        .map(|(_, port)| port.to_owned())
+        .unwrap_or_else(|| panic!("expected `listening ADDR`, got {line:?}"));
+
+    // The certificates name `localhost`, so the agent connects by that name.
+    let url = format!("https://localhost:{port}");
+    let mut args = strings(&["--server", &url, "--device", device, "--applier", "memory"]);
+    args.extend(strings(agent_args));
+    let mut agent = Proc::spawn("opamp-agent", env!("CARGO_BIN_EXE_opamp-agent"), &args, fleet_key);
+    agent.wait_for_log("connected=true").await;
+    supervisor.wait_for_log("connected_devices=1").await;
+    agent.terminate().await;
+    supervisor.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connects_over_tls_with_a_fleet_token() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "supervisor");
+    let fleet_key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    connects(
+        &["--tls-cert", &cert, "--tls-key", &key],
+        "t1",
+        &["--tls-ca", &pki.ca()],
+        Some(fleet_key),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connects_over_mtls_as_the_device_its_certificate_names() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "supervisor");
+    let (device_cert, device_key) = pki.issue("m1", "m1");
+    connects(
+        &[
+            "--auth",
+            "client-cert",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &pki.ca(),
+        ],
+        "m1",
+        &[
+            "--tls-ca",
+            &pki.ca(),
+            "--tls-cert",
+            &device_cert,
+            "--tls-key",
+            &device_key,
+        ],
+        None,
+    )
+    .await;
+}

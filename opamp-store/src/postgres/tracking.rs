@@ -1,0 +1,185 @@
+//! What control planes track, in PostgreSQL: a command's record is its row in
+//! `command_audit` (the audit log and the tracking are one table), and
+//! rollouts are JSON documents in `rollout`.
+
+use async_trait::async_trait;
+use opamp_core::tracking::CommandState;
+use opamp_core::{
+    Command, CommandRecord, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId, SupervisorId,
+    TrackingStore,
+};
+
+use super::PostgresStore;
+use super::error::PgError;
+use super::rows::{RowReader, sql_time};
+
+const INSERT: &str = "\
+INSERT INTO command_audit (device_id, supervisor_id, command_type, payload, correlation_id, status,
+    error_message, created_at, completed_at, attempts)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (correlation_id) DO NOTHING";
+
+const UPDATE: &str = "\
+UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, error_message = $5,
+    completed_at = $6, attempts = $7
+WHERE correlation_id = $1 AND status = 'pending'";
+
+const RECORD: &str = "\
+SELECT id, supervisor_id, payload::text AS payload, status, error_message, completed_at, attempts
+FROM command_audit WHERE correlation_id = $1";
+
+const PUT_ROLLOUT: &str = "\
+INSERT INTO rollout AS r (id, revision, body, created_at) VALUES ($1::uuid, $2, $3::jsonb, $4)
+ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision, body = EXCLUDED.body
+WHERE r.revision = EXCLUDED.revision - 1";
+
+const ROLLOUT: &str = "SELECT body::text FROM rollout WHERE id = $1::uuid";
+
+const ROLLOUTS: &str = "\
+SELECT id::text FROM rollout WHERE ($1::uuid IS NULL OR id < $1::uuid) ORDER BY id DESC LIMIT $2";
+
+/// The columns that vary with a record: payload, status, error message, completion time.
+struct Columns {
+    payload: String,
+    status: &'static str,
+    completed_at: Option<time::OffsetDateTime>,
+}
+
+impl Columns {
+    fn of(record: &CommandRecord) -> Result<Self> {
+        let id = record.correlation_id();
+        Ok(Columns {
+            payload: String::from_utf8(record.command.to_json())
+                .map_err(|err| Error::invalid_input(format!("command {id} as JSON: {err}")))?,
+            status: record.state.as_str(),
+            completed_at: record.completed_at.map(sql_time).transpose()?,
+        })
+    }
+}
+
+fn attempts(record: &CommandRecord) -> i16 {
+    i16::try_from(record.attempts).unwrap_or(i16::MAX)
+}
+
+#[async_trait]
+impl TrackingStore for PostgresStore {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        let id = record.correlation_id();
+        let columns = Columns::of(record)?;
+        let done = sqlx::query(INSERT)
+            .bind(record.device().as_str())
+            .bind(record.supervisor.as_ref().map(SupervisorId::as_str))
+            .bind(record.kind().wire_name())
+            .bind(&columns.payload)
+            .bind(id.to_string())
+            .bind(columns.status)
+            .bind(record.reason.as_deref())
+            .bind(sql_time(record.command.issued_at)?)
+            .bind(columns.completed_at)
+            .bind(attempts(record))
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("recording command {id}")))?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(Error::already_exists(format!("command {id}")))
+        }
+    }
+
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        let id = record.correlation_id();
+        let columns = Columns::of(record)?;
+        let doing = || format!("updating the record of command {id}");
+        let done = sqlx::query(UPDATE)
+            .bind(id.to_string())
+            .bind(record.supervisor.as_ref().map(SupervisorId::as_str))
+            .bind(&columns.payload)
+            .bind(columns.status)
+            .bind(record.reason.as_deref())
+            .bind(columns.completed_at)
+            .bind(attempts(record))
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(doing))?;
+        self.changed_if_recorded(done.rows_affected(), &id, doing).await
+    }
+
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        let row = sqlx::query(RECORD)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("reading the record of command {id}")))?;
+        let Some(row) = row else { return Ok(None) };
+        let name = || format!("command_audit row of command {id}");
+        let r = RowReader::new(&row, &name);
+        let command = r.parsed("payload", |json| Command::from_json(json.as_bytes()))?;
+        let mut record = CommandRecord::new(
+            command,
+            r.parsed_opt("supervisor_id", str::parse::<SupervisorId>)?,
+            r.parsed("status", CommandState::parse)?,
+        );
+        record.attempts = u32::try_from(r.get::<i16>("attempts")?).unwrap_or(0);
+        record.completed_at = r.time_opt("completed_at")?;
+        record.reason = r.get("error_message")?;
+        Ok(Some(record))
+    }
+
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
+        let id = rollout.id;
+        let body = String::from_utf8(rollout.to_json())
+            .map_err(|err| Error::invalid_input(format!("rollout {id} as JSON: {err}")))?;
+        let revision = i64::try_from(rollout.revision)
+            .map_err(|_| Error::invalid_input(format!("rollout {id} revision {} is too large", rollout.revision)))?;
+        if revision < 1 {
+            return Ok(false);
+        }
+        // A first write (revision 1) inserts; a later one updates the row at the revision before.
+        let done = sqlx::query(PUT_ROLLOUT)
+            .bind(id.to_string())
+            .bind(revision)
+            .bind(body)
+            .bind(sql_time(rollout.created_at)?)
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("writing rollout {id}")))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
+        let body: Option<String> = sqlx::query_scalar(ROLLOUT)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("reading rollout {id}")))?;
+        body.map(|body| {
+            Rollout::from_json(body.as_bytes()).map_err(|err| Error::invalid_input(format!("rollout row {id}: {err}")))
+        })
+        .transpose()
+    }
+
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {
+        let limit = page.limit.clamp(1, PageRequest::MAX_LIMIT);
+        let before = match &page.after {
+            Some(cursor) => Some(cursor.as_str().parse::<RolloutId>().map_err(|err| {
+                Error::invalid_input(format!("page cursor {:?} is not this store's: {err}", cursor.as_str()))
+            })?),
+            None => None,
+        };
+        let rows: Vec<String> = sqlx::query_scalar(ROLLOUTS)
+            .bind(before.map(|id| id.to_string()))
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(PgError::query(|| "listing rollouts".to_owned()))?;
+        let items = rows
+            .iter()
+            .map(|id| {
+                id.parse::<RolloutId>()
+                    .map_err(|err| Error::invalid_input(format!("rollout row id: {err}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Page::from_one_more(items, limit, |last| Cursor::new(last.to_string())))
+    }
+}

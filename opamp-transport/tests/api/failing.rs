@@ -1,0 +1,216 @@
+//! A memory store and a memory bus that can be told to fail, for readiness tests.
+//! While failing, every call answers `Error::Unavailable` naming the store or the bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opamp_bus::memory::MemoryBus;
+use opamp_core::bus::{Delivery, MessageStream};
+use opamp_core::{
+    AgentType, Claim, Command, CommandBus, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate,
+    ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Error, EventBus, GroupName, Page, PageRequest,
+    Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId, SupervisorLoad,
+    TrackingStore,
+};
+use opamp_store::memory::MemoryStore;
+use tokio::sync::watch;
+
+/// On or off, shared with the streams a failing bus hands out, which it wakes.
+#[derive(Debug, Clone)]
+struct Switch(Arc<watch::Sender<bool>>);
+
+impl Default for Switch {
+    fn default() -> Self {
+        Switch(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Switch {
+    fn set(&self, off: bool) {
+        self.0.send_replace(off);
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        if *self.0.borrow() {
+            Err(Error::unavailable(format!("the test {what} is switched off")))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A [`MemoryStore`] that fails every call while switched off.
+#[derive(Debug, Default)]
+pub(crate) struct FailingStore {
+    inner: MemoryStore,
+    off: Switch,
+}
+
+impl FailingStore {
+    pub(crate) fn fail(&self, on: bool) {
+        self.off.set(on);
+    }
+}
+
+/// Checks the switch, then delegates to the memory backend.
+macro_rules! guarded {
+    ($self:ident, $what:literal, $call:ident($($arg:expr),*)) => {{
+        $self.off.check($what)?;
+        $self.inner.$call($($arg),*).await
+    }};
+}
+
+#[async_trait]
+impl RoutingStore for FailingStore {
+    async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<Claim> {
+        guarded!(self, "store", claim(device, supervisor, ttl))
+    }
+    async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
+        guarded!(self, "store", renew(supervisor, devices, ttl))
+    }
+    async fn release(&self, device: &DeviceId, supervisor: &SupervisorId) -> Result<bool> {
+        guarded!(self, "store", release(device, supervisor))
+    }
+    async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
+        guarded!(self, "store", lookup(device))
+    }
+    async fn lookup_many(&self, devices: &[DeviceId]) -> Result<Vec<Option<SupervisorId>>> {
+        guarded!(self, "store", lookup_many(devices))
+    }
+}
+
+#[async_trait]
+impl StatusStore for FailingStore {
+    async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        guarded!(self, "store", update_status(device, patch))
+    }
+    async fn status(&self, device: &DeviceId) -> Result<Option<DeviceStatus>> {
+        guarded!(self, "store", status(device))
+    }
+    async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        guarded!(self, "store", online_devices(page))
+    }
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        guarded!(self, "store", devices(page))
+    }
+    async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
+        guarded!(self, "store", supervisor_devices(supervisor, page))
+    }
+    async fn device_counts(&self) -> Result<Vec<SupervisorLoad>> {
+        guarded!(self, "store", device_counts())
+    }
+}
+
+#[async_trait]
+impl ConfigStore for FailingStore {
+    async fn put_template(&self, template: &ConfigTemplate) -> Result<()> {
+        guarded!(self, "store", put_template(template))
+    }
+    async fn template(&self, config: &ConfigRef) -> Result<Option<ConfigTemplate>> {
+        guarded!(self, "store", template(config))
+    }
+    async fn template_versions(&self, agent_type: &AgentType) -> Result<Vec<ConfigVersion>> {
+        guarded!(self, "store", template_versions(agent_type))
+    }
+    async fn set_latest(&self, config: &ConfigRef) -> Result<()> {
+        guarded!(self, "store", set_latest(config))
+    }
+    async fn latest(&self, agent_type: &AgentType) -> Result<Option<ConfigVersion>> {
+        guarded!(self, "store", latest(agent_type))
+    }
+    async fn set_desired(&self, device: &DeviceId, config: &ConfigRef) -> Result<()> {
+        guarded!(self, "store", set_desired(device, config))
+    }
+    async fn desired(&self, device: &DeviceId) -> Result<Option<ConfigRef>> {
+        guarded!(self, "store", desired(device))
+    }
+    async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
+        guarded!(self, "store", clear_desired(device))
+    }
+}
+
+#[async_trait]
+impl TrackingStore for FailingStore {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        guarded!(self, "store", insert_command(record))
+    }
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        guarded!(self, "store", update_command(record))
+    }
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        guarded!(self, "store", command_record(id))
+    }
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
+        guarded!(self, "store", put_rollout(rollout))
+    }
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
+        guarded!(self, "store", rollout(id))
+    }
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {
+        guarded!(self, "store", rollouts(page))
+    }
+}
+
+/// A [`MemoryBus`] that fails every call while switched off.
+#[derive(Debug, Default)]
+pub(crate) struct FailingBus {
+    inner: MemoryBus,
+    off: Switch,
+}
+
+impl FailingBus {
+    pub(crate) fn fail(&self, on: bool) {
+        self.off.set(on);
+    }
+}
+
+#[async_trait]
+impl CommandBus for FailingBus {
+    async fn send(&self, supervisor: &SupervisorId, command: &Command) -> Result<()> {
+        guarded!(self, "bus", send(supervisor, command))
+    }
+    async fn subscribe(&self, supervisor: &SupervisorId) -> Result<Subscription<Command>> {
+        guarded!(self, "bus", subscribe(supervisor))
+    }
+    async fn broadcast(&self, update: &ConfigUpdate) -> Result<()> {
+        guarded!(self, "bus", broadcast(update))
+    }
+    async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>> {
+        guarded!(self, "bus", subscribe_broadcasts(supervisor))
+    }
+}
+
+#[async_trait]
+impl EventBus for FailingBus {
+    async fn publish_event(&self, event: &DeviceEvent) -> Result<()> {
+        guarded!(self, "bus", publish_event(event))
+    }
+    async fn subscribe_events(&self, group: &GroupName) -> Result<Subscription<DeviceEvent>> {
+        let inner = guarded!(self, "bus", subscribe_events(group))?;
+        Ok(Box::new(FailingStream {
+            inner,
+            off: self.off.clone(),
+        }))
+    }
+}
+
+/// An event subscription whose `next` fails while the bus is switched off,
+/// also when the switch flips while it waits.
+#[derive(Debug)]
+struct FailingStream<T> {
+    inner: Subscription<T>,
+    off: Switch,
+}
+
+#[async_trait]
+impl<T: Send + std::fmt::Debug + 'static> MessageStream<T> for FailingStream<T> {
+    async fn next(&mut self) -> Result<Option<Delivery<T>>> {
+        self.off.check("bus")?;
+        let mut switch = self.off.0.subscribe();
+        tokio::select! {
+            next = self.inner.next() => next,
+            _ = switch.wait_for(|off| *off) => Err(Error::unavailable("the test bus is switched off")),
+        }
+    }
+}
