@@ -3,11 +3,11 @@
 
 use std::process::Command;
 
-/// Runs a tiny `grpc-idle` with `extra` arguments; its table.
-fn tiny_idle(extra: &[&str]) -> String {
+/// Runs a tiny `benchmark` (`grpc-idle`, `opamp-idle`) with `extra` arguments; its table.
+fn tiny_idle(benchmark: &str, extra: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
         .args([
-            "grpc-idle",
+            benchmark,
             "--low",
             "20",
             "--high",
@@ -28,7 +28,7 @@ fn tiny_idle(extra: &[&str]) -> String {
 
 #[test]
 fn grpc_idle_runs_both_servers_and_prints_the_table() {
-    let stdout = tiny_idle(&[]);
+    let stdout = tiny_idle("grpc-idle", &[]);
     assert!(stdout.contains("| bare tonic |"), "{stdout}");
     assert!(stdout.contains("| supervisor (memory store + bus) |"), "{stdout}");
     assert!(
@@ -39,7 +39,7 @@ fn grpc_idle_runs_both_servers_and_prints_the_table() {
 
 #[test]
 fn grpc_idle_measures_opamp_websocket_servers() {
-    let stdout = tiny_idle(&["--servers", "bare,opamp-transport,opamp-supervisor"]);
+    let stdout = tiny_idle("grpc-idle", &["--servers", "bare,opamp-transport,opamp-supervisor"]);
     assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
     assert!(
         stdout.contains("OpampSupervisor / bare tonic: memory per device"),
@@ -57,4 +57,32 @@ fn devices_without_a_fleet_key_are_refused_with_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("OPAMP_FLEET_KEY"), "{stderr}");
+}
+
+#[test]
+fn opamp_idle_measures_opamp_agents_against_mosquitto() {
+    let installed = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .any(|path| std::path::Path::new(path).exists());
+    if !installed {
+        let why = "mosquitto is not installed (scripts/services/mosquitto start /tmp/mosquitto installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("\n!!! SKIPPED: {why}\n");
+        return;
+    }
+    let stdout = tiny_idle(
+        "opamp-idle",
+        &[
+            "--servers",
+            "mosquitto,opamp-transport,opamp-supervisor",
+            "--ws-read-buffer",
+            "512",
+        ],
+    );
+    assert!(stdout.contains("| Mosquitto, idle MQTT 3.1.1 clients |"), "{stdout}");
+    assert!(stdout.contains("| OpAMP WebSocket transport alone |"), "{stdout}");
+    assert!(
+        stdout.contains("OpampSupervisor / Mosquitto: memory per device"),
+        "{stdout}"
+    );
 }

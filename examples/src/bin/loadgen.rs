@@ -1,32 +1,37 @@
-//! Load generator: simulated devices over gRPC or OpAMP (WebSocket), and the benchmarks built on them.
+//! Load generator: simulated devices over gRPC, OpAMP and MQTT, and the benchmarks built on them.
 //!
 //! ```text
 //! # The idle-connection benchmark: supervisor vs a bare tonic server, side by side.
 //! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --low 2000 --high 15000
 //!
-//! # Its parts, by hand:
-//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or --kind bare
+//! # Idle OpAMP agents over WebSocket vs Mosquitto holding idle MQTT clients.
+//! cargo run --release -p opamp-examples --bin opamp-loadgen -- opamp-idle --low 2000 --high 15000
+//!
+//! # Their parts, by hand:
+//! opamp-loadgen serve --kind supervisor --listen 127.0.0.1:4317      # or bare, transport, opamp-supervisor, opamp-transport
 //! opamp-loadgen devices --url http://127.0.0.1:4317 --count 5000 --source 127.0.0.2
+//! opamp-loadgen devices --protocol opamp --url ws://127.0.0.1:4320/v1/opamp --count 5000
 //!
 //! # End-to-end command latency through opamp-server, 10,000 devices over gRPC:
 //! cargo build --release -p opamp-examples --bins
 //! target/release/opamp-loadgen command-latency --devices 10000 --rates 1000,5000
-//!
-//! # Idle OpAMP WebSocket agents against the same baseline:
-//! cargo run --release -p opamp-examples --bin opamp-loadgen -- grpc-idle --servers bare,opamp-transport,opamp-supervisor
 //! ```
 //!
-//! `devices` opens one gRPC stream (one TCP connection) per simulated device
-//! (one OpAMP WebSocket when the URL is `ws://…`),
-//! registers it with its fleet token, waits for `registered`, prints how long
-//! that took, and holds the streams idle until its stdin closes. A process
-//! holds at most ~19,900 sockets here, so `grpc-idle` spreads devices over
-//! several processes, each connecting from its own 127.x.y.z source address.
+//! `devices` opens one connection per simulated device (a gRPC stream, an
+//! OpAMP WebSocket, or an MQTT connection), registers it (with its fleet token
+//! for gRPC and OpAMP), waits for `registered` (or MQTT's CONNACK), prints how
+//! long that took, and holds the connections idle until its stdin closes. A
+//! process holds at most ~19,900 sockets here, so the benchmarks spread
+//! devices over several processes, each connecting from its own 127.x.y.z
+//! source address.
 //!
-//! `grpc-idle` measures the server's resident memory (VmRSS) with `low` and
-//! then `high` devices connected and reports the slope per device, for the
-//! supervisor runtime (in-memory store and bus, gRPC transport) and for a
-//! bare tonic server holding the same streams, round after round.
+//! `grpc-idle` and `opamp-idle` measure each server's resident memory (VmRSS)
+//! with `low` and then `high` devices connected and report the slope per
+//! device, round after round: `grpc-idle` for the supervisor runtime
+//! (in-memory store and bus, gRPC transport) against a bare tonic server
+//! holding the same streams; `opamp-idle` for the supervisor serving OpAMP
+//! over WebSocket against a Mosquitto broker (its own process, its own config
+//! on a free loopback port) holding as many idle MQTT 3.1.1 clients.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
@@ -37,7 +42,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::transport::{
-    AgentConnector, AgentSession, Capabilities, CommandAck, DeviceHello, DeviceTransport, FromDevice, ToDevice,
+    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceTransport, FromDevice, ToDevice,
 };
 use opamp_core::{AgentType, CommandOutcome, DeviceId, SupervisorId};
 use opamp_store::memory::MemoryStore;
@@ -63,8 +68,10 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Job {
-    /// Idle devices: memory per device and registration rate, supervisor (gRPC or OpAMP) vs bare tonic.
+    /// Idle gRPC streams: memory per device and registration rate, supervisor vs bare tonic.
     GrpcIdle(IdleArgs),
+    /// Idle OpAMP agents over WebSocket: memory per agent, supervisor vs Mosquitto with idle MQTT clients.
+    OpampIdle(IdleArgs),
     /// Serves gRPC devices until stdin closes (one side of `grpc-idle`).
     Serve(ServeArgs),
     /// Connects simulated devices and holds them until stdin closes (the other side).
@@ -92,8 +99,11 @@ struct IdleArgs {
     /// Registrations in flight per client process.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// The servers to measure, in each round.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ServerKind::Bare, ServerKind::Supervisor])]
+    #[command(flatten)]
+    buffers: WsBuffers,
+    /// The servers to measure, in each round (default: `bare,supervisor` for
+    /// `grpc-idle`, `mosquitto,opamp-supervisor` for `opamp-idle`).
+    #[arg(long, value_enum, value_delimiter = ',')]
     servers: Vec<ServerKind>,
 }
 
@@ -107,8 +117,42 @@ enum ServerKind {
     Bare,
     /// The supervisor runtime on the in-memory store and bus, serving OpAMP (agents over WebSocket).
     OpampSupervisor,
-    /// The OpAMP transport alone: sessions accepted, registered and held, no runtime.
+    /// The OpAMP transport alone: sessions accepted, answered `registered` and held, no runtime.
     OpampTransport,
+    /// A Mosquitto broker (Debian's `mosquitto`) holding idle MQTT clients: the baseline of `opamp-idle`.
+    Mosquitto,
+}
+
+impl ServerKind {
+    fn name(self) -> &'static str {
+        match self {
+            ServerKind::Supervisor => "supervisor",
+            ServerKind::Transport => "transport",
+            ServerKind::Bare => "bare",
+            ServerKind::OpampSupervisor => "opamp-supervisor",
+            ServerKind::OpampTransport => "opamp-transport",
+            ServerKind::Mosquitto => "mosquitto",
+        }
+    }
+
+    /// What its clients speak.
+    fn protocol(self) -> Protocol {
+        match self {
+            ServerKind::Supervisor | ServerKind::Transport | ServerKind::Bare => Protocol::Grpc,
+            ServerKind::OpampSupervisor | ServerKind::OpampTransport => Protocol::Opamp,
+            ServerKind::Mosquitto => Protocol::Mqtt,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    /// The design's ControlService over gRPC, with fleet tokens.
+    Grpc,
+    /// OpAMP over WebSocket, with fleet tokens as bearer credentials.
+    Opamp,
+    /// MQTT 3.1.1: CONNECT, CONNACK, then a PINGREQ every half keep-alive.
+    Mqtt,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,11 +161,41 @@ struct ServeArgs {
     kind: ServerKind,
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    #[command(flatten)]
+    buffers: WsBuffers,
+}
+
+/// The OpAMP server's WebSocket buffers per connection (default: the transport's).
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct WsBuffers {
+    /// WebSocket read buffer per connection, in bytes.
+    #[arg(long)]
+    ws_read_buffer: Option<usize>,
+    /// WebSocket write buffer per connection, in bytes.
+    #[arg(long)]
+    ws_write_buffer: Option<usize>,
+}
+
+impl WsBuffers {
+    fn args(self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(read) = self.ws_read_buffer {
+            args.extend(["--ws-read-buffer".to_owned(), read.to_string()]);
+        }
+        if let Some(write) = self.ws_write_buffer {
+            args.extend(["--ws-write-buffer".to_owned(), write.to_string()]);
+        }
+        args
+    }
 }
 
 #[derive(Debug, clap::Args)]
 struct DeviceArgs {
-    /// The server's URL, e.g. `http://127.0.0.1:4317`.
+    /// What the devices speak (default: `opamp` for a `ws://` URL, else `grpc`).
+    #[arg(long, value_enum)]
+    protocol: Option<Protocol>,
+    /// The server's URL: `http://127.0.0.1:4317` (gRPC), `ws://127.0.0.1:4320/v1/opamp` (OpAMP),
+    /// `127.0.0.1:1883` (MQTT).
     #[arg(long)]
     url: String,
     /// How many devices.
@@ -147,7 +221,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match args.command {
-            Job::GrpcIdle(idle) => grpc_idle(idle).await,
+            Job::GrpcIdle(idle) => idle_benchmark(idle, Benchmark::Grpc).await,
+            Job::OpampIdle(idle) => idle_benchmark(idle, Benchmark::Opamp).await,
             Job::Serve(serve) => serve_until_stdin_closes(serve).await,
             Job::Devices(devices) => devices_until_stdin_closes(devices).await,
             Job::CommandLatency(latency) => command_latency(latency).await,
@@ -170,41 +245,21 @@ async fn wait_for_stdin_eof() {
 
 async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let key = fleet_key()?;
+    let grpc = || GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key.clone()));
+    let opamp = || {
+        let defaults = OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key.clone()));
+        let (read, write) = (defaults.read_buffer_size, defaults.write_buffer_size);
+        defaults.buffers(
+            args.buffers.ws_read_buffer.unwrap_or(read),
+            args.buffers.ws_write_buffer.unwrap_or(write),
+        )
+    };
     match args.kind {
-        ServerKind::Supervisor => {
-            let transport =
-                Arc::new(GrpcTransport::bind(GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key))).await?);
-            println!("listening {}", transport.local_addr());
-            let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
-            let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
-                .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
-                .await?;
-            wait_for_stdin_eof().await;
-            supervisor.abort();
-        }
-        ServerKind::Transport => {
-            let transport =
-                GrpcTransport::bind(GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key))).await?;
-            println!("listening {}", transport.local_addr());
-            hold_sessions(&transport).await?;
-        }
-        ServerKind::OpampSupervisor => {
-            let transport =
-                Arc::new(OpampTransport::bind(OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key))).await?);
-            println!("listening {}", transport.local_addr());
-            let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
-            let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
-                .start(vec![transport.clone() as Arc<dyn DeviceTransport>])
-                .await?;
-            wait_for_stdin_eof().await;
-            supervisor.abort();
-        }
-        ServerKind::OpampTransport => {
-            let transport =
-                OpampTransport::bind(OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key))).await?;
-            println!("listening {}", transport.local_addr());
-            hold_sessions(&transport).await?;
-        }
+        ServerKind::Supervisor => supervise(Arc::new(GrpcTransport::bind(grpc()).await?)).await?,
+        ServerKind::OpampSupervisor => supervise(Arc::new(OpampTransport::bind(opamp()).await?)).await?,
+        ServerKind::Transport => hold_sessions(&GrpcTransport::bind(grpc()).await?).await?,
+        ServerKind::OpampTransport => hold_sessions(&OpampTransport::bind(opamp()).await?).await?,
+        ServerKind::Mosquitto => return Err("mosquitto is its own program: `opamp-idle` starts it".into()),
         ServerKind::Bare => {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             println!("listening {}", listener.local_addr()?);
@@ -218,8 +273,38 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
     Ok(())
 }
 
-/// Accepts sessions, answers `registered` and holds them until stdin closes: a transport without the runtime.
-async fn hold_sessions(transport: &dyn DeviceTransport) -> Result<(), Box<dyn std::error::Error>> {
+/// A transport that says where it listens.
+trait Listening: DeviceTransport {
+    fn address(&self) -> SocketAddr;
+}
+
+impl Listening for GrpcTransport {
+    fn address(&self) -> SocketAddr {
+        self.local_addr()
+    }
+}
+
+impl Listening for OpampTransport {
+    fn address(&self) -> SocketAddr {
+        self.local_addr()
+    }
+}
+
+/// The supervisor runtime on the in-memory store and bus, serving `transport` until stdin closes.
+async fn supervise<T: Listening>(transport: Arc<T>) -> Result<(), Box<dyn std::error::Error>> {
+    println!("listening {}", transport.address());
+    let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
+    let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
+        .start(vec![transport as Arc<dyn DeviceTransport>])
+        .await?;
+    wait_for_stdin_eof().await;
+    supervisor.abort();
+    Ok(())
+}
+
+/// The transport alone: every session is answered `registered` and held, no runtime.
+async fn hold_sessions(transport: &dyn Listening) -> Result<(), Box<dyn std::error::Error>> {
+    println!("listening {}", transport.address());
     let me = SupervisorId::new("loadgen-transport")?;
     let mut held = Vec::new();
     let accepting = async {
@@ -316,59 +401,43 @@ impl Registered {
     }
 }
 
-async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let key = fleet_key()?;
+async fn devices_until_stdin_closes(mut args: DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let protocol = *args.protocol.get_or_insert(if args.url.starts_with("ws://") {
+        Protocol::Opamp
+    } else {
+        Protocol::Grpc
+    });
+    let key = match protocol {
+        Protocol::Mqtt => None,
+        Protocol::Grpc | Protocol::Opamp => Some(fleet_key()?),
+    };
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for n in args.first..args.first + args.count {
         let device = DeviceId::new(format!("dev-{n:06}"))?;
-        let connector: Arc<dyn AgentConnector> = if args.url.starts_with("ws://") {
-            let mut config = OpampConnectorConfig::new(&args.url).token(key.token(&device));
-            if let Some(source) = args.source {
-                config = config.local_address(source);
-            }
-            Arc::new(OpampConnector::new(config)?)
-        } else {
-            let mut config = GrpcConnectorConfig::new(&args.url).token(key.token(&device));
-            if let Some(source) = args.source {
-                config = config.local_address(source);
-            }
-            Arc::new(GrpcConnector::new(config)?)
-        };
+        let client = Client::new(&args, key.as_ref(), &device)?;
         let (permits, tally) = (permits.clone(), tally.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire().await;
-            let mut hello = DeviceHello::new(device);
-            hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
-            hello.capabilities = Capabilities::all_builtin();
             let begun = Instant::now();
-            let register = || async {
-                let mut session = connector.connect(&hello).await?;
-                match session.inbound.recv().await? {
-                    Some(ToDevice::Registered(_)) => Ok(session),
-                    other => Err(opamp_core::Error::invalid_input(format!(
-                        "expected registered, got {other:?}"
-                    ))),
-                }
-            };
             // As a device would: a connection refused or reset in a storm is tried again.
-            let mut registered = register().await;
+            let mut registered = client.register(&device).await;
             for _ in 1..ATTEMPTS {
                 match &registered {
                     Err(err) if err.is_retryable() => {
                         tally.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        registered = register().await;
+                        registered = client.register(&device).await;
                     }
                     _ => break,
                 }
             }
             let mut state = tally.state.lock().expect("not poisoned");
             match registered {
-                Ok(session) => {
+                Ok(held) => {
                     state.latencies.push(begun.elapsed());
-                    state.held.push(session);
+                    state.held.push(held);
                 }
                 Err(err) => state.failures.push(format!("{device}: {err}")),
             }
@@ -397,6 +466,146 @@ async fn devices_until_stdin_closes(args: DeviceArgs) -> Result<(), Box<dyn std:
     Ok(())
 }
 
+/// How one simulated device reaches its server.
+enum Client {
+    /// Through a transport's connector (gRPC, OpAMP): registered once `registered` arrives.
+    Connector(Box<dyn AgentConnector>),
+    /// A hand-written MQTT 3.1.1 client: registered once CONNACK accepts it.
+    Mqtt { broker: SocketAddr, source: Option<IpAddr> },
+}
+
+impl Client {
+    fn new(args: &DeviceArgs, key: Option<&FleetKey>, device: &DeviceId) -> Result<Self, Box<dyn std::error::Error>> {
+        let token = || key.map(|key| key.token(device)).ok_or("no fleet key");
+        Ok(match args.protocol.unwrap_or(Protocol::Grpc) {
+            Protocol::Grpc => {
+                let mut config = GrpcConnectorConfig::new(&args.url).token(token()?);
+                if let Some(source) = args.source {
+                    config = config.local_address(source);
+                }
+                Client::Connector(Box::new(GrpcConnector::new(config)?))
+            }
+            Protocol::Opamp => {
+                let mut config = OpampConnectorConfig::new(&args.url).token(token()?);
+                if let Some(source) = args.source {
+                    config = config.local_address(source);
+                }
+                Client::Connector(Box::new(OpampConnector::new(config)?))
+            }
+            Protocol::Mqtt => Client::Mqtt {
+                broker: args.url.parse()?,
+                source: args.source,
+            },
+        })
+    }
+
+    async fn register(&self, device: &DeviceId) -> Result<Held, opamp_core::Error> {
+        match self {
+            Client::Connector(connector) => {
+                let mut hello = DeviceHello::new(*device);
+                hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
+                hello.capabilities = Capabilities::all_builtin();
+                let mut session = connector.connect(&hello).await?;
+                match session.inbound.recv().await? {
+                    Some(ToDevice::Registered(_)) => Ok(Box::new(session)),
+                    other => Err(opamp_core::Error::invalid_input(format!(
+                        "expected registered, got {other:?}"
+                    ))),
+                }
+            }
+            Client::Mqtt { broker, source } => mqtt::connect(*broker, *source, device.as_str())
+                .await
+                .map(|idle| Box::new(idle) as Held)
+                .map_err(|err| opamp_core::Error::unavailable(format!("MQTT {broker}: {err}"))),
+        }
+    }
+}
+
+/// A connection held open until the process is told to stop (a session, or an MQTT keep-alive task).
+type Held = Box<dyn std::any::Any + Send>;
+
+/// The MQTT 3.1.1 client of the Mosquitto baseline: the least a real idle client does.
+mod mqtt {
+    use std::net::{IpAddr, SocketAddr};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    /// The keep-alive the client announces; it pings every half of it, as clients do.
+    const KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+    /// Connects, sends CONNECT (clean session), waits for a CONNACK that accepts it,
+    /// and leaves a task pinging the broker; aborting the task closes the connection.
+    pub(super) async fn connect(
+        broker: SocketAddr,
+        source: Option<IpAddr>,
+        client_id: &str,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let socket = if broker.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(source) = source {
+            socket.bind(SocketAddr::new(source, 0))?;
+        }
+        let mut stream = socket.connect(broker).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&connect_packet(client_id)?).await?;
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await?;
+        match connack {
+            [0x20, 0x02, _, 0] => Ok(tokio::spawn(keep_alive(stream))),
+            [0x20, 0x02, _, code] => Err(std::io::Error::other(format!(
+                "CONNACK refused the client: code {code}"
+            ))),
+            other => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected CONNACK, got {other:02x?}"),
+            )),
+        }
+    }
+
+    fn connect_packet(client_id: &str) -> std::io::Result<Vec<u8>> {
+        let id = u16::try_from(client_id.len()).map_err(|_| std::io::Error::other("client id too long"))?;
+        let keep_alive = u16::try_from(KEEP_ALIVE.as_secs()).unwrap_or(u16::MAX);
+        // Variable header: protocol name "MQTT", level 4 (3.1.1), flags (clean session), keep-alive.
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut packet = vec![0x10];
+        let mut remaining = body.len();
+        loop {
+            let byte = (remaining % 128) as u8;
+            remaining /= 128;
+            packet.push(if remaining > 0 { byte | 0x80 } else { byte });
+            if remaining == 0 {
+                break;
+            }
+        }
+        packet.extend_from_slice(&body);
+        Ok(packet)
+    }
+
+    async fn keep_alive(mut stream: TcpStream) {
+        let half = KEEP_ALIVE / 2;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
+        let mut pong = [0u8; 2];
+        loop {
+            ticks.tick().await;
+            // PINGREQ, then PINGRESP; anything else ends the connection.
+            if stream.write_all(&[0xC0, 0x00]).await.is_err() || stream.read_exact(&mut pong).await.is_err() {
+                return;
+            }
+            if pong != [0xD0, 0x00] {
+                return;
+            }
+        }
+    }
+}
+
 /// What the device tasks of one process found.
 #[derive(Default)]
 struct Tally {
@@ -408,8 +617,8 @@ struct Tally {
 struct TallyState {
     latencies: Vec<Duration>,
     failures: Vec<String>,
-    /// The sessions, held open until the process is told to stop.
-    held: Vec<AgentSession>,
+    /// The connections, held open until the process is told to stop.
+    held: Vec<Held>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -419,31 +628,35 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-// ---- grpc-idle ----
+// ---- grpc-idle and opamp-idle ----
 
-/// A child process of this binary, killed when dropped.
+/// A child process (this binary, or the Mosquitto baseline), killed when dropped.
 struct Process {
     child: Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 async fn spawn_self(args: &[String], key: &str) -> Result<Process, Box<dyn std::error::Error>> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .env(FLEET_KEY_ENV, key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("child has no stdout")?;
-    Ok(Process {
-        child,
-        lines: BufReader::new(stdout).lines(),
-    })
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(args).env(FLEET_KEY_ENV, key);
+    Process::spawn(command)
 }
 
 impl Process {
+    fn spawn(mut command: Command) -> Result<Process, Box<dyn std::error::Error>> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("child has no stdout")?;
+        Ok(Process {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
     async fn line(&mut self) -> Result<String, Box<dyn std::error::Error>> {
         let line = tokio::time::timeout(Duration::from_secs(300), self.lines.next_line()).await??;
         line.ok_or_else(|| "the child exited early".into())
@@ -454,6 +667,53 @@ impl Process {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
         Ok(line.split_whitespace().nth(1).ok_or("no VmRSS value")?.parse()?)
+    }
+}
+
+/// A Mosquitto broker on a free loopback port, with its config in a throwaway folder.
+struct Mosquitto {
+    process: Process,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Mosquitto {
+    async fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = std::env::temp_dir().join(format!("opamp-loadgen-mosquitto-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("mosquitto.conf");
+        // No persistence, no limit on clients, errors only: a broker holding connections and nothing else.
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\n\
+                 log_dest stderr\nlog_type error\n"
+            ),
+        )?;
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let program = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .unwrap_or("mosquitto");
+        let mut command = Command::new(program);
+        command.arg("-c").arg(&config);
+        let process = Process::spawn(command)
+            .map_err(|err| format!("cannot start mosquitto ({err}); install it with `apt-get install -y mosquitto`"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("mosquitto does not listen on 127.0.0.1:{port} after 10 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Mosquitto { process, port, dir })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -469,9 +729,49 @@ struct Measured {
     p99: Duration,
 }
 
-async fn grpc_idle(args: IdleArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// Which idle benchmark: its default servers, its baseline and its words.
+#[derive(Debug, Clone, Copy)]
+enum Benchmark {
+    Grpc,
+    Opamp,
+}
+
+impl Benchmark {
+    fn default_servers(self) -> Vec<ServerKind> {
+        match self {
+            Benchmark::Grpc => vec![ServerKind::Bare, ServerKind::Supervisor],
+            Benchmark::Opamp => vec![ServerKind::Mosquitto, ServerKind::OpampSupervisor],
+        }
+    }
+
+    fn baseline(self) -> ServerKind {
+        match self {
+            Benchmark::Grpc => ServerKind::Bare,
+            Benchmark::Opamp => ServerKind::Mosquitto,
+        }
+    }
+
+    fn baseline_name(self) -> &'static str {
+        match self {
+            Benchmark::Grpc => "bare tonic",
+            Benchmark::Opamp => "Mosquitto",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Benchmark::Grpc => "idle gRPC streams",
+            Benchmark::Opamp => "idle OpAMP agents over WebSocket vs idle MQTT clients",
+        }
+    }
+}
+
+async fn idle_benchmark(mut args: IdleArgs, benchmark: Benchmark) -> Result<(), Box<dyn std::error::Error>> {
     if args.low == 0 || args.high <= args.low {
         return Err("--high must be more than --low, and --low more than 0".into());
+    }
+    if args.servers.is_empty() {
+        args.servers = benchmark.default_servers();
     }
     let key = random_key();
     let mut results: Vec<(ServerKind, Measured)> = Vec::new();
@@ -485,7 +785,7 @@ async fn grpc_idle(args: IdleArgs) -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
-    print_idle_table(&args, &results);
+    print_idle_table(&args, benchmark, &results);
     Ok(())
 }
 
@@ -504,21 +804,33 @@ async fn measure_idle(
     key: &str,
     block: u8,
 ) -> Result<Measured, Box<dyn std::error::Error>> {
-    let kind_name = match kind {
-        ServerKind::Supervisor => "supervisor",
-        ServerKind::Transport => "transport",
-        ServerKind::Bare => "bare",
-        ServerKind::OpampSupervisor => "opamp-supervisor",
-        ServerKind::OpampTransport => "opamp-transport",
+    // Mosquitto is its own program; every other server is this binary's `serve`.
+    let mut mosquitto = None;
+    let mut served = None;
+    let url = if kind == ServerKind::Mosquitto {
+        let broker = Mosquitto::start().await?;
+        let url = format!("127.0.0.1:{}", broker.port);
+        mosquitto = Some(broker);
+        url
+    } else {
+        let mut serve = vec!["serve".to_owned(), "--kind".to_owned(), kind.name().to_owned()];
+        serve.extend(args.buffers.args());
+        let mut server = spawn_self(&serve, key).await?;
+        let listening = server.line().await?;
+        let addr = listening
+            .strip_prefix("listening ")
+            .ok_or("the server did not say where it listens")?
+            .to_owned();
+        served = Some(server);
+        match kind.protocol() {
+            Protocol::Opamp => format!("ws://{addr}/v1/opamp"),
+            Protocol::Grpc | Protocol::Mqtt => format!("http://{addr}"),
+        }
     };
-    let mut server = spawn_self(&["serve".into(), "--kind".into(), kind_name.into()], key).await?;
-    let listening = server.line().await?;
-    let addr = listening
-        .strip_prefix("listening ")
-        .ok_or("the server did not say where it listens")?;
-    let url = match kind {
-        ServerKind::OpampSupervisor | ServerKind::OpampTransport => format!("ws://{addr}/v1/opamp"),
-        _ => format!("http://{addr}"),
+    let server = match (&mosquitto, &served) {
+        (Some(broker), _) => &broker.process,
+        (None, Some(server)) => server,
+        (None, None) => return Err("no server was started".into()),
     };
 
     let mut clients = Vec::new();
@@ -532,6 +844,11 @@ async fn measure_idle(
             next_source += 1;
             batch.push(vec![
                 "devices".to_owned(),
+                "--protocol".to_owned(),
+                kind.protocol()
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
                 "--url".to_owned(),
                 url.clone(),
                 "--count".to_owned(),
@@ -550,16 +867,17 @@ async fn measure_idle(
 
     let low = run_batch(connect(0, args.low), key, &mut clients).await?;
     settle().await;
-    let rss_low_kib = median_rss(&server).await?;
+    let rss_low_kib = median_rss(server).await?;
     let high = run_batch(connect(args.low, args.high - args.low), key, &mut clients).await?;
     settle().await;
-    let rss_high_kib = median_rss(&server).await?;
+    let rss_high_kib = median_rss(server).await?;
     if low.failed + high.failed > 0 {
         return Err(format!("{} devices failed to register", low.failed + high.failed).into());
     }
     let added = (args.high - args.low) as f64;
     drop(clients);
-    drop(server);
+    drop(served);
+    drop(mosquitto);
     Ok(Measured {
         rss_low_kib,
         rss_high_kib,
@@ -615,7 +933,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
+fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKind, Measured)]) {
     let of = |kind: ServerKind, pick: fn(&Measured) -> f64| {
         median(
             results
@@ -627,8 +945,11 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
     };
     let added = args.high - args.low;
     println!(
-        "\nidle device connections: {} → {} devices, {} rounds, medians (per device = RSS slope)\n",
-        args.low, args.high, args.rounds
+        "\n{}: {} → {} devices, {} rounds, medians (per device = RSS slope)\n",
+        benchmark.title(),
+        args.low,
+        args.high,
+        args.rounds
     );
     println!(
         "| server | RSS at {} | RSS at {} | per device | registration rate ({added} devices) | p50 | p99 |",
@@ -642,8 +963,9 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
                 ServerKind::Bare => "bare tonic",
                 ServerKind::Transport => "gRPC transport alone",
                 ServerKind::Supervisor => "supervisor (memory store + bus)",
-                ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
                 ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (memory store + bus)",
+                ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
+                ServerKind::Mosquitto => "Mosquitto, idle MQTT 3.1.1 clients",
             },
             of(kind, |m| m.rss_low_kib as f64) / 1024.0,
             of(kind, |m| m.rss_high_kib as f64) / 1024.0,
@@ -654,15 +976,17 @@ fn print_idle_table(args: &IdleArgs, results: &[(ServerKind, Measured)]) {
         );
     }
     let retried: usize = results.iter().map(|(_, m)| m.retried).sum();
-    if args.servers.contains(&ServerKind::Bare) {
-        let bare_memory = of(ServerKind::Bare, |m| m.per_device_bytes);
-        let bare_rate = of(ServerKind::Bare, |m| m.registration_rate);
+    let baseline = benchmark.baseline();
+    if args.servers.contains(&baseline) {
+        let base_memory = of(baseline, |m| m.per_device_bytes);
+        let base_rate = of(baseline, |m| m.registration_rate);
         println!();
-        for &kind in args.servers.iter().filter(|k| **k != ServerKind::Bare) {
+        for &kind in args.servers.iter().filter(|k| **k != baseline) {
             println!(
-                "{kind:?} / bare tonic: memory per device {:.2}×, registration rate {:.2}×",
-                of(kind, |m| m.per_device_bytes) / bare_memory,
-                of(kind, |m| m.registration_rate) / bare_rate,
+                "{kind:?} / {}: memory per device {:.2}×, registration rate {:.2}×",
+                benchmark.baseline_name(),
+                of(kind, |m| m.per_device_bytes) / base_memory,
+                of(kind, |m| m.registration_rate) / base_rate,
             );
         }
     }
