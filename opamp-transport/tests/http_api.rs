@@ -195,6 +195,20 @@ async fn emission_toggle_and_its_command_record() {
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 
+    // A toggle that waits for its own end answers 200 with the record.
+    let synchronous = ops
+        .post("/api/v1/devices/dev-2/emission?wait=5s", &json!({ "on": true }))
+        .await;
+    assert_eq!(synchronous.status, StatusCode::OK, "{}", synchronous.text());
+    assert_eq!(synchronous.json()["state"], "acked");
+    let refused = ops
+        .post("/api/v1/devices/dev-2/emission?wait=2m", &json!({ "on": true }))
+        .await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+
     let unknown = ops.post("/api/v1/devices/dev-9/emission", &json!({ "on": true })).await;
     assert_eq!(
         (unknown.status, unknown.code().as_str()),

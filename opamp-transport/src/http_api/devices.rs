@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use opamp_core::time::duration_text;
 use opamp_core::{
     AgentType, CommandRecord, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Issued, Labels,
@@ -58,11 +59,15 @@ pub(super) fn routes() -> Routes {
             "/api/v1/devices/{device}/emission",
             Doc::write(
                 "devices",
-                "Turn a device's emission on or off",
+                "Turn a device's emission on or off (202 with the command's id; with wait, 200 with its record)",
                 Some("Emission"),
                 202,
                 "Issued",
-            ),
+            )
+            .query(&[(
+                "wait",
+                "wait up to this long (e.g. 5s; at most 60s) for the command to end, and answer 200 with its record",
+            )]),
             emission,
         )
         .add(
@@ -287,15 +292,28 @@ struct IssuedList {
     issued: Vec<Issued>,
 }
 
+/// 202 with the command's id; with `?wait=5s`, 200 with its record once it
+/// has ended (or as it stands when the wait runs out).
 async fn emission(
     State(api): State<Api>,
     ApiPath(device): ApiPath<String>,
+    QueryPairs(pairs): QueryPairs,
     ApiJson(body): ApiJson<EmissionBody>,
-) -> ApiResult<(StatusCode, Json<Issued>)> {
+) -> ApiResult<Response> {
+    let wait = wait_param(pairs)?;
     let device = device_id(&device)?;
     known(&api, &device).await?;
     let correlation_id = api.control.set_emission(&device, body.on).await?;
-    Ok((StatusCode::ACCEPTED, Json(Issued { device, correlation_id })))
+    if wait.is_zero() {
+        return Ok((StatusCode::ACCEPTED, Json(Issued { device, correlation_id })).into_response());
+    }
+    let record = api.control.wait(&correlation_id, wait).await?;
+    Ok(Json(CommandView {
+        correlation_id,
+        device,
+        record,
+    })
+    .into_response())
 }
 
 /// A config as the API names it: `{"agent_type": "fluentbit", "version": "v2"}`.
@@ -390,15 +408,11 @@ struct CommandView {
     record: CommandRecord,
 }
 
-/// The longest `wait` a command read may ask for.
+/// The longest `wait` a request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-async fn command(
-    State(api): State<Api>,
-    ApiPath(id): ApiPath<String>,
-    QueryPairs(pairs): QueryPairs,
-) -> ApiResult<Json<CommandView>> {
-    let id: CorrelationId = parse("correlation id in the path", &id)?;
+/// The `wait` query parameter (none: zero), the only one these routes take.
+fn wait_param(pairs: Vec<(String, String)>) -> ApiResult<Duration> {
     let mut wait = Duration::ZERO;
     for (key, value) in pairs {
         match key.as_str() {
@@ -423,6 +437,16 @@ async fn command(
             }
         }
     }
+    Ok(wait)
+}
+
+async fn command(
+    State(api): State<Api>,
+    ApiPath(id): ApiPath<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> ApiResult<Json<CommandView>> {
+    let id: CorrelationId = parse("correlation id in the path", &id)?;
+    let wait = wait_param(pairs)?;
     let record = if wait.is_zero() {
         api.control.command(&id).await?
     } else {
