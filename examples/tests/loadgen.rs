@@ -86,3 +86,29 @@ fn opamp_idle_measures_opamp_agents_against_mosquitto() {
         "{stdout}"
     );
 }
+
+#[test]
+fn command_latency_runs_against_the_server_and_prints_the_table() {
+    let output = Command::new(env!("CARGO_BIN_EXE_opamp-loadgen"))
+        .args([
+            "command-latency",
+            "--devices",
+            "60",
+            "--rates",
+            "50",
+            "--seconds",
+            "1",
+            "--per-process",
+            "30",
+            "--server",
+            env!("CARGO_BIN_EXE_opamp-server"),
+        ])
+        .output()
+        .expect("the load generator runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("60 devices connected over gRPC"), "{stdout}");
+    // Every command was acknowledged: the last column counts those that were not.
+    assert!(stdout.contains("| 50/s | 50 |") && stdout.trim_end().ends_with("| 0 |"), "{stdout}");
+}
