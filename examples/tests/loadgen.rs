@@ -110,5 +110,8 @@ fn command_latency_runs_against_the_server_and_prints_the_table() {
     assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("60 devices connected over gRPC"), "{stdout}");
     // Every command was acknowledged: the last column counts those that were not.
-    assert!(stdout.contains("| 50/s | 50 |") && stdout.trim_end().ends_with("| 0 |"), "{stdout}");
+    assert!(
+        stdout.contains("| 50/s | 50 |") && stdout.trim_end().ends_with("| 0 |"),
+        "{stdout}"
+    );
 }
