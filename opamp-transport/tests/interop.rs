@@ -704,32 +704,3 @@ async fn colliding_instance_uids_are_given_new_ones() {
     drop((first, second, node));
     supervisor.shutdown().await;
 }
-
-/// Two plain HTTP agents with one `instance_uid` (both Elastic's Node.js
-/// client, with identical descriptions). FAILS against opamp-ws as merged:
-/// the second agent's polls join the first one's session, every poll is a
-/// sequence gap answered with `ReportFullState`, and neither is offered a new
-/// uid. Run with `--ignored`; see the report of branch opamp-interop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "opamp-ws does not tell two plain HTTP agents with one instance_uid apart (reported)"]
-async fn two_http_agents_with_one_instance_uid_are_told_apart() {
-    let Some(clients) = installed_clients() else { return };
-    let store = Arc::new(MemoryStore::new());
-    let (supervisor, transport) = uid_server("s1", &store).await;
-    let addr = transport.local_addr();
-    let authorization = basic("fleet", "interop");
-    let uid = "0190a6f1-7c4e-7b1a-8e2d-5f3c9a1b2c41";
-    let first = Driver::spawn(
-        "NodeHttp 1",
-        Client::NodeHttp.command_with(&clients, addr, uid, &authorization),
-    );
-    until_online(&store, uid).await;
-    let second = Driver::spawn(
-        "NodeHttp 2",
-        Client::NodeHttp.command_with(&clients, addr, uid, &authorization),
-    );
-    let renamed = node_renamed(&second, &uid.replace('-', "")).await;
-    until_online(&store, &renamed).await;
-    drop((first, second));
-    supervisor.shutdown().await;
-}
