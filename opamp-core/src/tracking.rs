@@ -129,6 +129,9 @@ pub struct CommandRecord {
     /// Why it failed or was unsupported, in the words of whoever said so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Who asked for it (an API token's name, say), when that is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiated_by: Option<String>,
 }
 
 impl CommandRecord {
@@ -141,6 +144,7 @@ impl CommandRecord {
             attempts: u32::from(supervisor.is_some()),
             completed_at: None,
             reason: None,
+            initiated_by: None,
         }
     }
 
@@ -532,6 +536,9 @@ pub struct Rollout {
     pub cursor: Option<Cursor>,
     /// Whether every targeted device has been put in a wave.
     pub exhausted: bool,
+    /// Who started it, when that is known; its commands are initiated by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
 }
 
 impl Rollout {
@@ -547,6 +554,7 @@ impl Rollout {
             waves: Vec::new(),
             cursor: None,
             exhausted: false,
+            started_by: None,
         }
     }
 

@@ -149,8 +149,10 @@ async fn a_toggle_is_tracked_to_its_acknowledgement() {
         .await
         .unwrap();
     assert_eq!(other.command(&id).await.unwrap().unwrap().state, CommandState::Acked);
-    let id = other.set_emission(&did("d1"), false).await.unwrap();
+    let id = other.acting_as("alice").set_emission(&did("d1"), false).await.unwrap();
     assert_eq!(fleet.ended(id).await, CommandState::Acked);
+    let record = fleet.control.command(&id).await.unwrap().unwrap();
+    assert_eq!(record.initiated_by.as_deref(), Some("alice"));
     other.shutdown().await;
     fleet.control.check().await.unwrap();
 }
@@ -384,9 +386,11 @@ async fn a_rollout_goes_out_in_growing_waves() {
     let v5 = fleet.template("v5").await;
     let rollout = fleet
         .control
+        .acting_as("bob")
         .start_rollout(RolloutSpec::new(v5).with_waves(1, 2, 4))
         .await
         .unwrap();
+    assert_eq!(rollout.started_by.as_deref(), Some("bob"));
 
     let control = fleet.control.clone();
     eventually("the rollout completed", WAIT, || {

@@ -170,6 +170,10 @@ async fn emission_toggle_and_its_command_record() {
     let record = settled(&ops, &id).await;
     assert_eq!(record["state"], "acked", "{record}");
     assert_eq!(record["device"], "dev-2");
+    assert_eq!(
+        record["initiated_by"], "ops",
+        "the token's name is the initiator: {record}"
+    );
     assert!(fleet.store.status(&did("dev-2")).await.unwrap().unwrap().emission);
     let detail = ops.get("/api/v1/devices/dev-2").await.json();
     assert_eq!(detail["emission"], true);

@@ -202,6 +202,8 @@ impl ControlPlaneConfig {
 #[derive(Clone)]
 pub struct ControlPlane {
     handle: Arc<Handle>,
+    /// Who the commands and rollouts started through this clone are recorded as started by.
+    initiator: Option<Arc<str>>,
 }
 
 /// Owns the background tasks: dropping the last clone stops them.
@@ -277,7 +279,21 @@ impl ControlPlane {
                 inner,
                 tasks: Mutex::new(tasks),
             }),
+            initiator: None,
         })
+    }
+
+    /// The same control plane, recording `who` (an API token's name, a user)
+    /// as the initiator of the commands and rollouts started through it.
+    pub fn acting_as(&self, who: impl Into<String>) -> ControlPlane {
+        ControlPlane {
+            handle: Arc::clone(&self.handle),
+            initiator: Some(who.into().into()),
+        }
+    }
+
+    fn initiator(&self) -> Option<&str> {
+        self.initiator.as_deref()
     }
 
     fn inner(&self) -> &Arc<Inner> {
@@ -307,7 +323,7 @@ impl ControlPlane {
     pub async fn set_emission(&self, device: &DeviceId, on: bool) -> Result<CorrelationId> {
         let issued = self
             .inner()
-            .send(*device, CommandKind::SetEmission { state: on })
+            .send(*device, CommandKind::SetEmission { state: on }, self.initiator())
             .await?;
         Ok(issued.correlation_id)
     }
@@ -344,7 +360,7 @@ impl ControlPlane {
         };
         let mut issued = Vec::with_capacity(devices.len());
         for device in devices {
-            issued.push(inner.apply_to(device, config).await?);
+            issued.push(inner.apply_to(device, config, self.initiator()).await?);
         }
         Ok(issued)
     }
@@ -423,7 +439,8 @@ impl ControlPlane {
         spec.validate()?;
         let inner = self.inner();
         inner.template_exists(&spec.config).await?;
-        let rollout = Rollout::new(spec, inner.clock.now());
+        let mut rollout = Rollout::new(spec, inner.clock.now());
+        rollout.started_by = self.initiator().map(str::to_owned);
         if !inner.store.put_rollout(&rollout).await? {
             return Err(Error::already_exists(format!("rollout {}", rollout.id)));
         }
@@ -530,18 +547,18 @@ impl Inner {
     }
 
     /// Records `config` as `device`'s desired configuration and sends it.
-    async fn apply_to(&self, device: DeviceId, config: &ConfigRef) -> Result<Issued> {
+    async fn apply_to(&self, device: DeviceId, config: &ConfigRef, initiator: Option<&str>) -> Result<Issued> {
         self.store.set_desired(&device, config).await?;
         let kind = CommandKind::ApplyConfig {
             agent_type: config.agent_type,
             version: config.version,
         };
-        self.send(device, kind).await
+        self.send(device, kind, initiator).await
     }
 
     /// Records a command and sends it to the device's owner, or ends it at
     /// once when the device has none.
-    async fn send(&self, device: DeviceId, kind: CommandKind) -> Result<Issued> {
+    async fn send(&self, device: DeviceId, kind: CommandKind, initiator: Option<&str>) -> Result<Issued> {
         let now = self.clock.now();
         let command = Command::new(device, kind, now, self.config.command_timeout);
         let correlation_id = command.correlation_id;
@@ -552,12 +569,14 @@ impl Inner {
                 return Err(Error::not_found(format!("device {device} is not known")));
             }
             let mut record = CommandRecord::new(command, None, CommandState::Pending);
+            record.initiated_by = initiator.map(str::to_owned);
             end_unsent(&mut record, now);
             self.store.insert_command(&record).await?;
             count_outcome(&record, now);
             return Ok(issued);
         };
         let mut record = CommandRecord::new(command, Some(owner), CommandState::Pending);
+        record.initiated_by = initiator.map(str::to_owned);
         self.store.insert_command(&record).await?;
         if let Err(err) = self.bus.send(&owner, &record.command).await {
             record.complete(
@@ -852,7 +871,9 @@ impl Inner {
         let mut commands = Vec::with_capacity(devices.len());
         let mut tally = Tally::default();
         for device in devices {
-            let issued = self.apply_to(device, &rollout.spec.config).await?;
+            let issued = self
+                .apply_to(device, &rollout.spec.config, rollout.started_by.as_deref())
+                .await?;
             commands.push(issued);
             tally.count(CommandState::Pending);
         }

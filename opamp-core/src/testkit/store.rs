@@ -1514,6 +1514,7 @@ pub async fn command_records_round_trip(f: &StoreFixture) {
     ];
     for (n, kind) in kinds.into_iter().enumerate() {
         let mut record = pending_record(&format!("rec-{n}"), kind, at);
+        record.initiated_by = (n == 0).then(|| "ops".to_owned());
         f.store.insert_command(&record).await.unwrap();
         assert_eq!(
             f.store.command_record(&record.correlation_id()).await.unwrap(),
@@ -1531,6 +1532,7 @@ pub async fn command_records_round_trip(f: &StoreFixture) {
         assert_eq!(stored.state, CommandState::Failed);
         assert_eq!(stored.reason.as_deref(), Some(format!("reason {n}").as_str()));
         assert_eq!(stored.command, record.command);
+        assert_eq!(stored.initiated_by, record.initiated_by);
     }
     let deferred = CommandRecord::new(
         Command::new(

@@ -15,8 +15,8 @@ use super::rows::{RowReader, sql_time};
 
 const INSERT: &str = "\
 INSERT INTO command_audit (device_id, supervisor_id, command_type, payload, correlation_id, status,
-    error_message, created_at, completed_at, attempts)
-VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)
+    error_message, created_at, completed_at, attempts, initiated_by)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (correlation_id) DO NOTHING";
 
 const UPDATE: &str = "\
@@ -25,7 +25,7 @@ UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, e
 WHERE correlation_id = $1 AND status = 'pending'";
 
 const RECORD: &str = "\
-SELECT id, supervisor_id, payload::text AS payload, status, error_message, completed_at, attempts
+SELECT id, supervisor_id, payload::text AS payload, status, error_message, completed_at, attempts, initiated_by
 FROM command_audit WHERE correlation_id = $1";
 
 const PUT_ROLLOUT: &str = "\
@@ -77,6 +77,7 @@ impl TrackingStore for PostgresStore {
             .bind(sql_time(record.command.issued_at)?)
             .bind(columns.completed_at)
             .bind(attempts(record))
+            .bind(record.initiated_by.as_deref())
             .execute(&self.pool)
             .await
             .map_err(PgError::query(|| format!("recording command {id}")))?;
@@ -123,6 +124,7 @@ impl TrackingStore for PostgresStore {
         record.attempts = u32::try_from(r.get::<i16>("attempts")?).unwrap_or(0);
         record.completed_at = r.time_opt("completed_at")?;
         record.reason = r.get("error_message")?;
+        record.initiated_by = r.get("initiated_by")?;
         Ok(Some(record))
     }
 

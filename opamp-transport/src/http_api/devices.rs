@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use opamp_core::time::duration_text;
@@ -15,6 +15,7 @@ use opamp_core::{
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiJson, ApiPath, ApiResult, QueryPairs};
 use super::openapi::Doc;
 use super::{Api, Routes, Verb};
@@ -296,6 +297,7 @@ struct IssuedList {
 /// has ended (or as it stands when the wait runs out).
 async fn emission(
     State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
     ApiPath(device): ApiPath<String>,
     QueryPairs(pairs): QueryPairs,
     ApiJson(body): ApiJson<EmissionBody>,
@@ -303,7 +305,11 @@ async fn emission(
     let wait = wait_param(pairs)?;
     let device = device_id(&device)?;
     known(&api, &device).await?;
-    let correlation_id = api.control.set_emission(&device, body.on).await?;
+    let correlation_id = api
+        .control
+        .acting_as(&*principal.name)
+        .set_emission(&device, body.on)
+        .await?;
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(Issued { device, correlation_id })).into_response());
     }
@@ -341,12 +347,13 @@ impl From<ConfigRef> for ConfigRefBody {
 
 async fn device_config(
     State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
     ApiPath(device): ApiPath<String>,
     ApiJson(body): ApiJson<ConfigRefBody>,
 ) -> ApiResult<(StatusCode, Json<IssuedList>)> {
     let device = device_id(&device)?;
     known(&api, &device).await?;
-    issue(&api, &Target::Device(device), body.into()).await
+    issue(&api, &principal, &Target::Device(device), body.into()).await
 }
 
 /// A target as the API names it: `{"device": "d1"}` or `{"agent_type": "fluentbit", "labels": {...}}`.
@@ -386,16 +393,29 @@ struct ApplyBody {
     config: ConfigRefBody,
 }
 
-async fn apply(State(api): State<Api>, ApiJson(body): ApiJson<ApplyBody>) -> ApiResult<(StatusCode, Json<IssuedList>)> {
+async fn apply(
+    State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<ApplyBody>,
+) -> ApiResult<(StatusCode, Json<IssuedList>)> {
     let target = body.target.into_target()?;
     if let Target::Device(device) = &target {
         known(&api, device).await?;
     }
-    issue(&api, &target, body.config.into()).await
+    issue(&api, &principal, &target, body.config.into()).await
 }
 
-async fn issue(api: &Api, target: &Target, config: ConfigRef) -> ApiResult<(StatusCode, Json<IssuedList>)> {
-    let issued = api.control.apply_config(target, &config).await?;
+async fn issue(
+    api: &Api,
+    principal: &Principal,
+    target: &Target,
+    config: ConfigRef,
+) -> ApiResult<(StatusCode, Json<IssuedList>)> {
+    let issued = api
+        .control
+        .acting_as(&*principal.name)
+        .apply_config(target, &config)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(IssuedList { issued })))
 }
 

@@ -327,7 +327,8 @@ fn schemas() -> Value {
                 "state": { "type": "string", "enum": ["pending", "deferred", "acked", "failed", "timed_out", "device_offline", "unsupported"] },
                 "attempts": { "type": "integer" },
                 "completed_at": string(),
-                "reason": string()
+                "reason": string(),
+                "initiated_by": { "type": "string", "description": "the name of the API token that issued it" }
             }
         }
     });
@@ -414,6 +415,7 @@ fn schemas() -> Value {
                     }
                 } },
                 "exhausted": { "type": "boolean" },
+                "started_by": { "type": "string", "description": "the name of the API token that started it" },
                 "totals": reference("Tally")
             }
         },

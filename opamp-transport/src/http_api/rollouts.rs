@@ -1,12 +1,13 @@
 //! Rollouts: start, list, one, pause, resume, abort.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use opamp_core::tracking::Tally;
 use opamp_core::{ConfigRef, Cursor, Labels, PageRequest, Rollout, RolloutId, RolloutSpec};
 use serde::{Deserialize, Serialize};
 
+use super::auth::Principal;
 use super::devices::{ConfigRefBody, parse};
 use super::error::{ApiError, ApiJson, ApiPath, ApiResult, QueryPairs};
 use super::openapi::Doc;
@@ -100,6 +101,7 @@ impl From<Rollout> for RolloutView {
 
 async fn start(
     State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<StartBody>,
 ) -> ApiResult<(StatusCode, Json<RolloutView>)> {
     let defaults = RolloutSpec::new(ConfigRef::from(body.config));
@@ -112,7 +114,7 @@ async fn start(
             body.max_wave.unwrap_or(defaults.max_wave),
         )
         .with_failure_threshold(body.failure_threshold.unwrap_or(defaults.failure_threshold));
-    let rollout = api.control.start_rollout(spec).await?;
+    let rollout = api.control.acting_as(&*principal.name).start_rollout(spec).await?;
     Ok((StatusCode::CREATED, Json(rollout.into())))
 }
 
