@@ -31,7 +31,7 @@
 //! `opamp_event_lag_seconds` (the age of the last event consumed).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -803,17 +803,21 @@ impl Inner {
 
     async fn drive_rollout(self: Arc<Self>, id: RolloutId) {
         let mut stopping = self.stopping.subscribe();
+        // The outcomes of the wave in flight already known to be final: each
+        // command's record is read until it has ended, and not again.
+        let mut settled = HashMap::new();
         loop {
             if *stopping.borrow() {
                 return;
             }
-            match self.rollout_step(&id).await {
+            match self.rollout_step(&id, &mut settled).await {
                 Ok(Step::Again) => continue,
                 Ok(Step::Wait) => {
                     let progress = self.progress.notified();
                     tokio::select! {
                         _ = stopped(&mut stopping) => return,
-                        _ = progress => {}
+                        // Outcomes come in bursts: gather a few before counting again.
+                        _ = progress => tokio::time::sleep(ROLLOUT_DEBOUNCE.min(self.config.rollout_poll)).await,
                         _ = tokio::time::sleep(self.config.rollout_poll) => {}
                     }
                 }
@@ -830,7 +834,7 @@ impl Inner {
     }
 
     /// One step of a rollout: tally the wave in flight, or send the next one.
-    async fn rollout_step(&self, id: &RolloutId) -> Result<Step> {
+    async fn rollout_step(&self, id: &RolloutId, settled: &mut HashMap<CorrelationId, CommandState>) -> Result<Step> {
         let Some(mut rollout) = self.store.rollout(id).await? else {
             return Ok(Step::Stop);
         };
@@ -838,7 +842,7 @@ impl Inner {
             return Ok(Step::Stop);
         }
         if rollout.current_wave().is_some() {
-            return self.tally_wave(rollout).await;
+            return self.tally_wave(rollout, settled).await;
         }
         if rollout.exhausted {
             rollout.state = RolloutState::Completed;
@@ -903,17 +907,31 @@ impl Inner {
 
     /// Counts the wave in flight; ends it once nothing is pending, pausing
     /// the rollout when it failed too often.
-    async fn tally_wave(&self, mut rollout: Rollout) -> Result<Step> {
+    async fn tally_wave(
+        &self,
+        mut rollout: Rollout,
+        settled: &mut HashMap<CorrelationId, CommandState>,
+    ) -> Result<Step> {
         let threshold = rollout.spec.failure_threshold;
         let Some(wave) = rollout.waves.last_mut() else {
             return Ok(Step::Again);
         };
         let mut tally = Tally::default();
         for issued in &wave.commands {
-            let state = match self.store.command_record(&issued.correlation_id).await? {
-                Some(record) => record.state,
-                // Forgotten by retention: it ended long ago, how is unknown.
-                None => CommandState::TimedOut,
+            let id = issued.correlation_id;
+            let state = match settled.get(&id) {
+                Some(state) => *state,
+                None => {
+                    let state = match self.store.command_record(&id).await? {
+                        Some(record) => record.state,
+                        // Forgotten by retention: it ended long ago, how is unknown.
+                        None => CommandState::TimedOut,
+                    };
+                    if state.is_final() {
+                        settled.insert(id, state);
+                    }
+                    state
+                }
             };
             tally.count(state);
         }
@@ -927,6 +945,7 @@ impl Inner {
         }
         wave.finished_at = Some(self.clock.now());
         wave.commands.clear();
+        settled.clear();
         let (number, rate) = (wave.number, tally.failure_rate());
         if rate > threshold {
             rollout.state = RolloutState::Paused {
@@ -944,6 +963,9 @@ impl Inner {
         Ok(Step::Again)
     }
 }
+
+/// How long a rollout's driver gathers outcomes after one woke it.
+const ROLLOUT_DEBOUNCE: Duration = Duration::from_millis(25);
 
 /// What a rollout's driver does next.
 enum Step {
