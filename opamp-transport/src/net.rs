@@ -2,8 +2,31 @@
 
 use std::net::SocketAddr;
 
+use opamp_core::transport::DeviceSession;
 use opamp_core::{Error, Result};
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+
+/// The sessions a network transport registered, waiting for the supervisor's
+/// [`accept`](opamp_core::DeviceTransport::accept).
+#[derive(Debug)]
+pub(crate) struct Accepted(tokio::sync::Mutex<mpsc::Receiver<DeviceSession>>);
+
+impl Accepted {
+    pub(crate) fn new(sessions: mpsc::Receiver<DeviceSession>) -> Self {
+        Accepted(tokio::sync::Mutex::new(sessions))
+    }
+
+    /// The next session; none once the transport is stopping (or its server is gone).
+    pub(crate) async fn next(&self, stopping: &watch::Sender<bool>) -> Result<Option<DeviceSession>> {
+        let mut stopping = stopping.subscribe();
+        let mut sessions = self.0.lock().await;
+        tokio::select! {
+            session = sessions.recv() => Ok(session),
+            _ = stopping.wait_for(|stop| *stop) => Ok(None),
+        }
+    }
+}
 
 /// `Error::Unavailable` for an I/O error while `doing`.
 pub(crate) fn unavailable(doing: String, err: std::io::Error) -> Error {

@@ -31,7 +31,7 @@ use super::{DeviceAuth, GrpcServerConfig, convert, tls};
 #[derive(Debug)]
 pub struct GrpcTransport {
     local_addr: SocketAddr,
-    sessions: tokio::sync::Mutex<mpsc::Receiver<DeviceSession>>,
+    sessions: crate::net::Accepted,
     stopping: watch::Sender<bool>,
     server: Mutex<Option<JoinHandle<()>>>,
 }
@@ -83,7 +83,7 @@ impl GrpcTransport {
         info!(%local_addr, auth = ?config.auth, tls = config.tls.is_some(), "gRPC device transport listening");
         Ok(GrpcTransport {
             local_addr,
-            sessions: tokio::sync::Mutex::new(accepted),
+            sessions: crate::net::Accepted::new(accepted),
             stopping,
             server: Mutex::new(Some(server)),
         })
@@ -120,12 +120,7 @@ impl DeviceTransport for GrpcTransport {
     }
 
     async fn accept(&self) -> Result<Option<DeviceSession>> {
-        let mut stopping = self.stopping.subscribe();
-        let mut sessions = self.sessions.lock().await;
-        tokio::select! {
-            session = sessions.recv() => Ok(session),
-            _ = stopping.wait_for(|stop| *stop) => Ok(None),
-        }
+        self.sessions.next(&self.stopping).await
     }
 }
 

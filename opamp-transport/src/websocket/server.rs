@@ -45,7 +45,7 @@ use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_C
 #[derive(Debug)]
 pub struct OpampTransport {
     local_addr: SocketAddr,
-    sessions: tokio::sync::Mutex<mpsc::Receiver<DeviceSession>>,
+    sessions: crate::net::Accepted,
     stopping: watch::Sender<bool>,
     active: watch::Receiver<usize>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -84,7 +84,7 @@ impl OpampTransport {
         let reaper = tokio::spawn(http::reap(shared));
         Ok(OpampTransport {
             local_addr,
-            sessions: tokio::sync::Mutex::new(accepted),
+            sessions: crate::net::Accepted::new(accepted),
             stopping,
             active,
             tasks: Mutex::new(vec![server, reaper]),
@@ -128,12 +128,7 @@ impl DeviceTransport for OpampTransport {
     }
 
     async fn accept(&self) -> Result<Option<DeviceSession>> {
-        let mut stopping = self.stopping.subscribe();
-        let mut sessions = self.sessions.lock().await;
-        tokio::select! {
-            session = sessions.recv() => Ok(session),
-            _ = stopping.wait_for(|stop| *stop) => Ok(None),
-        }
+        self.sessions.next(&self.stopping).await
     }
 }
 
