@@ -5,9 +5,18 @@
 //! ends. It sends heartbeats, answers `toggle_emission` and `restart`, and
 //! hands configuration pushes to a [`ConfigApplier`], acknowledging each with
 //! the outcome.
+//!
+//! Deliveries are at-least-once: a command whose acknowledgement was lost with
+//! its supervisor is sent again, through the device's new supervisor, under
+//! the same correlation id. The agent carries out each command once: it
+//! remembers the answers to its last [`REMEMBERED_ANSWERS`] commands and
+//! answers a repeat with the same outcome, and it acknowledges a push of the
+//! configuration it already runs (same content hash) without applying it again.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::command::{CommandKind, CommandOutcome};
+use crate::command::{CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigHash, ConfigRef};
 use crate::event::ConfigApplyState;
 use crate::time::duration_text;
@@ -213,6 +222,38 @@ pub struct Agent {
     applier: Arc<dyn ConfigApplier>,
     emission: watch::Sender<bool>,
     connected: watch::Sender<bool>,
+    answered: Answered,
+}
+
+/// How many command answers an agent remembers to recognise a repeated delivery.
+pub const REMEMBERED_ANSWERS: usize = 64;
+
+/// The answers to the agent's last commands, so a repeat is answered, not carried out again.
+#[derive(Debug, Default)]
+struct Answered {
+    recent: Mutex<VecDeque<(CorrelationId, CommandOutcome)>>,
+    repeats: AtomicU64,
+}
+
+impl Answered {
+    /// The answer already given to `id`, if it is recent; counts the repeat.
+    fn repeat(&self, id: CorrelationId) -> Option<CommandOutcome> {
+        let recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outcome = recent
+            .iter()
+            .find(|(seen, _)| *seen == id)
+            .map(|(_, outcome)| outcome.clone())?;
+        self.repeats.fetch_add(1, Ordering::Relaxed);
+        Some(outcome)
+    }
+
+    fn remember(&self, id: CorrelationId, outcome: &CommandOutcome) {
+        let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recent.len() == REMEMBERED_ANSWERS {
+            recent.pop_front();
+        }
+        recent.push_back((id, outcome.clone()));
+    }
 }
 
 /// Why a session ended.
@@ -231,7 +272,15 @@ impl Agent {
             applier,
             emission: watch::Sender::new(false),
             connected: watch::Sender::new(false),
+            answered: Answered::default(),
         }
+    }
+
+    /// How many deliveries this agent recognised as repeats (a command it had
+    /// already answered, a configuration it already ran) and answered without
+    /// acting again.
+    pub fn repeats_answered(&self) -> u64 {
+        self.answered.repeats.load(Ordering::Relaxed)
     }
 
     /// Whether the device emits telemetry; changes when a command says so.
@@ -331,6 +380,13 @@ impl Agent {
         let device = self.config.hello.device;
         match message {
             ToDevice::Command(command) => {
+                if let Some(outcome) = self.answered.repeat(command.correlation_id) {
+                    debug!(%device, correlation_id = %command.correlation_id, "a repeated command: answered again, not carried out");
+                    return (
+                        vec![FromDevice::CommandAck(CommandAck::new(command.correlation_id, outcome))],
+                        None,
+                    );
+                }
                 let caps = &self.config.hello.capabilities;
                 let (outcome, end) = match &command.kind {
                     CommandKind::SetEmission { state } if caps.emission => {
@@ -346,6 +402,7 @@ impl Agent {
                         None,
                     ),
                 };
+                self.answered.remember(command.correlation_id, &outcome);
                 let ack = FromDevice::CommandAck(CommandAck::new(command.correlation_id, outcome));
                 let mut answers = vec![ack];
                 if let (CommandKind::SetEmission { .. }, None) = (&command.kind, &end) {
@@ -367,6 +424,11 @@ impl Agent {
                 if !self.config.hello.capabilities.remote_config {
                     let reason = "this agent does not accept remote configuration".to_owned();
                     return (vec![ack(ConfigApplyState::Failed, Some(reason))], None);
+                }
+                if self.applier.current().is_some_and(|running| running.hash == push.hash) {
+                    self.answered.repeats.fetch_add(1, Ordering::Relaxed);
+                    debug!(%device, config = %push.config, hash = %push.hash, "already running this configuration");
+                    return (vec![ack(ConfigApplyState::Applied, None)], None);
                 }
                 match self.applier.apply(&push).await {
                     Ok(()) => {
@@ -427,5 +489,70 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+    fn agent(applier: Arc<MemoryApplier>) -> Agent {
+        let (_transport, connector) =
+            crate::transport::channel::pair(crate::transport::channel::ChannelConfig::default());
+        let mut hello = DeviceHello::new(crate::DeviceId::new("d1").unwrap());
+        hello.capabilities = crate::transport::Capabilities::all_builtin();
+        Agent::new(AgentConfig::new(hello), Arc::new(connector), applier)
+    }
+
+    fn acks(answers: &[FromDevice]) -> Vec<String> {
+        answers
+            .iter()
+            .filter_map(|answer| match answer {
+                FromDevice::CommandAck(ack) => Some(format!("{} {:?}", ack.correlation_id, ack.outcome)),
+                FromDevice::ConfigAck(ack) => Some(format!("{:?} {:?}", ack.correlation_id, ack.state)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_command_is_answered_again_but_carried_out_once() {
+        let agent = agent(Arc::new(MemoryApplier::new()));
+        let command = crate::Command::new(
+            crate::DeviceId::new("d1").unwrap(),
+            CommandKind::SetEmission { state: true },
+            crate::Timestamp::now(),
+            Duration::from_secs(30),
+        );
+        let (first, _) = agent.handle(ToDevice::Command(Box::new(command.clone()))).await;
+        assert!(*agent.emission().borrow());
+        // Meanwhile another command turns emission off; then the first comes again (a retry).
+        let off = crate::Command::new(
+            command.device,
+            CommandKind::SetEmission { state: false },
+            crate::Timestamp::now(),
+            Duration::from_secs(30),
+        );
+        agent.handle(ToDevice::Command(Box::new(off))).await;
+        let (again, end) = agent.handle(ToDevice::Command(Box::new(command))).await;
+        assert_eq!(acks(&again), acks(&first[..1]), "the same answer, {again:?}");
+        assert!(end.is_none());
+        assert!(!*agent.emission().borrow(), "the repeat must not turn emission back on");
+        assert_eq!(agent.repeats_answered(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_push_of_the_running_configuration_is_acknowledged_without_applying_it_again() {
+        let applier = Arc::new(MemoryApplier::new());
+        let agent = agent(applier.clone());
+        let config = ConfigRef::new(
+            crate::AgentType::new("fluentbit").unwrap(),
+            crate::ConfigVersion::new("v1").unwrap(),
+        );
+        let bundle = crate::ConfigBundle::new()
+            .with_file("fluent-bit.conf", crate::ConfigFile::new("text/plain", "[SERVICE]\n"))
+            .unwrap();
+        let push = |id| Arc::new(ConfigPush::new(Some(id), config, bundle.clone()));
+        let (first, second) = (CorrelationId::new(), CorrelationId::new());
+        let (answers, _) = agent.handle(ToDevice::ConfigPush(push(first))).await;
+        assert_eq!(acks(&answers), [format!("{:?} Applied", Some(first))]);
+        let (answers, _) = agent.handle(ToDevice::ConfigPush(push(second))).await;
+        assert_eq!(acks(&answers), [format!("{:?} Applied", Some(second))]);
+        assert_eq!(applier.applied_count(), 1, "applied once");
+        assert_eq!(agent.repeats_answered(), 1);
     }
 }

@@ -428,40 +428,92 @@ pub trait AgentConnector: Send + Sync + Debug + 'static {
 /// Connects through the first of several connectors that answers: a device's
 /// list of supervisors, so that it re-homes when its supervisor dies.
 ///
-/// Each attempt starts one past the connector that last succeeded, so a
-/// device tries the others before returning to the one that dropped it.
+/// Two orders:
+/// - [`FailoverConnector::new`]: in turn. Each attempt starts one past the
+///   connector that last succeeded, so a device tries the others before
+///   returning to the one that dropped it.
+/// - [`FailoverConnector::spread`]: each device in an order of its own,
+///   ranked by rendezvous hashing of its id with each connector's position
+///   (every process with the same list agrees). A fleet given the same list
+///   spreads evenly over it, and when one supervisor dies its devices spread
+///   evenly over the rest while the other devices stay where they are; the
+///   placement a consistent-hashing connection balancer would make, without
+///   one.
 #[derive(Debug)]
 pub struct FailoverConnector {
     connectors: Vec<Arc<dyn AgentConnector>>,
-    next: std::sync::atomic::AtomicUsize,
+    /// `Some` in turn (where the next attempt starts), `None` when spread.
+    next: Option<std::sync::atomic::AtomicUsize>,
 }
 
 impl FailoverConnector {
     /// Tries `connectors` in turn; [`Error::InvalidInput`](crate::Error::InvalidInput) if there are none.
     pub fn new(connectors: Vec<Arc<dyn AgentConnector>>) -> Result<Self> {
+        Self::check(&connectors)?;
+        Ok(FailoverConnector {
+            connectors,
+            next: Some(std::sync::atomic::AtomicUsize::new(0)),
+        })
+    }
+
+    /// Tries `connectors` in each device's own order (see the type's
+    /// documentation); [`Error::InvalidInput`](crate::Error::InvalidInput) if there are none.
+    pub fn spread(connectors: Vec<Arc<dyn AgentConnector>>) -> Result<Self> {
+        Self::check(&connectors)?;
+        Ok(FailoverConnector { connectors, next: None })
+    }
+
+    fn check(connectors: &[Arc<dyn AgentConnector>]) -> Result<()> {
         if connectors.is_empty() {
             return Err(crate::Error::invalid_input(
                 "a failover connector needs at least one connector",
             ));
         }
-        Ok(FailoverConnector {
-            connectors,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        })
+        Ok(())
     }
+
+    /// The positions of the connectors in the order `device` tries them.
+    pub fn order(&self, device: &crate::DeviceId) -> Vec<usize> {
+        use std::sync::atomic::Ordering;
+        let count = self.connectors.len();
+        match &self.next {
+            Some(next) => {
+                let start = next.load(Ordering::Relaxed);
+                (0..count).map(|offset| (start + offset) % count).collect()
+            }
+            None => {
+                let mut order: Vec<usize> = (0..count).collect();
+                order.sort_by_key(|&index| std::cmp::Reverse(rendezvous_score(device.as_str(), index)));
+                order
+            }
+        }
+    }
+}
+
+/// A device's score for the connector at `index`: FNV-1a of the id, then the
+/// index mixed in with SplitMix64's finaliser. Fixed here (not std's hasher,
+/// which may change between Rust releases) so every build agrees.
+fn rendezvous_score(device: &str, index: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in device.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut mixed = hash ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    mixed ^ (mixed >> 31)
 }
 
 #[async_trait]
 impl AgentConnector for FailoverConnector {
     async fn connect(&self, hello: &DeviceHello) -> Result<AgentSession> {
-        use std::sync::atomic::Ordering;
-        let start = self.next.load(Ordering::Relaxed);
         let mut last_error = None;
-        for offset in 0..self.connectors.len() {
-            let index = (start + offset) % self.connectors.len();
+        for index in self.order(&hello.device) {
             match self.connectors[index].connect(hello).await {
                 Ok(session) => {
-                    self.next.store(index + 1, Ordering::Relaxed);
+                    if let Some(next) = &self.next {
+                        next.store(index + 1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return Ok(session);
                 }
                 Err(err) => last_error = Some(err),
@@ -494,6 +546,35 @@ mod tests {
         failover.connect(&hello).await.unwrap();
         assert_eq!(live.accept().await.unwrap().unwrap().hello, hello);
         assert!(FailoverConnector::new(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn spread_places_devices_evenly_and_rehomes_them_evenly() {
+        let connectors: Vec<Arc<dyn AgentConnector>> = (0..5)
+            .map(|_| Arc::new(channel::pair(channel::ChannelConfig::default()).1) as Arc<dyn AgentConnector>)
+            .collect();
+        let spread = FailoverConnector::spread(connectors).unwrap();
+        let (mut first, mut second) = ([0usize; 5], [0usize; 5]);
+        for n in 0..10_000 {
+            let device = crate::DeviceId::new(format!("dev-{n:06}")).unwrap();
+            let order = spread.order(&device);
+            assert_eq!(order, spread.order(&device), "the same order every time");
+            first[order[0]] += 1;
+            if order[0] == 2 {
+                // Supervisor 2 died: where its devices go next.
+                second[order[1]] += 1;
+            }
+        }
+        assert!(first.iter().all(|&n| (1_800..=2_200).contains(&n)), "{first:?}");
+        assert_eq!(second[2], 0);
+        let moved: usize = second.iter().sum();
+        assert!(
+            second
+                .iter()
+                .enumerate()
+                .all(|(i, &n)| i == 2 || n * 4 > moved * 8 / 10),
+            "{second:?}"
+        );
     }
 
     #[tokio::test]
