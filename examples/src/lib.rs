@@ -6,6 +6,8 @@
 //! | [`backend`]  | [`StoreUrl`] and [`BusUrl`], parsed from `memory://`, `redis://`, `redis+cluster://`, `postgres://` and `kafka://` URLs, and opened into trait objects |
 //! | [`logging`]  | `--log` / `RUST_LOG` and `--log-format text\|json` for `tracing` |
 //! | [`cli`]      | flag parsers (durations, labels), PEM files, the fleet key from `OPAMP_FLEET_KEY`, Ctrl-C / SIGTERM |
+//! | [`rest`]     | a client of `opamp-server`'s REST API |
+//! | [`deployment`] | a local deployment of many processes on Redis and Kafka: servers, supervisors, device simulators |
 //!
 //! # Features
 //!
@@ -20,6 +22,8 @@
 
 pub mod backend;
 pub mod cli;
+pub mod deployment;
 pub mod logging;
+pub mod rest;
 
 pub use backend::{BusUrl, KafkaUrl, OpenBus, StoreUrl, open_bus, open_store};

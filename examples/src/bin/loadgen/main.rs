@@ -39,12 +39,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod fleet;
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::transport::{
     AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceTransport, FromDevice, ToDevice,
 };
 use opamp_core::{AgentType, CommandOutcome, DeviceId, SupervisorId};
+use opamp_examples::rest::RestClient;
 use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
@@ -80,6 +83,8 @@ enum Job {
     CommandLatency(LatencyArgs),
     /// Connects devices that answer every command, until stdin closes (the device side of `command-latency`).
     Responders(DeviceArgs),
+    /// Simulated devices running the agent runtime, spread over several supervisors, until stdin closes.
+    Fleet(fleet::FleetArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,6 +232,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Job::Devices(devices) => devices_until_stdin_closes(devices).await,
             Job::CommandLatency(latency) => command_latency(latency).await,
             Job::Responders(devices) => responders_until_stdin_closes(devices).await,
+            Job::Fleet(fleet) => fleet::run(fleet).await,
         }
     })
 }
@@ -1169,7 +1175,7 @@ async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Er
     }
     println!("{connected} devices connected over gRPC, each answering every command");
 
-    let client = Http::new(http, secret);
+    let client = RestClient::new(&http, &secret);
     let mut rows = Vec::new();
     for &rate in &args.rates {
         // A short warm-up at the same rate, not counted.
@@ -1253,74 +1259,6 @@ async fn spawn(binary: &std::path::Path, args: &[String], key: &str) -> Result<P
     })
 }
 
-/// A keep-alive HTTP/1.1 client for the REST API.
-#[derive(Clone)]
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    base: Arc<str>,
-    bearer: Arc<str>,
-}
-
-impl Http {
-    fn new(address: String, secret: String) -> Self {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            // One write per request: with headers and body written apart, a
-            // kept-alive connection met delayed ACKs (40 ms stalls).
-            .http1_writev(false)
-            .build(connector);
-        Http {
-            client,
-            base: format!("http://{address}").into(),
-            bearer: format!("Bearer {secret}").into(),
-        }
-    }
-
-    /// The status and body of one request.
-    async fn call(&self, method: hyper::Method, path: &str, body: Option<String>) -> Result<(u16, Vec<u8>), String> {
-        use http_body_util::BodyExt as _;
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", &*self.bearer)
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default())))
-            .map_err(|err| err.to_string())?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|err| format!("{path}: {err}"))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|err| err.to_string())?
-            .to_bytes();
-        Ok((status, body.to_vec()))
-    }
-
-    /// Toggles `device` and waits for the outcome (`?wait=`: one request,
-    /// answered once the acknowledgement is recorded); the final state's name.
-    async fn toggle(&self, device: &str, on: bool) -> Result<String, String> {
-        let path = format!("/api/v1/devices/{device}/emission?wait=10s");
-        let (status, body) = self
-            .call(hyper::Method::POST, &path, Some(format!("{{\"on\":{on}}}")))
-            .await?;
-        if status != 200 {
-            return Err(format!("POST {path}: {status} {}", String::from_utf8_lossy(&body)));
-        }
-        let record: serde_json::Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
-        Ok(record["state"].as_str().unwrap_or("?").to_owned())
-    }
-}
-
 /// One rate offered for a while.
 struct Run {
     sent: usize,
@@ -1333,7 +1271,7 @@ struct Run {
 
 /// Offers `rate` commands a second for `duration`, open loop, to devices in turn.
 async fn offer(
-    client: &Http,
+    client: &RestClient,
     rate: u32,
     duration: Duration,
     devices: usize,
@@ -1350,7 +1288,10 @@ async fn offer(
         let device = format!("dev-{:06}", n % devices);
         let on = (n / devices + round) % 2 == 0;
         tasks.spawn(async move {
-            let outcome = client.toggle(&device, on).await;
+            let outcome = client
+                .toggle_and_wait(&device, on)
+                .await
+                .map(|record| record["state"].as_str().unwrap_or("?").to_owned());
             (due.elapsed(), outcome.map_err(|err| format!("{device}: {err}")))
         });
     }
