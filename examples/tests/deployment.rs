@@ -272,7 +272,7 @@ async fn a_server_killed_leaves_its_commands_queryable_from_the_others() {
         servers[1 + id.len() % 2].command(id, "1ms").await.unwrap();
     }
     // The event partitions it held move when the group rebalances: against
-    // Kafka once its session (6 s) lapses; tansu 0.6.0 keeps a dead member
+    // Kafka once its group session lapses; tansu 0.6.0 keeps a dead member
     // in its groups until a member joins, so here its replacement does that,
     // as an orchestrator restarting the process would.
     tokio::time::sleep(Duration::from_secs(8)).await;

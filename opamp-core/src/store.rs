@@ -345,6 +345,12 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
     /// records; see each backend's retention).
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>>;
 
+    /// The commands still pending whose deadline is at or before `before`,
+    /// earliest deadline first, at most `limit`: commands no outcome answered
+    /// in time, for any control plane to sweep (the one that sent them may be
+    /// gone). A command that ended while this ran may still be listed.
+    async fn overdue_commands(&self, before: crate::Timestamp, limit: usize) -> Result<Vec<CorrelationId>>;
+
     /// Writes `rollout` if the stored one is at `rollout.revision - 1` (or, for
     /// revision 1, if none is stored); returns whether it did.
     async fn put_rollout(&self, rollout: &Rollout) -> Result<bool>;

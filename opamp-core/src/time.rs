@@ -68,6 +68,15 @@ impl Timestamp {
         }
     }
 
+    /// `self - by`, saturating at the earliest representable time.
+    #[inline]
+    pub fn saturating_sub(self, by: Duration) -> Self {
+        let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        Timestamp {
+            millis: self.millis.saturating_sub(by).max(MIN_MILLIS),
+        }
+    }
+
     /// How long after `earlier` this is; zero if it is not after it.
     pub fn duration_since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.millis.saturating_sub(earlier.millis).max(0) as u64)

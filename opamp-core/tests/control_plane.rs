@@ -261,6 +261,47 @@ async fn an_unanswered_command_is_retried_at_the_devices_new_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_sender_died_is_swept_by_another_instance() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let config = ControlPlaneConfig::default()
+        .command_timeout(Duration::from_millis(300))
+        .retry_grace(Duration::from_millis(100));
+    let fleet = Fleet::with_clock(config.clone(), clock.clone()).await;
+    // d1's supervisor died: nobody answers what is sent to it.
+    let d1 = did("d1");
+    fleet
+        .store
+        .claim(&d1, &sid("ghost"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let id = fleet.control.set_emission(&d1, true).await.unwrap();
+    // And the instance that sent the command dies before its deadline.
+    fleet.control.shutdown().await;
+    let other = ControlPlane::start_with_clock(config, fleet.store.clone(), fleet.bus.clone(), clock.clone())
+        .await
+        .unwrap();
+
+    let (_s2, connector) = fleet.supervisor("s2").await;
+    fleet
+        .device(&connector, hello("d1", &[]), Arc::new(MemoryApplier::new()))
+        .await;
+    eventually("d1 owned by s2", WAIT, || {
+        let store = fleet.store.clone();
+        async move { store.lookup(&did("d1")).await.unwrap() == Some(sid("s2")) }
+    })
+    .await;
+    // Past the deadline and twice the grace: the other instance's sweep finds it.
+    clock.advance(Duration::from_millis(600));
+    eventually(&format!("command {id} acked"), WAIT, || {
+        let other = other.clone();
+        async move { other.command(&id).await.unwrap().unwrap().state == CommandState::Acked }
+    })
+    .await;
+    let record = other.command(&id).await.unwrap().unwrap();
+    assert_eq!((record.supervisor, record.attempts), (Some(sid("s2")), 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_never_answers_times_out_after_one_retry() {
     let config = ControlPlaneConfig::default()
         .command_timeout(Duration::from_millis(200))

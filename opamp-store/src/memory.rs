@@ -21,9 +21,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use opamp_core::store::validate_ttl;
 use opamp_core::{
-    AgentType, Claim, Clock, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId,
-    Cursor, DeviceId, DeviceStatus, Error, Page, PageRequest, Result, Rollout, RolloutId, RoutingStore, StatusPatch,
-    StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp, TrackingStore,
+    AgentType, Claim, Clock, CommandRecord, CommandState, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
+    CorrelationId, Cursor, DeviceId, DeviceStatus, Error, Page, PageRequest, Result, Rollout, RolloutId, RoutingStore,
+    StatusPatch, StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp, TrackingStore,
 };
 
 /// How many shards each per-device map is split into: enough that two cores
@@ -582,6 +582,8 @@ struct Tracking {
     retention: Duration,
     commands: HashMap<CorrelationId, CommandRecord>,
     issued: VecDeque<(Timestamp, CorrelationId)>,
+    /// The pending commands by deadline.
+    pending: BTreeSet<(Timestamp, CorrelationId)>,
     rollouts: BTreeMap<RolloutId, Rollout>,
 }
 
@@ -591,6 +593,7 @@ impl Tracking {
             retention,
             commands: HashMap::new(),
             issued: VecDeque::new(),
+            pending: BTreeSet::new(),
             rollouts: BTreeMap::new(),
         }
     }
@@ -602,7 +605,9 @@ impl Tracking {
                 break;
             }
             self.issued.pop_front();
-            self.commands.remove(&id);
+            if let Some(record) = self.commands.remove(&id) {
+                self.pending.remove(&(record.command.deadline, id));
+            }
         }
     }
 }
@@ -620,20 +625,40 @@ impl TrackingStore for MemoryStore {
                 slot.insert(record.clone());
             }
         }
+        if record.state == CommandState::Pending {
+            tracking.pending.insert((record.command.deadline, id));
+        }
         tracking.issued.push_back((now, id));
         Ok(())
     }
 
     async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
         let id = record.correlation_id();
-        match write(&self.tracking).commands.get_mut(&id) {
+        let mut tracking = write(&self.tracking);
+        let Tracking { commands, pending, .. } = &mut *tracking;
+        match commands.get_mut(&id) {
             None => Err(Error::not_found(format!("command {id}"))),
             Some(stored) if stored.state.is_final() => Ok(false),
             Some(stored) => {
+                pending.remove(&(stored.command.deadline, id));
+                if record.state == CommandState::Pending {
+                    pending.insert((record.command.deadline, id));
+                }
                 *stored = record.clone();
                 Ok(true)
             }
         }
+    }
+
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        let tracking = read(&self.tracking);
+        Ok(tracking
+            .pending
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= before)
+            .take(limit)
+            .map(|&(_, id)| id)
+            .collect())
     }
 
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {

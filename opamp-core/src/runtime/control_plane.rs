@@ -694,9 +694,18 @@ impl Inner {
     /// Looks at each command this instance sent once its deadline and grace
     /// passed: one still pending was answered by nobody, so it is treated as
     /// timed out (retried once, then ended).
+    ///
+    /// And, every grace period, at the commands of any instance that are
+    /// overdue by twice the grace (the store lists them): their sender, had
+    /// it lived, would have swept them by then. So a command whose server
+    /// died is still retried or ended; should two instances sweep one at
+    /// once, the store's conditional update lets one outcome stand, and a
+    /// device answers a repeated delivery without acting twice.
     async fn sweep_loop(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<(Timestamp, CorrelationId)>) {
         let mut stopping = self.stopping.subscribe();
         let mut due: BinaryHeap<Reverse<(Timestamp, CorrelationId)>> = BinaryHeap::new();
+        let mut orphans = tokio::time::interval(self.config.retry_grace.max(Duration::from_millis(100)));
+        orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wait = match due.peek() {
                 Some(Reverse((at, _))) => at.duration_since(self.clock.now()),
@@ -708,6 +717,7 @@ impl Inner {
                     Some(entry) => due.push(Reverse(entry)),
                     None => return,
                 },
+                _ = orphans.tick() => self.sweep_orphans().await,
                 _ = tokio::time::sleep(wait) => {
                     let now = self.clock.now();
                     while let Some(Reverse((at, id))) = due.peek().copied() {
@@ -720,6 +730,25 @@ impl Inner {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Sweeps the commands overdue by twice the grace, whoever sent them.
+    async fn sweep_orphans(&self) {
+        const BATCH: usize = 100;
+        let now = self.clock.now();
+        let before = now.saturating_sub(self.config.retry_grace.saturating_mul(2));
+        let overdue = match self.store.overdue_commands(before, BATCH).await {
+            Ok(overdue) => overdue,
+            Err(err) => {
+                warn!(error = %err, "listing overdue commands failed");
+                return;
+            }
+        };
+        for id in overdue {
+            if let Err(err) = self.sweep(&id, now).await {
+                warn!(correlation_id = %id, error = %err, "looking at an overdue command failed");
             }
         }
     }

@@ -111,6 +111,7 @@ macro_rules! store_conformance {
             command_records_round_trip,
             command_ids_are_recorded_once,
             command_records_change_only_while_pending,
+            overdue_commands_are_the_pending_ones_past_their_deadline,
             concurrent_completions_have_one_winner,
             rollout_writes_follow_revisions,
             rollouts_are_listed_newest_first,
@@ -1602,6 +1603,71 @@ pub async fn command_records_change_only_while_pending(f: &StoreFixture) {
     let unknown = pending_record("unknown", CommandKind::Restart, at);
     let err = expect_err(f.store.update_command(&unknown).await, "updating an unknown command");
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+/// Commands still pending past their deadline are listed, earliest first;
+/// ended, deferred and not yet due ones are not; a retry moves its deadline.
+pub async fn overdue_commands_are_the_pending_ones_past_their_deadline(f: &StoreFixture) {
+    let at = f.clock.now();
+    let due = |n: u64| at.saturating_add(Duration::from_secs(n));
+    let with_deadline = |name: &str, deadline: Timestamp| {
+        let mut record = pending_record(name, CommandKind::Restart, at);
+        record.command.deadline = deadline;
+        record
+    };
+    let (late, later, ended, future) = (
+        with_deadline("late", due(5)),
+        with_deadline("later", due(7)),
+        with_deadline("ended", due(6)),
+        with_deadline("future", due(100)),
+    );
+    let mut deferred = with_deadline("deferred", due(1));
+    deferred.state = CommandState::Deferred;
+    // Inserted out of order: the listing orders by deadline.
+    for record in [&later, &future, &ended, &late, &deferred] {
+        f.store.insert_command(record).await.unwrap();
+    }
+    let mut done = ended.clone();
+    done.complete(&CommandOutcome::Acked, at);
+    assert!(f.store.update_command(&done).await.unwrap());
+
+    let ids = |records: &[&CommandRecord]| records.iter().map(|r| r.correlation_id()).collect::<Vec<_>>();
+    assert_eq!(
+        f.store.overdue_commands(at, 10).await.unwrap(),
+        Vec::new(),
+        "nothing is due yet"
+    );
+    assert_eq!(
+        f.store.overdue_commands(due(10), 10).await.unwrap(),
+        ids(&[&late, &later])
+    );
+    assert_eq!(
+        f.store.overdue_commands(due(10), 1).await.unwrap(),
+        ids(&[&late]),
+        "at most the limit"
+    );
+    assert_eq!(
+        f.store.overdue_commands(due(5), 10).await.unwrap(),
+        ids(&[&late]),
+        "a deadline at `before` counts"
+    );
+
+    // A retry gives `late` a new deadline; then it ends.
+    let mut retried = late.clone();
+    retried.attempts = 2;
+    retried.command.deadline = due(50);
+    assert!(f.store.update_command(&retried).await.unwrap());
+    assert_eq!(f.store.overdue_commands(due(10), 10).await.unwrap(), ids(&[&later]));
+    assert_eq!(
+        f.store.overdue_commands(due(60), 10).await.unwrap(),
+        ids(&[&later, &retried])
+    );
+    retried.complete(&CommandOutcome::TimedOut, at);
+    assert!(f.store.update_command(&retried).await.unwrap());
+    assert_eq!(
+        f.store.overdue_commands(due(1000), 10).await.unwrap(),
+        ids(&[&later, &future])
+    );
 }
 
 /// Control planes racing to end one command: exactly one write wins.

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use opamp_core::tracking::CommandState;
 use opamp_core::{
     Command, CommandRecord, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId, SupervisorId,
-    TrackingStore,
+    Timestamp, TrackingStore,
 };
 
 use super::PostgresStore;
@@ -15,14 +15,18 @@ use super::rows::{RowReader, sql_time};
 
 const INSERT: &str = "\
 INSERT INTO command_audit (device_id, supervisor_id, command_type, payload, correlation_id, status,
-    error_message, created_at, completed_at, attempts, initiated_by)
-VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11)
+    error_message, created_at, completed_at, attempts, initiated_by, deadline)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (correlation_id) DO NOTHING";
 
 const UPDATE: &str = "\
 UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, error_message = $5,
-    completed_at = $6, attempts = $7
+    completed_at = $6, attempts = $7, deadline = $8
 WHERE correlation_id = $1 AND status = 'pending'";
+
+const OVERDUE: &str = "\
+SELECT correlation_id FROM command_audit WHERE status = 'pending' AND deadline <= $1
+ORDER BY deadline, correlation_id LIMIT $2";
 
 const RECORD: &str = "\
 SELECT id, supervisor_id, payload::text AS payload, status, error_message, completed_at, attempts, initiated_by
@@ -78,6 +82,7 @@ impl TrackingStore for PostgresStore {
             .bind(columns.completed_at)
             .bind(attempts(record))
             .bind(record.initiated_by.as_deref())
+            .bind(sql_time(record.command.deadline)?)
             .execute(&self.pool)
             .await
             .map_err(PgError::query(|| format!("recording command {id}")))?;
@@ -100,10 +105,26 @@ impl TrackingStore for PostgresStore {
             .bind(record.reason.as_deref())
             .bind(columns.completed_at)
             .bind(attempts(record))
+            .bind(sql_time(record.command.deadline)?)
             .execute(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
         self.changed_if_recorded(done.rows_affected(), &id, doing).await
+    }
+
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        let rows = sqlx::query(OVERDUE)
+            .bind(sql_time(before)?)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(PgError::query(|| "listing overdue commands".to_owned()))?;
+        rows.iter()
+            .map(|row| {
+                RowReader::new(row, &|| "command_audit row of an overdue command".to_owned())
+                    .parsed("correlation_id", str::parse::<CorrelationId>)
+            })
+            .collect()
     }
 
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {

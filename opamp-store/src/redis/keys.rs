@@ -92,6 +92,12 @@ impl Keys {
         self.key(&["command:{", &id.to_string(), "}"])
     }
 
+    /// `commands:{pending}`: the pending commands' ids, a sorted set scored by
+    /// deadline (Unix milliseconds), for any control plane to sweep.
+    pub(super) fn pending_commands(&self) -> String {
+        self.key(&["commands:{pending}"])
+    }
+
     /// `rollout:{rollouts}:id`: a rollout (JSON). Every rollout shares the
     /// hash tag of the index, so one script writes both.
     pub(super) fn rollout(&self, id: &RolloutId) -> String {

@@ -1,11 +1,15 @@
 //! What control planes track, in Redis: command records as JSON strings that
-//! expire after the configured retention, and rollouts as JSON strings
+//! expire after the configured retention, the pending ones' ids in a sorted
+//! set by deadline (an index, kept in step by each write and cleaned by
+//! whoever lists it, since on a cluster it lives in another slot than the
+//! records), and rollouts as JSON strings
 //! indexed in a sorted set (one hash tag for all of them, so one script
 //! writes a rollout and its index entry together).
 
 use async_trait::async_trait;
 use opamp_core::{
-    CommandRecord, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId, TrackingStore,
+    CommandRecord, CommandState, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId,
+    Timestamp, TrackingStore,
 };
 use redis::Value;
 
@@ -27,7 +31,7 @@ impl TrackingStore for RedisStore {
             .to_owned();
         match checked(&key, self.one(|| format!("SET {key} NX"), &set).await?)? {
             Value::Nil => Err(Error::already_exists(format!("command {id}"))),
-            _ => Ok(()),
+            _ => self.index_pending(record).await,
         }
     }
 
@@ -40,7 +44,50 @@ impl TrackingStore for RedisStore {
             &key,
         )? {
             -1 => Err(Error::not_found(format!("command {id}"))),
-            replaced => Ok(replaced == 1),
+            1 => self.index_pending(record).await.map(|()| true),
+            _ => Ok(false),
+        }
+    }
+
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        let index = self.keys.pending_commands();
+        let mut overdue = Vec::new();
+        // Members whose record ended or expired are dropped as they are met,
+        // so they cannot fill the head of the index.
+        loop {
+            let range = redis::cmd("ZRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(before.unix_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit.max(1))
+                .to_owned();
+            let members = strings(self.one(|| format!("ZRANGEBYSCORE {index}"), &range).await?, &index)?;
+            let full = members.len() >= limit.max(1);
+            let mut stale = Vec::new();
+            for member in members {
+                let id: CorrelationId = member.parse().map_err(|_| {
+                    Error::from(RedisError::garbled(
+                        &index,
+                        None,
+                        format!("member {member:?} is not a correlation id"),
+                    ))
+                })?;
+                match self.command_record(&id).await? {
+                    Some(record) if record.state == CommandState::Pending => overdue.push(id),
+                    _ => stale.push(member),
+                }
+            }
+            if !stale.is_empty() {
+                let remove = redis::cmd("ZREM").arg(&index).arg(&stale).to_owned();
+                checked(&index, self.one(|| format!("ZREM {index}"), &remove).await?)?;
+            }
+            if stale.is_empty() || !full || overdue.len() >= limit {
+                overdue.truncate(limit);
+                return Ok(overdue);
+            }
+            overdue.clear();
         }
     }
 
@@ -104,6 +151,23 @@ impl TrackingStore for RedisStore {
 }
 
 impl RedisStore {
+    /// Puts a pending command in the pending index at its deadline, or takes
+    /// an ended one out.
+    async fn index_pending(&self, record: &CommandRecord) -> Result<()> {
+        let index = self.keys.pending_commands();
+        let id = record.correlation_id().to_string();
+        let write = if record.state == CommandState::Pending {
+            redis::cmd("ZADD")
+                .arg(&index)
+                .arg(record.command.deadline.unix_millis())
+                .arg(&id)
+                .to_owned()
+        } else {
+            redis::cmd("ZREM").arg(&index).arg(&id).to_owned()
+        };
+        checked(&index, self.one(|| format!("indexing {id} in {index}"), &write).await?).map(drop)
+    }
+
     /// `GET key`, read by `parse`; a value it refuses is an error naming the key.
     async fn get_json<T>(&self, key: &str, parse: impl Fn(&[u8]) -> Result<T>) -> Result<Option<T>> {
         match text(self.on_key("GET", key).await?, key)? {

@@ -11,7 +11,7 @@ use opamp_core::{
     AgentType, Claim, Command, CommandBus, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate,
     ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Error, EventBus, GroupName, Page, PageRequest,
     Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId, SupervisorLoad,
-    TrackingStore,
+    Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 use tokio::sync::watch;
@@ -140,6 +140,9 @@ impl TrackingStore for FailingStore {
     }
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
         guarded!(self, "store", command_record(id))
+    }
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        guarded!(self, "store", overdue_commands(before, limit))
     }
     async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
         guarded!(self, "store", put_rollout(rollout))

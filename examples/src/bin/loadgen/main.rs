@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod deployment;
 mod fleet;
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
@@ -85,6 +86,8 @@ enum Job {
     Responders(DeviceArgs),
     /// Simulated devices running the agent runtime, spread over several supervisors, until stdin closes.
     Fleet(fleet::FleetArgs),
+    /// The Phase 3 deployment on Redis and Kafka: its figures, or (`--hold`) kept up for use.
+    Deployment(deployment::DeploymentArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,6 +236,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Job::CommandLatency(latency) => command_latency(latency).await,
             Job::Responders(devices) => responders_until_stdin_closes(devices).await,
             Job::Fleet(fleet) => fleet::run(fleet).await,
+            Job::Deployment(args) => deployment::run(args).await,
         }
     })
 }
@@ -1179,8 +1183,15 @@ async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Er
     let mut rows = Vec::new();
     for &rate in &args.rates {
         // A short warm-up at the same rate, not counted.
-        offer(&client, rate, Duration::from_secs(1), args.devices, 0).await?;
-        let run = offer(&client, rate, args.seconds, args.devices, 1).await?;
+        offer(
+            std::slice::from_ref(&client),
+            rate,
+            Duration::from_secs(1),
+            args.devices,
+            0,
+        )
+        .await?;
+        let run = offer(std::slice::from_ref(&client), rate, args.seconds, args.devices, 1).await?;
         println!(
             "  {rate}/s offered: {} commands, {:.0}/s achieved, p50 {}, p99 {}, max {}{}",
             run.sent,
@@ -1269,9 +1280,10 @@ struct Run {
     failures: Vec<String>,
 }
 
-/// Offers `rate` commands a second for `duration`, open loop, to devices in turn.
+/// Offers `rate` commands a second for `duration`, open loop, to devices in
+/// turn, through `clients` in turn.
 async fn offer(
-    client: &RestClient,
+    clients: &[RestClient],
     rate: u32,
     duration: Duration,
     devices: usize,
@@ -1284,7 +1296,7 @@ async fn offer(
     for n in 0..total {
         let due = start + interval.mul_f64(n as f64);
         tokio::time::sleep_until(due).await;
-        let client = client.clone();
+        let client = clients[n % clients.len()].clone();
         let device = format!("dev-{:06}", n % devices);
         let on = (n / devices + round) % 2 == 0;
         tasks.spawn(async move {
