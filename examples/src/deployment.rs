@@ -362,17 +362,19 @@ impl Deployment {
     }
 
     /// The bus URL every process uses: a single broker (one replica), more
-    /// command partitions than supervisors, and short fetch waits (tansu
-    /// answers a fetch only when its wait has passed).
+    /// command partitions than supervisors, short fetch waits (tansu answers
+    /// a fetch only when its wait has passed), and a 10 s group session.
     ///
-    /// The group session stays at librdkafka's 45 s: a shorter one (6 s)
-    /// let tansu, busy on the same cores, miss heartbeats under load, and the
-    /// servers' event group kept rebalancing; and tansu 0.6.0 does not hand a
-    /// dead member's partitions on at its session's end anyway (see
-    /// `docs/operations.md`).
+    /// The session is what lets the servers' event group form again after a
+    /// server or the broker died: tansu 0.6.0 keeps a dead member in a group
+    /// until its session lapses, and a joining server waits for it (at
+    /// librdkafka's default 45 s, longer than a joining server waits). A 6 s
+    /// session was too short: tansu, busy on the same cores, answered
+    /// heartbeats late under load and the group kept rebalancing.
     pub fn bus_url(&self) -> String {
         format!(
-            "kafka://127.0.0.1:{}?commands_partitions=16&events_partitions=8&replication=1&fetch.wait.max.ms=5&linger.ms=1",
+            "kafka://127.0.0.1:{}?commands_partitions=16&events_partitions=8&replication=1\
+             &fetch.wait.max.ms=5&linger.ms=1&session.timeout.ms=10000&heartbeat.interval.ms=2000",
             self.broker_port
         )
     }

@@ -32,6 +32,11 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A fresh deployment in a folder of its own, or `None` (locally, loudly) when
 /// Redis or the broker is not installed. Under CI a missing one fails.
 async fn deploy(name: &str) -> Option<Deployment> {
+    deploy_with(name, COMMAND_TIMEOUT).await
+}
+
+/// [`deploy`], with another command timeout.
+async fn deploy_with(name: &str, command_timeout: Duration) -> Option<Deployment> {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_opamp-server"))
         .parent()
         .expect("binaries live in a folder")
@@ -40,7 +45,7 @@ async fn deploy(name: &str) -> Option<Deployment> {
     let _ = std::fs::remove_dir_all(&dir);
     let config = DeploymentConfig::new(&dir, bin_dir)
         .size(SERVERS, SUPERVISORS, DEVICES, 1)
-        .timings(LEASE, COMMAND_TIMEOUT);
+        .timings(LEASE, command_timeout);
     let missing: Vec<String> = [&config.tansu, &config.redis_server]
         .into_iter()
         .filter(|program| which(program).is_none())
@@ -315,7 +320,10 @@ async fn redis_restarted_empty_is_rebuilt_within_one_renew_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_acknowledged_command() {
     let _turn = TURN.lock().await;
-    let Some(mut deployment) = deploy("restart-broker").await else {
+    // Outcomes wait in the broker while the servers' event group forms again
+    // (up to its 10 s session): a command timeout longer than that lets
+    // every command end with its real outcome, not a timeout.
+    let Some(mut deployment) = deploy_with("restart-broker", Duration::from_secs(20)).await else {
         return;
     };
     every_device_routable(&deployment, Duration::from_secs(30)).await;

@@ -374,11 +374,17 @@ impl ControlPlane {
     /// its record as it stands then (still pending if time ran out).
     /// [`Error::NotFound`] if the command is not known.
     ///
-    /// Outcomes recorded by this instance wake it at once; those another
-    /// instance records are seen within `rollout_poll`.
+    /// Outcomes recorded by this instance wake it at once. Those another
+    /// instance records (with several instances, most of them: each handles
+    /// the events of its share of the devices) are read from the store,
+    /// 2 ms after the last look at first, the wait doubling up to 32 ms: a
+    /// quick command is seen soon, and a slow one costs a read every 32 ms.
     pub async fn wait(&self, id: &CorrelationId, timeout: Duration) -> Result<CommandRecord> {
+        const FIRST_LOOK: Duration = Duration::from_millis(2);
+        const LONGEST_LOOK: Duration = Duration::from_millis(32);
         let inner = self.inner();
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut look = FIRST_LOOK;
         loop {
             // Registered before reading, so an outcome recorded in between still wakes us.
             let progress = inner.progress.notified();
@@ -390,7 +396,8 @@ impl ControlPlane {
             if record.state.is_final() || tokio::time::Instant::now() >= deadline {
                 return Ok(record);
             }
-            let poll = deadline.min(tokio::time::Instant::now() + inner.config.rollout_poll);
+            let poll = deadline.min(tokio::time::Instant::now() + look);
+            look = (look * 2).min(LONGEST_LOOK);
             tokio::select! {
                 _ = progress => {}
                 _ = tokio::time::sleep_until(poll) => {}
