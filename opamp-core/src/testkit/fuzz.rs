@@ -4,6 +4,10 @@
 //! Each check takes arbitrary bytes and panics only when an invariant breaks;
 //! rejecting the input with a clear error is the expected outcome for garbage.
 
+mod supervisor;
+
+pub use supervisor::supervisor_session;
+
 use crate::bus::ConfigUpdate;
 use crate::command::Command;
 use crate::config::ConfigBundle;
