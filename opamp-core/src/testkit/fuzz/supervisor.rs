@@ -251,11 +251,11 @@ impl Device {
                     healthy,
                     last_error,
                 } => {
-                    let mut report = StatusReport::default();
-                    report.emission = *emission;
-                    report.healthy = *healthy;
-                    report.last_error = last_error.clone();
-                    FromDevice::Status(report)
+                    FromDevice::Status(StatusReport {
+                        emission: *emission,
+                        healthy: *healthy,
+                        last_error: last_error.clone(),
+                    })
                 }
                 Step::Command(kind) => {
                     let kind = match kind % 5 {
