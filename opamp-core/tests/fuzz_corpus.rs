@@ -27,7 +27,11 @@ fn every_supervisor_session_input_passes_its_check() {
 /// script's reader turns into a few steps each.
 #[test]
 fn the_supervisor_session_seeds_are_committed() {
-    let pattern = |length: u32| (0..length).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let pattern = |length: u32| {
+        (0..length)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    };
     seeds_are_committed(vec![
         ("supervisor_session", "script-short", pattern(48)),
         ("supervisor_session", "script-long", pattern(512)),

@@ -118,9 +118,8 @@ pub fn seeds_are_committed(seeds: Vec<Seed>) {
                 .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
             std::fs::write(&path, &bytes).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
         } else {
-            let committed = std::fs::read(&path).unwrap_or_else(|err| {
-                panic!("seed {}: {err} (OPAMP_WRITE_SEEDS=1 writes the seeds)", path.display())
-            });
+            let committed = std::fs::read(&path)
+                .unwrap_or_else(|err| panic!("seed {}: {err} (OPAMP_WRITE_SEEDS=1 writes the seeds)", path.display()));
             assert!(
                 committed == bytes,
                 "seed {} differs from the message it is generated from (OPAMP_WRITE_SEEDS=1 writes the seeds)",

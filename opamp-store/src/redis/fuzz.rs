@@ -30,7 +30,10 @@ pub fn redis_status(data: &[u8]) {
     let status = match codec::decode_status(KEY, device(), pairs) {
         Ok(status) => status,
         Err(error) => {
-            assert!(matches!(error, RedisError::Garbled { .. }), "a bad hash is garbled: {error}");
+            assert!(
+                matches!(error, RedisError::Garbled { .. }),
+                "a bad hash is garbled: {error}"
+            );
             let error = Error::from(error);
             assert!(error.to_string().contains(KEY), "a refusal names the key: {error}");
             return;

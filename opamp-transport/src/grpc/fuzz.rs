@@ -61,9 +61,7 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use opamp_core::transport::{
-        CommandAck, ConfigAck, ConfigPush, DeviceHello, FromDevice, StatusReport, ToDevice,
-    };
+    use opamp_core::transport::{CommandAck, ConfigAck, ConfigPush, DeviceHello, FromDevice, StatusReport, ToDevice};
     use opamp_core::{
         AgentType, Command, CommandKind, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef,
         ConfigVersion, CorrelationId, DeviceId, SupervisorId, Timestamp,
@@ -75,7 +73,10 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     let id: CorrelationId = "0b3a8f4e-1d2c-4e5f-8a9b-0c1d2e3f4a5b".parse().expect("a valid id");
     let at = Timestamp::from_unix_millis(1_769_506_200_250).expect("in range");
     let bundle = ConfigBundle::new()
-        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n"))
+        .with_file(
+            "fluent-bit.conf",
+            ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n"),
+        )
         .expect("a valid name");
 
     let mut hello = DeviceHello::new(device);
@@ -98,10 +99,19 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     status.last_error = Some("output http: connection refused".into());
 
     let to_device = [
-        ("registered", ToDevice::Registered(Box::new(SupervisorId::new("supervisor-3").expect("a valid id")))),
+        (
+            "registered",
+            ToDevice::Registered(Box::new(SupervisorId::new("supervisor-3").expect("a valid id"))),
+        ),
         ("set-emission", command(CommandKind::SetEmission { state: false })),
         ("restart", command(CommandKind::Restart)),
-        ("apply-config", command(CommandKind::ApplyConfig { agent_type: fluentbit, version: v2 })),
+        (
+            "apply-config",
+            command(CommandKind::ApplyConfig {
+                agent_type: fluentbit,
+                version: v2,
+            }),
+        ),
         (
             "custom",
             command(CommandKind::Custom {
@@ -112,13 +122,20 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
         ),
         (
             "config-push",
-            ToDevice::ConfigPush(Arc::new(ConfigPush::new(Some(id), ConfigRef::new(fluentbit, v2), bundle.clone()))),
+            ToDevice::ConfigPush(Arc::new(ConfigPush::new(
+                Some(id),
+                ConfigRef::new(fluentbit, v2),
+                bundle.clone(),
+            ))),
         ),
     ];
     let from_device = [
         ("heartbeat", FromDevice::Heartbeat),
         ("status", FromDevice::Status(status)),
-        ("command-acked", FromDevice::CommandAck(CommandAck::new(id, CommandOutcome::Acked))),
+        (
+            "command-acked",
+            FromDevice::CommandAck(CommandAck::new(id, CommandOutcome::Acked)),
+        ),
         (
             "command-failed",
             FromDevice::CommandAck(CommandAck::new(id, CommandOutcome::Failed { reason: "busy".into() })),
@@ -138,7 +155,11 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
         "register",
         convert::register(&hello, "v1.ZGV2aWNlLXRva2Vu").encode_to_vec(),
     )];
-    seeds.extend(to_device.iter().map(|(name, m)| ("grpc_envelope", *name, convert::to_device(m).encode_to_vec())));
+    seeds.extend(
+        to_device
+            .iter()
+            .map(|(name, m)| ("grpc_envelope", *name, convert::to_device(m).encode_to_vec())),
+    );
     seeds.extend(
         from_device
             .iter()
@@ -148,6 +169,10 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     truncated.truncate(truncated.len() / 2);
     seeds.push(("grpc_envelope", "truncated", truncated));
     // A length prefix claiming far more bytes than follow.
-    seeds.push(("grpc_envelope", "huge-length", vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]));
+    seeds.push((
+        "grpc_envelope",
+        "huge-length",
+        vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01],
+    ));
     seeds
 }

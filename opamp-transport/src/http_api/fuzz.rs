@@ -26,7 +26,11 @@ pub fn rest_bodies(data: &[u8]) {
             if let Some(body) = read::<ConfigRefBody>(json) {
                 let again: ConfigRefBody = read(&serde_json::to_vec(&body).expect("a config ref encodes"))
                     .expect("an encoded config ref reads");
-                assert_eq!(ConfigRef::from(again), ConfigRef::from(body), "a config ref survives the trip");
+                assert_eq!(
+                    ConfigRef::from(again),
+                    ConfigRef::from(body),
+                    "a config ref survives the trip"
+                );
             }
         }
         2 => {
@@ -48,8 +52,9 @@ pub fn rest_bodies(data: &[u8]) {
         4 => drop(read::<LatestBody>(json).map(|body| body.version)),
         _ => {
             if let Some(body) = read::<TemplateBody>(json) {
-                let again: TemplateBody = read(&serde_json::to_vec(&serde_json::json!({ "bundle": body.bundle })).expect("a bundle encodes"))
-                    .expect("an encoded bundle reads");
+                let again: TemplateBody =
+                    read(&serde_json::to_vec(&serde_json::json!({ "bundle": body.bundle })).expect("a bundle encodes"))
+                        .expect("an encoded bundle reads");
                 assert_eq!(again.bundle, body.bundle, "a bundle survives the trip");
                 assert_eq!(again.bundle.hash(), body.bundle.hash(), "and so does its hash");
             }
@@ -71,7 +76,10 @@ fn read<T: DeserializeOwned>(json: &[u8]) -> Option<T> {
 
 fn refused(error: &ApiError) {
     assert!(
-        matches!(error.status(), StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY),
+        matches!(
+            error.status(),
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
+        ),
         "a bad body is a client error, got {} ({})",
         error.status(),
         error.message()
@@ -85,26 +93,42 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
         ("emission", 0, r#"{"on": true}"#),
         ("emission-unknown-field", 0, r#"{"on": true, "now": 1}"#),
         ("device-config", 1, r#"{"agent_type": "fluentbit", "version": "v2"}"#),
-        ("apply-device", 2, r#"{"target": {"device": "ap-17:eth0"}, "config": {"agent_type": "fluentbit", "version": "v2"}}"#),
+        (
+            "apply-device",
+            2,
+            r#"{"target": {"device": "ap-17:eth0"}, "config": {"agent_type": "fluentbit", "version": "v2"}}"#,
+        ),
         (
             "apply-selector",
             2,
             r#"{"target": {"agent_type": "fluentbit", "labels": {"site": "berlin"}}, "config": {"agent_type": "fluentbit", "version": "v2"}}"#,
         ),
-        ("apply-both", 2, r#"{"target": {"device": "d1", "agent_type": "fluentbit"}, "config": {"agent_type": "fluentbit", "version": "v2"}}"#),
+        (
+            "apply-both",
+            2,
+            r#"{"target": {"device": "d1", "agent_type": "fluentbit"}, "config": {"agent_type": "fluentbit", "version": "v2"}}"#,
+        ),
         (
             "rollout",
             3,
             r#"{"config": {"agent_type": "fluentbit", "version": "v3"}, "labels": {"site": "berlin"}, "canary": 5, "growth": 4, "max_wave": 1000, "failure_threshold": 0.05}"#,
         ),
-        ("rollout-bad-threshold", 3, r#"{"config": {"agent_type": "fluentbit", "version": "v3"}, "failure_threshold": 1.5}"#),
+        (
+            "rollout-bad-threshold",
+            3,
+            r#"{"config": {"agent_type": "fluentbit", "version": "v3"}, "failure_threshold": 1.5}"#,
+        ),
         ("latest", 4, r#"{"version": "v3"}"#),
         (
             "template",
             5,
             r#"{"bundle": {"fluent-bit.conf": {"content_type": "text/plain", "text": "[SERVICE]\n    hot_reload On\n"}, "cert.der": {"content_type": "application/octet-stream", "base64": "MIIB"}}}"#,
         ),
-        ("template-bad-name", 5, r#"{"bundle": {"../etc/passwd": {"content_type": "text/plain", "text": ""}}}"#),
+        (
+            "template-bad-name",
+            5,
+            r#"{"bundle": {"../etc/passwd": {"content_type": "text/plain", "text": ""}}}"#,
+        ),
         ("not-json", 3, r#"{"config": "#),
     ];
     bodies

@@ -6,14 +6,14 @@ use std::io::Read as _;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
-use opamp_core::transport::FromDevice;
 use opamp_core::CorrelationId;
+use opamp_core::transport::FromDevice;
 use prost::Message as _;
 
 use super::http::{self, BodyProblem};
 use super::proto::{
-    AgentDescription, AgentDisconnect, AgentToServer, AnyValue, ComponentHealth, CustomCapabilities,
-    CustomMessage, KeyValue, RemoteConfigStatus, ServerToAgentFlags, any_value,
+    AgentDescription, AgentDisconnect, AgentToServer, AnyValue, ComponentHealth, CustomCapabilities, CustomMessage,
+    KeyValue, RemoteConfigStatus, ServerToAgentFlags, any_value,
 };
 use super::server::Reports;
 use super::{DeviceIdSource, EMISSION_CAPABILITY, FLEET_CAPABILITY, convert};
@@ -58,7 +58,10 @@ pub fn opamp_http(data: &[u8]) {
     let gzip = encoding == Some("gzip");
     match http::read_body(encoding, Bytes::from(body.clone()), HTTP_LIMIT) {
         Ok(message) => {
-            assert!(message.encoded_len() <= HTTP_LIMIT, "a message read is within the limit");
+            assert!(
+                message.encoded_len() <= HTTP_LIMIT,
+                "a message read is within the limit"
+            );
             let plain = message.encode_to_vec();
             for (encoding, body) in [(None, plain.clone()), (Some("gzip"), http::compress(&plain))] {
                 let back = http::read_body(encoding, body.into(), HTTP_LIMIT).expect("an encoded message reads");
@@ -78,10 +81,16 @@ pub fn opamp_http(data: &[u8]) {
                 }
                 inflated += n as u64;
             }
-            assert!(inflated > HTTP_LIMIT as u64, "a body refused as too large is over the limit");
+            assert!(
+                inflated > HTTP_LIMIT as u64,
+                "a body refused as too large is over the limit"
+            );
         }
         Err(BodyProblem::Encoding(problem)) => {
-            assert!(!gzip && encoding.is_some(), "only an unknown encoding is refused as one");
+            assert!(
+                !gzip && encoding.is_some(),
+                "only an unknown encoding is refused as one"
+            );
             assert!(!problem.is_empty(), "a refusal names what was wrong");
         }
         Err(BodyProblem::Compression(problem)) => {
@@ -122,9 +131,16 @@ fn reads_as_an_agent_sent_it(message: &AgentToServer) {
             FromDevice::CommandAck(ack) => vec![ack.correlation_id],
             _ => Vec::new(),
         };
-        assert!(convert::to_server(report, &mut wire, &mut emission_ids), "a report has a wire form");
+        assert!(
+            convert::to_server(report, &mut wire, &mut emission_ids),
+            "a report has a wire form"
+        );
         let back = convert::from_agent(&wire, &mut None).expect("an encoded report reads");
-        assert_eq!(back, vec![report.clone(), FromDevice::Heartbeat], "a report survives the trip");
+        assert_eq!(
+            back,
+            vec![report.clone(), FromDevice::Heartbeat],
+            "a report survives the trip"
+        );
     }
     let repeat = convert::from_agent(message, &mut last).expect("a report read once reads again");
     assert!(
@@ -155,7 +171,11 @@ fn hello_round_trips(device: opamp_core::DeviceId, uid: &[u8; 16], message: &Age
 }
 
 fn ends_with_one_heartbeat(reports: &[FromDevice]) {
-    assert_eq!(reports.last(), Some(&FromDevice::Heartbeat), "a report ends with a heartbeat");
+    assert_eq!(
+        reports.last(),
+        Some(&FromDevice::Heartbeat),
+        "a report ends with a heartbeat"
+    );
     let heartbeats = reports.iter().filter(|m| **m == FromDevice::Heartbeat).count();
     assert_eq!(heartbeats, 1, "one heartbeat per report");
 }
@@ -319,7 +339,10 @@ pub fn opamp_session(data: &[u8]) {
                     Ok((flags, out)) => {
                         let gap = message.sequence_num != before.last_seq.wrapping_add(1);
                         let asks = flags & ServerToAgentFlags::ReportFullState as u64 != 0;
-                        assert_eq!(asks, gap, "the full state is asked for at a sequence gap, and only then");
+                        assert_eq!(
+                            asks, gap,
+                            "the full state is asked for at a sequence gap, and only then"
+                        );
                         reported_once(&before, &message, &out);
                         assert_eq!(reports.last_seq, message.sequence_num, "the sequence number is kept");
                         if message.agent_disconnect.is_some() {
@@ -374,7 +397,11 @@ fn reported_once(before: &Reports, message: &AgentToServer, out: &[FromDevice]) 
     let changed = message.remote_config_status.as_ref().is_some_and(|status| {
         status.status != 0 && before.last_config != Some((status.last_remote_config_hash.clone(), status.status))
     });
-    assert_eq!(acks, usize::from(changed), "a config status is reported when it changes");
+    assert_eq!(
+        acks,
+        usize::from(changed),
+        "a config status is reported when it changes"
+    );
 }
 
 /// Real reports as this crate's agents send them, for the seed corpora of
@@ -382,13 +409,14 @@ fn reported_once(before: &Reports, message: &AgentToServer, out: &[FromDevice]) 
 /// patterns (its input is a script, not a message).
 pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     use opamp_core::transport::{CommandAck, ConfigAck, DeviceHello, StatusReport};
-    use opamp_core::{
-        AgentType, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigVersion, DeviceId,
-    };
+    use opamp_core::{AgentType, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigVersion, DeviceId};
 
     let uid = *uuid::Uuid::from_u128(0x0190_f3a2_7c1e_7d4b_9a61_2b3c_4d5e_6f70).as_bytes();
     let bundle = ConfigBundle::new()
-        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n"))
+        .with_file(
+            "fluent-bit.conf",
+            ConfigFile::new("text/plain", "[SERVICE]\n    hot_reload On\n"),
+        )
         .expect("a valid name");
     let mut hello = DeviceHello::new(DeviceId::new("ap-17:eth0").expect("a valid id"));
     hello.agent_type = Some(AgentType::new("fluentbit").expect("a valid agent type"));
@@ -422,7 +450,12 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
         ),
         (
             "config-applied",
-            FromDevice::ConfigAck(Box::new(ConfigAck::new(None, bundle.hash(), ConfigApplyState::Applied, None))),
+            FromDevice::ConfigAck(Box::new(ConfigAck::new(
+                None,
+                bundle.hash(),
+                ConfigApplyState::Applied,
+                None,
+            ))),
         ),
     ];
     let mut messages = vec![("first-report", first)];
@@ -466,7 +499,9 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     seeds.push(("opamp_ws", "header-not-varint", vec![0xff; 11]));
     // Scripts: arbitrary's reading of these bytes gives a few reports each.
     for (name, length) in [("script-short", 64), ("script-long", 1024)] {
-        let bytes = (0..length).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let bytes = (0..length)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         seeds.push(("opamp_session", name, bytes));
     }
     seeds

@@ -95,7 +95,8 @@ pub(super) fn read_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Re
             )));
         }
     };
-    AgentToServer::decode(body).map_err(|err| BodyProblem::Message(format!("the body is not a valid AgentToServer: {err}")))
+    AgentToServer::decode(body)
+        .map_err(|err| BodyProblem::Message(format!("the body is not a valid AgentToServer: {err}")))
 }
 
 pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {

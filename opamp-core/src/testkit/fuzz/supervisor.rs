@@ -16,8 +16,8 @@ use crate::transport::{
 };
 use crate::{
     AgentType, Bus, Command, CommandKind, CommandOutcome, ConfigApplyState, ConfigBundle, ConfigFile, ConfigHash,
-    ConfigRef, ConfigTemplate, ConfigVersion, CorrelationId, DeviceId, DeviceStatus, Error, Presence, Result, Store,
-    StatusPatch, SupervisorId, Timestamp,
+    ConfigRef, ConfigTemplate, ConfigVersion, CorrelationId, DeviceId, DeviceStatus, Error, Presence, Result,
+    StatusPatch, Store, SupervisorId, Timestamp,
 };
 
 /// The devices of the fleet; a script picks its own from them.
@@ -50,7 +50,11 @@ enum Step {
     /// A command for the device from the bus: emission, restart, apply v1 or v2 (v2 has no template), custom.
     Command(u8),
     /// An answer to the last command the device got (or to one it never got).
-    CommandAck { to_last: bool, outcome: u8, reason: String },
+    CommandAck {
+        to_last: bool,
+        outcome: u8,
+        reason: String,
+    },
     /// An answer to the last config pushed (or to another hash).
     ConfigAck {
         to_last: bool,
@@ -131,9 +135,13 @@ async fn run(script: Script, store: Arc<dyn Store>, bus: Arc<dyn Bus>) {
             AgentType::new("otelcol").expect("a valid agent type")
         }
     });
-    hello.config_hash = script
-        .runs_desired
-        .map(|desired| if desired { bundle.hash() } else { ConfigHash::from_slice(&[7; 32]).expect("32 bytes") });
+    hello.config_hash = script.runs_desired.map(|desired| {
+        if desired {
+            bundle.hash()
+        } else {
+            ConfigHash::from_slice(&[7; 32]).expect("32 bytes")
+        }
+    });
     for (key, value) in &script.labels {
         hello.labels.insert(format!("k{}", key % 4), format!("v{value}"));
     }
@@ -142,18 +150,32 @@ async fn run(script: Script, store: Arc<dyn Store>, bus: Arc<dyn Bus>) {
     hello.capabilities.restart = script.restart;
 
     let mut device_side = Device::connect(&connector, &hello).await;
-    let ended = device_side.play(&script.steps, &*bus, &me, &refuse_at, &running, &*store).await;
+    let ended = device_side
+        .play(&script.steps, &*bus, &me, &refuse_at, &running, &*store)
+        .await;
 
     if ended {
         until("the ended session releases its device", || async {
             !running.is_connected(&device) && store.lookup(&device).await.expect("a lookup").is_none()
         })
         .await;
-        let status = store.status(&device).await.expect("a status").expect("a device once online has a status");
-        assert_eq!(status.status, Presence::Offline, "a closed session leaves its device offline");
+        let status = store
+            .status(&device)
+            .await
+            .expect("a status")
+            .expect("a device once online has a status");
+        assert_eq!(
+            status.status,
+            Presence::Offline,
+            "a closed session leaves its device offline"
+        );
     } else {
         assert!(running.is_connected(&device), "a session not ended is still registered");
-        assert_eq!(store.lookup(&device).await.expect("a lookup"), Some(me), "and routed here");
+        assert_eq!(
+            store.lookup(&device).await.expect("a lookup"),
+            Some(me),
+            "and routed here"
+        );
     }
     let mut after = fleet(&*store, &ids).await;
     let mut unchanged = before.clone();
@@ -167,7 +189,11 @@ async fn run(script: Script, store: Arc<dyn Store>, bus: Arc<dyn Bus>) {
         .await
         .expect("the supervisor shuts down");
     for id in &ids {
-        assert_ne!(store.lookup(id).await.expect("a lookup"), Some(me), "{id} is released at shutdown");
+        assert_ne!(
+            store.lookup(id).await.expect("a lookup"),
+            Some(me),
+            "{id} is released at shutdown"
+        );
     }
 }
 
@@ -193,7 +219,10 @@ where
 {
     let deadline = Instant::now() + STUCK;
     while !condition().await {
-        assert!(Instant::now() < deadline, "{what}: not within {STUCK:?}, the session is stuck");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {STUCK:?}, the session is stuck"
+        );
         tokio::time::sleep(Duration::from_micros(100)).await;
     }
 }
@@ -210,7 +239,10 @@ struct Device {
 
 impl Device {
     async fn connect(connector: &ChannelConnector, hello: &DeviceHello) -> Self {
-        let mut session = connector.connect(hello).await.expect("the in-process transport connects");
+        let mut session = connector
+            .connect(hello)
+            .await
+            .expect("the in-process transport connects");
         let first = tokio::time::timeout(STUCK, session.inbound.recv())
             .await
             .expect("registered in time")
@@ -250,20 +282,19 @@ impl Device {
                     emission,
                     healthy,
                     last_error,
-                } => {
-                    FromDevice::Status(StatusReport {
-                        emission: *emission,
-                        healthy: *healthy,
-                        last_error: last_error.clone(),
-                    })
-                }
+                } => FromDevice::Status(StatusReport {
+                    emission: *emission,
+                    healthy: *healthy,
+                    last_error: last_error.clone(),
+                }),
                 Step::Command(kind) => {
                     let kind = match kind % 5 {
                         0 => CommandKind::SetEmission { state: kind % 2 == 0 },
                         1 => CommandKind::Restart,
                         2 | 3 => CommandKind::ApplyConfig {
                             agent_type: AgentType::new("fluentbit").expect("a valid agent type"),
-                            version: ConfigVersion::new(if kind % 5 == 2 { "v1" } else { "v2" }).expect("a valid version"),
+                            version: ConfigVersion::new(if kind % 5 == 2 { "v1" } else { "v2" })
+                                .expect("a valid version"),
                         },
                         _ => CommandKind::Custom {
                             capability: "com.example.diag".into(),
@@ -315,7 +346,10 @@ impl Device {
             self.read_a_little().await;
         }
         // Whatever the steps did, the session is still there.
-        until("the session is registered", || async { running.is_connected(&self.device) }).await;
+        until("the session is registered", || async {
+            running.is_connected(&self.device)
+        })
+        .await;
         false
     }
 
