@@ -22,7 +22,9 @@ use super::{DeviceIdSource, EMISSION_CAPABILITY, FLEET_CAPABILITY, convert};
 /// `AgentToServer`, and the core messages the server makes of it.
 ///
 /// What unframes re-frames to the same message; anything refused is refused
-/// with a message; see [`reads_as_an_agent_sent_it`] for the mapping.
+/// with a message. Of what the server makes of it, the hello re-describes to
+/// the same hello, each core message re-encodes to the same message, and a
+/// repeated report does not repeat its config status.
 pub fn opamp_ws(data: &[u8]) {
     let message: AgentToServer = match super::unframe(data) {
         Ok(message) => message,
