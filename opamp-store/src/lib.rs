@@ -12,6 +12,7 @@
 //! | [`memory`] | always on  | sharded maps in this process; for tests, a single server, and as the reference |
 //! | `redis`    | `redis`    | the design's Redis data model (§4.3): leases, status, indexes and templates, on one Redis or a Redis Cluster |
 //! | `postgres` | `postgres` | the design's Appendix C schema in PostgreSQL (sqlx, tokio, rustls): leases, status, templates, desired configuration, and the command audit log |
+//! | `testkit`  | `testkit`  | the checks behind the fuzz targets (`fuzz/`), for the corpus replay |
 //!
 //! [`RoutingStore`]: opamp_core::RoutingStore
 //! [`StatusStore`]: opamp_core::StatusStore
@@ -26,6 +27,9 @@ pub mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

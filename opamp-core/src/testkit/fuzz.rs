@@ -4,6 +4,10 @@
 //! Each check takes arbitrary bytes and panics only when an invariant breaks;
 //! rejecting the input with a clear error is the expected outcome for garbage.
 
+mod supervisor;
+
+pub use supervisor::supervisor_session;
+
 use crate::bus::ConfigUpdate;
 use crate::command::Command;
 use crate::config::ConfigBundle;
@@ -71,3 +75,56 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("config_update_json", config_update_json),
     ("bundle_json", bundle_json),
 ];
+
+/// Replays every saved input of `targets` (`fuzz/corpus/<target>/*` in this
+/// repository) through its check; panics naming the first input that breaks
+/// an invariant, or a target with no inputs.
+pub fn replay_corpus(targets: &[(&str, Check)]) {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    for (target, check) in targets {
+        let dir = corpus.join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+        let mut replayed = 0;
+        for entry in entries {
+            let path = entry.expect("a readable corpus folder").path();
+            let data = std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+            if std::panic::catch_unwind(|| check(&data)).is_err() {
+                panic!("fuzz target {target}: input {} breaks its invariant", path.display());
+            }
+            replayed += 1;
+        }
+        assert!(
+            replayed > 0,
+            "fuzz target {target} has no seed corpus in {}",
+            dir.display()
+        );
+    }
+}
+
+/// A seed input: its target, its file name under `fuzz/corpus/<target>/`, and its bytes.
+pub type Seed = (&'static str, &'static str, Vec<u8>);
+
+/// Checks that every seed is committed as generated: each file under
+/// `fuzz/corpus/<target>/<name>` holds exactly the seed's bytes. With
+/// `OPAMP_WRITE_SEEDS=1` in the environment it writes them instead (after a
+/// change to a message's encoding, say), so the seeds stay real messages.
+pub fn seeds_are_committed(seeds: Vec<Seed>) {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let write = std::env::var_os("OPAMP_WRITE_SEEDS").is_some_and(|v| v == "1");
+    for (target, name, bytes) in seeds {
+        let path = corpus.join(target).join(name);
+        if write {
+            std::fs::create_dir_all(path.parent().expect("a corpus folder"))
+                .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+            std::fs::write(&path, &bytes).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        } else {
+            let committed = std::fs::read(&path)
+                .unwrap_or_else(|err| panic!("seed {}: {err} (OPAMP_WRITE_SEEDS=1 writes the seeds)", path.display()));
+            assert!(
+                committed == bytes,
+                "seed {} differs from the message it is generated from (OPAMP_WRITE_SEEDS=1 writes the seeds)",
+                path.display()
+            );
+        }
+    }
+}

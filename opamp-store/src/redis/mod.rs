@@ -70,6 +70,8 @@
 mod codec;
 mod conn;
 mod error;
+#[cfg(feature = "testkit")]
+pub(crate) mod fuzz;
 mod keys;
 mod scripts;
 mod tracking;

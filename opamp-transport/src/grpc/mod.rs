@@ -67,6 +67,8 @@
 mod client;
 mod codec;
 mod convert;
+#[cfg(feature = "testkit")]
+pub(crate) mod fuzz;
 mod server;
 mod tls;
 

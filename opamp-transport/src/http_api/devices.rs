@@ -284,8 +284,8 @@ async fn detail(State(api): State<Api>, ApiPath(device): ApiPath<String>) -> Api
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EmissionBody {
-    on: bool,
+pub(super) struct EmissionBody {
+    pub(super) on: bool,
 }
 
 #[derive(Serialize)]
@@ -359,7 +359,7 @@ async fn device_config(
 /// A target as the API names it: `{"device": "d1"}` or `{"agent_type": "fluentbit", "labels": {...}}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetBody {
+pub(super) struct TargetBody {
     #[serde(default)]
     device: Option<DeviceId>,
     #[serde(default)]
@@ -369,7 +369,7 @@ struct TargetBody {
 }
 
 impl TargetBody {
-    fn into_target(self) -> ApiResult<Target> {
+    pub(super) fn into_target(self) -> ApiResult<Target> {
         match (self.device, self.agent_type, self.labels) {
             (Some(device), None, None) => Ok(Target::Device(device)),
             (None, Some(agent_type), labels) => Ok(Target::Selector {
@@ -388,9 +388,9 @@ impl TargetBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ApplyBody {
-    target: TargetBody,
-    config: ConfigRefBody,
+pub(super) struct ApplyBody {
+    pub(super) target: TargetBody,
+    pub(super) config: ConfigRefBody,
 }
 
 async fn apply(

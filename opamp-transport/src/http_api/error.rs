@@ -95,6 +95,18 @@ impl ApiError {
         err
     }
 
+    /// The message, for checks that every refusal says what was wrong.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The HTTP status.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// The stable code, e.g. `not_found`.
     #[cfg(test)]
     pub(crate) fn code(&self) -> &'static str {

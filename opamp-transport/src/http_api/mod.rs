@@ -40,6 +40,8 @@
 mod auth;
 mod devices;
 mod error;
+#[cfg(feature = "testkit")]
+pub(crate) mod fuzz;
 mod openapi;
 mod ops;
 mod rollouts;

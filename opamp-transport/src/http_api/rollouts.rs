@@ -68,7 +68,7 @@ pub(super) fn routes() -> Routes {
 /// of the config's agent type), and optionally the waves.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub(super) struct StartBody {
     config: ConfigRefBody,
     #[serde(default)]
     labels: Labels,
@@ -80,6 +80,22 @@ struct StartBody {
     max_wave: Option<u32>,
     #[serde(default)]
     failure_threshold: Option<f64>,
+}
+
+impl StartBody {
+    /// The spec, with the defaults for what the body leaves out.
+    pub(super) fn into_spec(self) -> RolloutSpec {
+        let defaults = RolloutSpec::new(ConfigRef::from(self.config));
+        defaults
+            .clone()
+            .with_labels(self.labels)
+            .with_waves(
+                self.canary.unwrap_or(defaults.canary),
+                self.growth.unwrap_or(defaults.growth),
+                self.max_wave.unwrap_or(defaults.max_wave),
+            )
+            .with_failure_threshold(self.failure_threshold.unwrap_or(defaults.failure_threshold))
+    }
 }
 
 /// A rollout with its totals over every wave, for progress bars.
@@ -104,17 +120,11 @@ async fn start(
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<StartBody>,
 ) -> ApiResult<(StatusCode, Json<RolloutView>)> {
-    let defaults = RolloutSpec::new(ConfigRef::from(body.config));
-    let spec = defaults
-        .clone()
-        .with_labels(body.labels)
-        .with_waves(
-            body.canary.unwrap_or(defaults.canary),
-            body.growth.unwrap_or(defaults.growth),
-            body.max_wave.unwrap_or(defaults.max_wave),
-        )
-        .with_failure_threshold(body.failure_threshold.unwrap_or(defaults.failure_threshold));
-    let rollout = api.control.acting_as(&*principal.name).start_rollout(spec).await?;
+    let rollout = api
+        .control
+        .acting_as(&*principal.name)
+        .start_rollout(body.into_spec())
+        .await?;
     Ok((StatusCode::CREATED, Json(rollout.into())))
 }
 

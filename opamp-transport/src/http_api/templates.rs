@@ -144,8 +144,8 @@ async fn latest(State(api): State<Api>, ApiPath(agent): ApiPath<String>) -> ApiR
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LatestBody {
-    version: ConfigVersion,
+pub(super) struct LatestBody {
+    pub(super) version: ConfigVersion,
 }
 
 async fn set_latest(
@@ -162,8 +162,8 @@ async fn set_latest(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TemplateBody {
-    bundle: ConfigBundle,
+pub(super) struct TemplateBody {
+    pub(super) bundle: ConfigBundle,
 }
 
 async fn create(

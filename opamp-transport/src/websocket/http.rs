@@ -66,6 +66,39 @@ pub(super) fn decompress(bytes: &[u8], limit: usize) -> Result<Vec<u8>, Option<S
     Ok(out)
 }
 
+/// Why a POST body carries no message.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum BodyProblem {
+    /// Over the size limit once decompressed (413).
+    TooLarge,
+    /// A `Content-Encoding` other than gzip or none (415).
+    Encoding(String),
+    /// A gzip body that does not decompress (400).
+    Compression(String),
+    /// Not an `AgentToServer` (400 with an `ErrorResponse`).
+    Message(String),
+}
+
+/// The message in a POST body whose `Content-Encoding` is `encoding`
+/// (lowercase): decompressed within `limit` bytes first if it is gzip.
+pub(super) fn read_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<AgentToServer, BodyProblem> {
+    let body: Bytes = match encoding {
+        None | Some("identity") => body,
+        Some("gzip") => match decompress(&body, limit) {
+            Ok(plain) => plain.into(),
+            Err(None) => return Err(BodyProblem::TooLarge),
+            Err(Some(problem)) => return Err(BodyProblem::Compression(problem)),
+        },
+        Some(other) => {
+            return Err(BodyProblem::Encoding(format!(
+                "Content-Encoding {other:?} is not supported: use gzip or none"
+            )));
+        }
+    };
+    AgentToServer::decode(body)
+        .map_err(|err| BodyProblem::Message(format!("the body is not a valid AgentToServer: {err}")))
+}
+
 pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT_ENCODING)
@@ -122,20 +155,6 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
         Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
         Err(err) => return server::reply(StatusCode::BAD_REQUEST, format!("reading the body: {err}")),
     };
-    let body: Bytes = match encoding.as_deref() {
-        None | Some("identity") => body,
-        Some("gzip") => match decompress(&body, config.max_message_size) {
-            Ok(plain) => plain.into(),
-            Err(None) => return too_large(),
-            Err(Some(problem)) => return server::reply(StatusCode::BAD_REQUEST, problem),
-        },
-        Some(other) => {
-            return server::reply(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Encoding {other:?} is not supported: use gzip or none"),
-            );
-        }
-    };
     let bad_request = |uid: &[u8], problem: String| {
         protobuf(
             StatusCode::BAD_REQUEST,
@@ -143,9 +162,12 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             gzip_response,
         )
     };
-    let message = match AgentToServer::decode(body) {
+    let message = match read_body(encoding.as_deref(), body, config.max_message_size) {
         Ok(message) => message,
-        Err(err) => return bad_request(&[], format!("the body is not a valid AgentToServer: {err}")),
+        Err(BodyProblem::TooLarge) => return too_large(),
+        Err(BodyProblem::Encoding(problem)) => return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem),
+        Err(BodyProblem::Compression(problem)) => return server::reply(StatusCode::BAD_REQUEST, problem),
+        Err(BodyProblem::Message(problem)) => return bad_request(&[], problem),
     };
     let uid = match super::instance_uid(&message.instance_uid) {
         Ok(uid) => uid,

@@ -92,6 +92,8 @@
 
 mod client;
 mod convert;
+#[cfg(feature = "testkit")]
+pub(crate) mod fuzz;
 mod http;
 mod server;
 

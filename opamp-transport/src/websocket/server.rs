@@ -494,9 +494,44 @@ pub(super) struct Link {
     pub(super) device: DeviceId,
     pub(super) fleet: bool,
     inbound: mpsc::Sender<Result<FromDevice>>,
-    last_seq: u64,
-    last_config: LastConfigStatus,
+    reports: Reports,
     _live: LiveUid,
+}
+
+/// What a session remembers of an agent's reports: the sequence number, to
+/// spot gaps, and the last config status, so a repeat is not reported twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reports {
+    pub(super) last_seq: u64,
+    pub(super) last_config: LastConfigStatus,
+}
+
+impl Reports {
+    /// After the agent's first report, numbered `sequence_num`.
+    pub(super) fn new(sequence_num: u64) -> Self {
+        Reports {
+            last_seq: sequence_num,
+            last_config: None,
+        }
+    }
+
+    /// The reply flags and core messages of the next report, or what was
+    /// wrong with it; a refused report changes nothing.
+    pub(super) fn read(
+        &mut self,
+        message: &AgentToServer,
+        check_sequence: bool,
+    ) -> std::result::Result<(u64, Vec<FromDevice>), String> {
+        let mut flags = 0;
+        if check_sequence && message.sequence_num != self.last_seq.wrapping_add(1) {
+            flags |= ServerToAgentFlags::ReportFullState as u64;
+        }
+        let mut last_config = self.last_config.clone();
+        let reports = convert::from_agent(message, &mut last_config)?;
+        self.last_seq = message.sequence_num;
+        self.last_config = last_config;
+        Ok((flags, reports))
+    }
 }
 
 impl Link {
@@ -507,16 +542,16 @@ impl Link {
         message: &AgentToServer,
         check_sequence: bool,
     ) -> std::result::Result<ServerToAgent, String> {
-        let mut reply = ServerToAgent {
+        let (flags, reports) = self.reports.read(message, check_sequence)?;
+        if flags != 0 {
+            debug!(device = %self.device, got = message.sequence_num, "sequence gap; asking for the full state");
+        }
+        let reply = ServerToAgent {
             instance_uid: self.uid.to_vec(),
+            flags,
             ..Default::default()
         };
-        if check_sequence && message.sequence_num != self.last_seq.wrapping_add(1) {
-            debug!(device = %self.device, expected = self.last_seq.wrapping_add(1), got = message.sequence_num, "sequence gap; asking for the full state");
-            reply.flags |= ServerToAgentFlags::ReportFullState as u64;
-        }
-        self.last_seq = message.sequence_num;
-        for report in convert::from_agent(message, &mut self.last_config)? {
+        for report in reports {
             // A closed session is the supervisor's doing: the queue's end tells the connection.
             if self.inbound.send(Ok(report)).await.is_err() {
                 break;
@@ -641,8 +676,7 @@ pub(super) async fn register(
         device,
         fleet,
         inbound,
-        last_seq: message.sequence_num,
-        last_config: None,
+        reports: Reports::new(message.sequence_num),
         _live: live,
     };
     Ok((link, queue, first))

@@ -1,0 +1,3 @@
+//! Test support shared with the fuzz targets (feature `testkit`).
+
+pub mod fuzz;
