@@ -514,13 +514,7 @@ impl Deployment {
 
     /// `kill -9` of server `n`.
     pub async fn kill_server(&mut self, n: usize) -> Result<()> {
-        match self.servers.get_mut(n).and_then(Option::take) {
-            Some((mut server, _)) => {
-                server.kill().await;
-                Ok(())
-            }
-            None => fail(format!("no running server-{n}")),
-        }
+        kill_one(&mut self.servers, n, || format!("server-{n}")).await
     }
 
     /// Starts server `n` again after it was killed (on a new port).
@@ -535,13 +529,7 @@ impl Deployment {
 
     /// `kill -9` of supervisor `n`.
     pub async fn kill_supervisor(&mut self, n: usize) -> Result<()> {
-        match self.supervisors.get_mut(n).and_then(Option::take) {
-            Some((mut supervisor, _)) => {
-                supervisor.kill().await;
-                Ok(())
-            }
-            None => fail(format!("no running {}", Self::supervisor_id(n))),
-        }
+        kill_one(&mut self.supervisors, n, || Self::supervisor_id(n)).await
     }
 
     /// Kills the Redis and starts it again, empty, on the same port.
@@ -582,6 +570,17 @@ impl Deployment {
         self.broker.terminate(Duration::from_secs(10)).await;
         self.redis.kill().await;
         Ok(reports)
+    }
+}
+
+/// `kill -9` of member `n` of `members`, which is then `None`; `name` names it in the error.
+async fn kill_one(members: &mut [Option<(Member, SocketAddr)>], n: usize, name: impl Fn() -> String) -> Result<()> {
+    match members.get_mut(n).and_then(Option::take) {
+        Some((mut member, _)) => {
+            member.kill().await;
+            Ok(())
+        }
+        None => fail(format!("no running {}", name())),
     }
 }
 
