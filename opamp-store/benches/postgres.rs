@@ -19,7 +19,7 @@
 //! Under `cargo bench` each round lasts 10 s and there are 3; under `cargo
 //! test` (no `--bench` argument) one round of 0.5 s, to check that it works.
 //! `OPAMP_BENCH_CLIENTS` sets N (default 8), `OPAMP_BENCH_LOOKUP_CONNECTIONS`
-//! the store's lookup connections (default 4, the store's default),
+//! the store's lookup connections (default: the store's default),
 //! `OPAMP_BENCH_WORKERS` the tokio worker threads (default: one per core),
 //! `OPAMP_BENCH_ONLY=lookup`
 //! skips the claims and batches, `OPAMP_TEST_POSTGRES_URL` names the server,
@@ -72,7 +72,7 @@ impl Settings {
         let lookup_connections = std::env::var("OPAMP_BENCH_LOOKUP_CONNECTIONS")
             .ok()
             .map(|text| text.parse().expect("OPAMP_BENCH_LOOKUP_CONNECTIONS is a number"))
-            .unwrap_or(4);
+            .unwrap_or_else(|| PostgresConfig::new(DEFAULT_URL).lookup_connections);
         Settings {
             clients,
             lookup_connections,

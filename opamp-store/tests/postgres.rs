@@ -669,3 +669,56 @@ fn a_store_with_busy_lanes_drops_outside_a_runtime() {
     drop(runtime);
     drop(store);
 }
+
+/// Lookup lanes open their connections only as concurrent lookups need
+/// them: one at a time keeps one lane, eight at once open more, never more
+/// than configured.
+#[tokio::test]
+async fn lookup_lanes_open_as_concurrency_needs_them() {
+    let schema = fresh_schema();
+    let separator = if url().contains('?') { '&' } else { '?' };
+    let config = PostgresConfig::new(format!("{}{separator}application_name={schema}", url()))
+        .with_schema(&schema)
+        .with_max_connections(16)
+        .with_lookup_connections(8);
+    let store = Arc::new(connect_with(config, Arc::new(ManualClock::starting_now())).await);
+    store.migrate().await.expect("migrating a fresh schema");
+    let lanes = {
+        let store = store.clone();
+        let schema = schema.clone();
+        move || {
+            let store = store.clone();
+            let schema = schema.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                     AND query LIKE 'SELECT supervisor_id FROM device_lease WHERE device_id = $1 %'",
+                )
+                .bind(schema)
+                .fetch_one(store.pool())
+                .await
+                .expect("counting the lanes' connections")
+            }
+        }
+    };
+
+    for n in 0..50 {
+        assert_eq!(store.lookup(&device(&format!("device-{n}"))).await.unwrap(), None);
+    }
+    assert_eq!(lanes().await, 1, "one lookup at a time uses one lane");
+
+    let mut lookups = JoinSet::new();
+    for task in 0..8 {
+        let store = store.clone();
+        lookups.spawn(async move {
+            for n in 0..100 {
+                store.lookup(&device(&format!("device-{task}-{n}"))).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = lookups.join_next().await {
+        done.expect("a lookup task");
+    }
+    let open = lanes().await;
+    assert!((2..=8).contains(&open), "{open} lanes open after 8 concurrent lookups");
+}

@@ -8,7 +8,9 @@
 //! A lane keeps its connection, so a lookup is one round trip, with no
 //! hand-off to another task on the way.
 //!
-//! A lookup takes the first free lane, or waits for one. A lookup cancelled
+//! A lookup takes the first free lane in order, or waits for one, so lanes
+//! open their connections only as concurrent lookups need them: a store with
+//! one lookup at a time keeps one lane connection. A lookup cancelled
 //! mid-statement leaves its lane's connection with an answer still to read;
 //! sqlx reads it off before the connection's next statement. If a lane's
 //! statement fails, its connection is closed (the lane takes a fresh one
@@ -82,16 +84,14 @@ impl LookupLanes {
 
     /// The first lane nobody is using, or, if all are busy, the next one in turn once it is free.
     async fn free_lane(&self) -> Option<MutexGuard<'_, Option<PgConnection>>> {
+        if let Some(lane) = self.lanes.iter().find_map(|lane| lane.try_lock().ok()) {
+            return Some(lane);
+        }
         let count = self.lanes.len();
         if count == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for offset in 0..count {
-            if let Ok(lane) = self.lanes[(start + offset) % count].try_lock() {
-                return Some(lane);
-            }
-        }
-        Some(self.lanes[start % count].lock().await)
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(self.lanes[turn % count].lock().await)
     }
 }

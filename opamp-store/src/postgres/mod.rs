@@ -39,9 +39,10 @@
 //! `lookup` is the hot path, and sqlx's pool tests every connection handed
 //! back to it with a round trip of its own, which would double a one-row
 //! lookup's cost. So a few connections
-//! ([`PostgresConfig::lookup_connections`], default 4) are kept out of the
-//! pool as lookup lanes: a lookup takes the first free lane (or waits for
-//! one) and runs its one-round-trip statement in the caller's own task. A
+//! ([`PostgresConfig::lookup_connections`], at most 8 by default) are kept out
+//! of the pool as lookup lanes: a lookup takes the first free lane (or waits
+//! for one) and runs its one-round-trip statement in the caller's own task.
+//! Lanes open their connections in order, as concurrent lookups need them. A
 //! lookup cancelled mid-statement leaves the answer on its lane's
 //! connection, which sqlx reads off before the next statement; a lookup no
 //! lane can answer goes through the pool.
@@ -123,18 +124,19 @@ pub struct PostgresConfig {
     /// unavailable. Default `10s`.
     #[serde(default = "default_acquire_timeout", with = "duration_text")]
     pub acquire_timeout: Duration,
-    /// How many connections are kept out of the pool for single-device
-    /// lookups, one lookup at a time each, on top of the pool's
+    /// How many connections at most are kept out of the pool for
+    /// single-device lookups, one lookup at a time each, on top of the pool's
     /// `max_connections` (at most half as many; 0 sends each lookup through
-    /// the pool). Default 4:
-    /// about as many as lookups in flight at once on a busy server; 4 and 8
-    /// did alike in the bench, and both beat the pool 2× (docs/performance.md).
+    /// the pool). They open as concurrent lookups need them, so a quiet
+    /// store keeps one. Default 8: in the bench, one lane per concurrent
+    /// lookup beat fewer lanes, and any number of lanes beat the pool 2×
+    /// (docs/performance.md).
     #[serde(default = "default_lookup_connections")]
     pub lookup_connections: u32,
 }
 
 fn default_lookup_connections() -> u32 {
-    4
+    8
 }
 
 fn default_schema() -> String {
