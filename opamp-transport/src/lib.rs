@@ -23,7 +23,7 @@ pub mod grpc;
 #[cfg(feature = "http-api")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-api")))]
 pub mod http_api;
-#[cfg(any(feature = "grpc", feature = "websocket"))]
+#[cfg(any(feature = "grpc", feature = "websocket", feature = "http-api"))]
 mod net;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]

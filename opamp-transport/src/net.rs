@@ -37,7 +37,7 @@ pub(crate) fn unavailable(doing: String, err: std::io::Error) -> Error {
 }
 
 /// A listener on `addr` with `backlog` (capped by the kernel's `somaxconn`):
-/// connection storms need more than tokio's default of 1024.
+/// connection storms need more than the 128 that `TcpListener::bind` asks for.
 pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
     let bind = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {

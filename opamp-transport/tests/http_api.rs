@@ -850,3 +850,42 @@ async fn rollouts_start_pause_on_failures_resume_and_abort() {
         StatusCode::FORBIDDEN
     );
 }
+
+/// A burst of connections the server has not accepted yet all open: the
+/// listener queues up to its backlog, where `TcpListener::bind` queues 128
+/// and leaves the rest waiting on SYN retries.
+#[tokio::test]
+async fn the_listener_queues_a_burst_of_connections() {
+    use opamp_transport::http_api::{DEFAULT_BACKLOG, listen};
+    use std::time::Duration;
+
+    // As many as the kernel lets a listener queue, up to 1,000.
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok())
+        .unwrap_or(4096);
+    let burst = somaxconn.min(1000);
+    let listener = listen("127.0.0.1:0".parse().unwrap(), DEFAULT_BACKLOG)
+        .await
+        .expect("a listener on loopback");
+    let address = listener.local_addr().unwrap();
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..burst {
+        connects.spawn(tokio::time::timeout(
+            Duration::from_millis(900),
+            tokio::net::TcpStream::connect(address),
+        ));
+    }
+    let mut open = Vec::with_capacity(burst);
+    while let Some(done) = connects.join_next().await {
+        if let Ok(Ok(stream)) = done.expect("a connect task") {
+            open.push(stream);
+        }
+    }
+    assert_eq!(open.len(), burst, "connections opened within 0.9 s, none accepted yet");
+
+    // The address is taken (SO_REUSEADDR does not let two listen on one port).
+    let err = listen(address, DEFAULT_BACKLOG).await.unwrap_err();
+    assert!(err.to_string().contains(&address.to_string()), "{err}");
+    drop(listener);
+}

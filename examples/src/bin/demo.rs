@@ -342,7 +342,7 @@ async fn serve(control: &ControlPlane, listen: std::net::SocketAddr) -> Result<(
         .token(ApiToken::new("demo", secret.clone(), Role::Operator)?)
         .rate_limit(RateLimit::new(500.0, 1000)?);
     let app = http_api::router(control.clone(), config)?;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = http_api::listen(listen, http_api::DEFAULT_BACKLOG).await?;
     println!(
         "\nThe dashboard: http://{} (token {secret}); Ctrl-C to stop.",
         listener.local_addr()?

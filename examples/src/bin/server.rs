@@ -136,7 +136,7 @@ async fn run(args: Args) -> opamp_core::Result<()> {
         api = api.token(token);
     }
     let app = http_api::router(control.clone(), api.metrics(metrics))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = http_api::listen(args.listen, http_api::DEFAULT_BACKLOG)
         .await
         .map_err(|err| Error::unavailable(format!("--listen {}: cannot listen: {err}", args.listen)))?;
     let local = listener

@@ -48,6 +48,7 @@ mod rollouts;
 mod templates;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -57,6 +58,7 @@ use axum::routing::{MethodFilter, on};
 use metrics_exporter_prometheus::PrometheusHandle;
 use opamp_core::Result;
 use opamp_core::runtime::control_plane::ControlPlane;
+use tokio::net::TcpListener;
 
 pub use auth::{ApiToken, RateLimit, Role};
 
@@ -247,6 +249,21 @@ fn assemble(tokens: Arc<auth::Tokens>, probes_need_token: bool) -> Routes {
         }
     }
     api.merge(probes).merge(ops::page_routes())
+}
+
+/// The listen backlog the example binaries ask [`listen`] for (the kernel
+/// caps it at `net.core.somaxconn`).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+
+/// A listener for the API on `addr` that queues up to `backlog` connections
+/// not yet accepted (capped by the kernel's `somaxconn`).
+///
+/// `tokio::net::TcpListener::bind` asks for 128, as the standard library
+/// does. A burst of new clients while the server is busy overflows that, and
+/// a client whose connection overflowed it sees the connection open but
+/// gets no answer until TCP gives up. Serve the router on this one instead.
+pub async fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
+    crate::net::listen(addr, backlog)
 }
 
 /// Builds the router: the API under `/api/v1`, the probes, `/metrics`,
