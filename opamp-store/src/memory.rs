@@ -11,7 +11,7 @@
 //! or by [`MemoryStore::purge_expired`], which a host may call on a timer.
 
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::ops::Bound;
@@ -56,12 +56,15 @@ const SHARDS: usize = 64;
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     leases: LeaseTable,
-    statuses: Sharded<DeviceStatus>,
+    statuses: Sharded<DeviceId, DeviceStatus>,
     // Written only under the device's `statuses` shard lock, so the index
     // changes of one device are applied in the order its patches were.
     indexes: RwLock<Indexes>,
     configs: RwLock<Configs>,
-    desired: Sharded<ConfigRef>,
+    desired: Sharded<DeviceId, ConfigRef>,
+    commands: Sharded<CorrelationId, CommandRecord>,
+    // Written only under the command's `commands` shard lock, so the
+    // pending set follows each command's updates in order.
     tracking: RwLock<Tracking>,
 }
 
@@ -81,6 +84,7 @@ impl MemoryStore {
             indexes: RwLock::new(Indexes::default()),
             configs: RwLock::new(Configs::default()),
             desired: Sharded::new(),
+            commands: Sharded::new(),
             tracking: RwLock::new(Tracking::new(DEFAULT_COMMAND_RETENTION)),
         }
     }
@@ -481,15 +485,19 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// A per-device map split into [`SHARDS`] independently locked parts.
-struct Sharded<V> {
-    // Picks the shard. Each shard's map has its own keys, so the devices of
+/// A map split into [`SHARDS`] independently locked parts (per device, or
+/// per command). Besides letting writers of different keys proceed at once,
+/// it keeps each part small: a part that grows rehashes only its own
+/// entries, under its own lock, so a growing map never stalls every caller
+/// at once while it moves all of its entries.
+struct Sharded<K, V> {
+    // Picks the shard. Each shard's map has its own keys, so the keys of
     // one shard are not crowded into a few of its buckets.
     selector: RandomState,
-    shards: Box<[RwLock<HashMap<DeviceId, V>>]>,
+    shards: Box<[RwLock<HashMap<K, V>>]>,
 }
 
-impl<V> Sharded<V> {
+impl<K: Hash + Eq, V> Sharded<K, V> {
     fn new() -> Self {
         Sharded {
             selector: RandomState::new(),
@@ -497,18 +505,18 @@ impl<V> Sharded<V> {
         }
     }
 
-    fn shard(&self, device: &DeviceId) -> &RwLock<HashMap<DeviceId, V>> {
-        let hash = self.selector.hash_one(device);
+    fn shard(&self, key: &K) -> &RwLock<HashMap<K, V>> {
+        let hash = self.selector.hash_one(key);
         // The top bits are the best mixed; SHARDS is a power of two.
         &self.shards[(hash >> (u64::BITS - SHARDS.trailing_zeros())) as usize]
     }
 
-    fn read(&self, device: &DeviceId) -> RwLockReadGuard<'_, HashMap<DeviceId, V>> {
-        read(self.shard(device))
+    fn read(&self, key: &K) -> RwLockReadGuard<'_, HashMap<K, V>> {
+        read(self.shard(key))
     }
 
-    fn write(&self, device: &DeviceId) -> RwLockWriteGuard<'_, HashMap<DeviceId, V>> {
-        write(self.shard(device))
+    fn write(&self, key: &K) -> RwLockWriteGuard<'_, HashMap<K, V>> {
+        write(self.shard(key))
     }
 }
 
@@ -577,12 +585,13 @@ fn page_of(set: &BTreeSet<DeviceId>, page: &PageRequest) -> Result<Page<DeviceId
 /// How long the memory store keeps a command's record after it was issued.
 pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// Command records, oldest first for retention, and rollouts by id.
+/// The commands in order of issue (for retention) and the pending ones by
+/// deadline, and rollouts by id. B-trees, not a hash map or a `VecDeque`: they
+/// grow a node at a time, so a store taking thousands of commands a second
+/// never stops to move all of them into a bigger table.
 struct Tracking {
     retention: Duration,
-    commands: HashMap<CorrelationId, CommandRecord>,
-    issued: VecDeque<(Timestamp, CorrelationId)>,
-    /// The pending commands by deadline.
+    issued: BTreeSet<(Timestamp, CorrelationId)>,
     pending: BTreeSet<(Timestamp, CorrelationId)>,
     rollouts: BTreeMap<RolloutId, Rollout>,
 }
@@ -591,22 +600,40 @@ impl Tracking {
     fn new(retention: Duration) -> Self {
         Tracking {
             retention,
-            commands: HashMap::new(),
-            issued: VecDeque::new(),
+            issued: BTreeSet::new(),
             pending: BTreeSet::new(),
             rollouts: BTreeMap::new(),
         }
     }
 
-    /// Forgets the records issued more than `retention` before `now`.
-    fn forget_old(&mut self, now: Timestamp) {
-        while let Some(&(issued_at, id)) = self.issued.front() {
-            if now.duration_since(issued_at) <= self.retention {
-                break;
+    /// Takes out of the issue order the commands issued more than
+    /// `retention` before `now`, at most `limit` of them.
+    fn take_old(&mut self, now: Timestamp, limit: usize) -> Vec<CorrelationId> {
+        let mut old = Vec::new();
+        while old.len() < limit {
+            match self.issued.first() {
+                Some(&(issued_at, id)) if now.duration_since(issued_at) > self.retention => {
+                    self.issued.pop_first();
+                    old.push(id);
+                }
+                _ => break,
             }
-            self.issued.pop_front();
-            if let Some(record) = self.commands.remove(&id) {
-                self.pending.remove(&(record.command.deadline, id));
+        }
+        old
+    }
+}
+
+impl MemoryStore {
+    /// Forgets a few of the records issued more than the retention before
+    /// `now`: a few per new command, so forgetting keeps pace with issuing
+    /// without a long pause when a backlog comes due at once.
+    fn forget_old_commands(&self, now: Timestamp) {
+        const AT_ONCE: usize = 4;
+        let old = write(&self.tracking).take_old(now, AT_ONCE);
+        for id in old {
+            let mut shard = self.commands.write(&id);
+            if let Some(record) = shard.remove(&id) {
+                write(&self.tracking).pending.remove(&(record.command.deadline, id));
             }
         }
     }
@@ -616,33 +643,34 @@ impl Tracking {
 impl TrackingStore for MemoryStore {
     async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
         let now = self.clock.now();
-        let mut tracking = write(&self.tracking);
-        tracking.forget_old(now);
+        self.forget_old_commands(now);
         let id = record.correlation_id();
-        match tracking.commands.entry(id) {
+        let mut shard = self.commands.write(&id);
+        match shard.entry(id) {
             Entry::Occupied(_) => return Err(Error::already_exists(format!("command {id}"))),
             Entry::Vacant(slot) => {
                 slot.insert(record.clone());
             }
         }
+        let mut tracking = write(&self.tracking);
         if record.state == CommandState::Pending {
             tracking.pending.insert((record.command.deadline, id));
         }
-        tracking.issued.push_back((now, id));
+        tracking.issued.insert((now, id));
         Ok(())
     }
 
     async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
         let id = record.correlation_id();
-        let mut tracking = write(&self.tracking);
-        let Tracking { commands, pending, .. } = &mut *tracking;
-        match commands.get_mut(&id) {
+        let mut shard = self.commands.write(&id);
+        match shard.get_mut(&id) {
             None => Err(Error::not_found(format!("command {id}"))),
             Some(stored) if stored.state.is_final() => Ok(false),
             Some(stored) => {
-                pending.remove(&(stored.command.deadline, id));
+                let mut tracking = write(&self.tracking);
+                tracking.pending.remove(&(stored.command.deadline, id));
                 if record.state == CommandState::Pending {
-                    pending.insert((record.command.deadline, id));
+                    tracking.pending.insert((record.command.deadline, id));
                 }
                 *stored = record.clone();
                 Ok(true)
@@ -662,7 +690,7 @@ impl TrackingStore for MemoryStore {
     }
 
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
-        Ok(read(&self.tracking).commands.get(id).cloned())
+        Ok(self.commands.read(id).get(id).cloned())
     }
 
     async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
@@ -746,9 +774,49 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opamp_core::{Command, CommandKind, ManualClock, TrackingStore};
 
     fn device(n: usize) -> DeviceId {
         DeviceId::new(format!("d{n:04}")).unwrap()
+    }
+
+    fn pending(clock: &ManualClock, n: usize) -> CommandRecord {
+        let kind = CommandKind::SetEmission { state: true };
+        let command = Command::new(device(n), kind, clock.now(), Duration::from_secs(1));
+        CommandRecord::new(command, Some(SupervisorId::new("s1").unwrap()), CommandState::Pending)
+    }
+
+    /// Records past the retention are forgotten a few per new command, and
+    /// with them their place among the pending; younger ones stay.
+    #[tokio::test]
+    async fn command_records_are_forgotten_after_the_retention() {
+        let clock = Arc::new(ManualClock::new(Timestamp::UNIX_EPOCH));
+        let store = MemoryStore::with_clock(clock.clone()).with_command_retention(Duration::from_secs(60));
+        let old: Vec<CommandRecord> = (0..10).map(|n| pending(&clock, n)).collect();
+        for record in &old {
+            store.insert_command(record).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(30));
+        let young = pending(&clock, 10);
+        store.insert_command(&young).await.unwrap();
+        clock.advance(Duration::from_secs(31));
+
+        let later: Vec<CommandRecord> = (11..14).map(|n| pending(&clock, n)).collect();
+        for record in &later {
+            store.insert_command(record).await.unwrap();
+        }
+        for record in &old {
+            assert_eq!(store.command_record(&record.correlation_id()).await.unwrap(), None);
+        }
+        let overdue = store.overdue_commands(clock.now(), 100).await.unwrap();
+        assert_eq!(
+            overdue,
+            vec![young.correlation_id()],
+            "only the young one is still pending"
+        );
+        for record in later.iter().chain([&young]) {
+            assert!(store.command_record(&record.correlation_id()).await.unwrap().is_some());
+        }
     }
 
     #[test]
@@ -779,7 +847,7 @@ mod tests {
 
     #[test]
     fn shards_are_all_used() {
-        let (leases, sharded) = (LeaseTable::new(), Sharded::<()>::new());
+        let (leases, sharded) = (LeaseTable::new(), Sharded::<DeviceId, ()>::new());
         let (s1, now) = (SupervisorId::new("s1").unwrap(), Timestamp::UNIX_EPOCH);
         for n in 0..10_000 {
             let key = leases.key(&device(n));

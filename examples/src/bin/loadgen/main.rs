@@ -1092,8 +1092,10 @@ struct LatencyArgs {
     /// How long each rate is offered.
     #[arg(long, value_parser = parse_seconds, default_value = "10")]
     seconds: Duration,
-    /// Devices per responder process.
-    #[arg(long, default_value_t = 5000)]
+    /// Devices per responder process (one source address each, so up to
+    /// about 28,000). One process by default: on a small machine every
+    /// further process competes with the server for the cores.
+    #[arg(long, default_value_t = 10_000)]
     per_process: usize,
     /// The opamp-server binary (default: next to this one).
     #[arg(long)]
@@ -1280,8 +1282,16 @@ struct Run {
     failures: Vec<String>,
 }
 
+/// How long the load generator waits for an answer to a command's request.
+const NO_ANSWER: Duration = Duration::from_secs(20);
+
 /// Offers `rate` commands a second for `duration`, open loop, to devices in
 /// turn, through `clients` in turn.
+///
+/// A thread of its own paces the commands with the OS's sleep, precise to
+/// tens of microseconds: tokio's timers tick in whole milliseconds, so
+/// pacing with them would send commands in bursts, each up to a millisecond
+/// after it was due, and count that against the system measured.
 async fn offer(
     clients: &[RestClient],
     rate: u32,
@@ -1291,26 +1301,37 @@ async fn offer(
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let total = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-    let start = tokio::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..total {
-        let due = start + interval.mul_f64(n as f64);
-        tokio::time::sleep_until(due).await;
-        let client = clients[n % clients.len()].clone();
-        let device = format!("dev-{:06}", n % devices);
-        let on = (n / devices + round) % 2 == 0;
-        tasks.spawn(async move {
-            let outcome = client
-                .toggle_and_wait(&device, on)
-                .await
-                .map(|record| record["state"].as_str().unwrap_or("?").to_owned());
-            (due.elapsed(), outcome.map_err(|err| format!("{device}: {err}")))
-        });
-    }
+    let clients = clients.to_vec();
+    let runtime = tokio::runtime::Handle::current();
+    let (start, tasks) = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        let mut tasks = Vec::with_capacity(total);
+        for n in 0..total {
+            let due = start + interval.mul_f64(n as f64);
+            if let Some(ahead) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(ahead);
+            }
+            let client = clients[n % clients.len()].clone();
+            let device = format!("dev-{:06}", n % devices);
+            let on = (n / devices + round) % 2 == 0;
+            tasks.push(runtime.spawn(async move {
+                // The server answers within its 10 s wait; a request it never
+                // answers (lost in an overflowing listen queue) fails here
+                // instead of holding the run up.
+                let outcome = match tokio::time::timeout(NO_ANSWER, client.toggle_and_wait(&device, on)).await {
+                    Ok(outcome) => outcome.map(|record| record["state"].as_str().unwrap_or("?").to_owned()),
+                    Err(_) => Err(format!("no answer within {NO_ANSWER:?}")),
+                };
+                (due.elapsed(), outcome.map_err(|err| format!("{device}: {err}")))
+            }));
+        }
+        (start, tasks)
+    })
+    .await?;
     let mut latencies = Vec::with_capacity(total);
     let mut failures = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        let (latency, outcome) = done?;
+    for task in tasks {
+        let (latency, outcome) = task.await?;
         match outcome {
             Ok(state) if state == "acked" => latencies.push(latency),
             Ok(state) => failures.push(format!("ended {state}")),
