@@ -226,8 +226,10 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Commands this instance sent, to look at once their deadline and grace passed.
     sweeps: mpsc::UnboundedSender<(Timestamp, CorrelationId)>,
-    /// Woken whenever a command's outcome is recorded here.
+    /// Woken whenever a command's outcome is recorded here (rollouts wait on it).
     progress: Notify,
+    /// The [`wait`](ControlPlane::wait) calls in progress, woken by their own command's outcome only.
+    waiters: Waiters,
     /// Whether the event stream last answered without an error.
     events_healthy: AtomicBool,
     stopping: watch::Sender<bool>,
@@ -267,6 +269,7 @@ impl ControlPlane {
             clock,
             sweeps,
             progress: Notify::new(),
+            waiters: Waiters::default(),
             events_healthy: AtomicBool::new(true),
             stopping,
         });
@@ -385,9 +388,10 @@ impl ControlPlane {
         let inner = self.inner();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut look = FIRST_LOOK;
+        let watch = inner.waiters.watch(*id);
         loop {
             // Registered before reading, so an outcome recorded in between still wakes us.
-            let progress = inner.progress.notified();
+            let progress = watch.notify.notified();
             let record = inner
                 .store
                 .command_record(id)
@@ -652,6 +656,7 @@ impl Inner {
     async fn record_end(&self, record: &CommandRecord, now: Timestamp) -> Result<()> {
         if self.store.update_command(record).await? {
             count_outcome(record, now);
+            self.waiters.wake(&record.correlation_id());
             self.progress.notify_waiters();
         }
         Ok(())
@@ -1039,6 +1044,82 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
 }
 
+/// The `wait` calls in progress, by command. One notification per command,
+/// not one for all: with many calls waiting, each outcome wakes the calls
+/// waiting for it instead of every call, each of which would read its
+/// record again.
+#[derive(Default)]
+struct Waiters(Mutex<HashMap<CorrelationId, Arc<Notify>>>);
+
+impl Waiters {
+    /// Registers a wait for `id`'s outcome, until the returned watch is dropped.
+    fn watch(&self, id: CorrelationId) -> Watch<'_> {
+        let notify = Arc::clone(lock(&self.0).entry(id).or_default());
+        Watch {
+            waiters: self,
+            id,
+            notify,
+        }
+    }
+
+    /// Wakes the calls waiting for `id`, if any.
+    fn wake(&self, id: &CorrelationId) {
+        if let Some(notify) = lock(&self.0).get(id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// One `wait` call's registration; the last one for a command removes its entry.
+struct Watch<'a> {
+    waiters: &'a Waiters,
+    id: CorrelationId,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut waiters = lock(&self.waiters.0);
+        // The map's reference and this one: no other call waits for the command.
+        // (Others clone under the same lock, so the count cannot change meanwhile.)
+        if Arc::strong_count(&self.notify) == 2 {
+            waiters.remove(&self.id);
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outcome wakes the waits for its own command only, and the last
+    /// wait for a command to end removes its entry.
+    #[tokio::test]
+    async fn a_waiter_is_woken_by_its_own_command_only() {
+        let waiters = Waiters::default();
+        let (one, two) = (CorrelationId::new(), CorrelationId::new());
+        let first = waiters.watch(one);
+        let again = waiters.watch(one);
+        let other = waiters.watch(two);
+        let (woken, also, not_woken) = (
+            first.notify.notified(),
+            again.notify.notified(),
+            other.notify.notified(),
+        );
+        waiters.wake(&one);
+        let soon = |notified| tokio::time::timeout(Duration::from_millis(20), notified);
+        assert!(soon(woken).await.is_ok());
+        assert!(soon(also).await.is_ok());
+        assert!(soon(not_woken).await.is_err(), "another command's outcome woke it");
+
+        drop(first);
+        assert_eq!(lock(&waiters.0).len(), 2, "one wait for `one` is left");
+        drop(again);
+        drop(other);
+        assert!(lock(&waiters.0).is_empty());
+    }
 }

@@ -1100,6 +1100,10 @@ struct LatencyArgs {
     /// The opamp-server binary (default: next to this one).
     #[arg(long)]
     server: Option<std::path::PathBuf>,
+    /// Writes every command of each rate to `DIR/latency-RATE.txt`: when it
+    /// was due, how late it was sent, and its latency.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -1151,8 +1155,12 @@ async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Er
     let mut responders = Vec::new();
     let mut first = 0;
     let mut connected = 0;
+    let block = 100 + uuid::Uuid::new_v4().as_bytes()[0] % 150;
     for (n, chunk) in chunks(args.devices, args.per_process).into_iter().enumerate() {
-        let source = format!("127.0.{}.{}", 20 + n / 200, 2 + n % 200);
+        // A /16 of loopback picked afresh each run: the ports a run's
+        // connections leave in TIME_WAIT stay taken on their source address
+        // for a minute, and 10,000 of them a run soon exhaust one address.
+        let source = format!("127.{block}.{}.{}", n / 200, 2 + n % 200);
         let process = spawn_self(
             &[
                 "responders".into(),
@@ -1209,6 +1217,10 @@ async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Er
         );
         for failure in run.failures.iter().take(3) {
             println!("    {failure}");
+        }
+        if let Some(dir) = &args.samples {
+            let path = dir.join(format!("latency-{rate}.txt"));
+            std::fs::write(&path, run.samples_text()).map_err(|err| format!("writing {}: {err}", path.display()))?;
         }
         rows.push((rate, run));
     }
@@ -1280,6 +1292,37 @@ struct Run {
     p99: Duration,
     max: Duration,
     failures: Vec<String>,
+    /// Every command, in the order they were due.
+    samples: Vec<Sample>,
+}
+
+/// When one command was due and how it went, for reading where a tail came from.
+struct Sample {
+    /// Due this long after the run began.
+    due: Duration,
+    /// How late the pacing thread handed it to the runtime.
+    handed_late: Duration,
+    /// How late its task began, after it was due.
+    began_late: Duration,
+    /// From due to the answer, whatever the answer was.
+    latency: Duration,
+}
+
+impl Run {
+    /// The samples as text: one line per command, in microseconds, under a header.
+    fn samples_text(&self) -> String {
+        let mut text = String::from("due_us handed_late_us began_late_us latency_us\n");
+        for sample in &self.samples {
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                sample.due.as_micros(),
+                sample.handed_late.as_micros(),
+                sample.began_late.as_micros(),
+                sample.latency.as_micros()
+            ));
+        }
+        text
+    }
 }
 
 /// How long the load generator waits for an answer to a command's request.
@@ -1314,7 +1357,9 @@ async fn offer(
             let client = clients[n % clients.len()].clone();
             let device = format!("dev-{:06}", n % devices);
             let on = (n / devices + round) % 2 == 0;
+            let handed_late = due.elapsed();
             tasks.push(runtime.spawn(async move {
+                let began_late = due.elapsed();
                 // The server answers within its 10 s wait; a request it never
                 // answers (lost in an overflowing listen queue) fails here
                 // instead of holding the run up.
@@ -1322,7 +1367,13 @@ async fn offer(
                     Ok(outcome) => outcome.map(|record| record["state"].as_str().unwrap_or("?").to_owned()),
                     Err(_) => Err(format!("no answer within {NO_ANSWER:?}")),
                 };
-                (due.elapsed(), outcome.map_err(|err| format!("{device}: {err}")))
+                let sample = Sample {
+                    due: due.duration_since(start),
+                    handed_late,
+                    began_late,
+                    latency: due.elapsed(),
+                };
+                (sample, outcome.map_err(|err| format!("{device}: {err}")))
             }));
         }
         (start, tasks)
@@ -1330,13 +1381,15 @@ async fn offer(
     .await?;
     let mut latencies = Vec::with_capacity(total);
     let mut failures = Vec::new();
+    let mut samples = Vec::with_capacity(total);
     for task in tasks {
-        let (latency, outcome) = task.await?;
+        let (sample, outcome) = task.await?;
         match outcome {
-            Ok(state) if state == "acked" => latencies.push(latency),
+            Ok(state) if state == "acked" => latencies.push(sample.latency),
             Ok(state) => failures.push(format!("ended {state}")),
             Err(err) => failures.push(err),
         }
+        samples.push(sample);
     }
     let elapsed = start.elapsed();
     latencies.sort();
@@ -1347,5 +1400,6 @@ async fn offer(
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
         failures,
+        samples,
     })
 }
