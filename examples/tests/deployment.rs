@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use opamp_core::{DeviceId, Store};
 use opamp_examples::StoreUrl;
-use opamp_examples::deployment::{Deployment, DeploymentConfig, parse_fleet_report};
+use opamp_examples::deployment::{BrokerStorage, Deployment, DeploymentConfig, parse_fleet_report};
 use opamp_examples::rest::RestClient;
 use serde_json::Value;
 
@@ -32,11 +32,11 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A fresh deployment in a folder of its own, or `None` (locally, loudly) when
 /// Redis or the broker is not installed. Under CI a missing one fails.
 async fn deploy(name: &str) -> Option<Deployment> {
-    deploy_with(name, COMMAND_TIMEOUT).await
+    deploy_with(name, COMMAND_TIMEOUT, BrokerStorage::Sqlite).await
 }
 
-/// [`deploy`], with another command timeout.
-async fn deploy_with(name: &str, command_timeout: Duration) -> Option<Deployment> {
+/// [`deploy`], with another command timeout and broker storage.
+async fn deploy_with(name: &str, command_timeout: Duration, storage: BrokerStorage) -> Option<Deployment> {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_opamp-server"))
         .parent()
         .expect("binaries live in a folder")
@@ -45,7 +45,8 @@ async fn deploy_with(name: &str, command_timeout: Duration) -> Option<Deployment
     let _ = std::fs::remove_dir_all(&dir);
     let config = DeploymentConfig::new(&dir, bin_dir)
         .size(SERVERS, SUPERVISORS, DEVICES, 1)
-        .timings(LEASE, command_timeout);
+        .timings(LEASE, command_timeout)
+        .broker_storage(storage);
     let missing: Vec<String> = [&config.tansu, &config.redis_server]
         .into_iter()
         .filter(|program| which(program).is_none())
@@ -327,7 +328,8 @@ async fn redis_restarted_empty_is_rebuilt_within_one_renew_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_acknowledged_command() {
     let _turn = TURN.lock().await;
-    let Some(mut deployment) = deploy_with("restart-broker", Duration::from_secs(20)).await else {
+    let Some(mut deployment) = deploy_with("restart-broker", Duration::from_secs(20), BrokerStorage::Sqlite).await
+    else {
         return;
     };
     every_device_routable(&deployment, Duration::from_secs(30)).await;
@@ -362,5 +364,24 @@ async fn a_broker_restart_loses_no_acknowledged_command() {
     // After the restart the bus carries commands to their end again.
     let record = servers[0].toggle_and_wait("dev-000001", false).await.unwrap();
     assert_eq!(record["state"], "acked", "{record}");
+    stop(deployment).await;
+}
+
+/// With the broker's log in memory, commands through every server end acked
+/// just the same, and a broker restart is refused rather than losing the topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_its_log_in_memory_carries_commands_and_refuses_a_restart() {
+    let _turn = TURN.lock().await;
+    let Some(mut deployment) = deploy_with("memory-broker", COMMAND_TIMEOUT, BrokerStorage::Memory).await else {
+        return;
+    };
+    every_device_routable(&deployment, Duration::from_secs(30)).await;
+    let servers = deployment.live_servers();
+    for (n, device) in deployment.devices().iter().enumerate().take(60) {
+        let record = servers[n % servers.len()].toggle_and_wait(device, true).await.unwrap();
+        assert_eq!(record["state"], "acked", "{record}");
+    }
+    let err = deployment.restart_broker().await.unwrap_err();
+    assert!(err.to_string().contains("in memory"), "{err}");
     stop(deployment).await;
 }

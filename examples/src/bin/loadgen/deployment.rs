@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use opamp_core::DeviceId;
-use opamp_examples::deployment::{Deployment, DeploymentConfig};
+use opamp_examples::deployment::{BrokerStorage, Deployment, DeploymentConfig};
 
 use crate::{micros, offer, parse_seconds};
 
@@ -43,6 +43,10 @@ pub(crate) struct DeploymentArgs {
     /// How long that rate is offered, in seconds.
     #[arg(long, value_parser = parse_seconds, default_value = "10")]
     seconds: Duration,
+    /// Where the broker keeps its log: `sqlite` (kept across a restart) or
+    /// `memory` (lost with the broker, and far cheaper for tansu to serve).
+    #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
+    broker_storage: BrokerStorage,
     /// Keep the deployment up (no measurements) until stdin closes.
     #[arg(long)]
     hold: bool,
@@ -54,8 +58,9 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         .parent()
         .ok_or("the binary has no folder")?
         .to_path_buf();
-    let config =
-        DeploymentConfig::new(&args.dir, bin_dir).size(args.servers, args.supervisors, args.devices, args.simulators);
+    let config = DeploymentConfig::new(&args.dir, bin_dir)
+        .size(args.servers, args.supervisors, args.devices, args.simulators)
+        .broker_storage(args.broker_storage);
     let lease = config.lease_ttl;
     let mut deployment = Deployment::start(config).await?;
     let connected = deployment.connected_in;
@@ -147,10 +152,11 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     }
 
     println!(
-        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol), {}s leases:\n",
+        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}), {}s leases:\n",
         args.servers,
         args.supervisors,
         args.devices,
+        args.broker_storage,
         lease.as_secs()
     );
     println!("| measure | figure | target |");
