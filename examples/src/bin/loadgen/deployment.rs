@@ -124,13 +124,11 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     offer(&servers, args.rate, Duration::from_secs(2), args.devices, 0).await?;
     let run = offer(&servers, args.rate, args.seconds, args.devices, 1).await?;
     println!(
-        "latency at {}/s: {} commands, {:.0}/s achieved, p50 {}, p99 {}, max {}, {} not acked",
+        "latency at {}/s: {} commands, {:.0}/s achieved, {}, {} not acked",
         args.rate,
         run.sent,
         run.achieved,
-        micros(run.p50),
-        micros(run.p99),
-        micros(run.max),
+        run.figures(),
         run.failures.len()
     );
     for failure in run.failures.iter().take(3) {
@@ -168,14 +166,12 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         micros(connected)
     );
     println!(
-        "| command latency at {}/s offered ({:.0}/s achieved, {} commands, {} not acked) | p50 {}, p99 {}, max {} | p99 ≤ 25 ms |",
+        "| command latency at {}/s offered ({:.0}/s achieved, {} commands, {} not acked) | {} | p99 ≤ 25 ms |",
         args.rate,
         run.achieved,
         run.sent,
         run.failures.len(),
-        micros(run.p50),
-        micros(run.p99),
-        micros(run.max)
+        run.figures()
     );
     println!(
         "| failover: kill -9 of a supervisor holding ~{moved} devices until every device routable | {} | ≤ 10 s for 2,000 |",

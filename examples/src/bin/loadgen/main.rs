@@ -1203,12 +1203,10 @@ async fn command_latency(args: LatencyArgs) -> Result<(), Box<dyn std::error::Er
         .await?;
         let run = offer(std::slice::from_ref(&client), rate, args.seconds, args.devices, 1).await?;
         println!(
-            "  {rate}/s offered: {} commands, {:.0}/s achieved, p50 {}, p99 {}, max {}{}",
+            "  {rate}/s offered: {} commands, {:.0}/s achieved, {}{}",
             run.sent,
             run.achieved,
-            micros(run.p50),
-            micros(run.p99),
-            micros(run.max),
+            run.figures(),
             if run.failures.is_empty() {
                 String::new()
             } else {
@@ -1309,6 +1307,16 @@ struct Sample {
 }
 
 impl Run {
+    /// `p50 …, p99 …, max …` of the acknowledged commands.
+    fn figures(&self) -> String {
+        format!(
+            "p50 {}, p99 {}, max {}",
+            micros(self.p50),
+            micros(self.p99),
+            micros(self.max)
+        )
+    }
+
     /// The samples as text: one line per command, in microseconds, under a header.
     fn samples_text(&self) -> String {
         let mut text = String::from("due_us handed_late_us began_late_us latency_us\n");
