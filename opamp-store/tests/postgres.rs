@@ -670,45 +670,36 @@ fn a_store_with_busy_lanes_drops_outside_a_runtime() {
     drop(store);
 }
 
-/// Lookup lanes open their connections only as concurrent lookups need
-/// them: one at a time keeps one lane, eight at once open more, never more
-/// than configured.
-#[tokio::test]
-async fn lookup_lanes_open_as_concurrency_needs_them() {
-    let schema = fresh_schema();
+/// A store whose connections name themselves `schema`, so tests can find
+/// its lookup connections in `pg_stat_activity`.
+async fn named_store(schema: &str, pipelined: bool) -> Arc<PostgresStore> {
     let separator = if url().contains('?') { '&' } else { '?' };
     let config = PostgresConfig::new(format!("{}{separator}application_name={schema}", url()))
-        .with_schema(&schema)
+        .with_schema(schema)
         .with_max_connections(16)
-        .with_lookup_connections(8);
+        .with_lookup_connections(8)
+        .with_pipelined_lookups(pipelined);
     let store = Arc::new(connect_with(config, Arc::new(ManualClock::starting_now())).await);
     store.migrate().await.expect("migrating a fresh schema");
-    let lanes = {
-        let store = store.clone();
-        let schema = schema.clone();
-        move || {
-            let store = store.clone();
-            let schema = schema.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
-                     AND query LIKE 'SELECT supervisor_id FROM device_lease WHERE device_id = $1 %'",
-                )
-                .bind(schema)
-                .fetch_one(store.pool())
-                .await
-                .expect("counting the lanes' connections")
-            }
-        }
-    };
+    store
+}
 
-    for n in 0..50 {
-        assert_eq!(store.lookup(&device(&format!("device-{n}"))).await.unwrap(), None);
-    }
-    assert_eq!(lanes().await, 1, "one lookup at a time uses one lane");
+/// How many of the store's connections last ran the lookup statement.
+async fn lookup_connections(store: &PostgresStore) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+         AND query LIKE 'SELECT supervisor_id FROM device_lease WHERE device_id = $1 %'",
+    )
+    .bind(store.schema())
+    .fetch_one(store.pool())
+    .await
+    .expect("counting the lookup connections")
+}
 
+/// `tasks` tasks, each making 100 lookups one after the other.
+async fn concurrent_lookups(store: &Arc<PostgresStore>, tasks: usize) {
     let mut lookups = JoinSet::new();
-    for task in 0..8 {
+    for task in 0..tasks {
         let store = store.clone();
         lookups.spawn(async move {
             for n in 0..100 {
@@ -719,6 +710,168 @@ async fn lookup_lanes_open_as_concurrency_needs_them() {
     while let Some(done) = lookups.join_next().await {
         done.expect("a lookup task");
     }
-    let open = lanes().await;
-    assert!((2..=8).contains(&open), "{open} lanes open after 8 concurrent lookups");
+}
+
+/// One lookup at a time keeps one lookup connection, and `tasks` at once
+/// open a few more, never more than configured; `Debug` says `state`.
+async fn lookup_connections_open_as_needed(pipelined: bool, tasks: usize, state: &str) {
+    let store = named_store(&fresh_schema(), pipelined).await;
+    for n in 0..50 {
+        assert_eq!(store.lookup(&device(&format!("device-{n}"))).await.unwrap(), None);
+    }
+    assert_eq!(
+        lookup_connections(&store).await,
+        1,
+        "one lookup at a time uses one connection"
+    );
+    assert!(format!("{store:?}").contains(state), "{store:?}");
+
+    concurrent_lookups(&store, tasks).await;
+    let open = lookup_connections(&store).await;
+    assert!(
+        (2..=8).contains(&open),
+        "{open} connections open after {tasks} concurrent lookups"
+    );
+}
+
+/// A pipelined connection carries several lookups at once, so it takes
+/// more than 8 at once to open a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_lookup_connections_open_as_concurrency_needs_them() {
+    lookup_connections_open_as_needed(true, 64, "1 of 8 connections open").await;
+}
+
+/// With pipelining off, lookup lanes (sqlx connections) carry one lookup
+/// at a time each.
+#[tokio::test]
+async fn lookup_lanes_open_as_concurrency_needs_them() {
+    lookup_connections_open_as_needed(false, 8, "not used: turned off").await;
+}
+
+/// A pipelined connection killed under load: the lookups it had in flight
+/// go through the pool, none fails or answers wrong, and the next lookups
+/// open a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_survive_their_connection_being_killed() {
+    let store = named_store(&fresh_schema(), true).await;
+    let owner = supervisor("s1");
+    let devices: Vec<DeviceId> = (0..200).map(|n| device(&format!("device-{n}"))).collect();
+    for d in &devices {
+        store.claim(d, &owner, TTL).await.unwrap();
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut lookups = JoinSet::new();
+    for task in 0..16 {
+        let (store, devices, done) = (store.clone(), devices.clone(), done.clone());
+        lookups.spawn(async move {
+            let mut n = task;
+            while !done.load(Ordering::Relaxed) {
+                let d = &devices[n % devices.len()];
+                assert_eq!(store.lookup(d).await.expect("a lookup"), Some(owner), "{d}");
+                n += 7;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Only the pipelined connections have run the lookup yet (the pool ran the
+    // claims): the pool's connections, which answer for them now, live on.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 \
+         AND query LIKE 'SELECT supervisor_id FROM device_lease%' AND pid <> pg_backend_pid()",
+    )
+    .bind(store.schema())
+    .fetch_all(store.pool())
+    .await
+    .expect("terminating the lookup connections");
+    assert!(!killed.is_empty() && killed.iter().all(|k| *k), "{killed:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    done.store(true, Ordering::Relaxed);
+    while let Some(finished) = lookups.join_next().await {
+        finished.expect("a lookup task");
+    }
+    assert_eq!(store.lookup(&devices[0]).await.unwrap(), Some(owner));
+    assert!(format!("{store:?}").contains("connections open"), "{store:?}");
+    assert!(lookup_connections(&store).await >= 1);
+}
+
+/// A lookup before the tables exist fails naming the missing table; once
+/// they do, lookups work (through the pool for the second after the failed
+/// attempt, then pipelined again).
+#[tokio::test]
+async fn a_lookup_before_migrating_names_the_missing_table() {
+    let schema = fresh_schema();
+    let separator = if url().contains('?') { '&' } else { '?' };
+    let config = PostgresConfig::new(format!("{}{separator}application_name={schema}", url()))
+        .with_schema(&schema)
+        .with_max_connections(8);
+    let store = connect_with(config, Arc::new(ManualClock::starting_now())).await;
+    let err = store.lookup(&device("device-1")).await.unwrap_err();
+    assert_names(&err, &["device_lease", "device-1"]);
+
+    store.migrate().await.unwrap();
+    assert_eq!(store.lookup(&device("device-1")).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(store.lookup(&device("device-1")).await.unwrap(), None);
+    // Four lookup connections: at most half the pool's eight.
+    assert!(format!("{store:?}").contains("1 of 4 connections open"), "{store:?}");
+}
+
+/// Pipelined connections authenticate as the server asks: SCRAM-SHA-256,
+/// MD5 and a cleartext password (the roles `scripts/services/postgres`
+/// names in pg_hba.conf), with the password percent-decoded from the URL.
+/// Against another server (`OPAMP_TEST_POSTGRES_URL`) this test needs
+/// those pg_hba.conf lines too, so it only runs against the default one.
+#[tokio::test]
+async fn pipelined_lookups_authenticate_by_scram_md5_and_password() {
+    if std::env::var("OPAMP_TEST_POSTGRES_URL").is_ok() {
+        return;
+    }
+    let admin = store_with(Arc::new(ManualClock::starting_now())).await;
+    let owner = supervisor("s1");
+    admin.claim(&device("device-1"), &owner, TTL).await.unwrap();
+    for (role, encryption) in [
+        ("opamp_scram", "scram-sha-256"),
+        ("opamp_md5", "md5"),
+        ("opamp_cleartext", "scram-sha-256"),
+    ] {
+        // Roles are the cluster's, shared by every run: made once, their password reset each time.
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(admin.pool())
+            .await
+            .unwrap();
+        if !exists {
+            // Two test runs at once may race here; the loser's error says the role exists.
+            let _ = sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+                .execute(admin.pool())
+                .await;
+        }
+        let mut tx = admin.pool().begin().await.unwrap();
+        sqlx::query(&format!("SET LOCAL password_encryption = '{encryption}'"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(&format!("ALTER ROLE {role} PASSWORD 'an open secret'"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        for grant in [
+            format!("GRANT USAGE ON SCHEMA {} TO {role}", admin.schema()),
+            format!("GRANT SELECT ON {}.device_lease TO {role}", admin.schema()),
+        ] {
+            by_hand(&admin, &grant).await;
+        }
+
+        let config = PostgresConfig::new(format!("postgres://{role}:an%20open%20secret@127.0.0.1:5440/postgres"))
+            .with_schema(admin.schema())
+            .with_max_connections(2)
+            .with_lookup_connections(1);
+        let store = connect_with(config, Arc::new(ManualClock::starting_now())).await;
+        assert_eq!(store.lookup(&device("device-1")).await.unwrap(), Some(owner), "{role}");
+        assert!(
+            format!("{store:?}").contains("1 of 1 connections open"),
+            "{role}: the lookup went through the pool: {store:?}"
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Lookup lanes: a few connections kept out of the pool (detached from it, so
 //! they come on top of its `max_connections`) for single-device lookups, each
-//! used by one lookup at a time, in the caller's own task.
+//! used by one lookup at a time, in the caller's own task. The store uses
+//! them when lookups cannot be pipelined (`pipeline`): the URL asks for TLS,
+//! or pipelining is turned off.
 //!
 //! Why not the pool per lookup: sqlx tests every connection handed back to
 //! its pool with a round trip of its own (a `Sync`), so a one-row lookup

@@ -36,16 +36,21 @@
 //!
 //! # Lookups
 //!
-//! `lookup` is the hot path, and sqlx's pool tests every connection handed
-//! back to it with a round trip of its own, which would double a one-row
-//! lookup's cost. So a few connections
-//! ([`PostgresConfig::lookup_connections`], at most 8 by default) are kept out
-//! of the pool as lookup lanes: a lookup takes the first free lane (or waits
-//! for one) and runs its one-round-trip statement in the caller's own task.
-//! Lanes open their connections in order, as concurrent lookups need them. A
-//! lookup cancelled mid-statement leaves the answer on its lane's
-//! connection, which sqlx reads off before the next statement; a lookup no
-//! lane can answer goes through the pool.
+//! `lookup` is the hot path. Through sqlx's pool it would cost two round
+//! trips (the pool tests every connection handed back to it with one of its
+//! own), and one lookup per connection at a time leaves the server a wake-up
+//! per lookup. So the store keeps a few connections of its own for lookups
+//! ([`PostgresConfig::lookup_connections`], at most 8 by default) and
+//! pipelines them: each connection's task writes lookups as they come,
+//! without waiting for the answers before them, and hands the answers back
+//! in order, so concurrent lookups share round trips and system calls on
+//! both sides. Connections open as concurrent lookups need them (a
+//! connection carries up to 8 before the next opens). They speak the wire
+//! protocol themselves (plaintext or a Unix socket; trust, password, MD5 or
+//! SCRAM-SHA-256): when the URL asks for TLS, or pipelining is turned off,
+//! lookups use lanes of sqlx connections instead, one lookup at a time each.
+//! A lookup neither can answer goes through the pool, which reports any
+//! error in full.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
@@ -68,10 +73,12 @@ mod audit;
 mod config;
 mod error;
 mod lanes;
+mod pipeline;
 mod routing;
 mod rows;
 mod status;
 mod tracking;
+mod wire;
 
 use std::fmt;
 use std::str::FromStr;
@@ -87,6 +94,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use audit::AuditEntry;
 use error::PgError;
 use lanes::LookupLanes;
+use pipeline::{Pipes, Target};
 
 /// The migrations, embedded at build time.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -125,14 +133,25 @@ pub struct PostgresConfig {
     #[serde(default = "default_acquire_timeout", with = "duration_text")]
     pub acquire_timeout: Duration,
     /// How many connections at most are kept out of the pool for
-    /// single-device lookups, one lookup at a time each, on top of the pool's
-    /// `max_connections` (at most half as many; 0 sends each lookup through
-    /// the pool). They open as concurrent lookups need them, so a quiet
-    /// store keeps one. Default 8: in the bench, one lane per concurrent
-    /// lookup beat fewer lanes, and any number of lanes beat the pool 2×
-    /// (docs/performance.md).
+    /// single-device lookups, on top of the pool's `max_connections` (at most
+    /// half as many; 0 sends each lookup through the pool). They open as
+    /// concurrent lookups need them, so a quiet store keeps one. A pipelined
+    /// connection carries up to 8 lookups at once before the next one opens;
+    /// a lane (when pipelining is off) one. Default 8.
     #[serde(default = "default_lookup_connections")]
     pub lookup_connections: u32,
+    /// Whether lookup connections pipeline: write each lookup as it comes,
+    /// without waiting for the answers before it (see the module
+    /// documentation). Default `true`; it needs a plaintext connection (or a
+    /// Unix socket), and lookups use lanes of sqlx connections instead when
+    /// the URL asks for TLS. Turn it off behind a pooler that does not keep
+    /// named prepared statements (PgBouncer in transaction mode before 1.21).
+    #[serde(default = "default_pipelined_lookups")]
+    pub pipelined_lookups: bool,
+}
+
+fn default_pipelined_lookups() -> bool {
+    true
 }
 
 fn default_lookup_connections() -> u32 {
@@ -160,7 +179,14 @@ impl PostgresConfig {
             max_connections: default_max_connections(),
             acquire_timeout: default_acquire_timeout(),
             lookup_connections: default_lookup_connections(),
+            pipelined_lookups: default_pipelined_lookups(),
         }
+    }
+
+    /// Pipelines lookups on their connections, or not (see [`pipelined_lookups`](Self::pipelined_lookups)).
+    pub fn with_pipelined_lookups(mut self, pipelined: bool) -> Self {
+        self.pipelined_lookups = pipelined;
+        self
     }
 
     /// Keeps `count` connections answering lookups (see [`lookup_connections`](Self::lookup_connections)).
@@ -211,6 +237,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("lookup_connections", &self.lookup_connections)
+            .field("pipelined_lookups", &self.pipelined_lookups)
             .finish()
     }
 }
@@ -265,6 +292,9 @@ fn redact_url(url: &str) -> String {
 /// (it is idempotent).
 pub struct PostgresStore {
     pool: PgPool,
+    /// Pipelined lookup connections, unless the URL wants TLS.
+    pipes: Option<Pipes>,
+    /// Lookup connections through sqlx, for when pipelining cannot be used.
     lanes: LookupLanes,
     clock: Arc<dyn Clock>,
     schema: String,
@@ -286,6 +316,9 @@ impl PostgresStore {
             .map_err(|err| Error::invalid_input(format!("postgres url {}: {err}", redact_url(&config.url))))?
             // A startup parameter: no extra round trip per connection.
             .options([("search_path", config.schema.as_str())]);
+        let target = (config.pipelined_lookups)
+            .then(|| Target::of(&options, config.acquire_timeout))
+            .flatten();
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
@@ -301,6 +334,7 @@ impl PostgresStore {
             })?;
         let lanes = config.lookup_connections.min(config.max_connections / 2) as usize;
         Ok(PostgresStore {
+            pipes: target.filter(|_| lanes > 0).map(|target| Pipes::new(target, lanes)),
             lanes: LookupLanes::start(&pool, lanes),
             pool,
             clock,
@@ -344,6 +378,14 @@ impl fmt::Debug for PostgresStore {
             .field("schema", &self.schema)
             .field("clock", &self.clock)
             .field("connections", &self.pool.size())
+            .field(
+                "pipelined_lookups",
+                &match &self.pipes {
+                    Some(pipes) => pipes.state(),
+                    None if self.lanes.len() == 0 => "not used: no lookup connections".to_owned(),
+                    None => "not used: turned off, or the URL asks for TLS".to_owned(),
+                },
+            )
             .field("lookup_lanes", &self.lanes.len())
             .finish_non_exhaustive()
     }

@@ -9,6 +9,7 @@ use opamp_core::{Claim, DeviceId, Result, RoutingStore, SupervisorId, Timestamp}
 
 use super::PostgresStore;
 use super::error::PgError;
+use super::pipeline;
 use super::rows::{row_name, sql_time, stored};
 
 /// Takes the lease. On conflict the `SET` expressions read the row this
@@ -155,6 +156,17 @@ impl RoutingStore for PostgresStore {
 
     async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
         let now = self.clock.now();
+        if let Some(pipes) = &self.pipes {
+            match pipes.lookup(*device, now).await {
+                pipeline::Answer::Owner(owner) => {
+                    return owner
+                        .map(|owner| stored_supervisor(device.as_str(), "supervisor_id", &owner))
+                        .transpose();
+                }
+                pipeline::Answer::Failed => return self.lookup_pooled(device, now).await,
+                pipeline::Answer::Unsupported => {}
+            }
+        }
         match self.lanes.lookup(*device, now).await {
             Some(answer) => answer,
             None => self.lookup_pooled(device, now).await,
