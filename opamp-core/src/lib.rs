@@ -64,5 +64,7 @@ pub use store::{
     StatusStore, StatusStoreExt, Store, SupervisorLoad, TrackingStore,
 };
 pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
-pub use tracking::{CommandRecord, CommandState, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Target};
+pub use tracking::{
+    CommandRecord, CommandState, Endings, EndingsSender, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Target,
+};
 pub use transport::{AgentConnector, DeviceTransport};

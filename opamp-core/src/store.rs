@@ -25,7 +25,7 @@ use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::{DeviceStatus, StatusPatch};
-use crate::tracking::{CommandRecord, Rollout, RolloutId};
+use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId};
 
 /// How long a lease lasts without renewal unless configured otherwise (the design's `EXPIRE … 300`).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(300);
@@ -350,6 +350,13 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
     /// in time, for any control plane to sweep (the one that sent them may be
     /// gone). A command that ended while this ran may still be listed.
     async fn overdue_commands(&self, before: crate::Timestamp, limit: usize) -> Result<Vec<CorrelationId>>;
+
+    /// Starts watching for commands ending: every `update_command` (by any
+    /// writer, in any process) that makes a record final from now on sends
+    /// its correlation id to the returned [`Endings`], best effort. A control
+    /// plane waiting for an outcome another instance records learns of it
+    /// this way instead of reading the record over and over.
+    async fn watch_endings(&self) -> Result<Endings>;
 
     /// Writes `rollout` if the stored one is at `rollout.revision - 1` (or, for
     /// revision 1, if none is stored); returns whether it did.

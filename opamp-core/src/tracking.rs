@@ -225,6 +225,61 @@ impl Target {
     }
 }
 
+/// Notices of commands ending, from [`TrackingStore::watch_endings`](crate::TrackingStore::watch_endings):
+/// the correlation id of each command whose record a writer of the store,
+/// in any process, made final after the watch began.
+///
+/// Best effort: a notice can come late, or not at all (the store's
+/// connection dropped, or notices came faster than they were taken and the
+/// store dropped some rather than wait). It tells a waiter when to read the
+/// record again sooner; it never replaces reading it.
+#[derive(Debug)]
+pub struct Endings {
+    notices: tokio::sync::mpsc::Receiver<CorrelationId>,
+}
+
+impl Endings {
+    /// How many notices a store keeps for a slow reader before it drops new ones.
+    pub const CAPACITY: usize = 4096;
+
+    /// A watch and the sender its store keeps ([`Self::CAPACITY`] notices deep).
+    pub fn channel() -> (EndingsSender, Endings) {
+        let (sender, notices) = tokio::sync::mpsc::channel(Self::CAPACITY);
+        (EndingsSender(sender), Endings { notices })
+    }
+
+    /// The next command to end, or `None` once the store stopped watching for good.
+    pub async fn next(&mut self) -> Option<CorrelationId> {
+        self.notices.recv().await
+    }
+}
+
+/// The store's side of an [`Endings`] watch.
+#[derive(Debug, Clone)]
+pub struct EndingsSender(tokio::sync::mpsc::Sender<CorrelationId>);
+
+impl EndingsSender {
+    /// Tells the watch that `id` ended, without waiting: a watch with
+    /// [`Endings::CAPACITY`] notices untaken loses this one. Returns `false`
+    /// once the watch is gone (dropped), for the store to forget it.
+    pub fn tell(&self, id: CorrelationId) -> bool {
+        !matches!(
+            self.0.try_send(id),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+        )
+    }
+
+    /// Whether the watch is gone.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    /// Returns once the watch is gone.
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
+}
+
 /// A command issued to one device, as returned when it is issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Issued {

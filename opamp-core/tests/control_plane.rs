@@ -13,9 +13,9 @@ use opamp_core::tracking::{CommandState, RolloutState};
 use opamp_core::transport::channel::{self, ChannelConnector};
 use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello};
 use opamp_core::{
-    AgentType, Bus, Clock, ConfigBundle, ConfigFile, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
-    CorrelationId, DeviceId, Error, Labels, ManualClock, PageRequest, RolloutSpec, RoutingStore, StatusPatch,
-    StatusStore, Store, SupervisorId, SystemClock, Target, Timestamp,
+    AgentType, Bus, Clock, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigStore, ConfigTemplate,
+    ConfigVersion, CorrelationId, DeviceId, Error, Labels, ManualClock, PageRequest, RolloutSpec, RoutingStore,
+    StatusPatch, StatusStore, Store, SupervisorId, SystemClock, Target, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -258,6 +258,41 @@ async fn an_unanswered_command_is_retried_at_the_devices_new_owner() {
     assert_eq!(fleet.ended(id).await, CommandState::Acked);
     let record = fleet.control.command(&id).await.unwrap().unwrap();
     assert_eq!((record.supervisor, record.attempts), (Some(sid("s2")), 2));
+}
+
+/// An outcome another instance records (here written straight into the
+/// shared store) ends a `wait` at once, through the store's notice, not
+/// when the wait next reads the record (100 ms after its first look). Time
+/// is tokio's paused clock, so "at once" means no timer had to fire.
+#[tokio::test(start_paused = true)]
+async fn a_wait_hears_at_once_of_an_outcome_another_instance_records() {
+    let fleet = Fleet::new(ControlPlaneConfig::default()).await;
+    let d1 = did("d1");
+    fleet
+        .store
+        .claim(&d1, &sid("s1"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let id = fleet.control.set_emission(&d1, true).await.unwrap();
+    let waiting = {
+        let control = fleet.control.clone();
+        tokio::spawn(async move { control.wait(&id, Duration::from_secs(5)).await })
+    };
+    // The wait has looked once and sleeps until its next look.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!waiting.is_finished());
+
+    let mut record = fleet.store.command_record(&id).await.unwrap().unwrap();
+    record.complete(&CommandOutcome::Acked, fleet.clock.now());
+    let recorded = tokio::time::Instant::now();
+    assert!(fleet.store.update_command(&record).await.unwrap());
+    let ended = waiting.await.unwrap().unwrap();
+    assert_eq!(ended.state, CommandState::Acked);
+    assert_eq!(
+        recorded.elapsed(),
+        Duration::ZERO,
+        "the wait read the record again on its own"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,15 +15,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::ops::Bound;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_core::store::validate_ttl;
 use opamp_core::{
     AgentType, Claim, Clock, CommandRecord, CommandState, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
-    CorrelationId, Cursor, DeviceId, DeviceStatus, Error, Page, PageRequest, Result, Rollout, RolloutId, RoutingStore,
-    StatusPatch, StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp, TrackingStore,
+    CorrelationId, Cursor, DeviceId, DeviceStatus, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
+    RolloutId, RoutingStore, StatusPatch, StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp,
+    TrackingStore,
 };
 
 /// How many shards each per-device map is split into: enough that two cores
@@ -66,6 +67,8 @@ pub struct MemoryStore {
     // Written only under the command's `commands` shard lock, so the
     // pending set follows each command's updates in order.
     tracking: RwLock<Tracking>,
+    /// The watches of `watch_endings`, each told of every command that ends.
+    endings: Mutex<Vec<EndingsSender>>,
 }
 
 impl MemoryStore {
@@ -86,6 +89,7 @@ impl MemoryStore {
             desired: Sharded::new(),
             commands: Sharded::new(),
             tracking: RwLock::new(Tracking::new(DEFAULT_COMMAND_RETENTION)),
+            endings: Mutex::default(),
         }
     }
 
@@ -624,6 +628,12 @@ impl Tracking {
 }
 
 impl MemoryStore {
+    /// Tells every watch that `id` ended, forgetting the watches that are gone.
+    fn tell_ended(&self, id: CorrelationId) {
+        let mut endings = self.endings.lock().unwrap_or_else(PoisonError::into_inner);
+        endings.retain(|watch| watch.tell(id));
+    }
+
     /// Forgets a few of the records issued more than the retention before
     /// `now`: a few per new command, so forgetting keeps pace with issuing
     /// without a long pause when a backlog comes due at once.
@@ -673,6 +683,11 @@ impl TrackingStore for MemoryStore {
                     tracking.pending.insert((record.command.deadline, id));
                 }
                 *stored = record.clone();
+                drop(tracking);
+                drop(shard);
+                if record.state.is_final() {
+                    self.tell_ended(id);
+                }
                 Ok(true)
             }
         }
@@ -687,6 +702,12 @@ impl TrackingStore for MemoryStore {
             .take(limit)
             .map(|&(_, id)| id)
             .collect())
+    }
+
+    async fn watch_endings(&self) -> Result<Endings> {
+        let (sender, endings) = Endings::channel();
+        self.endings.lock().unwrap_or_else(PoisonError::into_inner).push(sender);
+        Ok(endings)
     }
 
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {

@@ -51,7 +51,7 @@ use crate::id::{AgentType, ConfigVersion, DeviceId, GroupName};
 use crate::store::{Cursor, Page, PageRequest, Store};
 use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::{
-    CommandRecord, CommandState, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Tally, Target, Wave,
+    CommandRecord, CommandState, Endings, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Tally, Target, Wave,
 };
 
 /// How a control plane runs. Every field has a default; durations are
@@ -230,6 +230,8 @@ struct Inner {
     progress: Notify,
     /// The [`wait`](ControlPlane::wait) calls in progress, woken by their own command's outcome only.
     waiters: Waiters,
+    /// Whether the store still tells of commands ending (see [`TrackingStore::watch_endings`](crate::TrackingStore::watch_endings)).
+    endings_watched: AtomicBool,
     /// Whether the event stream last answered without an error.
     events_healthy: AtomicBool,
     stopping: watch::Sender<bool>,
@@ -260,6 +262,7 @@ impl ControlPlane {
     ) -> Result<Self> {
         config.validate()?;
         let events = bus.subscribe_events(&config.event_group).await?;
+        let endings = store.watch_endings().await?;
         let (sweeps, sweep_queue) = mpsc::unbounded_channel();
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -270,11 +273,13 @@ impl ControlPlane {
             sweeps,
             progress: Notify::new(),
             waiters: Waiters::default(),
+            endings_watched: AtomicBool::new(true),
             events_healthy: AtomicBool::new(true),
             stopping,
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(Arc::clone(&inner).event_loop(events));
+        tasks.spawn(Arc::clone(&inner).endings_loop(endings));
         tasks.spawn(Arc::clone(&inner).sweep_loop(sweep_queue));
         info!(group = %inner.config.event_group, "control plane started");
         Ok(ControlPlane {
@@ -377,17 +382,23 @@ impl ControlPlane {
     /// its record as it stands then (still pending if time ran out).
     /// [`Error::NotFound`] if the command is not known.
     ///
-    /// Outcomes recorded by this instance wake it at once. Those another
-    /// instance records (with several instances, most of them: each handles
-    /// the events of its share of the devices) are read from the store,
-    /// 2 ms after the last look at first, the wait doubling up to 32 ms: a
-    /// quick command is seen soon, and a slow one costs a read every 32 ms.
+    /// Outcomes recorded by this instance wake it at once, and so do those
+    /// another instance records (with several instances, most of them: each
+    /// handles the events of its share of the devices), through the store's
+    /// notices of commands ending ([`TrackingStore::watch_endings`](crate::TrackingStore::watch_endings)). Those
+    /// are best effort, so the record is also read again every so often:
+    /// 100 ms after the last look at first, the wait doubling up to 1 s.
+    /// Should the store stop telling, it is read 2 ms after the last look at
+    /// first, doubling up to 32 ms.
     pub async fn wait(&self, id: &CorrelationId, timeout: Duration) -> Result<CommandRecord> {
-        const FIRST_LOOK: Duration = Duration::from_millis(2);
-        const LONGEST_LOOK: Duration = Duration::from_millis(32);
         let inner = self.inner();
+        let (first_look, longest_look) = if inner.endings_watched.load(Ordering::Relaxed) {
+            (Duration::from_millis(100), Duration::from_secs(1))
+        } else {
+            (Duration::from_millis(2), Duration::from_millis(32))
+        };
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut look = FIRST_LOOK;
+        let mut look = first_look;
         let watch = inner.waiters.watch(*id);
         loop {
             // Registered before reading, so an outcome recorded in between still wakes us.
@@ -401,7 +412,7 @@ impl ControlPlane {
                 return Ok(record);
             }
             let poll = deadline.min(tokio::time::Instant::now() + look);
-            look = (look * 2).min(LONGEST_LOOK);
+            look = (look * 2).min(longest_look);
             tokio::select! {
                 _ = progress => {}
                 _ = tokio::time::sleep_until(poll) => {}
@@ -660,6 +671,25 @@ impl Inner {
             self.progress.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Wakes the waits for each command the store says ended, until it stops telling.
+    async fn endings_loop(self: Arc<Self>, mut endings: Endings) {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            let ended = tokio::select! {
+                _ = stopped(&mut stopping) => return,
+                ended = endings.next() => ended,
+            };
+            match ended {
+                Some(id) => self.waiters.wake(&id),
+                None => {
+                    warn!("the store stopped telling of commands ending; waits read it every few ms instead");
+                    self.endings_watched.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
     }
 
     async fn event_loop(self: Arc<Self>, mut events: Subscription<DeviceEvent>) {

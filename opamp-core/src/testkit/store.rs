@@ -111,6 +111,7 @@ macro_rules! store_conformance {
             command_records_round_trip,
             command_ids_are_recorded_once,
             command_records_change_only_while_pending,
+            watches_are_told_of_commands_ending,
             overdue_commands_are_the_pending_ones_past_their_deadline,
             concurrent_completions_have_one_winner,
             rollout_writes_follow_revisions,
@@ -1603,6 +1604,51 @@ pub async fn command_records_change_only_while_pending(f: &StoreFixture) {
     let unknown = pending_record("unknown", CommandKind::Restart, at);
     let err = expect_err(f.store.update_command(&unknown).await, "updating an unknown command");
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+/// Every watch hears of each command whose update ends it, in order, and
+/// of nothing else: not a retry, not an update refused because the command
+/// had ended already. A dropped watch leaves the store working.
+pub async fn watches_are_told_of_commands_ending(f: &StoreFixture) {
+    async fn next(watch: &mut crate::Endings, what: &str) -> Option<CorrelationId> {
+        tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("no notice of {what} within 5 s"))
+    }
+    let at = f.clock.now();
+    let mut first = f.store.watch_endings().await.unwrap();
+    let mut second = f.store.watch_endings().await.unwrap();
+    let mut acked = pending_record("told-acked", CommandKind::Restart, at);
+    let mut failed = pending_record("told-failed", CommandKind::SetEmission { state: true }, at);
+    f.store.insert_command(&acked).await.unwrap();
+    f.store.insert_command(&failed).await.unwrap();
+
+    acked.attempts = 2;
+    assert!(f.store.update_command(&acked).await.unwrap(), "a retry");
+    acked.complete(&CommandOutcome::Acked, at);
+    assert!(f.store.update_command(&acked).await.unwrap());
+    failed.complete(&CommandOutcome::Failed { reason: "no".into() }, at);
+    assert!(f.store.update_command(&failed).await.unwrap());
+    let mut late = acked.clone();
+    late.complete(&CommandOutcome::TimedOut, at);
+    assert!(!f.store.update_command(&late).await.unwrap(), "already ended");
+
+    for watch in [&mut first, &mut second] {
+        assert_eq!(next(watch, "the acked command").await, Some(acked.correlation_id()));
+        assert_eq!(next(watch, "the failed command").await, Some(failed.correlation_id()));
+        let more = tokio::time::timeout(Duration::from_millis(300), watch.next()).await;
+        assert!(more.is_err(), "told of something else: {more:?}");
+    }
+
+    drop(first);
+    let mut third = pending_record("told-after-a-watch-went", CommandKind::Restart, at);
+    f.store.insert_command(&third).await.unwrap();
+    third.complete(&CommandOutcome::Acked, at);
+    assert!(f.store.update_command(&third).await.unwrap());
+    assert_eq!(
+        next(&mut second, "the third command").await,
+        Some(third.correlation_id())
+    );
 }
 
 /// Commands still pending past their deadline are listed, earliest first;

@@ -1,13 +1,16 @@
 //! What control planes track, in PostgreSQL: a command's record is its row in
 //! `command_audit` (the audit log and the tracking are one table), and
-//! rollouts are JSON documents in `rollout`.
+//! rollouts are JSON documents in `rollout`. Each command that ends is
+//! announced with `NOTIFY` on the channel `opamp_commands_ended`, its payload
+//! the store's schema and the correlation id (`opamp 5f0c…`).
 
 use async_trait::async_trait;
 use opamp_core::tracking::CommandState;
 use opamp_core::{
-    Command, CommandRecord, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId, SupervisorId,
-    Timestamp, TrackingStore,
+    Command, CommandRecord, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
+    RolloutId, SupervisorId, Timestamp, TrackingStore,
 };
+use sqlx::postgres::PgListener;
 
 use super::PostgresStore;
 use super::error::PgError;
@@ -23,6 +26,9 @@ const UPDATE: &str = "\
 UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, error_message = $5,
     completed_at = $6, attempts = $7, deadline = $8
 WHERE correlation_id = $1 AND status = 'pending'";
+
+/// The channel on which ends are announced (for every schema; the payload names it).
+const ENDED: &str = "opamp_commands_ended";
 
 const OVERDUE: &str = "\
 SELECT correlation_id FROM command_audit WHERE status = 'pending' AND deadline <= $1
@@ -109,7 +115,29 @@ impl TrackingStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
-        self.changed_if_recorded(done.rows_affected(), &id, doing).await
+        let changed = self.changed_if_recorded(done.rows_affected(), &id, doing).await?;
+        if changed && record.state.is_final() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(ENDED)
+                .bind(format!("{} {id}", self.schema))
+                .execute(&self.pool)
+                .await
+                .map_err(PgError::query(|| format!("announcing the end of command {id}")))?;
+        }
+        Ok(changed)
+    }
+
+    async fn watch_endings(&self) -> Result<Endings> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(PgError::query(|| "connecting to listen for command endings".to_owned()))?;
+        listener
+            .listen(ENDED)
+            .await
+            .map_err(PgError::query(|| format!("LISTEN {ENDED}")))?;
+        let (sender, endings) = Endings::channel();
+        tokio::spawn(relay_endings(listener, format!("{} ", self.schema), sender));
+        Ok(endings)
     }
 
     async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
@@ -204,5 +232,32 @@ impl TrackingStore for PostgresStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Page::from_one_more(items, limit, |last| Cursor::new(last.to_string())))
+    }
+}
+
+/// Passes each end announced for this store's schema (payloads starting
+/// with `prefix`) to the watch until it is dropped. The listener reconnects
+/// by itself when its connection drops; ends announced meanwhile are missed.
+async fn relay_endings(mut listener: PgListener, prefix: String, watch: EndingsSender) {
+    loop {
+        let notification = tokio::select! {
+            _ = watch.closed() => return,
+            notification = listener.recv() => notification,
+        };
+        match notification {
+            Ok(notification) => {
+                let id = (notification.payload().strip_prefix(prefix.as_str())).and_then(|id| id.parse().ok());
+                if let Some(id) = id {
+                    watch.tell(id);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "listening for command endings failed; trying again in 1s");
+                tokio::select! {
+                    _ = watch.closed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }
     }
 }

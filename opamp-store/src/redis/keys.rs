@@ -98,6 +98,12 @@ impl Keys {
         self.key(&["commands:{pending}"])
     }
 
+    /// `commands:ended`: the pub/sub channel on which each command that ends
+    /// is announced (its correlation id), for `watch_endings`.
+    pub(super) fn ended_commands(&self) -> String {
+        self.key(&["commands:ended"])
+    }
+
     /// `rollout:{rollouts}:id`: a rollout (JSON). Every rollout shares the
     /// hash tag of the index, so one script writes both.
     pub(super) fn rollout(&self, id: &RolloutId) -> String {

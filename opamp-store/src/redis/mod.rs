@@ -274,6 +274,10 @@ pub struct RedisStore {
     retention_ms: u64,
     token_base: u64,
     tokens: AtomicU64,
+    /// Where `watch_endings` subscribes (any node: a cluster forwards every
+    /// publication to all of them), and how long it may take to connect.
+    pubsub_url: String,
+    connect_timeout: Duration,
 }
 
 impl RedisStore {
@@ -313,6 +317,8 @@ impl RedisStore {
             retention_ms: millis(config.command_retention).max(1) as u64,
             token_base: RandomState::new().hash_one(std::process::id()),
             tokens: AtomicU64::new(0),
+            pubsub_url: config.urls.first().cloned().unwrap_or_default(),
+            connect_timeout: config.connect_timeout,
         })
     }
 

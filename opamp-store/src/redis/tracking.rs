@@ -4,14 +4,19 @@
 //! whoever lists it, since on a cluster it lives in another slot than the
 //! records), and rollouts as JSON strings
 //! indexed in a sorted set (one hash tag for all of them, so one script
-//! writes a rollout and its index entry together).
+//! writes a rollout and its index entry together). Each command that ends
+//! is announced on the pub/sub channel `commands:ended`.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt as _;
 use opamp_core::{
-    CommandRecord, CommandState, CorrelationId, Cursor, Error, Page, PageRequest, Result, Rollout, RolloutId,
-    Timestamp, TrackingStore,
+    CommandRecord, CommandState, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result,
+    Rollout, RolloutId, Timestamp, TrackingStore,
 };
 use redis::Value;
+use redis::aio::PubSub;
 
 use super::error::RedisError;
 use super::scripts::eval;
@@ -44,9 +49,28 @@ impl TrackingStore for RedisStore {
             &key,
         )? {
             -1 => Err(Error::not_found(format!("command {id}"))),
-            1 => self.index_pending(record).await.map(|()| true),
+            1 => {
+                self.index_pending(record).await?;
+                if record.state.is_final() {
+                    let channel = self.keys.ended_commands();
+                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(id.to_string()).to_owned();
+                    checked(&channel, self.one(|| format!("PUBLISH {channel}"), &publish).await?)?;
+                }
+                Ok(true)
+            }
             _ => Ok(false),
         }
+    }
+
+    async fn watch_endings(&self) -> Result<Endings> {
+        let client = redis::Client::open(self.pubsub_url.as_str())
+            .map_err(|err| RedisError::command("opening a pub/sub connection", err))?;
+        let channel = self.keys.ended_commands();
+        // Subscribed before returning: every end announced from now on is heard.
+        let subscribed = subscribe(&client, &channel, self.connect_timeout).await?;
+        let (sender, endings) = Endings::channel();
+        tokio::spawn(relay_endings(client, channel, subscribed, sender, self.connect_timeout));
+        Ok(endings)
     }
 
     async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
@@ -176,5 +200,70 @@ impl RedisStore {
                 .map(Some)
                 .map_err(|err| RedisError::garbled(key, None, err.to_string()).into()),
         }
+    }
+}
+
+/// A pub/sub connection subscribed to `channel`.
+async fn subscribe(client: &redis::Client, channel: &str, timeout: Duration) -> Result<PubSub> {
+    let what = || format!("subscribing to {channel}");
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub)
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(err)) => Err(RedisError::command(what(), err).into()),
+        Err(_) => Err(Error::Unavailable {
+            message: format!("{} timed out after {timeout:?}", what()),
+            source: None,
+        }),
+    }
+}
+
+/// Passes each id announced on `channel` to the watch until it is dropped,
+/// subscribing again (after 0.1 s, doubling up to 5 s) whenever the
+/// connection drops. Ends announced while it is down are missed: the watch
+/// is best effort.
+async fn relay_endings(
+    client: redis::Client,
+    channel: String,
+    mut pubsub: PubSub,
+    watch: EndingsSender,
+    timeout: Duration,
+) {
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    const LONGEST_RETRY: Duration = Duration::from_secs(5);
+    loop {
+        {
+            let mut messages = pubsub.on_message();
+            loop {
+                let message = tokio::select! {
+                    _ = watch.closed() => return,
+                    message = messages.next() => message,
+                };
+                let Some(message) = message else { break };
+                // Anything else on the channel is not ours to act on.
+                let id = message.get_payload::<String>().ok().and_then(|text| text.parse().ok());
+                if let Some(id) = id {
+                    watch.tell(id);
+                }
+            }
+        }
+        tracing::warn!(%channel, "the Redis pub/sub connection for command endings dropped; subscribing again");
+        let mut retry = FIRST_RETRY;
+        pubsub = loop {
+            tokio::select! {
+                _ = watch.closed() => return,
+                _ = tokio::time::sleep(retry) => {}
+            }
+            match subscribe(&client, &channel, timeout).await {
+                Ok(pubsub) => break pubsub,
+                Err(err) => {
+                    tracing::warn!(%channel, error = %err, "subscribing to command endings failed; trying again");
+                    retry = (retry * 2).min(LONGEST_RETRY);
+                }
+            }
+        };
     }
 }

@@ -9,9 +9,9 @@ use opamp_bus::memory::MemoryBus;
 use opamp_core::bus::{Delivery, MessageStream};
 use opamp_core::{
     AgentType, Claim, Command, CommandBus, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate,
-    ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Error, EventBus, GroupName, Page, PageRequest,
-    Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId, SupervisorLoad,
-    Timestamp, TrackingStore,
+    ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Endings, Error, EventBus, GroupName, Page,
+    PageRequest, Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId,
+    SupervisorLoad, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 use tokio::sync::watch;
@@ -143,6 +143,9 @@ impl TrackingStore for FailingStore {
     }
     async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
         guarded!(self, "store", overdue_commands(before, limit))
+    }
+    async fn watch_endings(&self) -> Result<Endings> {
+        guarded!(self, "store", watch_endings())
     }
     async fn put_rollout(&self, rollout: &Rollout) -> Result<bool> {
         guarded!(self, "store", put_rollout(rollout))
