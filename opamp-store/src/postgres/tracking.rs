@@ -22,12 +22,21 @@ INSERT INTO command_audit (device_id, supervisor_id, command_type, payload, corr
 VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (correlation_id) DO NOTHING";
 
+/// The update, and the announcement (`$9` on the channel `ENDED`) if it
+/// ends the command, in one statement: the filter keeps `pg_notify` from
+/// running for a row that stays pending.
 const UPDATE: &str = "\
-UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, error_message = $5,
-    completed_at = $6, attempts = $7, deadline = $8
-WHERE correlation_id = $1 AND status = 'pending'";
+WITH updated AS (
+    UPDATE command_audit SET supervisor_id = $2, payload = $3::jsonb, status = $4, error_message = $5,
+        completed_at = $6, attempts = $7, deadline = $8
+    WHERE correlation_id = $1 AND status = 'pending'
+    RETURNING status
+)
+SELECT count(*), count(pg_notify('opamp_commands_ended', $9)) FILTER (WHERE status <> 'pending')
+FROM updated";
 
-/// The channel on which ends are announced (for every schema; the payload names it).
+/// The channel on which ends are announced (for every schema; the payload
+/// names it). `UPDATE` spells it out too.
 const ENDED: &str = "opamp_commands_ended";
 
 const OVERDUE: &str = "\
@@ -103,7 +112,7 @@ impl TrackingStore for PostgresStore {
         let id = record.correlation_id();
         let columns = Columns::of(record)?;
         let doing = || format!("updating the record of command {id}");
-        let done = sqlx::query(UPDATE)
+        let (updated, _announced): (i64, i64) = sqlx::query_as(UPDATE)
             .bind(id.to_string())
             .bind(record.supervisor.as_ref().map(SupervisorId::as_str))
             .bind(&columns.payload)
@@ -112,19 +121,11 @@ impl TrackingStore for PostgresStore {
             .bind(columns.completed_at)
             .bind(attempts(record))
             .bind(sql_time(record.command.deadline)?)
-            .execute(&self.pool)
+            .bind(format!("{} {id}", self.schema))
+            .fetch_one(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
-        let changed = self.changed_if_recorded(done.rows_affected(), &id, doing).await?;
-        if changed && record.state.is_final() {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(ENDED)
-                .bind(format!("{} {id}", self.schema))
-                .execute(&self.pool)
-                .await
-                .map_err(PgError::query(|| format!("announcing the end of command {id}")))?;
-        }
-        Ok(changed)
+        self.changed_if_recorded(updated.unsigned_abs(), &id, doing).await
     }
 
     async fn watch_endings(&self) -> Result<Endings> {

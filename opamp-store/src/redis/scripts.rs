@@ -175,13 +175,16 @@ return 1
 ";
 
 /// Replaces a command's record while the stored one is pending, keeping its
-/// expiry. KEYS: record. ARGV: the new JSON. Returns -1 if there is no
-/// record, 0 if it has ended, 1 if replaced.
+/// expiry, and announces it on a channel if the new record ends it. KEYS:
+/// record. ARGV: the new JSON, the channel (empty if the command goes on),
+/// the message. Returns -1 if there is no record, 0 if it has ended, 1 if
+/// replaced.
 const UPDATE_COMMAND: &str = r"
 local stored = redis.call('GET', KEYS[1])
 if not stored then return -1 end
 if cjson.decode(stored)['state'] ~= 'pending' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 ";
 

@@ -43,21 +43,23 @@ impl TrackingStore for RedisStore {
     async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
         let id = record.correlation_id();
         let key = self.keys.command(&id);
-        let script = eval(&self.conn_scripts().update_command, &[&key], record.to_json());
+        // The script announces the end itself: no round trip more per outcome.
+        let channel = if record.state.is_final() {
+            self.keys.ended_commands()
+        } else {
+            String::new()
+        };
+        let script = eval(
+            &self.conn_scripts().update_command,
+            &[&key],
+            (record.to_json(), channel, id.to_string()),
+        );
         match as_int(
             &checked(&key, self.one(|| format!("updating {key}"), &script).await?)?,
             &key,
         )? {
             -1 => Err(Error::not_found(format!("command {id}"))),
-            1 => {
-                self.index_pending(record).await?;
-                if record.state.is_final() {
-                    let channel = self.keys.ended_commands();
-                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(id.to_string()).to_owned();
-                    checked(&channel, self.one(|| format!("PUBLISH {channel}"), &publish).await?)?;
-                }
-                Ok(true)
-            }
+            1 => self.index_pending(record).await.map(|()| true),
             _ => Ok(false),
         }
     }
