@@ -1372,7 +1372,10 @@ async fn offer(
                 // answers (lost in an overflowing listen queue) fails here
                 // instead of holding the run up.
                 let outcome = match tokio::time::timeout(NO_ANSWER, client.toggle_and_wait(&device, on)).await {
-                    Ok(outcome) => outcome.map(|record| record["state"].as_str().unwrap_or("?").to_owned()),
+                    Ok(outcome) => outcome.map(|record| {
+                        let state = record["state"].as_str().unwrap_or("?").to_owned();
+                        (state, record)
+                    }),
                     Err(_) => Err(format!("no answer within {NO_ANSWER:?}")),
                 };
                 let sample = Sample {
@@ -1393,8 +1396,8 @@ async fn offer(
     for task in tasks {
         let (sample, outcome) = task.await?;
         match outcome {
-            Ok(state) if state == "acked" => latencies.push(sample.latency),
-            Ok(state) => failures.push(format!("ended {state}")),
+            Ok((state, _)) if state == "acked" => latencies.push(sample.latency),
+            Ok((state, record)) => failures.push(format!("ended {state}: {record}")),
             Err(err) => failures.push(err),
         }
         samples.push(sample);
