@@ -42,7 +42,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::bus::{Bus, Subscription};
+use crate::bus::{Bus, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId, DEFAULT_COMMAND_TIMEOUT};
 use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
@@ -692,37 +692,31 @@ impl Inner {
         }
     }
 
+    /// Handles events as they come, up to [`EVENTS_IN_FLIGHT`] at once: each
+    /// outcome costs a few store round trips, which one at a time would cap
+    /// an instance at a few hundred outcomes a second and queue the rest.
+    /// The buses take acknowledgements in any order, and two outcomes of one
+    /// command recorded at once are settled by the store's conditional update.
+    /// On stopping, the events being handled are finished first.
     async fn event_loop(self: Arc<Self>, mut events: Subscription<DeviceEvent>) {
         let mut stopping = self.stopping.subscribe();
+        let mut handling = JoinSet::new();
         loop {
+            let room = handling.len() < EVENTS_IN_FLIGHT;
             let next = tokio::select! {
-                _ = stopped(&mut stopping) => return,
-                next = events.next() => next,
+                _ = stopped(&mut stopping) => break,
+                Some(_) = handling.join_next(), if !handling.is_empty() => continue,
+                next = events.next(), if room => next,
             };
             match next {
                 Ok(Some(delivery)) => {
                     self.events_healthy.store(true, Ordering::Relaxed);
-                    let (event, acker) = delivery.into_parts();
-                    let lag = self.clock.now().duration_since(event.at);
-                    metrics::gauge!("opamp_event_lag_seconds").set(lag.as_secs_f64());
-                    if let EventKind::CommandCompleted {
-                        correlation_id,
-                        outcome,
-                    } = &event.kind
-                    {
-                        if let Err(err) = self.finish(correlation_id, outcome).await {
-                            // The sweeper looks at the command again after its deadline.
-                            warn!(%correlation_id, error = %err, "recording a command's outcome failed");
-                        }
-                    }
-                    if let Err(err) = acker.ack().await {
-                        warn!(error = %err, "acknowledging an event failed; it may come again");
-                    }
+                    handling.spawn(Arc::clone(&self).handle_event(delivery));
                 }
                 Ok(None) => {
                     warn!("the event stream ended");
                     self.events_healthy.store(false, Ordering::Relaxed);
-                    return;
+                    break;
                 }
                 Err(err) => {
                     warn!(error = %err, "reading events failed; retrying");
@@ -730,6 +724,27 @@ impl Inner {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+        }
+        while handling.join_next().await.is_some() {}
+    }
+
+    /// Records the outcome an event carries, if any, then acknowledges it.
+    async fn handle_event(self: Arc<Self>, delivery: Delivery<DeviceEvent>) {
+        let (event, acker) = delivery.into_parts();
+        let lag = self.clock.now().duration_since(event.at);
+        metrics::gauge!("opamp_event_lag_seconds").set(lag.as_secs_f64());
+        if let EventKind::CommandCompleted {
+            correlation_id,
+            outcome,
+        } = &event.kind
+        {
+            if let Err(err) = self.finish(correlation_id, outcome).await {
+                // The sweeper looks at the command again after its deadline.
+                warn!(%correlation_id, error = %err, "recording a command's outcome failed");
+            }
+        }
+        if let Err(err) = acker.ack().await {
+            warn!(error = %err, "acknowledging an event failed; it may come again");
         }
     }
 
@@ -1067,6 +1082,9 @@ fn count_outcome(record: &CommandRecord, now: Timestamp) {
     let latency = now.duration_since(record.command.issued_at);
     metrics::histogram!("opamp_command_latency_seconds", "kind" => kind).record(latency.as_secs_f64());
 }
+
+/// How many events one instance handles at once.
+const EVENTS_IN_FLIGHT: usize = 64;
 
 /// Returns once `stopping` says so (or its sender is gone).
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
