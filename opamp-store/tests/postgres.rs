@@ -743,9 +743,9 @@ async fn pipelined_lookup_connections_open_as_concurrency_needs_them() {
 
 /// With pipelining off, lookup lanes (sqlx connections) carry one lookup
 /// at a time each.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_lanes_open_as_concurrency_needs_them() {
-    lookup_connections_open_as_needed(false, 8, "not used: turned off").await;
+    lookup_connections_open_as_needed(false, 16, "not used: turned off").await;
 }
 
 /// A pipelined connection killed under load: the lookups it had in flight
