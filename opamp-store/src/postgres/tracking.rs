@@ -22,8 +22,8 @@ INSERT INTO command_audit (device_id, supervisor_id, command_type, payload, corr
 VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (correlation_id) DO NOTHING";
 
-/// The update, and the announcement (`$9` on the channel `ENDED`) if it
-/// ends the command, in one statement: the filter keeps `pg_notify` from
+/// The update, and the announcement (`$9` on the channel `$10`, [`ENDED`])
+/// if it ends the command, in one statement: the filter keeps `pg_notify` from
 /// running for a row that stays pending.
 const UPDATE: &str = "\
 WITH updated AS (
@@ -32,11 +32,11 @@ WITH updated AS (
     WHERE correlation_id = $1 AND status = 'pending'
     RETURNING status
 )
-SELECT count(*), count(pg_notify('opamp_commands_ended', $9)) FILTER (WHERE status <> 'pending')
+SELECT count(*), count(pg_notify($10, $9)) FILTER (WHERE status <> 'pending')
 FROM updated";
 
 /// The channel on which ends are announced (for every schema; the payload
-/// names it). `UPDATE` spells it out too.
+/// names it).
 const ENDED: &str = "opamp_commands_ended";
 
 const OVERDUE: &str = "\
@@ -122,6 +122,7 @@ impl TrackingStore for PostgresStore {
             .bind(attempts(record))
             .bind(sql_time(record.command.deadline)?)
             .bind(format!("{} {id}", self.schema))
+            .bind(ENDED)
             .fetch_one(&self.pool)
             .await
             .map_err(PgError::query(doing))?;
