@@ -75,7 +75,7 @@ fn opamp_idle_measures_opamp_agents_against_mosquitto() {
         &[
             "--servers",
             "mosquitto,opamp-transport,opamp-supervisor",
-            "--ws-read-buffer",
+            "--ws-read-chunk",
             "512",
         ],
     );

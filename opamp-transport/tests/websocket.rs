@@ -27,10 +27,13 @@ use opamp_transport::websocket::{
     OpampTransport, SERVER_CAPABILITIES,
 };
 use prost::Message as _;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 /// OpAMP over WebSocket with bearer fleet tokens.
@@ -347,6 +350,23 @@ async fn bad_websocket_input_closes_only_that_connection() {
     });
     let _ = ws.send(framed(&big)).await;
     assert_eq!(close_code(&mut ws).await, CloseCode::Size);
+
+    // Frames broken below the message: an unmasked one (written past the
+    // client library, which masks), and a fragmented ping. 1002, named.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.get_mut().write_all(&[0x82, 0x01, 0x00]).await.unwrap();
+    let (_, message) = error_of(&recv(&mut ws).await);
+    assert!(message.contains("must be masked"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Protocol);
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    // A ping without FIN, masked with zeros.
+    ws.get_mut()
+        .write_all(&[0x09, 0x82, 0, 0, 0, 0, b'h', b'i'])
+        .await
+        .unwrap();
+    let (_, message) = error_of(&recv(&mut ws).await);
+    assert!(message.contains("fragmented control frame"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Protocol);
 
     // A first message without its description: the full state is asked for, nothing refused.
     let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
@@ -903,5 +923,91 @@ async fn one_supervisor_serves_grpc_and_opamp_devices_at_once() {
         assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked, "{device}");
         assert!(*agent.emission().borrow(), "{device}");
     }
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_framing_pings_fragments_and_split_writes() {
+    let mut fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c.read_chunk(64)).await;
+    let auth = bearer("framed");
+
+    // A ping is answered with its payload.
+    let mut ws = raw_ws(&url, Some(&auth)).await.unwrap();
+    ws.send(Message::Ping(Bytes::from_static(b"are you there")))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(pong, Message::Pong(Bytes::from_static(b"are you there")));
+
+    // A registration sent in three fragments, a ping between them, each
+    // fragment far larger than one 64-byte read: read as one message.
+    let mut first = report([7; 16], 1, "framed");
+    first.capabilities |= proto::AgentCapabilities::AcceptsRestartCommand as u64;
+    first.health = Some(proto::ComponentHealth {
+        healthy: true,
+        last_error: "y".repeat(500),
+        ..Default::default()
+    });
+    let mut bytes = vec![0];
+    first.encode(&mut bytes).unwrap();
+    let third = bytes.len() / 3;
+    let pieces = [&bytes[..third], &bytes[third..2 * third], &bytes[2 * third..]];
+    let binary = OpCode::Data(Data::Binary);
+    let continuation = OpCode::Data(Data::Continue);
+    ws.send(Message::Frame(Frame::message(
+        Bytes::copy_from_slice(pieces[0]),
+        binary,
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Ping(Bytes::from_static(b"between"))).await.unwrap();
+    ws.send(Message::Frame(Frame::message(
+        Bytes::copy_from_slice(pieces[1]),
+        continuation,
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        Bytes::copy_from_slice(pieces[2]),
+        continuation,
+        true,
+    )))
+    .await
+    .unwrap();
+    let reply = recv(&mut ws).await;
+    assert_eq!(reply.capabilities, SERVER_CAPABILITIES, "registered");
+    fleet.owner_is("framed", Some("s1")).await;
+
+    // A report written a byte at a time, as a slow link delivers it.
+    let mut second = report([7; 16], 2, "framed");
+    second.agent_description = None;
+    second.capabilities = first.capabilities;
+    let mut payload = vec![0];
+    second.encode(&mut payload).unwrap();
+    let mut frame = vec![0x82, 0x80 | payload.len() as u8, 1, 2, 3, 4];
+    frame.extend(payload.iter().enumerate().map(|(at, byte)| byte ^ [1, 2, 3, 4][at % 4]));
+    for byte in frame {
+        ws.get_mut().write_all(&[byte]).await.unwrap();
+        ws.get_mut().flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let reply = recv(&mut ws).await;
+    assert_eq!(
+        reply.flags & ServerToAgentFlags::ReportFullState as u64,
+        0,
+        "no gap: it read as sent"
+    );
+
+    // A command reaches it over the same connection; closing with 1000 is echoed.
+    let id = fleet.send("s1", "framed", CommandKind::Restart).await;
+    assert!(recv(&mut ws).await.command.is_some(), "the restart command");
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    ws.close(None).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Close(_))) | None), "{echoed:?}");
+    fleet.owner_is("framed", None).await;
     s1.shutdown().await;
 }

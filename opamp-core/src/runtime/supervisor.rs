@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -48,7 +48,8 @@ use crate::status::{Labels, StatusPatch};
 use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, duration_text};
 use crate::transport::{
-    ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, StatusReport, ToDevice, TrySendError,
+    ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Outbound, Receiver, StatusReport, ToDevice,
+    TrySendError,
 };
 
 /// How a supervisor runs.
@@ -341,7 +342,7 @@ struct Inner {
 /// What the rest of the supervisor knows of a live session.
 struct SessionEntry {
     id: u64,
-    jobs: mpsc::Sender<Work>,
+    jobs: Outbound<Work>,
     close: Arc<Notify>,
     /// For selecting the device in broadcast config updates.
     agent_type: Option<AgentType>,
@@ -349,8 +350,8 @@ struct SessionEntry {
 }
 
 /// What a session is given to do.
-// Kept to two words: tokio allocates a block of 32 slots per channel up
-// front, and a supervisor holds one queue per device.
+// Kept to two words: a queue's buffer holds these, and a supervisor holds
+// one queue per device.
 enum Work {
     /// Execute a command from the bus.
     Command(Box<Job>),
@@ -489,7 +490,7 @@ impl Inner {
             }
         };
         let push = Arc::new(ConfigPush::new(Some(update.correlation_id), config, template.bundle));
-        let selected: Vec<(DeviceId, mpsc::Sender<Work>)> = self
+        let selected: Vec<(DeviceId, Outbound<Work>)> = self
             .sessions()
             .iter()
             .filter(|(_, entry)| entry.agent_type == Some(config.agent_type) && update.selects(&entry.labels))
@@ -498,7 +499,7 @@ impl Inner {
         debug!(%config, devices = selected.len(), "config update selects devices here");
         for (device, jobs) in selected {
             self.store.set_desired(&device, &config).await?;
-            if let Err(mpsc::error::TrySendError::Full(_)) = jobs.try_send(Work::Converge(Arc::clone(&push))) {
+            if let Err(TrySendError::Full(_)) = jobs.try_send(Work::Converge(Arc::clone(&push))) {
                 warn!(%device, %config, "the device's queue is full; it converges on its desired config when it next registers");
             }
         }
@@ -541,14 +542,14 @@ impl Inner {
             None => (job, CommandOutcome::DeviceOffline),
             Some(jobs) => match jobs.try_send(Work::Command(job)) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(Work::Command(job))) => {
+                Err(TrySendError::Full(Work::Command(job))) => {
                     let reason = format!(
                         "the command queue of device {} is full ({} waiting)",
                         job.command.device, self.config.device_queue
                     );
                     (job, CommandOutcome::Failed { reason })
                 }
-                Err(mpsc::error::TrySendError::Closed(Work::Command(job))) => (job, CommandOutcome::DeviceOffline),
+                Err(TrySendError::Closed(Work::Command(job))) => (job, CommandOutcome::DeviceOffline),
                 // What was sent was a command, so a command is what comes back.
                 Err(_) => return,
             },
@@ -619,66 +620,66 @@ impl Inner {
     // The future of this function is what a supervisor keeps per idle device,
     // so every await that is not live while the session idles is boxed: their
     // state machines would otherwise be laid out inline, several KiB per device.
-    async fn run_session(self: Arc<Self>, session: DeviceSession) {
-        let me = self.config.id;
-        let device = session.hello.device;
-        if let Err(err) = Box::pin(self.register(&session.hello)).await {
-            warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
-            return;
-        }
-        let (jobs, queued) = mpsc::channel(self.config.device_queue);
-        let close = Arc::new(Notify::new());
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let previous = self.sessions().insert(
-            device,
-            SessionEntry {
-                id,
-                jobs,
-                close: Arc::clone(&close),
-                agent_type: session.hello.agent_type,
-                labels: session.hello.labels.clone(),
-            },
-        );
-        if let Some(previous) = previous {
-            // The device reconnected here while its old session lingered.
-            previous.close.notify_one();
-        }
-        debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
-        // A fresh queue has room; if the device is already gone the session loop notices.
-        let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
-        if let Err(err) = Box::pin(self.publish(device, EventKind::Connected { supervisor: me })).await {
-            warn!(%device, error = %err, "publishing a connected event failed");
-        }
-        let desired = Box::pin(self.desired_push(&session.hello)).await;
+    // It is not an `async fn`: the future of one stores its arguments twice,
+    // as arguments and as the locals they are moved into.
+    #[allow(clippy::manual_async_fn)]
+    fn run_session(self: Arc<Self>, mut session: DeviceSession) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let me = self.config.id;
+            let device = session.hello.device;
+            if let Err(err) = Box::pin(self.register(&session.hello)).await {
+                warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
+                return;
+            }
+            let (jobs, queued) = Outbound::channel(self.config.device_queue);
+            let close = Arc::new(Notify::new());
+            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            let previous = self.sessions().insert(
+                device,
+                SessionEntry {
+                    id,
+                    jobs,
+                    close: Arc::clone(&close),
+                    agent_type: session.hello.agent_type,
+                    // Only the entry needs them from here on.
+                    labels: std::mem::take(&mut session.hello.labels),
+                },
+            );
+            if let Some(previous) = previous {
+                // The device reconnected here while its old session lingered.
+                previous.close.notify_one();
+            }
+            debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
+            // A fresh queue has room; if the device is already gone the session loop notices.
+            let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
+            if let Err(err) = Box::pin(self.publish(device, EventKind::Connected { supervisor: me })).await {
+                warn!(%device, error = %err, "publishing a connected event failed");
+            }
+            let desired = Box::pin(self.desired_push(&session.hello)).await;
 
-        let mut runner = SessionRunner {
-            inner: &self,
-            config_hash: session.hello.config_hash,
-            session,
-            queued,
-            close,
-            current: None,
-            converging: None,
-            last_touch: tokio::time::Instant::now(),
-        };
-        if let Some(push) = desired {
-            runner.converge(push);
+            let mut runner = SessionRunner {
+                inner: &self,
+                config_hash: session.hello.config_hash,
+                session: &mut session,
+                queued,
+                close,
+                current: None,
+                converging: None,
+                last_touch: tokio::time::Instant::now(),
+            };
+            if let Some(push) = desired {
+                runner.converge(push);
+            }
+            let why = runner.run().await;
+            let SessionRunner { queued, current, .. } = runner;
+            Box::pin(self.end_session(device, id, queued, current)).await;
+            debug!(%device, supervisor = %me, reason = why, "session ended");
         }
-        let why = runner.run().await;
-        let SessionRunner { queued, current, .. } = runner;
-        Box::pin(self.end_session(device, id, queued, current)).await;
-        debug!(%device, supervisor = %me, reason = why, "session ended");
     }
 
     /// After a session ended: finishes what it still had to do, and releases
     /// the device unless it registered again here meanwhile.
-    async fn end_session(
-        &self,
-        device: DeviceId,
-        id: u64,
-        mut queued: mpsc::Receiver<Work>,
-        current: Option<Box<InFlight>>,
-    ) {
+    async fn end_session(&self, device: DeviceId, id: u64, mut queued: Receiver<Work>, current: Option<Box<InFlight>>) {
         let me = self.config.id;
         let removed = {
             let mut sessions = self.sessions();
@@ -795,8 +796,8 @@ impl Inner {
 /// One device's session: its messages in, its commands out, one command at a time.
 struct SessionRunner<'a> {
     inner: &'a Arc<Inner>,
-    session: DeviceSession,
-    queued: mpsc::Receiver<Work>,
+    session: &'a mut DeviceSession,
+    queued: Receiver<Work>,
     close: Arc<Notify>,
     // Boxed, like `converging`: a session spends most of its life idle, and
     // the runner lives in its task for as long as the device is connected.
@@ -1069,7 +1070,8 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        // Boxed: the timer is a large part of a session's future, and only a command in flight needs one.
+        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
 }

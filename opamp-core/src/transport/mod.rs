@@ -21,6 +21,9 @@
 //! fills its own queue and nobody else's.
 
 pub mod channel;
+pub mod queue;
+
+pub use queue::{Receiver, TryRecvError};
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
@@ -222,7 +225,8 @@ pub enum FromDevice {
 
 /// The receiving half of a session.
 ///
-/// Transports implement it over their wire; a tokio `mpsc::Receiver` is one.
+/// Transports implement it over their wire; an [`Outbound`] queue's
+/// [`Receiver`] is one, and so is a tokio `mpsc::Receiver`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -265,46 +269,59 @@ pub enum TrySendError<T> {
     Closed(T),
 }
 
-/// The sending half of a session: a bounded queue the transport drains onto the wire.
-#[derive(Debug)]
+/// The sending half of a session: a bounded queue the transport drains onto
+/// the wire through its [`Receiver`].
+///
+/// An idle queue costs one small allocation and reserves no slots (see
+/// [`queue`]); clones share it, and the session's receiving side sees the
+/// end once every clone is dropped.
 pub struct Outbound<T> {
-    tx: mpsc::Sender<T>,
+    shared: Arc<queue::Shared<T>>,
 }
 
-impl<T> Clone for Outbound<T> {
-    fn clone(&self) -> Self {
-        Outbound { tx: self.tx.clone() }
+impl<T> Debug for Outbound<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Outbound").field(&self.shared).finish()
     }
 }
 
 impl<T: Send> Outbound<T> {
     /// A queue of `capacity` messages (at least 1): the sender, and the receiver the transport drains.
-    pub fn channel(capacity: usize) -> (Outbound<T>, mpsc::Receiver<T>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Outbound { tx }, rx)
+    pub fn channel(capacity: usize) -> (Outbound<T>, Receiver<T>) {
+        let shared = queue::Shared::new(capacity);
+        (
+            Outbound {
+                shared: Arc::clone(&shared),
+            },
+            Receiver::new(shared),
+        )
     }
 
     /// Queues `message` if there is room, without waiting.
     pub fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
-        self.tx.try_send(message).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(m) => TrySendError::Full(m),
-            mpsc::error::TrySendError::Closed(m) => TrySendError::Closed(m),
-        })
+        self.shared.try_send(message)
     }
 
     /// Queues `message`, waiting for room; hands it back if the session has ended.
     pub async fn send(&self, message: T) -> Result<(), T> {
-        self.tx.send(message).await.map_err(|err| err.0)
+        self.shared.send(message).await
     }
 
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.shared.is_closed()
     }
 
     /// Waits until the session has ended.
     pub async fn closed(&self) {
-        self.tx.closed().await
+        self.shared.closed().await
+    }
+}
+
+#[async_trait]
+impl<T: Send> Inbound<T> for Receiver<T> {
+    async fn recv(&mut self) -> Result<Option<T>> {
+        Ok(Receiver::recv(self).await)
     }
 }
 

@@ -1,13 +1,16 @@
 //! The device side: connects to a supervisor's `ControlService` and registers.
 
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opamp_core::transport::{AgentConnector, AgentSession, DeviceHello, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::transport::{
+    AgentConnector, AgentSession, DeviceHello, FromDevice, Inbound, Outbound, Receiver, ToDevice,
+};
 use opamp_core::{Error, Result};
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
@@ -141,7 +144,7 @@ impl AgentConnector for GrpcConnector {
         let (outbound, queue) = Outbound::channel(config.queue);
         let token = config.token.as_ref().map_or("", DeviceToken::as_str);
         let requests = tokio_stream::once(convert::register(hello, token))
-            .chain(ReceiverStream::new(queue).map(|message: FromDevice| convert::from_device_message(&message)));
+            .chain(QueueStream(queue).map(|message: FromDevice| convert::from_device_message(&message)));
 
         let doing = format!("registering {} at {url}", hello.device);
         let registering = async {
@@ -200,5 +203,16 @@ impl Inbound<ToDevice> for SupervisorInbound {
             Ok(None) => Ok(None),
             Err(status) => Err(error_of(&status, "reading from the supervisor")),
         }
+    }
+}
+
+/// The device's queue, as the stream of requests after the registration.
+struct QueueStream(Receiver<FromDevice>);
+
+impl tokio_stream::Stream for QueueStream {
+    type Item = FromDevice;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FromDevice>> {
+        self.0.poll_recv(cx)
     }
 }

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice};
 use opamp_core::{DeviceId, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -295,7 +295,7 @@ impl Inbound<FromDevice> for DeviceInbound {
 /// The response stream: the device's queue, ended early by a refusal status.
 struct ToDeviceStream {
     aborted: Option<oneshot::Receiver<Status>>,
-    queue: mpsc::Receiver<ToDevice>,
+    queue: Receiver<ToDevice>,
 }
 
 impl Stream for ToDeviceStream {

@@ -17,7 +17,7 @@ pub use crate::grpc::fuzz::grpc_envelope;
 pub use crate::http_api::fuzz::rest_bodies;
 #[cfg(feature = "websocket")]
 #[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
-pub use crate::websocket::fuzz::{opamp_http, opamp_session, opamp_ws};
+pub use crate::websocket::fuzz::{opamp_http, opamp_session, opamp_ws, opamp_ws_frames};
 
 /// Every fuzz target of this crate whose feature is on, by target name (the
 /// folder name under `fuzz/corpus/`).
@@ -26,6 +26,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("grpc_envelope", grpc_envelope),
     #[cfg(feature = "websocket")]
     ("opamp_ws", opamp_ws),
+    #[cfg(feature = "websocket")]
+    ("opamp_ws_frames", opamp_ws_frames),
     #[cfg(feature = "websocket")]
     ("opamp_http", opamp_http),
     #[cfg(feature = "websocket")]

@@ -13,7 +13,9 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use opamp_core::transport::{AgentConnector, AgentSession, DeviceHello, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::transport::{
+    AgentConnector, AgentSession, DeviceHello, FromDevice, Inbound, Outbound, Receiver, ToDevice,
+};
 use opamp_core::{CorrelationId, Error, Result, SupervisorId};
 use prost::Message as _;
 use tokio::net::{TcpSocket, TcpStream};
@@ -605,7 +607,7 @@ fn closed(frame: Option<CloseFrame>) -> Error {
 async fn pump_ws(
     mut ws: WebSocketStream<TcpStream>,
     mut state: AgentState,
-    mut reports: mpsc::Receiver<FromDevice>,
+    mut reports: Receiver<FromDevice>,
     inbound: mpsc::Sender<Result<ToDevice>>,
     limit: usize,
 ) {
@@ -832,7 +834,7 @@ async fn send_once(
 async fn pump_http(
     mut poster: Poster,
     mut state: AgentState,
-    mut reports: mpsc::Receiver<FromDevice>,
+    mut reports: Receiver<FromDevice>,
     inbound: mpsc::Sender<Result<ToDevice>>,
     poll_interval: Duration,
 ) {

@@ -1,4 +1,4 @@
-//! The checks behind the `opamp_ws`, `opamp_http` and `opamp_session` fuzz
+//! The checks behind the `opamp_ws`, `opamp_ws_frames`, `opamp_http` and `opamp_session` fuzz
 //! targets (see [`crate::testkit::fuzz`]).
 
 use std::collections::BTreeSet;
@@ -16,7 +16,7 @@ use super::proto::{
     KeyValue, RemoteConfigStatus, ServerToAgentFlags, any_value,
 };
 use super::server::Reports;
-use super::{DeviceIdSource, EMISSION_CAPABILITY, FLEET_CAPABILITY, convert};
+use super::{DeviceIdSource, EMISSION_CAPABILITY, FLEET_CAPABILITY, convert, frames};
 
 /// A WebSocket message from an agent: the varint header, the
 /// `AgentToServer`, and the core messages the server makes of it.
@@ -330,6 +330,110 @@ impl Report {
     }
 }
 
+/// Bytes from a client's socket through the server's WebSocket frame
+/// reader, which reads them itself (see `frames`).
+///
+/// The first byte chooses: even, the rest is raw bytes off the wire; odd, it
+/// is a script of well-formed frames that the check masks and sends.
+/// Invariants: whatever the bytes, the reader reads the same messages and
+/// stops at the same named problem however they are cut into reads, and
+/// holds no buffer once nothing is pending; well-formed frames read back as
+/// the messages they carry.
+pub fn opamp_ws_frames(data: &[u8]) {
+    const LIMIT: usize = 4096;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode % 2 == 0 {
+        let at_once = read_frames(rest, rest.len().max(1), LIMIT);
+        let step = usize::from(mode / 2 % 13) + 1;
+        let in_pieces = read_frames(rest, step, LIMIT);
+        assert_eq!(in_pieces, at_once, "the same bytes read in pieces of {step}");
+        if let Err(problem) = &at_once.1 {
+            assert!(!problem.to_string().is_empty(), "a refusal names what was wrong");
+        }
+        return;
+    }
+    let mut input = Unstructured::new(rest);
+    let mut wire = Vec::new();
+    let mut expected = Vec::new();
+    // `arbitrary` makes empty frames from no bytes: stop when the bytes run out.
+    while !input.is_empty() {
+        let Ok(frame) = ScriptFrame::arbitrary(&mut input) else {
+            break;
+        };
+        let mask = frame.mask;
+        match frame.kind % 4 {
+            0 => {
+                wire.extend(frames::client_frame(true, 0x2, &frame.payload, mask));
+                expected.push(frames::Incoming::Binary(frame.payload));
+            }
+            1 => {
+                // The same message in two fragments, a ping between them.
+                let half = frame.payload.len() / 2;
+                let ping = &frame.payload[..half.min(125)];
+                wire.extend(frames::client_frame(false, 0x2, &frame.payload[..half], mask));
+                wire.extend(frames::client_frame(true, 0x9, ping, mask));
+                wire.extend(frames::client_frame(true, 0x0, &frame.payload[half..], mask));
+                expected.push(frames::Incoming::Ping(ping.to_vec()));
+                expected.push(frames::Incoming::Binary(frame.payload));
+            }
+            2 => {
+                let payload = &frame.payload[..frame.payload.len().min(125)];
+                wire.extend(frames::client_frame(true, 0x9, payload, mask));
+                expected.push(frames::Incoming::Ping(payload.to_vec()));
+            }
+            _ => {
+                wire.extend(frames::client_frame(
+                    true,
+                    0xA,
+                    &frame.payload[..frame.payload.len().min(125)],
+                    mask,
+                ));
+                expected.push(frames::Incoming::Pong);
+            }
+        }
+    }
+    let limit = expected.iter().map(|incoming| match incoming {
+        frames::Incoming::Binary(payload) => payload.len(),
+        _ => 0,
+    });
+    let limit = limit.max().unwrap_or(0).max(1);
+    let (read, end) = read_frames(&wire, usize::from(mode / 2 % 29) + 1, limit);
+    assert_eq!(end, Ok(()), "well-formed frames are accepted");
+    assert_eq!(read, expected, "well-formed frames read back as sent");
+}
+
+/// One frame of an `opamp_ws_frames` script.
+#[derive(Debug, Arbitrary)]
+struct ScriptFrame {
+    kind: u8,
+    mask: [u8; 4],
+    payload: Vec<u8>,
+}
+
+/// What a reader with `limit` makes of `bytes` read `step` at a time: the
+/// messages, then how it stopped (`Ok` when the bytes ran out).
+fn read_frames(bytes: &[u8], step: usize, limit: usize) -> (Vec<frames::Incoming>, Result<(), frames::Problem>) {
+    let mut reader = frames::Reader::new(limit);
+    let mut read = Vec::new();
+    for piece in bytes.chunks(step) {
+        reader.extend(piece);
+        loop {
+            match reader.next() {
+                Ok(Some(incoming)) => read.push(incoming),
+                Ok(None) => break,
+                Err(problem) => return (read, Err(problem)),
+            }
+        }
+        reader.settle();
+        if !reader.is_partway() {
+            assert_eq!(reader.held(), 0, "an idle reader holds no buffer");
+        }
+    }
+    (read, Ok(()))
+}
+
 /// A sequence of reports from one agent through the session logic both
 /// OpAMP transports share: registration needs the description and a valid
 /// device id, then each report is read with the session's memory.
@@ -514,6 +618,20 @@ pub(crate) fn seeds() -> Vec<crate::testkit::fuzz::Seed> {
     seeds.push(("opamp_http", "brotli", b"\x03\x0a\x10".to_vec()));
     seeds.push(("opamp_ws", "header-1", vec![1, 0x0a, 0x00]));
     seeds.push(("opamp_ws", "header-not-varint", vec![0xff; 11]));
+    // The RFC's masked "Hello" as binary, a fragmented message around a ping, and a close.
+    let mut wire = vec![0];
+    wire.extend(frames::client_frame(true, 0x2, b"Hello", [0x37, 0xfa, 0x21, 0x3d]));
+    wire.extend(frames::client_frame(false, 0x2, b"frag", [1, 2, 3, 4]));
+    wire.extend(frames::client_frame(true, 0x9, b"ping", [5, 6, 7, 8]));
+    wire.extend(frames::client_frame(true, 0x0, b"ment", [9, 10, 11, 12]));
+    wire.extend(frames::client_frame(true, 0x8, &1000u16.to_be_bytes(), [0; 4]));
+    seeds.push(("opamp_ws_frames", "wire-hello-fragments-close", wire));
+    seeds.push(("opamp_ws_frames", "wire-unmasked", vec![6, 0x82, 0x02, 0, 0]));
+    seeds.push((
+        "opamp_ws_frames",
+        "script",
+        (0..96u8).map(|i| i.wrapping_mul(37) | 1).collect(),
+    ));
     // Scripts: arbitrary's reading of these bytes gives a few reports each.
     for (name, length) in [("script-short", 64), ("script-long", 1024)] {
         let bytes = (0..length)

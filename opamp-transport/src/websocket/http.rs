@@ -11,9 +11,8 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, StatusCode};
-use opamp_core::transport::{FromDevice, ToDevice};
+use opamp_core::transport::{FromDevice, Receiver, ToDevice};
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -27,7 +26,7 @@ pub(super) const PROTOBUF: &str = "application/x-protobuf";
 /// A plain HTTP agent between polls.
 pub(super) struct HttpAgent {
     link: Link,
-    queue: mpsc::Receiver<ToDevice>,
+    queue: Receiver<ToDevice>,
     /// A message taken from the queue that did not fit the last response.
     held: Option<ToDevice>,
     last_request: Instant,

@@ -92,6 +92,7 @@
 
 mod client;
 mod convert;
+mod frames;
 #[cfg(feature = "testkit")]
 pub(crate) mod fuzz;
 mod http;
@@ -119,15 +120,21 @@ pub const DEFAULT_PORT: u16 = 4320;
 pub const DEFAULT_PATH: &str = "/v1/opamp";
 /// The default limit on one message, either way: the spec's recommended 64 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
-/// The default WebSocket read buffer per connection. tungstenite's default
-/// is 128 KiB, allocated up front for every connection: at 15,000 idle
-/// agents that alone is 1.9 GiB. Agents are idle nearly always and their
-/// reports small; a larger message is read in more chunks, not refused.
-/// 512 B rather than 4 KiB saved 3.5 KB per idle agent (docs/performance.md).
+/// The default WebSocket read buffer of an [`OpampConnector`]. tungstenite's
+/// default is 128 KiB, allocated up front for every connection: at 15,000
+/// agents in one load generator that alone is 1.9 GiB. An agent's messages
+/// are small; a larger one is read in more chunks, not refused.
 pub const DEFAULT_READ_BUFFER_SIZE: usize = 512;
-/// The default WebSocket write buffer: 0 writes each message out at once
-/// instead of gathering them (tungstenite's default gathers up to 128 KiB).
+/// The default WebSocket write buffer of an [`OpampConnector`]: 0 writes each
+/// message out at once instead of gathering them (tungstenite's default
+/// gathers up to 128 KiB).
 pub const DEFAULT_WRITE_BUFFER_SIZE: usize = 0;
+/// The default number of bytes the server asks for in one read from an
+/// agent's WebSocket. The server holds no buffer for an idle connection (it
+/// reads into one only while bytes arrive, sized to the frame being read, and
+/// frees it when every frame is handled), so this sets how many reads a
+/// message takes, not what a connection costs.
+pub const DEFAULT_READ_CHUNK: usize = 4096;
 /// The default time an agent has to be registered by the supervisor.
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default polling interval of a plain HTTP agent (the spec's 30 s).
@@ -223,10 +230,10 @@ pub struct OpampServerConfig {
     pub device_id: DeviceIdSource,
     /// The largest message accepted or sent, in bytes, header included (after gzip, over HTTP).
     pub max_message_size: usize,
-    /// The WebSocket read buffer per connection, in bytes.
-    pub read_buffer_size: usize,
-    /// The WebSocket write buffer per connection, in bytes (0: write each message at once).
-    pub write_buffer_size: usize,
+    /// How many bytes one read from a WebSocket asks for. No buffer is held
+    /// while a connection idles, and none for writing: each message is
+    /// framed and written at once (see [`DEFAULT_READ_CHUNK`]).
+    pub read_chunk: usize,
     /// How long the supervisor may take to register an agent.
     pub register_timeout: Duration,
     /// A plain HTTP agent that has not polled for this long is disconnected.
@@ -255,8 +262,7 @@ impl OpampServerConfig {
             auth,
             device_id: DeviceIdSource::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-            read_buffer_size: DEFAULT_READ_BUFFER_SIZE,
-            write_buffer_size: DEFAULT_WRITE_BUFFER_SIZE,
+            read_chunk: DEFAULT_READ_CHUNK,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             http_session_timeout: DEFAULT_HTTP_SESSION_TIMEOUT,
             max_connections: 50_000,
@@ -286,10 +292,9 @@ impl OpampServerConfig {
         self
     }
 
-    /// With other WebSocket buffer sizes.
-    pub fn buffers(mut self, read: usize, write: usize) -> Self {
-        self.read_buffer_size = read;
-        self.write_buffer_size = write;
+    /// Reading WebSockets `bytes` at a time.
+    pub fn read_chunk(mut self, bytes: usize) -> Self {
+        self.read_chunk = bytes;
         self
     }
 
@@ -331,6 +336,12 @@ impl OpampServerConfig {
             return Err(Error::invalid_input(format!(
                 "opamp max_message_size must be at least 1024 bytes, got {}",
                 self.max_message_size
+            )));
+        }
+        if self.read_chunk < 64 {
+            return Err(Error::invalid_input(format!(
+                "opamp read_chunk must be at least 64 bytes, got {}",
+                self.read_chunk
             )));
         }
         if self.register_timeout.is_zero() || self.http_session_timeout.is_zero() {

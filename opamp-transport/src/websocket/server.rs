@@ -3,34 +3,31 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::{Future as _, poll_fn};
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::{SinkExt as _, Stream, StreamExt as _};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, ToDevice};
+use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice};
 use opamp_core::{DeviceId, Error, Result};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::StreamMap;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{debug, info, warn};
 
 use super::convert::{self, LastConfigStatus};
+use super::frames::{self, Incoming};
 use super::proto::{AgentToServer, ServerToAgent, ServerToAgentFlags};
 use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http};
 
@@ -64,22 +61,7 @@ impl OpampTransport {
         let (stopping, stop) = watch::channel(false);
         let (active_tx, active) = watch::channel(0usize);
         info!(%local_addr, path = %config.path, auth = ?config.auth, device_id = ?config.device_id, "OpAMP device transport listening");
-        let shared = Arc::new(Shared {
-            ws_config: super::ws_config(
-                config.read_buffer_size,
-                config.write_buffer_size,
-                config.max_message_size,
-            ),
-            config,
-            sessions,
-            live: Mutex::new(HashMap::new()),
-            connections: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            next_owner: AtomicU64::new(HTTP_OWNER + 1),
-            http_agents: Mutex::new(HashMap::new()),
-            stop,
-            active: active_tx,
-        });
+        let shared = Arc::new(Shared::new(config, sessions, stop, active_tx));
         let server = tokio::spawn(accept_loop(shared.clone(), listener));
         let reaper = tokio::spawn(http::reap(shared));
         Ok(OpampTransport {
@@ -144,7 +126,6 @@ pub(super) const HTTP_OWNER: u64 = 0;
 /// What every connection of one transport shares.
 pub(super) struct Shared {
     pub(super) config: OpampServerConfig,
-    ws_config: WebSocketConfig,
     sessions: mpsc::Sender<DeviceSession>,
     /// Instance uids with a registered agent, and which connection has each.
     live: Mutex<HashMap<[u8; 16], u64>>,
@@ -153,7 +134,31 @@ pub(super) struct Shared {
     next_owner: AtomicU64,
     pub(super) http_agents: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<http::HttpAgent>>>>,
     pub(super) stop: watch::Receiver<bool>,
+    /// Told when `stop` turns true, for WebSocket connections.
+    closing: Notify,
     active: watch::Sender<usize>,
+}
+
+impl Shared {
+    fn new(
+        config: OpampServerConfig,
+        sessions: mpsc::Sender<DeviceSession>,
+        stop: watch::Receiver<bool>,
+        active: watch::Sender<usize>,
+    ) -> Self {
+        Shared {
+            config,
+            sessions,
+            live: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            next_owner: AtomicU64::new(HTTP_OWNER + 1),
+            http_agents: Mutex::new(HashMap::new()),
+            stop,
+            closing: Notify::new(),
+            active,
+        }
+    }
 }
 
 /// Counts a connection task for [`OpampTransport::shutdown`] while it lives.
@@ -191,7 +196,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => {
+                // WebSocket connections wait on this instead of the watch: it is smaller.
+                shared.closing.notify_waiters();
+                return;
+            }
         };
         let _ = stream.set_nodelay(true);
         // The kernel finds dead peers (a half-open connection would keep its
@@ -259,7 +268,7 @@ pub(super) fn unauthorized(message: String) -> Reply {
     response
 }
 
-async fn route(shared: &Arc<Shared>, peer: SocketAddr, request: Request<Incoming>) -> Reply {
+async fn route(shared: &Arc<Shared>, peer: SocketAddr, request: Request<hyper::body::Incoming>) -> Reply {
     if request.uri().path() != shared.config.path {
         return reply(
             StatusCode::NOT_FOUND,
@@ -293,7 +302,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
-fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<Incoming>) -> Reply {
+fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::body::Incoming>) -> Reply {
     let credential = match credential(shared, request.headers()) {
         Ok(credential) => credential,
         Err(problem) => return unauthorized(problem),
@@ -328,28 +337,37 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<Incoming
             config.retry_after,
         );
     }
-    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
     let shared = shared.clone();
+    let active = Active::new(&shared);
     tokio::spawn(async move {
-        let _active = Active::new(&shared);
-        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(shared.ws_config))
-                    .await;
+                // Served as the TCP stream hyper was given: the connection reads its own frames.
+                let Ok(hyper::upgrade::Parts { io, read_buf, .. }) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                    warn!(%peer, "an upgraded OpAMP connection is not a TCP stream; closing it");
+                    return;
+                };
+                let mut reader = frames::Reader::new(shared.config.max_message_size);
+                // Bytes the client sent right after its upgrade request. Copied
+                // out: they share hyper's 8 KiB read buffer, which goes with them.
+                reader.extend(&read_buf);
+                drop(read_buf);
                 let owner = shared.next_owner.fetch_add(1, Ordering::Relaxed);
-                Connection {
-                    shared: &shared,
-                    ws,
+                let connection = Connection {
+                    shared,
+                    stream: io.into_inner(),
+                    reader,
                     owner,
                     credential,
-                    peer: format!("opamp-ws {peer}"),
-                    links: Vec::new(),
-                    queues: StreamMap::new(),
-                }
-                .serve()
-                .await;
+                    peer,
+                    agents: Vec::new(),
+                    _counted: (active, slot),
+                };
+                // A task of its own, holding only the connection: this one, with
+                // the upgrade's state, ends here.
+                tokio::spawn(connection.serve());
             }
             Err(err) => debug!(%peer, error = %err, "the WebSocket upgrade failed"),
         }
@@ -493,7 +511,7 @@ pub(super) struct Link {
     pub(super) uid: [u8; 16],
     pub(super) device: DeviceId,
     pub(super) fleet: bool,
-    inbound: mpsc::Sender<Result<FromDevice>>,
+    inbound: Outbound<Result<FromDevice>>,
     reports: Reports,
     _live: LiveUid,
 }
@@ -607,7 +625,7 @@ pub(super) async fn register(
     uid: [u8; 16],
     message: &AgentToServer,
     peer: &str,
-) -> std::result::Result<(Link, mpsc::Receiver<ToDevice>, ServerToAgent), Refusal> {
+) -> std::result::Result<(Link, Receiver<ToDevice>, ServerToAgent), Refusal> {
     let config = &shared.config;
     if message.agent_description.is_none() {
         return Err(Refusal::FullState);
@@ -643,7 +661,7 @@ pub(super) async fn register(
     let hello = convert::hello(device, message);
     let fleet = convert::speaks_fleet(&hello);
     let (outbound, mut queue) = Outbound::channel(config.device_queue);
-    let (inbound, received) = mpsc::channel(config.device_queue);
+    let (inbound, received) = Outbound::channel(config.device_queue);
     let session = DeviceSession::new(hello, peer, Box::new(AgentInbound(received)), outbound);
     match shared.sessions.try_send(session) {
         Ok(()) => {}
@@ -712,7 +730,7 @@ pub(super) fn refusal_reply(shared: &Shared, uid: &[u8; 16], refusal: &Refusal) 
 
 /// Messages from one agent, as the supervisor reads them.
 #[derive(Debug)]
-struct AgentInbound(mpsc::Receiver<Result<FromDevice>>);
+struct AgentInbound(Receiver<Result<FromDevice>>);
 
 #[async_trait]
 impl Inbound<FromDevice> for AgentInbound {
@@ -723,76 +741,197 @@ impl Inbound<FromDevice> for AgentInbound {
 
 // ---- WebSocket connections ----
 
-type Queue = Pin<Box<dyn Stream<Item = Option<ToDevice>> + Send>>;
-
 /// One WebSocket connection and the agents registered over it.
-struct Connection<'a> {
-    shared: &'a Arc<Shared>,
-    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+///
+/// Its task waits in [`serve`](Self::serve) for one of three things: bytes
+/// from the socket, a message in one of its agents' queues, or the server
+/// stopping. What it does then is boxed, so that an idle connection's task
+/// holds only this struct and those waits: no buffer, no channel slots.
+struct Connection {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    reader: frames::Reader,
     owner: u64,
     credential: Credential,
-    peer: String,
-    links: Vec<Link>,
-    /// Each agent's queue, ending with `None` when the supervisor closes its session.
-    queues: StreamMap<[u8; 16], Queue>,
+    peer: SocketAddr,
+    agents: Vec<Agent>,
+    /// Counts it for [`OpampTransport::shutdown`] and against `max_connections` while it lives.
+    _counted: (Active, ConnectionSlot),
 }
 
-impl Connection<'_> {
-    /// Serves the connection until it closes. What it does between idle
-    /// waits is boxed: the future of an idle connection is what a server
-    /// keeps per agent, so it holds only the waits themselves.
-    async fn serve(mut self) {
-        let mut stop = self.shared.stop.clone();
+/// An agent registered over a WebSocket: its link to the supervisor and the
+/// queue of what the supervisor sends it.
+struct Agent {
+    link: Link,
+    queue: Receiver<ToDevice>,
+}
+
+/// The largest read through the stack (a larger `read_chunk` reads this much at a time).
+const SCRATCH: usize = 16 * 1024;
+
+/// What one read got.
+enum Read {
+    /// The client closed the connection.
+    Closed,
+    /// Bytes; `more` when the read was full, so more may be waiting.
+    Some { more: bool },
+}
+
+/// What woke an idle connection.
+enum Wake {
+    Readable,
+    /// The agent at this index has a message, or its session was closed (`None`).
+    Queued(usize, Option<ToDevice>),
+    Stop,
+}
+
+impl Connection {
+    // Not an `async fn`: its argument would be stored twice in the future,
+    // once as the argument and once as the local it is moved to.
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let shared = Arc::clone(&self.shared);
+            // One wait for the server stopping, made once: it is part of every idle connection.
+            let mut closing = pin!(shared.closing.notified());
+            closing.as_mut().enable();
+            if *shared.stop.borrow() {
+                return Box::pin(self.close(frames::close::GOING_AWAY, "the server is shutting down")).await;
+            }
+            loop {
+                let wake = poll_fn(|cx| {
+                    if closing.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Stop);
+                    }
+                    self.poll_wake(cx)
+                })
+                .await;
+                let go_on = match wake {
+                    Wake::Readable => Box::pin(self.on_readable()).await,
+                    Wake::Queued(at, Some(message)) => Box::pin(self.deliver(at, message)).await,
+                    Wake::Queued(at, None) => {
+                        self.agents.swap_remove(at);
+                        if self.agents.is_empty() {
+                            Box::pin(self.close(frames::close::NORMAL, "the supervisor closed the session")).await;
+                            false
+                        } else {
+                            true
+                        }
+                    }
+                    Wake::Stop => {
+                        Box::pin(self.close(frames::close::GOING_AWAY, "the server is shutting down")).await;
+                        false
+                    }
+                };
+                if !go_on {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        // An error is read by the next read, so it counts as readable.
+        if self.stream.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(Wake::Readable);
+        }
+        for (at, agent) in self.agents.iter_mut().enumerate() {
+            if let Poll::Ready(message) = agent.queue.poll_recv(cx) {
+                return Poll::Ready(Wake::Queued(at, message));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Reads what the client sent and handles every whole message in it;
+    /// false once the connection is to close.
+    async fn on_readable(&mut self) -> bool {
         loop {
-            tokio::select! {
-                frame = self.ws.next() => match frame {
-                    Some(Ok(Message::Binary(bytes))) => {
-                        if !Box::pin(self.on_frame(&bytes)).await {
-                            return;
+            let more = match self.read() {
+                Ok(Read::Closed) => {
+                    if self.reader.is_partway() {
+                        debug!(peer = %self.peer, "OpAMP WebSocket closed in the middle of a message");
+                    }
+                    return false;
+                }
+                Ok(Read::Some { more }) => more,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => false,
+                Err(err) => {
+                    debug!(peer = %self.peer, error = %err, "reading an OpAMP WebSocket failed");
+                    return false;
+                }
+            };
+            loop {
+                match self.reader.next() {
+                    Ok(Some(incoming)) => {
+                        // Boxed: a registration's state is large, and a storm of them is all in flight at once.
+                        if !Box::pin(self.on_incoming(incoming)).await {
+                            return false;
                         }
                     }
-                    Some(Ok(Message::Text(_))) => {
-                        return Box::pin(self.refuse(CloseCode::Unsupported, "OpAMP uses binary WebSocket messages")).await;
-                    }
-                    Some(Ok(Message::Close(_))) | None => return,
-                    Some(Ok(_)) => {}
-                    Some(Err(tungstenite::Error::Capacity(err))) => {
-                        let problem = format!("message larger than the limit of {} bytes: {err}", self.shared.config.max_message_size);
-                        return Box::pin(self.refuse(CloseCode::Size, &problem)).await;
-                    }
-                    Some(Err(err)) => {
-                        debug!(peer = %self.peer, error = %err, "OpAMP WebSocket ended");
-                        return;
-                    }
-                },
-                Some((uid, queued)) = self.queues.next(), if !self.queues.is_empty() => {
-                    match queued {
-                        Some(message) => {
-                            if !Box::pin(self.deliver(uid, &message)).await {
-                                return;
-                            }
-                        }
-                        None => {
-                            self.links.retain(|link| link.uid != uid);
-                            if self.links.is_empty() {
-                                return Box::pin(self.close(CloseCode::Normal, "the supervisor closed the session")).await;
-                            }
-                        }
+                    Ok(None) => break,
+                    Err(problem) => {
+                        self.refuse(problem.close_code(), &problem.to_string()).await;
+                        return false;
                     }
                 }
-                _ = stopped(&mut stop) => return Box::pin(self.close(CloseCode::Away, "the server is shutting down")).await,
+            }
+            self.reader.settle();
+            if !more {
+                return true;
+            }
+        }
+    }
+
+    /// One read from the socket into the reader: through a scratch buffer
+    /// on the stack, so that what the heap holds is exactly what arrived,
+    /// or straight into place for the rest of a large frame.
+    fn read(&mut self) -> std::io::Result<Read> {
+        let chunk = self.shared.config.read_chunk.min(SCRATCH);
+        if let Some(buffer) = self.reader.rest_of_large_frame(chunk) {
+            let room = buffer.capacity() - buffer.len();
+            return match self.stream.try_read_buf(buffer)? {
+                0 => Ok(Read::Closed),
+                read => Ok(Read::Some { more: read == room }),
+            };
+        }
+        let mut scratch = [0u8; SCRATCH];
+        match self.stream.try_read(&mut scratch[..chunk])? {
+            0 => Ok(Read::Closed),
+            read => {
+                self.reader.extend(&scratch[..read]);
+                Ok(Read::Some { more: read == chunk })
+            }
+        }
+    }
+
+    async fn on_incoming(&mut self, incoming: Incoming) -> bool {
+        match incoming {
+            Incoming::Binary(bytes) => self.on_message(&bytes).await,
+            Incoming::Text => {
+                self.refuse(frames::close::UNSUPPORTED, "OpAMP uses binary WebSocket messages")
+                    .await;
+                false
+            }
+            Incoming::Ping(payload) => self.write(&frames::pong(&payload)).await,
+            Incoming::Pong => true,
+            Incoming::Close(code) => {
+                // Answered with the same code (section 5.5.1), then the connection ends.
+                let code = code.unwrap_or(frames::close::NORMAL);
+                let _ = self.write(&frames::close_frame(code, "")).await;
+                false
             }
         }
     }
 
     /// Handles one binary message; false once the connection is to close.
-    async fn on_frame(&mut self, bytes: &[u8]) -> bool {
+    async fn on_message(&mut self, bytes: &[u8]) -> bool {
         let message: AgentToServer = match super::unframe(bytes) {
             Ok(message) => message,
             Err(problem) => {
                 let code = match problem {
-                    FrameProblem::Header(_) => CloseCode::Protocol,
-                    FrameProblem::Payload(_) => CloseCode::Invalid,
+                    FrameProblem::Header(_) => frames::close::PROTOCOL,
+                    FrameProblem::Payload(_) => frames::close::INVALID,
                 };
                 self.refuse(code, &problem.to_string()).await;
                 return false;
@@ -801,28 +940,28 @@ impl Connection<'_> {
         let uid = match super::instance_uid(&message.instance_uid) {
             Ok(uid) => uid,
             Err(problem) => {
-                self.refuse(CloseCode::Invalid, &problem).await;
+                self.refuse(frames::close::INVALID, &problem).await;
                 return false;
             }
         };
-        if let Some(at) = self.links.iter().position(|link| link.uid == uid) {
-            match self.links[at].report(&message, true).await {
+        if let Some(at) = self.agents.iter().position(|agent| agent.link.uid == uid) {
+            match self.agents[at].link.report(&message, true).await {
                 Ok(reply) => {
                     if message.agent_disconnect.is_some() {
-                        self.links.swap_remove(at);
-                        self.queues.remove(&uid);
+                        self.agents.swap_remove(at);
                     }
                     return self.send(&reply).await;
                 }
                 Err(problem) => {
-                    self.links[at].fail(&problem);
+                    self.agents[at].link.fail(&problem);
                     let _ = self.send(&convert::error_response(&uid, problem.clone(), None)).await;
-                    self.close(CloseCode::Invalid, &problem).await;
+                    self.close(frames::close::INVALID, &problem).await;
                     return false;
                 }
             }
         }
-        let registered = register(self.shared, self.owner, &self.credential, uid, &message, &self.peer).await;
+        let peer = format!("opamp-ws {}", self.peer);
+        let registered = register(&self.shared, self.owner, &self.credential, uid, &message, &peer).await;
         match registered {
             Ok((mut link, queue, mut first)) => {
                 match link.report(&message, false).await {
@@ -832,21 +971,17 @@ impl Connection<'_> {
                         return self.send(&convert::error_response(&uid, problem, None)).await;
                     }
                 }
-                let queue: Queue = Box::pin(
-                    tokio_stream::wrappers::ReceiverStream::new(queue)
-                        .map(Some)
-                        .chain(futures_util::stream::once(async { None })),
-                );
-                self.links.push(link);
-                self.queues.insert(uid, queue);
+                // Most connections carry one agent: no room is kept for more.
+                self.agents.reserve_exact(1);
+                self.agents.push(Agent { link, queue });
                 self.send(&first).await
             }
             Err(Refusal::Unauthenticated(problem)) => {
                 let _ = self.send(&convert::error_response(&uid, problem.clone(), None)).await;
-                self.close(CloseCode::Policy, &problem).await;
+                self.close(frames::close::POLICY, &problem).await;
                 false
             }
-            Err(refusal) => match refusal_reply(self.shared, &uid, &refusal) {
+            Err(refusal) => match refusal_reply(&self.shared, &uid, &refusal) {
                 Some(reply) => self.send(&reply).await,
                 None => false,
             },
@@ -854,34 +989,36 @@ impl Connection<'_> {
     }
 
     /// Sends a queued message to its agent; false once the connection is to close.
-    async fn deliver(&mut self, uid: [u8; 16], message: &ToDevice) -> bool {
-        let Some(link) = self.links.iter().find(|link| link.uid == uid) else {
-            return true;
-        };
+    async fn deliver(&mut self, at: usize, message: ToDevice) -> bool {
         if matches!(message, ToDevice::Registered(_)) {
             return true;
         }
-        let outgoing = convert::to_agent(message, &uid, link.fleet);
-        let bytes = super::frame(&outgoing.message);
-        if bytes.len() > self.shared.config.max_message_size {
-            warn!(device = %link.device, bytes = bytes.len(), limit = self.shared.config.max_message_size, "not sending a message over the OpAMP size limit");
+        let link = &self.agents[at].link;
+        let outgoing = convert::to_agent(&message, &link.uid, link.fleet);
+        let size = 1 + prost::Message::encoded_len(&outgoing.message);
+        let limit = self.shared.config.max_message_size;
+        if size > limit {
+            warn!(device = %link.device, bytes = size, limit, "not sending a message over the OpAMP size limit");
             if let Some(refused) = outgoing.on_refused {
                 link.tell(refused).await;
             }
             return true;
         }
-        if let Err(err) = self.ws.send(Message::Binary(bytes.into())).await {
-            debug!(peer = %self.peer, error = %err, "writing to an OpAMP WebSocket failed");
+        if !self.write(&frames::message(&outgoing.message)).await {
             return false;
         }
         if let Some(sent) = outgoing.on_sent {
-            link.tell(sent).await;
+            self.agents[at].link.tell(sent).await;
         }
         true
     }
 
     async fn send(&mut self, message: &ServerToAgent) -> bool {
-        match self.ws.send(Message::Binary(super::frame(message).into())).await {
+        self.write(&frames::message(message)).await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> bool {
+        match self.stream.write_all(bytes).await {
             Ok(()) => true,
             Err(err) => {
                 debug!(peer = %self.peer, error = %err, "writing to an OpAMP WebSocket failed");
@@ -891,27 +1028,69 @@ impl Connection<'_> {
     }
 
     /// Closes the connection over bad input: every agent on it is told why.
-    async fn refuse(&mut self, code: CloseCode, problem: &str) {
+    async fn refuse(&mut self, code: u16, problem: &str) {
         warn!(peer = %self.peer, %problem, "closing an OpAMP WebSocket over bad input");
-        for link in &self.links {
-            link.fail(problem);
+        for agent in &self.agents {
+            agent.link.fail(problem);
         }
-        if code != CloseCode::Size {
+        if code != frames::close::TOO_BIG {
             let _ = self.send(&convert::error_response(&[], problem.to_owned(), None)).await;
         }
         self.close(code, problem).await;
     }
 
-    async fn close(&mut self, code: CloseCode, reason: &str) {
-        // A close reason is at most 123 bytes.
-        let mut end = reason.len().min(123);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let frame = CloseFrame {
-            code,
-            reason: reason[..end].to_owned().into(),
+    /// Sends a close frame and ends the connection, giving the client a
+    /// second to read it.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = frames::close_frame(code, reason);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if self.stream.write_all(&frame).await.is_ok() && self.stream.shutdown().await.is_ok() {
+                // Read until the client closes too, so that what it still sends
+                // does not make the kernel reset the connection under the close frame.
+                let mut rest = [0u8; 256];
+                while matches!(self.stream.read(&mut rest).await, Ok(1..)) {}
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection costs is mostly its task: the future of
+    /// `serve`. Awaits that are not idle waits are boxed to keep it small;
+    /// this fails when one is not.
+    #[tokio::test]
+    async fn an_idle_connection_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let config = OpampServerConfig::new(
+            addr,
+            OpampAuth::Basic {
+                username: "user".into(),
+                password: "secret".into(),
+            },
+        );
+        let (sessions, _accepted) = mpsc::channel(1);
+        let (_stopping, stop) = watch::channel(false);
+        let (active, _counted) = watch::channel(0usize);
+        let shared = Arc::new(Shared::new(config, sessions, stop, active));
+        let connection = Connection {
+            shared: shared.clone(),
+            stream,
+            reader: frames::Reader::new(1024),
+            owner: 1,
+            credential: Credential::Fleet,
+            peer,
+            agents: Vec::new(),
+            _counted: (Active::new(&shared), ConnectionSlot(shared.clone())),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
+        let serving = connection.serve();
+        let size = std::mem::size_of_val(&serving);
+        assert!(size <= 512, "an idle connection's future is {size} bytes");
     }
 }

@@ -108,7 +108,7 @@ struct IdleArgs {
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     #[command(flatten)]
-    buffers: WsBuffers,
+    reads: WsReads,
     /// The servers to measure, in each round (default: `bare,supervisor` for
     /// `grpc-idle`, `mosquitto,opamp-supervisor` for `opamp-idle`).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -170,30 +170,24 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     #[command(flatten)]
-    buffers: WsBuffers,
+    reads: WsReads,
 }
 
-/// The OpAMP server's WebSocket buffers per connection (default: the transport's).
+/// How the OpAMP server reads its WebSockets (default: the transport's).
 #[derive(Debug, Clone, Copy, clap::Args)]
-struct WsBuffers {
-    /// WebSocket read buffer per connection, in bytes.
+struct WsReads {
+    /// Bytes one read from an agent's WebSocket asks for. The server holds
+    /// no buffer for an idle connection; this sets how many reads a message takes.
     #[arg(long)]
-    ws_read_buffer: Option<usize>,
-    /// WebSocket write buffer per connection, in bytes.
-    #[arg(long)]
-    ws_write_buffer: Option<usize>,
+    ws_read_chunk: Option<usize>,
 }
 
-impl WsBuffers {
+impl WsReads {
     fn args(self) -> Vec<String> {
-        let mut args = Vec::new();
-        if let Some(read) = self.ws_read_buffer {
-            args.extend(["--ws-read-buffer".to_owned(), read.to_string()]);
+        match self.ws_read_chunk {
+            Some(bytes) => vec!["--ws-read-chunk".to_owned(), bytes.to_string()],
+            None => Vec::new(),
         }
-        if let Some(write) = self.ws_write_buffer {
-            args.extend(["--ws-write-buffer".to_owned(), write.to_string()]);
-        }
-        args
     }
 }
 
@@ -257,12 +251,11 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
     let key = fleet_key()?;
     let grpc = || GrpcServerConfig::new(args.listen, DeviceAuth::FleetToken(key.clone()));
     let opamp = || {
-        let defaults = OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key.clone()));
-        let (read, write) = (defaults.read_buffer_size, defaults.write_buffer_size);
-        defaults.buffers(
-            args.buffers.ws_read_buffer.unwrap_or(read),
-            args.buffers.ws_write_buffer.unwrap_or(write),
-        )
+        let config = OpampServerConfig::new(args.listen, OpampAuth::FleetToken(key.clone()));
+        match args.reads.ws_read_chunk {
+            Some(bytes) => config.read_chunk(bytes),
+            None => config,
+        }
     };
     match args.kind {
         ServerKind::Supervisor => supervise(Arc::new(GrpcTransport::bind(grpc()).await?)).await?,
@@ -824,7 +817,7 @@ async fn measure_idle(
         url
     } else {
         let mut serve = vec!["serve".to_owned(), "--kind".to_owned(), kind.name().to_owned()];
-        serve.extend(args.buffers.args());
+        serve.extend(args.reads.args());
         let mut server = spawn_self(&serve, key).await?;
         let listening = server.line().await?;
         let addr = listening
