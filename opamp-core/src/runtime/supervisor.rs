@@ -48,8 +48,8 @@ use crate::status::{Labels, StatusPatch};
 use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, duration_text};
 use crate::transport::{
-    ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Outbound, Receiver, StatusReport, ToDevice,
-    TrySendError,
+    Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver,
+    StatusReport, ToDevice, TrySendError,
 };
 
 /// How a supervisor runs.
@@ -657,23 +657,42 @@ impl Inner {
             }
             let desired = Box::pin(self.desired_push(&session.hello)).await;
 
+            // The idle session runs in a task of its own that keeps only what
+            // it needs of the session; this task, with the whole hello and the
+            // registration's state, ends here.
+            let DeviceSession {
+                hello,
+                inbound,
+                outbound,
+                ..
+            } = session;
             let mut runner = SessionRunner {
-                inner: &self,
-                config_hash: session.hello.config_hash,
-                session: &mut session,
+                inner: Arc::clone(&self),
+                session: Peer {
+                    device,
+                    capabilities: hello.capabilities,
+                    inbound,
+                    outbound,
+                },
                 queued,
                 close,
                 current: None,
+                config_hash: hello.config_hash,
                 converging: None,
                 last_touch: tokio::time::Instant::now(),
             };
             if let Some(push) = desired {
                 runner.converge(push);
             }
-            let why = runner.run().await;
-            let SessionRunner { queued, current, .. } = runner;
-            Box::pin(self.end_session(device, id, queued, current)).await;
-            debug!(%device, supervisor = %me, reason = why, "session ended");
+            let serving = runner.serve(id);
+            let mut tasks = lock(&self.session_tasks);
+            if *self.stopping.borrow() {
+                // Stopping: a new task could escape the shutdown's join or abort; finish here.
+                drop(tasks);
+                Box::pin(serving).await;
+            } else {
+                tasks.spawn(serving);
+            }
         }
     }
 
@@ -793,10 +812,18 @@ impl Inner {
     }
 }
 
+/// What a session keeps of its device once it is registered.
+struct Peer {
+    device: DeviceId,
+    capabilities: Capabilities,
+    inbound: Box<dyn Inbound<FromDevice>>,
+    outbound: Outbound<ToDevice>,
+}
+
 /// One device's session: its messages in, its commands out, one command at a time.
-struct SessionRunner<'a> {
-    inner: &'a Arc<Inner>,
-    session: &'a mut DeviceSession,
+struct SessionRunner {
+    inner: Arc<Inner>,
+    session: Peer,
     queued: Receiver<Work>,
     close: Arc<Notify>,
     // Boxed, like `converging`: a session spends most of its life idle, and
@@ -809,7 +836,26 @@ struct SessionRunner<'a> {
     last_touch: tokio::time::Instant,
 }
 
-impl SessionRunner<'_> {
+impl SessionRunner {
+    /// Runs the session until it ends, then finishes what it had to do. Its
+    /// future is what a supervisor keeps per idle device (not an `async fn`:
+    /// that would store `self` twice).
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self, id: u64) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let why = self.run().await;
+            let SessionRunner {
+                inner,
+                session,
+                queued,
+                current,
+                ..
+            } = self;
+            Box::pin(inner.end_session(session.device, id, queued, current)).await;
+            debug!(device = %session.device, supervisor = %inner.config.id, reason = why, "session ended");
+        }
+    }
+
     async fn run(&mut self) -> &'static str {
         loop {
             let deadline = self.current.as_ref().map(|flight| flight.deadline);
@@ -820,7 +866,7 @@ impl SessionRunner<'_> {
                     Ok(Some(message)) => Box::pin(self.on_message(message)).await,
                     Ok(None) => return "the device disconnected",
                     Err(err) => {
-                        warn!(device = %self.session.hello.device, error = %err, "device sent bad input; closing its session");
+                        warn!(device = %self.session.device, error = %err, "device sent bad input; closing its session");
                         return "bad input";
                     }
                 },
@@ -839,7 +885,7 @@ impl SessionRunner<'_> {
     }
 
     async fn start(&mut self, job: Job) {
-        let inner = self.inner;
+        let inner = Arc::clone(&self.inner);
         let command = &job.command;
         let now = inner.clock.now();
         if command.deadline <= now {
@@ -893,12 +939,12 @@ impl SessionRunner<'_> {
 
     /// Pushes `push` unless the device runs it already or is being sent it.
     fn converge(&mut self, push: Arc<ConfigPush>) {
-        let device = self.session.hello.device;
+        let device = self.session.device;
         let pending = self.converging.as_deref().map(|(_, hash)| *hash);
         if self.config_hash == Some(push.hash) || pending == Some(push.hash) {
             return;
         }
-        if !self.session.hello.capabilities.remote_config {
+        if !self.session.capabilities.remote_config {
             debug!(%device, config = %push.config, "the device does not accept remote configuration; not converging");
             return;
         }
@@ -914,8 +960,8 @@ impl SessionRunner<'_> {
 
     /// Records the answer to a push made to converge the device.
     async fn converged(&mut self, ack: &crate::transport::ConfigAck) {
-        let inner = self.inner;
-        let device = self.session.hello.device;
+        let inner = Arc::clone(&self.inner);
+        let device = self.session.device;
         let patch = match (self.converging.as_deref().copied(), ack.state) {
             (Some((config, hash)), ConfigApplyState::Applied) if hash == ack.hash => {
                 self.config_hash = Some(hash);
@@ -939,7 +985,7 @@ impl SessionRunner<'_> {
     }
 
     fn missing_capability(&self, kind: &CommandKind) -> Option<String> {
-        let caps = &self.session.hello.capabilities;
+        let caps = &self.session.capabilities;
         match kind {
             CommandKind::SetEmission { .. } if !caps.emission => Some("toggle_emission".into()),
             CommandKind::ApplyConfig { .. } if !caps.remote_config => Some("remote configuration".into()),
@@ -952,8 +998,8 @@ impl SessionRunner<'_> {
     }
 
     async fn on_message(&mut self, message: FromDevice) {
-        let inner = self.inner;
-        let device = self.session.hello.device;
+        let inner = Arc::clone(&self.inner);
+        let device = self.session.device;
         match message {
             FromDevice::CommandAck(ack) => match self.current.as_deref() {
                 Some(InFlight {
@@ -1016,8 +1062,8 @@ impl SessionRunner<'_> {
     }
 
     async fn on_status(&mut self, report: StatusReport) {
-        let inner = self.inner;
-        let device = self.session.hello.device;
+        let inner = Arc::clone(&self.inner);
+        let device = self.session.device;
         let mut patch = StatusPatch::new()
             .last_seen(inner.clock.now())
             .fenced_by(inner.config.id);
@@ -1045,12 +1091,12 @@ impl SessionRunner<'_> {
     /// Records `last_seen`, at most once per tenth of the lease TTL: heartbeats
     /// from 20,000 devices must not become 20,000 store writes each.
     async fn touch(&mut self) {
-        let inner = self.inner;
+        let inner = Arc::clone(&self.inner);
         if self.last_touch.elapsed() < inner.config.lease_ttl / 10 {
             return;
         }
         self.last_touch = tokio::time::Instant::now();
-        let device = self.session.hello.device;
+        let device = self.session.device;
         let patch = StatusPatch::new()
             .last_seen(inner.clock.now())
             .fenced_by(inner.config.id);
