@@ -144,15 +144,21 @@ impl Reader {
     }
 
     /// When the frame being received still lacks more than `at_least`
-    /// bytes: the buffer, with room reserved for exactly the rest, to read
-    /// into directly (a large message is not copied through the scratch buffer).
+    /// bytes: the buffer, with room for more of it, to read into directly (a
+    /// large message is not copied through the scratch buffer). The room
+    /// grows with what has arrived (at most doubling, at least 256 KiB at a
+    /// time), never to the whole announced length at once: a client that
+    /// announces a large frame and sends nothing holds no large buffer.
     pub(super) fn rest_of_large_frame(&mut self, at_least: usize) -> Option<&mut Vec<u8>> {
+        const STEP: usize = 256 * 1024;
         let header = self.header().ok()??;
         let rest = (header.start + header.len).saturating_sub(self.buf.len());
         if rest <= at_least {
             return None;
         }
-        self.buf.reserve_exact(rest);
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve_exact(rest.min(self.buf.len().max(STEP)));
+        }
         Some(&mut self.buf)
     }
 
@@ -438,18 +444,28 @@ mod tests {
     }
 
     #[test]
-    fn the_rest_of_a_large_frame_is_read_in_place() {
-        let mut reader = Reader::new(1 << 20);
-        let wire = client_frame(true, BINARY, &vec![1u8; 200_000], MASK);
+    fn the_rest_of_a_large_frame_is_read_in_place_as_it_arrives() {
+        let mut reader = Reader::new(8 << 20);
+        let wire = client_frame(true, BINARY, &vec![1u8; 2_000_000], MASK);
         reader.extend(&wire[..512]);
         assert!(
             reader.rest_of_large_frame(wire.len()).is_none(),
             "not larger than asked"
         );
-        let buffer = reader.rest_of_large_frame(4096).expect("a large rest");
-        assert_eq!(buffer.capacity(), wire.len(), "room for exactly the rest");
-        buffer.extend_from_slice(&wire[512..]);
-        assert_eq!(reader.next().unwrap(), Some(Incoming::Binary(vec![1u8; 200_000])));
+        let mut sent = 512;
+        let mut rooms = Vec::new();
+        while sent < wire.len() {
+            let buffer = reader.rest_of_large_frame(4096).expect("a large rest");
+            let room = buffer.capacity() - buffer.len();
+            rooms.push(room);
+            let piece = room.min(wire.len() - sent);
+            buffer.extend_from_slice(&wire[sent..sent + piece]);
+            sent += piece;
+        }
+        assert_eq!(rooms[0], 256 * 1024, "not the whole announced 2 MB at once");
+        assert!(rooms.len() < 6, "grown by doubling: {rooms:?}");
+        assert!(reader.rest_of_large_frame(0).is_none(), "nothing left to read");
+        assert_eq!(reader.next().unwrap(), Some(Incoming::Binary(vec![1u8; 2_000_000])));
     }
 
     #[test]
