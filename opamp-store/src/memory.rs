@@ -57,7 +57,9 @@ const SHARDS: usize = 64;
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     leases: LeaseTable,
-    statuses: Sharded<DeviceId, DeviceStatus>,
+    // Boxed: a map doubles as it grows, and its spare slots should be a
+    // pointer each, not a whole status (hundreds of bytes) per slot.
+    statuses: Sharded<DeviceId, Box<DeviceStatus>>,
     // Written only under the device's `statuses` shard lock, so the index
     // changes of one device are applied in the order its patches were.
     indexes: RwLock<Indexes>,
@@ -166,7 +168,9 @@ impl MemoryStore {
                 return Some(FencedOff { fence, named });
             }
         }
-        let status = shard.entry(*device).or_insert_with(|| DeviceStatus::new(*device));
+        let status = shard
+            .entry(*device)
+            .or_insert_with(|| Box::new(DeviceStatus::new(*device)));
         let before = online_under(status);
         status.apply(patch);
         let after = online_under(status);
@@ -229,7 +233,7 @@ impl StatusStore for MemoryStore {
     }
 
     async fn status(&self, device: &DeviceId) -> Result<Option<DeviceStatus>> {
-        Ok(self.statuses.read(device).get(device).cloned())
+        Ok(self.statuses.read(device).get(device).map(|status| (**status).clone()))
     }
 
     async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
