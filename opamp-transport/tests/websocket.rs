@@ -955,28 +955,10 @@ async fn websocket_framing_pings_fragments_and_split_writes() {
     let pieces = [&bytes[..third], &bytes[third..2 * third], &bytes[2 * third..]];
     let binary = OpCode::Data(Data::Binary);
     let continuation = OpCode::Data(Data::Continue);
-    ws.send(Message::Frame(Frame::message(
-        Bytes::copy_from_slice(pieces[0]),
-        binary,
-        false,
-    )))
-    .await
-    .unwrap();
+    send_fragment(&mut ws, pieces[0], binary, false).await;
     ws.send(Message::Ping(Bytes::from_static(b"between"))).await.unwrap();
-    ws.send(Message::Frame(Frame::message(
-        Bytes::copy_from_slice(pieces[1]),
-        continuation,
-        false,
-    )))
-    .await
-    .unwrap();
-    ws.send(Message::Frame(Frame::message(
-        Bytes::copy_from_slice(pieces[2]),
-        continuation,
-        true,
-    )))
-    .await
-    .unwrap();
+    send_fragment(&mut ws, pieces[1], continuation, false).await;
+    send_fragment(&mut ws, pieces[2], continuation, true).await;
     let reply = recv(&mut ws).await;
     assert_eq!(reply.capabilities, SERVER_CAPABILITIES, "registered");
     fleet.owner_is("framed", Some("s1")).await;
@@ -1010,4 +992,10 @@ async fn websocket_framing_pings_fragments_and_split_writes() {
     assert!(matches!(echoed, Some(Ok(Message::Close(_))) | None), "{echoed:?}");
     fleet.owner_is("framed", None).await;
     s1.shutdown().await;
+}
+
+/// One frame of a fragmented message.
+async fn send_fragment(ws: &mut Raw, payload: &[u8], opcode: OpCode, fin: bool) {
+    let frame = Frame::message(Bytes::copy_from_slice(payload), opcode, fin);
+    ws.send(Message::Frame(frame)).await.unwrap();
 }

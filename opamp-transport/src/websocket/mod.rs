@@ -130,10 +130,11 @@ pub const DEFAULT_READ_BUFFER_SIZE: usize = 512;
 /// gathers up to 128 KiB).
 pub const DEFAULT_WRITE_BUFFER_SIZE: usize = 0;
 /// The default number of bytes the server asks for in one read from an
-/// agent's WebSocket. The server holds no buffer for an idle connection (it
-/// reads into one only while bytes arrive, sized to the frame being read, and
-/// frees it when every frame is handled), so this sets how many reads a
-/// message takes, not what a connection costs.
+/// agent's WebSocket (at most 16 KiB; the rest of a larger frame is read in
+/// place). The server holds no buffer for an idle connection (it keeps only
+/// the bytes that have arrived, and frees them when every frame in them is
+/// handled), so this sets how many reads a message takes, not what a
+/// connection costs.
 pub const DEFAULT_READ_CHUNK: usize = 4096;
 /// The default time an agent has to be registered by the supervisor.
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
