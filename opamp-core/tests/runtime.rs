@@ -11,8 +11,8 @@ use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorC
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
 use opamp_core::transport::{
-    AgentConnector, Capabilities, DeviceHello, DeviceSession, DeviceTransport, FailoverConnector, FromDevice, Inbound,
-    ToDevice,
+    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceSession, DeviceTransport, FailoverConnector,
+    FromDevice, Inbound, StatusReport, ToDevice,
 };
 use opamp_core::{
     AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
@@ -321,6 +321,64 @@ async fn slow_devices_time_out_and_fill_only_their_own_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_hold_no_task_and_wake_for_what_comes() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = tasks();
+    let mut devices = Vec::new();
+    for n in 0..200 {
+        devices.push(silent_device(&connector, &format!("idle-{n:03}")).await);
+    }
+    assert_eq!(s1.connected_devices(), 200);
+    eventually("every idle session without a task", WAIT, || async {
+        tasks() < before + 10
+    })
+    .await;
+
+    // A message from an idle device wakes its session.
+    let mut report = StatusReport::default();
+    report.last_error = Some("disk full".into());
+    devices[7].outbound.send(FromDevice::Status(report)).await.unwrap();
+    let store = fleet.store.clone();
+    eventually("the report recorded", WAIT, || {
+        let store = store.clone();
+        async move {
+            let status = store.status(&did("idle-007")).await.unwrap().unwrap();
+            status.last_error.as_deref() == Some("disk full")
+        }
+    })
+    .await;
+
+    // So does a command, and the answer to it.
+    let id = fleet
+        .send("s1", "idle-042", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    let device = &mut devices[42];
+    let pushed = tokio::time::timeout(WAIT, device.inbound.recv())
+        .await
+        .expect("pushed in time")
+        .unwrap();
+    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == id));
+    device
+        .outbound
+        .send(FromDevice::CommandAck(CommandAck::new(id, CommandOutcome::Acked)))
+        .await
+        .unwrap();
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    eventually("idle again", WAIT, || async { tasks() < before + 10 }).await;
+
+    // And a device that leaves while idle is released.
+    drop(devices.remove(3));
+    fleet.owner_is("idle-003", None).await;
+    assert_eq!(s1.connected_devices(), 199);
+    s1.shutdown().await;
+    for device in &mut devices {
+        assert_eq!(device.inbound.recv().await.unwrap(), None, "closed by the shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_moves_the_device_and_fences_the_old_owner() {
     let mut fleet = Fleet::new().await;
     let (s1, c1) = fleet.supervisor("s1", |c| c).await;
@@ -440,10 +498,9 @@ struct Garbage {
 #[derive(Debug)]
 struct Broken;
 
-#[async_trait]
 impl Inbound<FromDevice> for Broken {
-    async fn recv(&mut self) -> Result<Option<FromDevice>> {
-        Err(Error::invalid_input("frame 1: not a protobuf Envelope"))
+    fn poll_recv(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<Option<FromDevice>>> {
+        std::task::Poll::Ready(Err(Error::invalid_input("frame 1: not a protobuf Envelope")))
     }
 }
 

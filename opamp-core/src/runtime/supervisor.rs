@@ -6,10 +6,17 @@
 //! 1. claims the device's lease in the store (publishing a
 //!    [`EventKind::TakenOver`] event when another supervisor held it),
 //! 2. marks it online, with what it reported in its hello,
-//! 3. runs one task for the session, which executes the device's commands
-//!    one at a time, in the order the bus delivered them, and
+//! 3. executes the device's commands one at a time, in the order the bus
+//!    delivered them, and
 //! 4. on disconnect releases the lease and marks it offline, both fenced, so
 //!    that a supervisor that lost the device can never erase the new owner.
+//!
+//! A session runs in a task only while it has something to do: a message
+//! from the device, a command to start, a command awaiting its answer. An
+//! idle session is a record in the supervisor's map and a waker in its
+//! device's inbound queue; whatever happens to it next (a message, a command,
+//! a close) spawns its task again. So a supervisor's memory per idle device is
+//! that record, not a task's.
 //!
 //! Commands come from the bus. Each is delivered to the device, its
 //! acknowledgement awaited until the command's deadline, the outcome written
@@ -27,14 +34,18 @@
 //! [`ConfigUpdate`] selects it (which also records the update as its desired
 //! configuration), the template is pushed to it.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::poll_fn;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -48,8 +59,8 @@ use crate::status::{Labels, StatusPatch};
 use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, duration_text};
 use crate::transport::{
-    Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver,
-    StatusReport, ToDevice, TrySendError,
+    Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, StatusReport,
+    ToDevice, TrySendError,
 };
 
 /// How a supervisor runs.
@@ -226,8 +237,9 @@ impl Supervisor {
             store: self.store,
             bus: self.bus,
             clock: self.clock,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashSet::new()),
             session_tasks: Mutex::new(JoinSet::new()),
+            runtime: tokio::runtime::Handle::current(),
             next_session: AtomicU64::new(1),
             stopping,
         });
@@ -272,7 +284,7 @@ impl RunningSupervisor {
 
     /// Whether `device` has a registered session here.
     pub fn is_connected(&self, device: &DeviceId) -> bool {
-        self.inner.sessions().contains_key(device)
+        self.inner.sessions().contains(device)
     }
 
     /// Renews every lease now instead of at the next tick.
@@ -296,11 +308,21 @@ impl RunningSupervisor {
         {
             warn!(supervisor = %inner.config.id, "commands still in flight after the shutdown grace; closing anyway");
         }
-        for entry in inner.sessions().values() {
-            entry.close.notify_one();
+        // Closing a session spawns its task if it was idle; a device that
+        // registered meanwhile is closed on the next round.
+        loop {
+            let open: Vec<Arc<Session>> = inner.sessions().iter().map(|listed| Arc::clone(&listed.0)).collect();
+            for session in &open {
+                session.close();
+            }
+            let mut tasks = std::mem::take(&mut *lock(&inner.session_tasks));
+            if tasks.is_empty() {
+                // Nothing runs any of them (none should be left): forget them.
+                inner.sessions().clear();
+                break;
+            }
+            while tasks.join_next().await.is_some() {}
         }
-        let mut tasks = std::mem::take(&mut *lock(&inner.session_tasks));
-        while tasks.join_next().await.is_some() {}
         info!(supervisor = %inner.config.id, "supervisor stopped");
     }
 
@@ -318,7 +340,10 @@ impl Drop for RunningSupervisor {
         self.inner.stopping.send_replace(true);
         self.loops.abort_all();
         lock(&self.inner.session_tasks).abort_all();
-        self.inner.sessions().clear();
+        let sessions: Vec<Listed> = self.inner.sessions().drain().collect();
+        for listed in sessions {
+            listed.0.abandon();
+        }
     }
 }
 
@@ -332,26 +357,17 @@ struct Inner {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     clock: Arc<dyn Clock>,
-    sessions: Mutex<HashMap<DeviceId, SessionEntry>>,
+    sessions: Mutex<HashSet<Listed>>,
+    /// Registrations, and the sessions that have something to do.
     session_tasks: Mutex<JoinSet<()>>,
+    /// Where a session woken from outside the runtime (by a transport's thread) spawns its task.
+    runtime: tokio::runtime::Handle,
     next_session: AtomicU64,
     in_flight: Arc<Semaphore>,
     stopping: watch::Sender<bool>,
 }
 
-/// What the rest of the supervisor knows of a live session.
-struct SessionEntry {
-    id: u64,
-    jobs: Outbound<Work>,
-    close: Arc<Notify>,
-    /// For selecting the device in broadcast config updates.
-    agent_type: Option<AgentType>,
-    labels: Labels,
-}
-
 /// What a session is given to do.
-// Kept to two words: a queue's buffer holds these, and a supervisor holds
-// one queue per device.
 enum Work {
     /// Execute a command from the bus.
     Command(Box<Job>),
@@ -379,8 +395,19 @@ struct InFlight {
 }
 
 impl Inner {
-    fn sessions(&self) -> MutexGuard<'_, HashMap<DeviceId, SessionEntry>> {
+    fn sessions(&self) -> MutexGuard<'_, HashSet<Listed>> {
         lock(&self.sessions)
+    }
+
+    fn session(&self, device: &DeviceId) -> Option<Arc<Session>> {
+        self.sessions().get(device).map(|listed| Arc::clone(&listed.0))
+    }
+
+    /// Runs `session`'s task: it was idle and something woke it.
+    fn spawn_session(&self, session: Arc<Session>) {
+        let mut tasks = lock(&self.session_tasks);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn_on(session.drive(), &self.runtime);
     }
 
     fn stopping(&self) -> watch::Receiver<bool> {
@@ -490,32 +517,33 @@ impl Inner {
             }
         };
         let push = Arc::new(ConfigPush::new(Some(update.correlation_id), config, template.bundle));
-        let selected: Vec<(DeviceId, Outbound<Work>)> = self
+        let selected: Vec<Arc<Session>> = self
             .sessions()
             .iter()
-            .filter(|(_, entry)| entry.agent_type == Some(config.agent_type) && update.selects(&entry.labels))
-            .map(|(device, entry)| (*device, entry.jobs.clone()))
+            .filter(|listed| listed.0.agent_type == Some(config.agent_type) && update.selects(&listed.0.labels))
+            .map(|listed| Arc::clone(&listed.0))
             .collect();
         debug!(%config, devices = selected.len(), "config update selects devices here");
-        for (device, jobs) in selected {
+        for session in selected {
+            let device = session.device;
             self.store.set_desired(&device, &config).await?;
-            if let Err(TrySendError::Full(_)) = jobs.try_send(Work::Converge(Arc::clone(&push))) {
+            if let Err(TrySendError::Full(_)) = session.offer(Work::Converge(Arc::clone(&push))) {
                 warn!(%device, %config, "the device's queue is full; it converges on its desired config when it next registers");
             }
         }
         Ok(())
     }
 
-    /// The push that brings a registering device to its desired configuration, if it runs another.
-    async fn desired_push(&self, hello: &DeviceHello) -> Option<Arc<ConfigPush>> {
-        match self.store.desired_template(&hello.device).await {
+    /// The push that brings a registering device to its desired configuration, if it runs another (`running`).
+    async fn desired_push(&self, device: &DeviceId, running: Option<ConfigHash>) -> Option<Arc<ConfigPush>> {
+        match self.store.desired_template(device).await {
             Ok(Some(template)) => {
                 let push = ConfigPush::new(None, template.reference(), template.bundle);
-                (Some(push.hash) != hello.config_hash).then(|| Arc::new(push))
+                (Some(push.hash) != running).then(|| Arc::new(push))
             }
             Ok(None) => None,
             Err(err) => {
-                warn!(device = %hello.device, error = %err, "loading the desired config failed; not converging now");
+                warn!(%device, error = %err, "loading the desired config failed; not converging now");
                 None
             }
         }
@@ -523,9 +551,9 @@ impl Inner {
 
     /// Another supervisor owns `device` now: close the session here.
     fn drop_stale(&self, device: &DeviceId) {
-        if let Some(entry) = self.sessions().get(device) {
+        if let Some(session) = self.session(device) {
             info!(%device, supervisor = %self.config.id, "device owned elsewhere now; closing the stale session");
-            entry.close.notify_one();
+            session.close();
         }
     }
 
@@ -537,10 +565,9 @@ impl Inner {
             acker,
             _permit: permit,
         });
-        let jobs = self.sessions().get(&job.command.device).map(|entry| entry.jobs.clone());
-        let refused = match jobs {
+        let refused = match self.session(&job.command.device) {
             None => (job, CommandOutcome::DeviceOffline),
-            Some(jobs) => match jobs.try_send(Work::Command(job)) {
+            Some(session) => match session.offer(Work::Command(job)) {
                 Ok(()) => return,
                 Err(TrySendError::Full(Work::Command(job))) => {
                     let reason = format!(
@@ -573,7 +600,7 @@ impl Inner {
     }
 
     async fn renew_all(&self) {
-        let devices: Vec<DeviceId> = self.sessions().keys().copied().collect();
+        let devices: Vec<DeviceId> = self.sessions().iter().map(|listed| listed.0.device).collect();
         let me = self.config.id;
         for batch in devices.chunks(self.config.renew_batch) {
             match self.store.renew(&me, batch, self.config.lease_ttl).await {
@@ -593,8 +620,8 @@ impl Inner {
         match self.store.lookup(device).await {
             Ok(Some(owner)) if owner != me => {
                 info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
-                if let Some(entry) = self.sessions().get(device) {
-                    entry.close.notify_one();
+                if let Some(session) = self.session(device) {
+                    session.close();
                 }
             }
             Ok(_) => {
@@ -617,13 +644,14 @@ impl Inner {
         self.bus.publish_event(&event).await
     }
 
-    // The future of this function is what a supervisor keeps per idle device,
-    // so every await that is not live while the session idles is boxed: their
-    // state machines would otherwise be laid out inline, several KiB per device.
-    // It is not an `async fn`: the future of one stores its arguments twice,
-    // as arguments and as the locals they are moved into.
+    /// Registers the device of a session just accepted, then runs the
+    /// session until it first has nothing to do.
+    // Awaits that are not live while the session is first driven are boxed,
+    // so that the registration's state is not laid out next to the session's.
+    // Not an `async fn`: the future of one stores its arguments twice, as
+    // arguments and as the locals they are moved into.
     #[allow(clippy::manual_async_fn)]
-    fn run_session(self: Arc<Self>, mut session: DeviceSession) -> impl std::future::Future<Output = ()> + Send {
+    fn run_session(self: Arc<Self>, session: DeviceSession) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let me = self.config.id;
             let device = session.hello.device;
@@ -631,88 +659,75 @@ impl Inner {
                 warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
                 return;
             }
-            let (jobs, queued) = Outbound::channel(self.config.device_queue);
-            let close = Arc::new(Notify::new());
-            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-            let previous = self.sessions().insert(
-                device,
-                SessionEntry {
-                    id,
-                    jobs,
-                    close: Arc::clone(&close),
-                    agent_type: session.hello.agent_type,
-                    // Only the entry needs them from here on.
-                    labels: std::mem::take(&mut session.hello.labels),
-                },
-            );
-            if let Some(previous) = previous {
-                // The device reconnected here while its old session lingered.
-                previous.close.notify_one();
-            }
-            debug!(%device, peer = %session.peer, supervisor = %me, "device registered");
-            // A fresh queue has room; if the device is already gone the session loop notices.
-            let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
-            if let Err(err) = Box::pin(self.publish(device, EventKind::Connected { supervisor: me })).await {
-                warn!(%device, error = %err, "publishing a connected event failed");
-            }
-            let desired = Box::pin(self.desired_push(&session.hello)).await;
-
-            // The idle session runs in a task of its own that keeps only what
-            // it needs of the session; this task, with the whole hello and the
-            // registration's state, ends here.
+            // The session keeps only what it needs of the hello.
             let DeviceSession {
                 hello,
                 inbound,
                 outbound,
-                ..
+                peer,
             } = session;
-            let mut runner = SessionRunner {
-                inner: Arc::clone(&self),
-                session: Peer {
-                    device,
-                    capabilities: hello.capabilities,
-                    inbound,
-                    outbound,
-                },
-                queued,
-                close,
-                current: None,
-                config_hash: hello.config_hash,
-                converging: None,
-                last_touch: tokio::time::Instant::now(),
-            };
-            if let Some(push) = desired {
-                runner.converge(push);
+            let registered = Arc::new(Session {
+                inner: Arc::downgrade(&self),
+                id: self.next_session.fetch_add(1, Ordering::Relaxed),
+                device,
+                agent_type: hello.agent_type,
+                labels: hello.labels,
+                slot: Mutex::new(Slot {
+                    // This task runs it first.
+                    run: Run::Running {
+                        woken: false,
+                        waker: None,
+                    },
+                    closing: false,
+                    work: VecDeque::new(),
+                    peer: Some(Peer {
+                        capabilities: hello.capabilities,
+                        inbound,
+                        outbound,
+                        current: None,
+                        config_hash: hello.config_hash,
+                        converging: None,
+                        last_touch: tokio::time::Instant::now(),
+                    }),
+                }),
+            });
+            if let Some(Listed(previous)) = self.sessions().replace(Listed(Arc::clone(&registered))) {
+                // The device reconnected here while its old session lingered.
+                previous.close();
             }
-            let serving = runner.serve(id);
-            let mut tasks = lock(&self.session_tasks);
-            if *self.stopping.borrow() {
-                // Stopping: a new task could escape the shutdown's join or abort; finish here.
-                drop(tasks);
-                Box::pin(serving).await;
-            } else {
-                tasks.spawn(serving);
+            if let Some(peer) = &registered.slot().peer {
+                // A fresh queue has room; if the device is already gone the session notices.
+                let _ = peer.outbound.try_send(ToDevice::Registered(Box::new(me)));
             }
+            debug!(%device, %peer, supervisor = %me, "device registered");
+            if let Err(err) = Box::pin(self.publish(device, EventKind::Connected { supervisor: me })).await {
+                warn!(%device, error = %err, "publishing a connected event failed");
+            }
+            if let Some(push) = Box::pin(self.desired_push(&device, hello.config_hash)).await {
+                if let Err(TrySendError::Full(_)) = registered.offer(Work::Converge(push)) {
+                    warn!(%device, "the device's queue is full; not converging now");
+                }
+            }
+            Box::pin(registered.drive()).await;
         }
     }
 
     /// After a session ended: finishes what it still had to do, and releases
     /// the device unless it registered again here meanwhile.
-    async fn end_session(&self, device: DeviceId, id: u64, mut queued: Receiver<Work>, current: Option<Box<InFlight>>) {
+    async fn end_session(&self, device: DeviceId, id: u64, work: VecDeque<Work>, current: Option<Box<InFlight>>) {
         let me = self.config.id;
         let removed = {
             let mut sessions = self.sessions();
             match sessions.get(&device) {
-                Some(entry) if entry.id == id => sessions.remove(&device).is_some(),
+                Some(listed) if listed.0.id == id => sessions.remove(&device),
                 _ => false,
             }
         };
         // Whatever this session still had to do cannot reach the device through it any more.
-        queued.close();
         if let Some(flight) = current {
             self.finish(flight.job, CommandOutcome::DeviceOffline, None).await;
         }
-        while let Ok(work) = queued.try_recv() {
+        for work in work {
             if let Work::Command(job) = work {
                 self.finish(*job, CommandOutcome::DeviceOffline, None).await;
             }
@@ -812,22 +827,246 @@ impl Inner {
     }
 }
 
+/// A registered device's session.
+///
+/// Held by the sessions map and, while it is idle, by the waker its device's
+/// inbound queue keeps; [`drive`](Self::drive) runs it. It is woken (as a
+/// [`Waker`]) by a message from the device, a command or push offered to it,
+/// or a close, and runs in a task only until it has nothing left to do.
+struct Session {
+    // Weak: the supervisor's map holds the session, and a session that
+    // outlives the supervisor (in a transport's queue) must not keep it.
+    inner: Weak<Inner>,
+    /// Tells this session from a later one of the same device.
+    id: u64,
+    device: DeviceId,
+    /// For selecting the device in broadcast config updates.
+    agent_type: Option<AgentType>,
+    labels: Labels,
+    slot: Mutex<Slot>,
+}
+
+/// What a session's task shares with its wakers and the rest of the supervisor.
+struct Slot {
+    run: Run,
+    /// The supervisor closed it: the device was taken over or reconnected, or
+    /// the supervisor is stopping.
+    closing: bool,
+    /// Commands and pushes not started yet, at most `device_queue` of them.
+    work: VecDeque<Work>,
+    /// The session's own state, here while it is idle; its task holds it while it runs.
+    peer: Option<Peer>,
+}
+
+/// A session in the supervisor's map, found by its device id: the id is kept
+/// once, in the session, not again as the map's key.
+struct Listed(Arc<Session>);
+
+impl Borrow<DeviceId> for Listed {
+    fn borrow(&self) -> &DeviceId {
+        &self.0.device
+    }
+}
+
+impl Hash for Listed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As the id itself hashes, which `Borrow` requires.
+        self.0.device.hash(state);
+    }
+}
+
+impl PartialEq for Listed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.device == other.0.device
+    }
+}
+
+impl Eq for Listed {}
+
+/// Whether a task runs the session.
+enum Run {
+    /// No task: the next wake spawns one.
+    Idle,
+    /// A task runs it. `woken`: something happened since it last looked;
+    /// `waker`: the task's, while it waits for the answer to a command.
+    Running { woken: bool, waker: Option<Waker> },
+    /// The session is over.
+    Ended,
+}
+
+/// What happens next in a session.
+enum Next {
+    Message(FromDevice),
+    Work(Work),
+    /// The command in flight is past its deadline.
+    Overdue,
+    /// Nothing, for now.
+    Nothing,
+    Ended(&'static str),
+    /// The supervisor was dropped: stop without a word, as a crash would.
+    Abandoned,
+}
+
+impl Wake for Session {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut slot = lock(&self.slot);
+        match &mut slot.run {
+            Run::Idle => {
+                let Some(inner) = self.inner.upgrade() else {
+                    // The supervisor is gone.
+                    slot.run = Run::Ended;
+                    return;
+                };
+                slot.run = Run::Running {
+                    woken: false,
+                    waker: None,
+                };
+                drop(slot);
+                inner.spawn_session(Arc::clone(self));
+            }
+            Run::Running { woken, waker } => {
+                *woken = true;
+                let waker = waker.take();
+                drop(slot);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+            Run::Ended => {}
+        }
+    }
+}
+
+impl Session {
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        lock(&self.slot)
+    }
+
+    /// Queues a command or push; hands it back if the queue is full or the session is over.
+    fn offer(self: &Arc<Self>, work: Work) -> Result<(), TrySendError<Work>> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Err(TrySendError::Closed(work));
+        };
+        let mut slot = self.slot();
+        if slot.closing || matches!(slot.run, Run::Ended) {
+            return Err(TrySendError::Closed(work));
+        }
+        if slot.work.len() >= inner.config.device_queue {
+            return Err(TrySendError::Full(work));
+        }
+        slot.work.push_back(work);
+        drop(slot);
+        self.wake_by_ref();
+        Ok(())
+    }
+
+    /// Ends the session: its device is disconnected, what it had queued finishes as `device_offline`.
+    fn close(self: &Arc<Self>) {
+        self.slot().closing = true;
+        self.wake_by_ref();
+    }
+
+    /// Ends the session at once, as a crash would: its device is
+    /// disconnected, nothing is recorded, commands stay unacknowledged on the bus.
+    fn abandon(&self) {
+        let mut slot = self.slot();
+        slot.run = Run::Ended;
+        let peer = slot.peer.take();
+        let work = std::mem::take(&mut slot.work);
+        drop(slot);
+        drop((peer, work));
+    }
+
+    /// Runs the session until it has nothing to do (its state goes back into
+    /// the slot) or it ends (its device is released).
+    async fn drive(self: Arc<Self>) {
+        // Taken by `abandon`: the supervisor was dropped.
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let Some(peer) = self.slot().peer.take() else {
+            return;
+        };
+        let waker = Waker::from(Arc::clone(&self));
+        let mut runner = Runner {
+            inner,
+            session: self,
+            peer,
+        };
+        let why = loop {
+            match runner.next(&waker) {
+                Next::Message(message) => Box::pin(runner.on_message(message)).await,
+                Next::Work(Work::Command(job)) => Box::pin(runner.start(*job)).await,
+                Next::Work(Work::Converge(push)) => runner.converge(push),
+                Next::Overdue => {
+                    if let Some(flight) = runner.peer.current.take() {
+                        Box::pin(runner.inner.finish(flight.job, CommandOutcome::TimedOut, None)).await;
+                    }
+                }
+                Next::Nothing => match runner.peer.current.as_ref().map(|flight| flight.deadline) {
+                    // A command awaits its answer: wait here for it, or for its deadline.
+                    Some(deadline) => {
+                        tokio::select! {
+                            _ = runner.session.woken() => {}
+                            _ = Box::pin(tokio::time::sleep_until(deadline)) => {}
+                        }
+                    }
+                    None => match runner.idle() {
+                        Some(woken) => runner = woken,
+                        None => return,
+                    },
+                },
+                Next::Ended(why) => break why,
+                Next::Abandoned => return,
+            }
+            // A device that sends without pause must not keep a worker thread to itself.
+            tokio::task::consume_budget().await;
+        };
+        let Runner {
+            inner,
+            session,
+            mut peer,
+        } = runner;
+        let work = {
+            let mut slot = session.slot();
+            slot.run = Run::Ended;
+            std::mem::take(&mut slot.work)
+        };
+        let current = peer.current.take();
+        Box::pin(inner.end_session(session.device, session.id, work, current)).await;
+        debug!(device = %session.device, supervisor = %inner.config.id, reason = why, "session ended");
+        // The device stays connected until its release is recorded.
+        drop(peer);
+    }
+
+    /// Waits until the session is woken.
+    fn woken(&self) -> impl std::future::Future<Output = ()> + '_ {
+        poll_fn(|cx: &mut Context<'_>| {
+            let mut slot = self.slot();
+            match &mut slot.run {
+                Run::Running { woken: false, waker } => {
+                    match waker {
+                        Some(waker) => waker.clone_from(cx.waker()),
+                        None => *waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            }
+        })
+    }
+}
+
 /// What a session keeps of its device once it is registered.
 struct Peer {
-    device: DeviceId,
     capabilities: Capabilities,
     inbound: Box<dyn Inbound<FromDevice>>,
     outbound: Outbound<ToDevice>,
-}
-
-/// One device's session: its messages in, its commands out, one command at a time.
-struct SessionRunner {
-    inner: Arc<Inner>,
-    session: Peer,
-    queued: Receiver<Work>,
-    close: Arc<Notify>,
-    // Boxed, like `converging`: a session spends most of its life idle, and
-    // the runner lives in its task for as long as the device is connected.
+    // Boxed, like `converging`: a session spends most of its life idle.
     current: Option<Box<InFlight>>,
     /// The configuration the device runs, as far as this session knows.
     config_hash: Option<ConfigHash>,
@@ -836,50 +1075,68 @@ struct SessionRunner {
     last_touch: tokio::time::Instant,
 }
 
-impl SessionRunner {
-    /// Runs the session until it ends, then finishes what it had to do. Its
-    /// future is what a supervisor keeps per idle device (not an `async fn`:
-    /// that would store `self` twice).
-    #[allow(clippy::manual_async_fn)]
-    fn serve(mut self, id: u64) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            let why = self.run().await;
-            let SessionRunner {
-                inner,
-                session,
-                queued,
-                current,
-                ..
-            } = self;
-            Box::pin(inner.end_session(session.device, id, queued, current)).await;
-            debug!(device = %session.device, supervisor = %inner.config.id, reason = why, "session ended");
+/// A session while its task runs it.
+struct Runner {
+    inner: Arc<Inner>,
+    session: Arc<Session>,
+    peer: Peer,
+}
+
+impl Runner {
+    /// What to do next, in this order: end if closed, read the device's
+    /// messages, time out the command in flight, start the next command.
+    /// Whatever it polls and finds empty wakes the session when it is not.
+    fn next(&mut self, waker: &Waker) -> Next {
+        {
+            let mut slot = self.session.slot();
+            match &mut slot.run {
+                Run::Running { woken, waker } => {
+                    // Looking now: what happens from here on wakes it again.
+                    *woken = false;
+                    *waker = None;
+                }
+                Run::Ended => return Next::Abandoned,
+                Run::Idle => {}
+            }
+            if slot.closing {
+                return Next::Ended("closed by the supervisor");
+            }
+        }
+        match self.peer.inbound.poll_recv(&mut Context::from_waker(waker)) {
+            Poll::Ready(Ok(Some(message))) => return Next::Message(message),
+            Poll::Ready(Ok(None)) => return Next::Ended("the device disconnected"),
+            Poll::Ready(Err(err)) => {
+                warn!(device = %self.session.device, error = %err, "device sent bad input; closing its session");
+                return Next::Ended("bad input");
+            }
+            Poll::Pending => {}
+        }
+        match &self.peer.current {
+            Some(flight) if flight.deadline <= tokio::time::Instant::now() => Next::Overdue,
+            Some(_) => Next::Nothing,
+            None => self.session.slot().work.pop_front().map_or(Next::Nothing, Next::Work),
         }
     }
 
-    async fn run(&mut self) -> &'static str {
-        loop {
-            let deadline = self.current.as_ref().map(|flight| flight.deadline);
-            tokio::select! {
-                biased;
-                _ = self.close.notified() => return "closed by the supervisor",
-                message = self.session.inbound.recv() => match message {
-                    Ok(Some(message)) => Box::pin(self.on_message(message)).await,
-                    Ok(None) => return "the device disconnected",
-                    Err(err) => {
-                        warn!(device = %self.session.device, error = %err, "device sent bad input; closing its session");
-                        return "bad input";
-                    }
-                },
-                _ = sleep_until(deadline), if deadline.is_some() => {
-                    if let Some(flight) = self.current.take() {
-                        Box::pin(self.inner.finish(flight.job, CommandOutcome::TimedOut, None)).await;
-                    }
-                }
-                work = self.queued.recv(), if self.current.is_none() => match work {
-                    Some(Work::Command(job)) => Box::pin(self.start(*job)).await,
-                    Some(Work::Converge(push)) => self.converge(push),
-                    None => return "closed by the supervisor",
-                },
+    /// Puts the session's state back in its slot so that the task can end;
+    /// hands the runner back instead if it was woken since it last looked.
+    fn idle(self) -> Option<Runner> {
+        let mut slot = self.session.slot();
+        match slot.run {
+            Run::Running { woken: true, .. } => {
+                drop(slot);
+                Some(self)
+            }
+            // Abandoned meanwhile: the state goes with the task.
+            Run::Ended => {
+                drop(slot);
+                drop(self);
+                None
+            }
+            Run::Running { woken: false, .. } | Run::Idle => {
+                slot.run = Run::Idle;
+                slot.peer = Some(self.peer);
+                None
             }
         }
     }
@@ -924,10 +1181,10 @@ impl SessionRunner {
                 Expect::CommandAck(command.correlation_id),
             ),
         };
-        match self.session.outbound.try_send(message) {
+        match self.peer.outbound.try_send(message) {
             Ok(()) => {
                 let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
-                self.current = Some(Box::new(InFlight { job, expect, deadline }));
+                self.peer.current = Some(Box::new(InFlight { job, expect, deadline }));
             }
             Err(TrySendError::Full(_)) => {
                 let reason = format!("the send queue of device {} is full", command.device);
@@ -940,19 +1197,19 @@ impl SessionRunner {
     /// Pushes `push` unless the device runs it already or is being sent it.
     fn converge(&mut self, push: Arc<ConfigPush>) {
         let device = self.session.device;
-        let pending = self.converging.as_deref().map(|(_, hash)| *hash);
-        if self.config_hash == Some(push.hash) || pending == Some(push.hash) {
+        let pending = self.peer.converging.as_deref().map(|(_, hash)| *hash);
+        if self.peer.config_hash == Some(push.hash) || pending == Some(push.hash) {
             return;
         }
-        if !self.session.capabilities.remote_config {
+        if !self.peer.capabilities.remote_config {
             debug!(%device, config = %push.config, "the device does not accept remote configuration; not converging");
             return;
         }
         let target = (push.config, push.hash);
-        match self.session.outbound.try_send(ToDevice::ConfigPush(push)) {
+        match self.peer.outbound.try_send(ToDevice::ConfigPush(push)) {
             Ok(()) => {
                 debug!(%device, config = %target.0, "pushing the desired config");
-                self.converging = Some(Box::new(target));
+                self.peer.converging = Some(Box::new(target));
             }
             Err(_) => warn!(%device, config = %target.0, "the device's send queue is full; not converging now"),
         }
@@ -962,9 +1219,9 @@ impl SessionRunner {
     async fn converged(&mut self, ack: &crate::transport::ConfigAck) {
         let inner = Arc::clone(&self.inner);
         let device = self.session.device;
-        let patch = match (self.converging.as_deref().copied(), ack.state) {
+        let patch = match (self.peer.converging.as_deref().copied(), ack.state) {
             (Some((config, hash)), ConfigApplyState::Applied) if hash == ack.hash => {
-                self.config_hash = Some(hash);
+                self.peer.config_hash = Some(hash);
                 StatusPatch::new().config(config.version, Some(hash)).last_error(None)
             }
             (Some((config, hash)), ConfigApplyState::Failed) if hash == ack.hash => {
@@ -975,7 +1232,7 @@ impl SessionRunner {
             }
             _ => return,
         };
-        self.converging = None;
+        self.peer.converging = None;
         let patch = patch.last_seen(inner.clock.now()).fenced_by(inner.config.id);
         match inner.store.update_status(&device, &patch).await {
             Ok(()) => {}
@@ -985,7 +1242,7 @@ impl SessionRunner {
     }
 
     fn missing_capability(&self, kind: &CommandKind) -> Option<String> {
-        let caps = &self.session.capabilities;
+        let caps = &self.peer.capabilities;
         match kind {
             CommandKind::SetEmission { .. } if !caps.emission => Some("toggle_emission".into()),
             CommandKind::ApplyConfig { .. } if !caps.remote_config => Some("remote configuration".into()),
@@ -1001,7 +1258,7 @@ impl SessionRunner {
         let inner = Arc::clone(&self.inner);
         let device = self.session.device;
         match message {
-            FromDevice::CommandAck(ack) => match self.current.as_deref() {
+            FromDevice::CommandAck(ack) => match self.peer.current.as_deref() {
                 Some(InFlight {
                     expect: Expect::CommandAck(id),
                     ..
@@ -1013,7 +1270,7 @@ impl SessionRunner {
                         },
                         other => other,
                     };
-                    if let Some(flight) = self.current.take() {
+                    if let Some(flight) = self.peer.current.take() {
                         inner.finish(flight.job, outcome, None).await;
                     }
                 }
@@ -1023,7 +1280,7 @@ impl SessionRunner {
             },
             FromDevice::ConfigAck(ack) => {
                 let matches = matches!(
-                    self.current.as_deref(),
+                    self.peer.current.as_deref(),
                     Some(InFlight { expect: Expect::ConfigAck { hash, .. }, .. }) if *hash == ack.hash
                 );
                 let event = EventKind::ConfigAck {
@@ -1041,9 +1298,9 @@ impl SessionRunner {
                     return;
                 }
                 if ack.state == ConfigApplyState::Applied {
-                    self.config_hash = Some(ack.hash);
+                    self.peer.config_hash = Some(ack.hash);
                 }
-                if let Some(flight) = self.current.take() {
+                if let Some(flight) = self.peer.current.take() {
                     let outcome = match ack.state {
                         ConfigApplyState::Applied => CommandOutcome::Acked,
                         _ => CommandOutcome::Failed {
@@ -1085,17 +1342,17 @@ impl SessionRunner {
                 warn!(%device, error = %err, "publishing a status change failed");
             }
         }
-        self.last_touch = tokio::time::Instant::now();
+        self.peer.last_touch = tokio::time::Instant::now();
     }
 
     /// Records `last_seen`, at most once per tenth of the lease TTL: heartbeats
     /// from 20,000 devices must not become 20,000 store writes each.
     async fn touch(&mut self) {
         let inner = Arc::clone(&self.inner);
-        if self.last_touch.elapsed() < inner.config.lease_ttl / 10 {
+        if self.peer.last_touch.elapsed() < inner.config.lease_ttl / 10 {
             return;
         }
-        self.last_touch = tokio::time::Instant::now();
+        self.peer.last_touch = tokio::time::Instant::now();
         let device = self.session.device;
         let patch = StatusPatch::new()
             .last_seen(inner.clock.now())
@@ -1112,14 +1369,6 @@ impl SessionRunner {
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across other awaits: it is not `Send`.
     let _ = stopping.wait_for(|stopping| *stopping).await.map(drop);
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        // Boxed: the timer is a large part of a session's future, and only a command in flight needs one.
-        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

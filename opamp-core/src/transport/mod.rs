@@ -26,7 +26,9 @@ pub mod queue;
 pub use queue::{Receiver, TryRecvError};
 
 use std::fmt::{self, Debug};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -228,6 +230,11 @@ pub enum FromDevice {
 /// Transports implement it over their wire; an [`Outbound`] queue's
 /// [`Receiver`] is one, and so is a tokio `mpsc::Receiver`.
 ///
+/// It is polled, like a stream, rather than awaited: whoever holds a session
+/// may wait on it with [`recv`](trait.Inbound.html#method.recv), or, as the
+/// supervisor does, register a waker of its own and hold no task while the
+/// device is idle.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> opamp_core::Result<()> {
@@ -242,19 +249,26 @@ pub enum FromDevice {
 /// # Ok(())
 /// # }
 /// ```
-#[async_trait]
 pub trait Inbound<T: Send>: Send + Debug {
-    /// The next message; `Ok(None)` once the peer has closed the session.
+    /// The next message if there is one; `Ready(Ok(None))` once the peer has
+    /// closed the session. When it returns `Pending`, `cx`'s waker is woken
+    /// when there is more to read.
     ///
     /// An error means the peer sent something malformed or the connection
     /// broke; the session is over either way.
-    async fn recv(&mut self) -> Result<Option<T>>;
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>>>;
 }
 
-#[async_trait]
+impl<T: Send> dyn Inbound<T> + '_ {
+    /// Waits for the next message: [`poll_recv`](Inbound::poll_recv) as a future.
+    pub fn recv(&mut self) -> impl Future<Output = Result<Option<T>>> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
+}
+
 impl<T: Send + Debug> Inbound<T> for mpsc::Receiver<T> {
-    async fn recv(&mut self) -> Result<Option<T>> {
-        Ok(mpsc::Receiver::recv(self).await)
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>>> {
+        mpsc::Receiver::poll_recv(self, cx).map(Ok)
     }
 }
 
@@ -318,10 +332,9 @@ impl<T: Send> Outbound<T> {
     }
 }
 
-#[async_trait]
 impl<T: Send> Inbound<T> for Receiver<T> {
-    async fn recv(&mut self) -> Result<Option<T>> {
-        Ok(Receiver::recv(self).await)
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>>> {
+        Receiver::poll_recv(self, cx).map(Ok)
     }
 }
 
@@ -599,7 +612,7 @@ mod tests {
         let (out, mut rx) = Outbound::channel(1);
         out.try_send(1).unwrap();
         assert_eq!(out.try_send(2), Err(TrySendError::Full(2)));
-        assert_eq!(Inbound::recv(&mut rx).await.unwrap(), Some(1));
+        assert_eq!(rx.recv().await, Some(1));
         drop(rx);
         assert!(out.is_closed());
         assert_eq!(out.try_send(3), Err(TrySendError::Closed(3)));

@@ -248,9 +248,12 @@ impl<T> Drop for Receiver<T> {
         let mut state = self.shared.state();
         state.closed = true;
         let items = std::mem::take(&mut state.items);
+        let waker = state.receiver.take();
         drop(state);
-        // Dropped outside the lock: a message's own drop may touch other queues.
+        // Dropped outside the lock: a message's own drop may touch other
+        // queues, and a waker may own what it wakes (a supervisor's session).
         drop(items);
+        drop(waker);
         self.shared.changed.notify_waiters();
     }
 }

@@ -10,7 +10,7 @@ use opamp_core::transport::{
     AgentConnector, AgentSession, DeviceHello, FromDevice, Inbound, Outbound, Receiver, ToDevice,
 };
 use opamp_core::{Error, Result};
-use tokio_stream::StreamExt as _;
+use tokio_stream::{Stream as _, StreamExt as _};
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
@@ -190,19 +190,19 @@ impl std::fmt::Debug for SupervisorInbound {
     }
 }
 
-#[async_trait]
 impl Inbound<ToDevice> for SupervisorInbound {
-    async fn recv(&mut self) -> Result<Option<ToDevice>> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<ToDevice>>> {
         if let Some(registered) = self.registered.take() {
-            return Ok(Some(registered));
+            return Poll::Ready(Ok(Some(registered)));
         }
-        match self.stream.message().await {
-            Ok(Some(envelope)) => convert::from_supervisor(envelope)
+        let next = std::task::ready!(Pin::new(&mut self.stream).poll_next(cx));
+        Poll::Ready(match next {
+            Some(Ok(envelope)) => convert::from_supervisor(envelope)
                 .map(Some)
                 .map_err(|problem| Error::invalid_input(format!("message from the supervisor: {problem}"))),
-            Ok(None) => Ok(None),
-            Err(status) => Err(error_of(&status, "reading from the supervisor")),
-        }
+            None => Ok(None),
+            Some(Err(status)) => Err(error_of(&status, "reading from the supervisor")),
+        })
     }
 }
 

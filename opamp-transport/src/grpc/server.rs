@@ -268,16 +268,16 @@ impl DeviceInbound {
     }
 }
 
-#[async_trait]
 impl Inbound<FromDevice> for DeviceInbound {
-    async fn recv(&mut self) -> Result<Option<FromDevice>> {
-        match self.stream.message().await {
-            Ok(Some(envelope)) => match convert::from_device(envelope) {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<FromDevice>>> {
+        let next = std::task::ready!(Pin::new(&mut self.stream).poll_next(cx));
+        Poll::Ready(match next {
+            Some(Ok(envelope)) => match convert::from_device(envelope) {
                 Ok(message) => Ok(Some(message)),
                 Err(problem) => Err(self.close_with(Status::invalid_argument(problem))),
             },
-            Ok(None) => Ok(None),
-            Err(status) => match status.code() {
+            None => Ok(None),
+            Some(Err(status)) => match status.code() {
                 Code::OutOfRange | Code::ResourceExhausted | Code::Internal => {
                     let refused = refusal(&status, self.max_message_size);
                     Err(self.close_with(refused))
@@ -288,7 +288,7 @@ impl Inbound<FromDevice> for DeviceInbound {
                     Ok(None)
                 }
             },
-        }
+        })
     }
 }
 

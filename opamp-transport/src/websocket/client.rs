@@ -370,10 +370,9 @@ impl AgentState {
 #[derive(Debug)]
 struct ServerInbound(mpsc::Receiver<Result<ToDevice>>);
 
-#[async_trait]
 impl Inbound<ToDevice> for ServerInbound {
-    async fn recv(&mut self) -> Result<Option<ToDevice>> {
-        self.0.recv().await.transpose()
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<Option<ToDevice>>> {
+        self.0.poll_recv(cx).map(Option::transpose)
     }
 }
 

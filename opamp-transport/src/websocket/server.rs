@@ -732,10 +732,9 @@ pub(super) fn refusal_reply(shared: &Shared, uid: &[u8; 16], refusal: &Refusal) 
 #[derive(Debug)]
 struct AgentInbound(Receiver<Result<FromDevice>>);
 
-#[async_trait]
 impl Inbound<FromDevice> for AgentInbound {
-    async fn recv(&mut self) -> Result<Option<FromDevice>> {
-        self.0.recv().await.transpose()
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<FromDevice>>> {
+        self.0.poll_recv(cx).map(Option::transpose)
     }
 }
 

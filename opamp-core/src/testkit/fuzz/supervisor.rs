@@ -414,16 +414,18 @@ struct Counted {
     refuse_at: Arc<AtomicUsize>,
 }
 
-#[async_trait]
 impl Inbound<FromDevice> for Counted {
-    async fn recv(&mut self) -> Result<Option<FromDevice>> {
-        let message = self.inner.recv().await?;
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<Option<FromDevice>>> {
+        let message = std::task::ready!(self.inner.poll_recv(cx))?;
         if message.is_some() {
             self.read += 1;
             if self.read == self.refuse_at.load(Ordering::SeqCst) {
-                return Err(Error::invalid_input(format!("frame {}: not a message", self.read)));
+                return std::task::Poll::Ready(Err(Error::invalid_input(format!(
+                    "frame {}: not a message",
+                    self.read
+                ))));
             }
         }
-        Ok(message)
+        std::task::Poll::Ready(Ok(message))
     }
 }
