@@ -368,10 +368,33 @@ async fn idle_sessions_hold_no_task_and_wake_for_what_comes() {
     assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
     eventually("idle again", WAIT, || async { tasks() < before + 10 }).await;
 
-    // And a device that leaves while idle is released.
+    // A device that leaves while idle is released.
     drop(devices.remove(3));
     fleet.owner_is("idle-003", None).await;
     assert_eq!(s1.connected_devices(), 199);
+
+    // One that leaves with a command in flight and another queued ends both, definitely.
+    let in_flight = fleet
+        .send("s1", "idle-005", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    let leaving = &mut devices[4];
+    let pushed = tokio::time::timeout(WAIT, leaving.inbound.recv())
+        .await
+        .expect("pushed in time")
+        .unwrap();
+    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == in_flight));
+    let queued = fleet
+        .send("s1", "idle-005", CommandKind::SetEmission { state: false }, WAIT)
+        .await;
+    let store = fleet.store.clone();
+    drop(devices.remove(4));
+    assert_eq!(fleet.outcome(in_flight).await, CommandOutcome::DeviceOffline);
+    assert_eq!(fleet.outcome(queued).await, CommandOutcome::DeviceOffline);
+    eventually("idle-005 offline", WAIT, || {
+        let store = store.clone();
+        async move { store.status(&did("idle-005")).await.unwrap().unwrap().status == Presence::Offline }
+    })
+    .await;
     s1.shutdown().await;
     for device in &mut devices {
         assert_eq!(device.inbound.recv().await.unwrap(), None, "closed by the shutdown");
