@@ -35,7 +35,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,7 +47,8 @@ mod fleet;
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::transport::{
-    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceTransport, FromDevice, ToDevice,
+    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound,
+    Outbound, ToDevice,
 };
 use opamp_core::{AgentType, CommandOutcome, DeviceId, SupervisorId};
 use opamp_examples::rest::RestClient;
@@ -313,7 +316,7 @@ async fn hold_sessions(transport: &dyn Listening) -> Result<(), Box<dyn std::err
     let accepting = async {
         while let Ok(Some(session)) = transport.accept().await {
             let _ = session.outbound.try_send(ToDevice::Registered(Box::new(me)));
-            held.push(session);
+            held.push(HeldSession::new(session));
         }
     };
     tokio::select! {
@@ -321,6 +324,59 @@ async fn hold_sessions(transport: &dyn Listening) -> Result<(), Box<dyn std::err
         _ = wait_for_stdin_eof() => {}
     }
     Ok(())
+}
+
+/// A session held by `hold_sessions`: its two queues and nothing else (no
+/// task, not the hello), reading each message from the device as it arrives
+/// and dropping it, as a supervisor would read it. So what the benchmark
+/// measures is the transport's memory, not messages piling up in the harness.
+struct HeldSession {
+    inbound: Mutex<Box<dyn Inbound<FromDevice>>>,
+    _outbound: Outbound<ToDevice>,
+    /// Woken while another thread was reading: read again.
+    again: AtomicBool,
+}
+
+impl HeldSession {
+    fn new(session: DeviceSession) -> Arc<Self> {
+        let held = Arc::new(HeldSession {
+            inbound: Mutex::new(session.inbound),
+            _outbound: session.outbound,
+            again: AtomicBool::new(false),
+        });
+        held.read_all();
+        held
+    }
+
+    /// Reads until the queue is empty; the queue keeps this as its waker.
+    fn read_all(self: &Arc<Self>) {
+        let waker = Waker::from(Arc::clone(self));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            self.again.store(true, Ordering::SeqCst);
+            // A wake from inside `poll_recv` below finds the lock taken; it leaves `again` set.
+            let Ok(mut inbound) = self.inbound.try_lock() else {
+                return;
+            };
+            while self.again.swap(false, Ordering::SeqCst) {
+                while let Poll::Ready(Ok(Some(_))) = inbound.poll_recv(&mut cx) {}
+            }
+            drop(inbound);
+            if !self.again.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+}
+
+impl Wake for HeldSession {
+    fn wake(self: Arc<Self>) {
+        self.read_all();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.read_all();
+    }
 }
 
 /// The same protocol generated with stock tonic (default codec and settings), for the baseline.
