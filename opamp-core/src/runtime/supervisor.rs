@@ -984,7 +984,7 @@ impl Session {
     /// Runs the session until it has nothing to do (its state goes back into
     /// the slot) or it ends (its device is released).
     async fn drive(self: Arc<Self>) {
-        // Taken by `abandon`: the supervisor was dropped.
+        // The supervisor is gone, or it was dropped and `abandon` took the state.
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
