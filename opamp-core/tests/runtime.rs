@@ -252,6 +252,18 @@ async fn silent_device(connector: &ChannelConnector, device: &str) -> opamp_core
     session
 }
 
+/// Waits for `device` to be pushed the command `id`, as the next message it gets.
+async fn expect_command(device: &mut opamp_core::transport::AgentSession, id: CorrelationId) {
+    let pushed = tokio::time::timeout(WAIT, device.inbound.recv())
+        .await
+        .expect("pushed in time")
+        .unwrap();
+    assert!(
+        matches!(&pushed, Some(ToDevice::Command(c)) if c.correlation_id == id),
+        "{pushed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_devices_time_out_and_fill_only_their_own_queue() {
     let mut fleet = Fleet::new().await;
@@ -270,11 +282,7 @@ async fn slow_devices_time_out_and_fill_only_their_own_queue() {
             Duration::from_millis(300),
         )
         .await;
-    let pushed = tokio::time::timeout(WAIT, silent.inbound.recv())
-        .await
-        .expect("pushed in time")
-        .unwrap();
-    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == first));
+    expect_command(&mut silent, first).await;
     let second = fleet
         .send(
             "s1",
@@ -355,11 +363,7 @@ async fn idle_sessions_hold_no_task_and_wake_for_what_comes() {
         .send("s1", "idle-042", CommandKind::SetEmission { state: true }, WAIT)
         .await;
     let device = &mut devices[42];
-    let pushed = tokio::time::timeout(WAIT, device.inbound.recv())
-        .await
-        .expect("pushed in time")
-        .unwrap();
-    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == id));
+    expect_command(device, id).await;
     device
         .outbound
         .send(FromDevice::CommandAck(CommandAck::new(id, CommandOutcome::Acked)))
@@ -378,15 +382,10 @@ async fn idle_sessions_hold_no_task_and_wake_for_what_comes() {
         .send("s1", "idle-005", CommandKind::SetEmission { state: true }, WAIT)
         .await;
     let leaving = &mut devices[4];
-    let pushed = tokio::time::timeout(WAIT, leaving.inbound.recv())
-        .await
-        .expect("pushed in time")
-        .unwrap();
-    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == in_flight));
+    expect_command(leaving, in_flight).await;
     let queued = fleet
         .send("s1", "idle-005", CommandKind::SetEmission { state: false }, WAIT)
         .await;
-    let store = fleet.store.clone();
     drop(devices.remove(4));
     assert_eq!(fleet.outcome(in_flight).await, CommandOutcome::DeviceOffline);
     assert_eq!(fleet.outcome(queued).await, CommandOutcome::DeviceOffline);
@@ -453,11 +452,7 @@ async fn a_dead_supervisors_leases_lapse_and_devices_rehome() {
     let pending = fleet
         .send("s1", "d9", CommandKind::SetEmission { state: true }, WAIT)
         .await;
-    let pushed = tokio::time::timeout(WAIT, stuck.inbound.recv())
-        .await
-        .expect("pushed in time")
-        .unwrap();
-    assert!(matches!(pushed, Some(ToDevice::Command(c)) if c.correlation_id == pending));
+    expect_command(&mut stuck, pending).await;
     s1.abort();
     drop(stuck);
 
