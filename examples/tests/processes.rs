@@ -105,13 +105,16 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
             bus_url.clone(),
             "--lease-ttl".into(),
             "30s".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ],
         Some(&key),
     );
     let line = supervisor_proc.first_line().await;
-    let address = line
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("expected `listening ADDR`, got {line:?}"));
+    let (address, metrics_address) = match line.split(' ').collect::<Vec<_>>().as_slice() {
+        ["listening", grpc, "metrics", metrics] => (grpc.to_string(), metrics.to_string()),
+        _ => panic!("expected `listening ADDR metrics ADDR`, got {line:?}"),
+    };
 
     // The agent applies configuration with the Fluent Bit applier, reloading a stand-in.
     let config_dir = std::env::temp_dir().join(format!("opamp-examples-fluent-bit-{run}"));
@@ -175,6 +178,18 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
     let conf = config_dir.join("fluent-bit.conf");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), FLUENT_BIT_V1);
     assert_eq!(fluent_bit.reloads(), [FLUENT_BIT_V1]);
+
+    // The supervisor recorded both outcomes, and counted them where it serves its metrics.
+    let (status, metrics) = common::http(&metrics_address, "GET", "/metrics", "", "").await;
+    assert_eq!(status, 200);
+    for kind in ["toggle_emission", "apply_config"] {
+        let counted = format!("opamp_commands_total{{kind=\"{kind}\",outcome=\"acked\"}} 1");
+        assert!(metrics.contains(&counted), "{counted} in {metrics}");
+    }
+    assert_eq!(
+        common::http(&metrics_address, "GET", "/health/live", "", "").await,
+        (200, "ok".to_owned())
+    );
 
     // A broadcast config update on the bus reaches the supervisor's process too.
     let v2 = ConfigRef::new(fluentbit, ConfigVersion::new("v2").unwrap());

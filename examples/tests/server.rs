@@ -13,28 +13,11 @@ use common::{Proc, wait_until};
 const TOKEN: &str = "ops:operator:an-operator-secret-for-tests";
 const BEARER: &str = "an-operator-secret-for-tests";
 
-/// One HTTP/1.1 request on its own connection; the status and the body.
+/// One HTTP/1.1 request with the operator's token; the status and the body.
 async fn http(address: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).await.expect("the server accepts");
     let body = body.map(Value::to_string).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {BEARER}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let headers = format!("Authorization: Bearer {BEARER}\r\nContent-Type: application/json\r\n");
+    common::http(address, method, path, &headers, &body).await
 }
 
 fn json(body: &str) -> Value {

@@ -65,6 +65,7 @@ pub use store::{
 };
 pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use tracking::{
-    CommandRecord, CommandState, Endings, EndingsSender, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Target,
+    CommandRecord, CommandState, Endings, EndingsSender, Issued, MAX_ATTEMPTS, Rollout, RolloutId, RolloutSpec,
+    RolloutState, Target,
 };
 pub use transport::{AgentConnector, DeviceTransport};

@@ -110,6 +110,9 @@ impl From<&CommandOutcome> for CommandState {
     }
 }
 
+/// How many times a command is sent at most: once, and once more after it timed out.
+pub const MAX_ATTEMPTS: u32 = 2;
+
 /// One command, from issue to outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -161,6 +164,13 @@ impl CommandRecord {
     /// What it asks.
     pub fn kind(&self) -> &CommandKind {
         &self.command.kind
+    }
+
+    /// Whether the command is to be sent again rather than ended with
+    /// `outcome`: a timeout, when it has been sent fewer than
+    /// [`MAX_ATTEMPTS`] times.
+    pub fn retries_on(&self, outcome: &CommandOutcome) -> bool {
+        *outcome == CommandOutcome::TimedOut && self.attempts < MAX_ATTEMPTS
     }
 
     /// Ends the record with `outcome` at `at`.

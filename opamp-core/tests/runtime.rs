@@ -15,9 +15,10 @@ use opamp_core::transport::{
     FromDevice, Inbound, StatusReport, ToDevice,
 };
 use opamp_core::{
-    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
-    ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error, EventBus, EventKind,
-    GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription, SupervisorId, Timestamp,
+    AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, CommandRecord, CommandState, ConfigBundle,
+    ConfigFile, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error,
+    EventBus, EventKind, GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription,
+    SupervisorId, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -73,6 +74,28 @@ impl Fleet {
         let command = Command::new(did(device), kind, self.clock.now(), timeout);
         self.bus.send(&sid(to), &command).await.unwrap();
         command.correlation_id
+    }
+
+    /// Sends a command the way a control plane does: recorded as pending
+    /// first, as sent `attempts` times.
+    async fn send_tracked(
+        &self,
+        to: &str,
+        device: &str,
+        kind: CommandKind,
+        timeout: Duration,
+        attempts: u32,
+    ) -> CorrelationId {
+        let command = Command::new(did(device), kind, self.clock.now(), timeout);
+        let mut record = CommandRecord::new(command.clone(), Some(sid(to)), CommandState::Pending);
+        record.attempts = attempts;
+        self.store.insert_command(&record).await.unwrap();
+        self.bus.send(&sid(to), &command).await.unwrap();
+        command.correlation_id
+    }
+
+    async fn record(&self, id: CorrelationId) -> Option<CommandRecord> {
+        self.store.command_record(&id).await.unwrap()
     }
 
     /// The next event matching `pick`, acknowledging every event seen.
@@ -244,7 +267,6 @@ async fn failures_are_recorded_with_their_reason() {
 }
 
 /// A device that registers and then never answers.
-/// A device that registers and then never answers.
 async fn silent_device(connector: &ChannelConnector, device: &str) -> opamp_core::transport::AgentSession {
     let mut session = connector.connect(&hello(device)).await.unwrap();
     let first = session.inbound.recv().await.unwrap();
@@ -262,6 +284,47 @@ async fn expect_command(device: &mut opamp_core::transport::AgentSession, id: Co
         matches!(&pushed, Some(ToDevice::Command(c)) if c.correlation_id == id),
         "{pushed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_records_outcomes_itself_but_leaves_a_first_timeout_to_the_retry() {
+    // No control plane runs here: whatever is recorded, the supervisor recorded.
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut silent = silent_device(&connector, "slow").await;
+    let (_agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s1")).await;
+
+    let acked = fleet
+        .send_tracked("s1", "d1", CommandKind::SetEmission { state: true }, WAIT, 1)
+        .await;
+    assert_eq!(fleet.outcome(acked).await, CommandOutcome::Acked, "still published");
+    let record = fleet.record(acked).await.unwrap();
+    assert_eq!(record.state, CommandState::Acked);
+    assert!(record.completed_at.is_some());
+
+    // A first timeout stays pending for the control plane to send again; a second ends it.
+    let short = Duration::from_millis(200);
+    let first = fleet
+        .send_tracked("s1", "slow", CommandKind::SetEmission { state: true }, short, 1)
+        .await;
+    expect_command(&mut silent, first).await;
+    assert_eq!(fleet.outcome(first).await, CommandOutcome::TimedOut);
+    assert_eq!(fleet.record(first).await.unwrap().state, CommandState::Pending);
+    let last = fleet
+        .send_tracked("s1", "slow", CommandKind::SetEmission { state: true }, short, 2)
+        .await;
+    expect_command(&mut silent, last).await;
+    assert_eq!(fleet.outcome(last).await, CommandOutcome::TimedOut);
+    assert_eq!(fleet.record(last).await.unwrap().state, CommandState::TimedOut);
+
+    // A command nobody recorded (another producer's) is answered on the bus only.
+    let untracked = fleet
+        .send("s1", "d1", CommandKind::SetEmission { state: false }, WAIT)
+        .await;
+    assert_eq!(fleet.outcome(untracked).await, CommandOutcome::Acked);
+    assert_eq!(fleet.record(untracked).await, None);
+    s1.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,11 @@
 //! With `--opamp-listen` it also serves OpAMP agents (WebSocket and plain
 //! HTTP), side by side with the gRPC devices.
 //!
-//! Prints `listening ADDR` (and `opamp ADDR`) on stdout once it serves devices; stops gracefully
+//! With `--metrics-listen` it serves `/metrics` (Prometheus text) and
+//! `/health/live` over HTTP.
+//!
+//! Prints `listening ADDR` (then `opamp ADDR` and `metrics ADDR` when
+//! asked for) on stdout once it serves devices; stops gracefully
 //! on Ctrl-C or SIGTERM (the supervisor first, releasing its leases, then the
 //! transport, then the bus).
 
@@ -91,6 +95,10 @@ struct Args {
     /// How long a graceful shutdown waits for commands in flight, and then for the transport and the bus.
     #[arg(long, env = "OPAMP_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
+    /// Serve `GET /metrics` (Prometheus text: the outcomes this supervisor
+    /// records, its devices) and `GET /health/live` here, e.g. `127.0.0.1:9464`.
+    #[arg(long, env = "OPAMP_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// How often to log how many devices are connected (0s: never).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     stats_interval: Duration,
@@ -127,6 +135,11 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     let bus_url: BusUrl = parse_flag("--bus", &args.bus)?;
     let grpc = grpc_config(&args)?;
 
+    let metrics = match args.metrics_listen {
+        Some(listen) => Some(serve_metrics(listen).await?),
+        None => None,
+    };
+
     info!(store = ?store_url, bus = ?bus_url, "opening the store and the bus");
     let store = open_store(&store_url).await?;
     let bus = open_bus(&bus_url).await?;
@@ -158,10 +171,14 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     let running = Supervisor::new(config, store, bus.bus()).start(transports).await?;
     info!(supervisor = %args.id, listen = %transport.local_addr(), "serving devices over gRPC");
     // The line scripts and tests wait for: the addresses, with the ports chosen.
-    match &opamp {
-        Some(opamp) => println!("listening {} opamp {}", transport.local_addr(), opamp.local_addr()),
-        None => println!("listening {}", transport.local_addr()),
+    let mut line = format!("listening {}", transport.local_addr());
+    if let Some(opamp) = &opamp {
+        line.push_str(&format!(" opamp {}", opamp.local_addr()));
     }
+    if let Some((address, _)) = &metrics {
+        line.push_str(&format!(" metrics {address}"));
+    }
+    println!("{line}");
 
     let mut shutdown = std::pin::pin!(shutdown_signal());
     // interval() refuses zero; the guard below keeps a zero interval from ticking.
@@ -184,8 +201,38 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     if let Err(err) = bus.shutdown(args.shutdown_grace).await {
         warn!(error = %err, "the bus did not shut down cleanly");
     }
+    if let Some((_, server)) = metrics {
+        server.abort();
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Installs the Prometheus recorder and serves it, with a liveness probe, on
+/// `listen`; the address bound (port 0 picks one) and the server's task.
+async fn serve_metrics(listen: SocketAddr) -> opamp_core::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| Error::unavailable(format!("installing the Prometheus recorder: {err}")))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(handle.render())),
+        )
+        .route("/health/live", axum::routing::get(|| std::future::ready("ok")));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| Error::unavailable(format!("--metrics-listen {listen}: {err}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|err| Error::unavailable(format!("--metrics-listen {listen}: {err}")))?;
+    info!(listen = %address, "serving /metrics and /health/live");
+    let server = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            warn!(error = %err, "the metrics endpoint stopped");
+        }
+    });
+    Ok((address, server))
 }
 
 /// The OpAMP transport's settings, when `--opamp-listen` asks for one.

@@ -47,6 +47,32 @@ pub(crate) fn first_address(urls: &str) -> String {
         .to_owned()
 }
 
+/// One HTTP/1.1 request on its own connection, with `headers` (each line
+/// ending in CRLF); the status and the body.
+pub(crate) async fn http(address: &str, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .unwrap_or_else(|err| panic!("{address} accepts: {err}"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn reachable(address: &str) -> bool {
     address
         .to_socket_addrs()

@@ -8,8 +8,11 @@
 //!
 //! A command goes the way of the design's §5.2: the device's owner is looked
 //! up, the command is recorded as pending and published on the bus keyed by
-//! that supervisor, and the supervisor's `CommandCompleted` event, consumed
-//! here by a consumer group shared by every instance, records the outcome.
+//! that supervisor, and the supervisor records the outcome in the store
+//! (step 8) and publishes it as a `CommandCompleted` event. The events are
+//! consumed here by a consumer group shared by every instance: a first
+//! timeout is retried on its event, and an outcome a supervisor could not
+//! record (one of another producer's commands aside) is recorded from it.
 //!
 //! - **Timeouts.** A command that timed out is sent once more, to whoever
 //!   owns the device by then (it may have moved). A command that no event
@@ -26,9 +29,12 @@
 //!   the instance that started or last resumed it.
 //!
 //! Metrics go to the [`metrics`] facade (a host installs a recorder, e.g. a
-//! Prometheus exporter): `opamp_commands_total{kind, outcome}`,
-//! `opamp_command_latency_seconds{kind}` (issue to outcome recorded) and
-//! `opamp_event_lag_seconds` (the age of the last event consumed).
+//! Prometheus exporter): `opamp_commands_total{kind, outcome}` and
+//! `opamp_command_latency_seconds{kind}` (issue to outcome recorded), counted
+//! once per command by whichever runtime records its outcome (the supervisor
+//! for what devices answer, the control plane for commands that never reached
+//! one and timeouts nobody answered), and `opamp_event_lag_seconds` (the age
+//! of the last event consumed).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -42,6 +48,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::count_outcome;
 use crate::bus::{Bus, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId, DEFAULT_COMMAND_TIMEOUT};
 use crate::config::{ConfigRef, ConfigTemplate};
@@ -383,9 +390,8 @@ impl ControlPlane {
     /// [`Error::NotFound`] if the command is not known.
     ///
     /// Outcomes recorded by this instance wake it at once, and so do those
-    /// another instance records (with several instances, most of them: each
-    /// handles the events of its share of the devices), through the store's
-    /// notices of commands ending ([`TrackingStore::watch_endings`](crate::TrackingStore::watch_endings)). Those
+    /// a supervisor or another instance records (most of them), through the
+    /// store's notices of commands ending ([`TrackingStore::watch_endings`](crate::TrackingStore::watch_endings)). Those
     /// are best effort, so the record is also read again every so often:
     /// 100 ms after the last look at first, the wait doubling up to 1 s.
     /// Should the store stop telling, it is read 2 ms after the last look at
@@ -632,7 +638,7 @@ impl Inner {
         if record.state.is_final() {
             return Ok(());
         }
-        if *outcome == CommandOutcome::TimedOut && record.attempts < 2 {
+        if record.retries_on(outcome) {
             return self.retry(record).await;
         }
         let now = self.clock.now();
@@ -682,7 +688,11 @@ impl Inner {
                 ended = endings.next() => ended,
             };
             match ended {
-                Some(id) => self.waiters.wake(&id),
+                Some(id) => {
+                    self.waiters.wake(&id);
+                    // Most outcomes are recorded by supervisors, not here.
+                    self.progress.notify_waiters();
+                }
                 None => {
                     warn!("the store stopped telling of commands ending; waits read it every few ms instead");
                     self.endings_watched.store(false, Ordering::Relaxed);
@@ -1074,13 +1084,6 @@ fn end_unsent(record: &mut CommandRecord, now: Timestamp) {
         }
         _ => record.complete(&CommandOutcome::DeviceOffline, now),
     }
-}
-
-fn count_outcome(record: &CommandRecord, now: Timestamp) {
-    let kind = record.kind().wire_name();
-    metrics::counter!("opamp_commands_total", "kind" => kind, "outcome" => record.state.as_str()).increment(1);
-    let latency = now.duration_since(record.command.issued_at);
-    metrics::histogram!("opamp_command_latency_seconds", "kind" => kind).record(latency.as_secs_f64());
 }
 
 /// How many events one instance handles at once.

@@ -11,3 +11,15 @@ pub mod control_plane;
 #[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
 pub mod fluent_bit;
 pub mod supervisor;
+
+use crate::time::Timestamp;
+use crate::tracking::CommandRecord;
+
+/// Counts a command that ended, `now`, in the metrics every runtime that
+/// records outcomes shares.
+fn count_outcome(record: &CommandRecord, now: Timestamp) {
+    let kind = record.kind().wire_name();
+    metrics::counter!("opamp_commands_total", "kind" => kind, "outcome" => record.state.as_str()).increment(1);
+    let latency = now.duration_since(record.command.issued_at);
+    metrics::histogram!("opamp_command_latency_seconds", "kind" => kind).record(latency.as_secs_f64());
+}

@@ -20,8 +20,12 @@
 //!
 //! Commands come from the bus. Each is delivered to the device, its
 //! acknowledgement awaited until the command's deadline, the outcome written
-//! to the store and published as an event, and only then is the bus delivery
-//! acknowledged: a supervisor that dies mid-command has it redelivered.
+//! to the store (the device's status, and the command's record: the design's
+//! §5.2, step 8) and published as an event, and only then is the bus delivery
+//! acknowledged: a supervisor that dies mid-command has it redelivered. A
+//! first timeout is not written to the record: the control plane sends the
+//! command again on its event. Each outcome written is counted in
+//! `opamp_commands_total` and `opamp_command_latency_seconds`.
 //!
 //! Leases are renewed for all connected devices every `lease_ttl / 3`, in
 //! batches of one store call each. A device whose lease lapsed while it is
@@ -49,6 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::count_outcome;
 use crate::bus::{Acker, Bus, ConfigUpdate, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigHash, ConfigRef};
@@ -776,6 +781,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Ends the command's record with `outcome` (design §5.2, step 8), unless
+    /// it is to be sent again (a first timeout, which the control plane
+    /// retries on the event) or has no record (another producer's).
+    async fn record_outcome(&self, id: &CorrelationId, outcome: &CommandOutcome) -> Result<()> {
+        let Some(mut record) = self.store.command_record(id).await? else {
+            return Ok(());
+        };
+        if record.state.is_final() || record.retries_on(outcome) {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        record.complete(outcome, now);
+        if self.store.update_command(&record).await? {
+            count_outcome(&record, now);
+        }
+        Ok(())
+    }
+
     /// Records a command's outcome, publishes it, and only then acknowledges it on the bus.
     async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) {
         let me = self.config.id;
@@ -811,6 +834,11 @@ impl Inner {
                     return;
                 }
             }
+        }
+        if let Err(err) = self.record_outcome(&command.correlation_id, &outcome).await {
+            // Leave the delivery unacknowledged: it comes again and is recorded then.
+            warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
+            return;
         }
         let completed = EventKind::CommandCompleted {
             correlation_id: command.correlation_id,
