@@ -304,7 +304,7 @@ async fn emission(
 ) -> ApiResult<Response> {
     let wait = wait_param(pairs)?;
     let device = device_id(&device)?;
-    known(&api, &device).await?;
+    // An unknown device is a 404 from `set_emission` itself: no store read here.
     let correlation_id = api
         .control
         .acting_as(&*principal.name)
