@@ -309,7 +309,11 @@ async fn emission(
         .control
         .acting_as(&*principal.name)
         .set_emission(&device, body.on)
-        .await?;
+        .await
+        .map_err(|err| match err {
+            opamp_core::Error::NotFound { what } => ApiError::not_found(what),
+            other => other.into(),
+        })?;
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(Issued { device, correlation_id })).into_response());
     }
