@@ -561,6 +561,33 @@ async fn bad_http_input_is_refused_per_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_idle_websockets_going_away() {
+    let fleet = Fleet::new().await;
+    let transport = bind(|c| c).await;
+    let url = format!("ws://{}/v1/opamp", transport.local_addr());
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    // One connection with a registered agent, one with none; both idle, with no task.
+    let mut registered = raw_ws(&url, Some(&bearer("idle"))).await.unwrap();
+    send(&mut registered, &report([4; 16], 1, "idle")).await;
+    assert_eq!(recv(&mut registered).await.error_response, None);
+    let mut silent = raw_ws(&url, Some(&bearer("silent"))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let grace = Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    transport.shutdown(grace).await;
+    assert!(
+        started.elapsed() < grace,
+        "the connections ended before the grace ran out"
+    );
+    assert_eq!(close_code(&mut registered).await, CloseCode::Away);
+    assert_eq!(close_code(&mut silent).await, CloseCode::Away);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_gap_is_answered_with_report_full_state() {
     let fleet = Fleet::new().await;
     let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c).await;

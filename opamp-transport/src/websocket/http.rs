@@ -297,7 +297,7 @@ async fn respond(shared: &Shared, agent: &mut HttpAgent, mut reply: ServerToAgen
         if matches!(next, ToDevice::Registered(_)) {
             continue;
         }
-        let outgoing = convert::to_agent(&next, &agent.link.uid, agent.link.fleet);
+        let outgoing = convert::to_agent(&next, agent.link.uid(), agent.link.fleet);
         let part = outgoing.message;
         let taken = reply.remote_config.is_some() || reply.custom_message.is_some() || reply.command.is_some();
         let fits = !(part.remote_config.is_some() && reply.remote_config.is_some()

@@ -3,12 +3,10 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::{Future as _, poll_fn};
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +20,7 @@ use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound,
 use opamp_core::{DeviceId, Error, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -134,8 +132,10 @@ pub(super) struct Shared {
     next_owner: AtomicU64,
     pub(super) http_agents: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<http::HttpAgent>>>>,
     pub(super) stop: watch::Receiver<bool>,
-    /// Told when `stop` turns true, for WebSocket connections.
-    closing: Notify,
+    /// The WebSocket connections, by owner: the way a stop reaches those that are idle.
+    sockets: Mutex<HashMap<u64, Arc<Socket>>>,
+    /// Where connections run while they have something to do.
+    runtime: tokio::runtime::Handle,
     active: watch::Sender<usize>,
 }
 
@@ -155,10 +155,15 @@ impl Shared {
             next_owner: AtomicU64::new(HTTP_OWNER + 1),
             http_agents: Mutex::new(HashMap::new()),
             stop,
-            closing: Notify::new(),
+            sockets: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
             active,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts a connection task for [`OpampTransport::shutdown`] while it lives.
@@ -197,8 +202,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             },
             _ = stopped(&mut stop) => {
-                // WebSocket connections wait on this instead of the watch: it is smaller.
-                shared.closing.notify_waiters();
+                // Idle WebSocket connections have no task to notice: wake each.
+                let sockets: Vec<_> = lock(&shared.sockets).values().cloned().collect();
+                for socket in sockets {
+                    socket.wake_by_ref();
+                }
                 return;
             }
         };
@@ -361,13 +369,12 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
                     reader,
                     owner,
                     credential,
-                    peer,
                     agents: Vec::new(),
                     _counted: (active, slot),
                 };
-                // A task of its own, holding only the connection: this one, with
-                // the upgrade's state, ends here.
-                tokio::spawn(connection.serve());
+                // Its own task, holding only the connection, while it has
+                // something to do: this one, with the upgrade's state, ends here.
+                Socket::open(connection);
             }
             Err(err) => debug!(%peer, error = %err, "the WebSocket upgrade failed"),
         }
@@ -508,12 +515,12 @@ pub(super) enum Refusal {
 
 /// A registered agent: its session's sending half towards the supervisor.
 pub(super) struct Link {
-    pub(super) uid: [u8; 16],
     pub(super) device: DeviceId,
     pub(super) fleet: bool,
     inbound: Outbound<Result<FromDevice>>,
     reports: Reports,
-    _live: LiveUid,
+    /// Its instance uid, held in the live registry while the link lives.
+    live: LiveUid,
 }
 
 /// What a session remembers of an agent's reports: the sequence number, to
@@ -553,6 +560,11 @@ impl Reports {
 }
 
 impl Link {
+    /// The agent's instance uid.
+    pub(super) fn uid(&self) -> &[u8; 16] {
+        &self.live.uid
+    }
+
     /// Hands a report's messages to the supervisor; the reply to send, or
     /// what was wrong with the report.
     pub(super) async fn report(
@@ -565,7 +577,7 @@ impl Link {
             debug!(device = %self.device, got = message.sequence_num, "sequence gap; asking for the full state");
         }
         let reply = ServerToAgent {
-            instance_uid: self.uid.to_vec(),
+            instance_uid: self.uid().to_vec(),
             flags,
             ..Default::default()
         };
@@ -690,12 +702,11 @@ pub(super) async fn register(
     };
     debug!(%device, %peer, "agent registered");
     let link = Link {
-        uid,
         device,
         fleet,
         inbound,
         reports: Reports::new(message.sequence_num),
-        _live: live,
+        live,
     };
     Ok((link, queue, first))
 }
@@ -742,20 +753,141 @@ impl Inbound<FromDevice> for AgentInbound {
 
 /// One WebSocket connection and the agents registered over it.
 ///
-/// Its task waits in [`serve`](Self::serve) for one of three things: bytes
-/// from the socket, a message in one of its agents' queues, or the server
-/// stopping. What it does then is boxed, so that an idle connection's task
-/// holds only this struct and those waits: no buffer, no channel slots.
+/// It runs in a task only while it has something to do: bytes from the
+/// socket, a message in one of its agents' queues, or the server stopping.
+/// In between it rests in its [`Socket`], whose waker its socket's readiness
+/// and its agents' queues keep; so an idle connection is this struct, with
+/// no task, buffer or channel slots.
 struct Connection {
     shared: Arc<Shared>,
     stream: TcpStream,
     reader: frames::Reader,
     owner: u64,
     credential: Credential,
-    peer: SocketAddr,
     agents: Vec<Agent>,
     /// Counts it for [`OpampTransport::shutdown`] and against `max_connections` while it lives.
     _counted: (Active, ConnectionSlot),
+}
+
+/// Where a [`Connection`] rests between its tasks.
+///
+/// The transport's registry of connections holds it (a stop wakes each), and
+/// so do the waits the connection left, with the socket as their waker: a
+/// wake while it rests spawns its task again.
+struct Socket {
+    phase: Mutex<Phase>,
+}
+
+// Resting in place is the point: a boxed connection would be one more allocation.
+#[allow(clippy::large_enum_variant)]
+enum Phase {
+    /// No task: the connection waits for a wake.
+    Resting(Connection),
+    /// In its task; `woken` by something that came while it ran.
+    Running { woken: bool },
+    /// Closed.
+    Ended,
+}
+
+impl Socket {
+    /// Registers `connection` and starts its first task.
+    fn open(connection: Connection) {
+        let shared = Arc::clone(&connection.shared);
+        let socket = Arc::new(Socket {
+            phase: Mutex::new(Phase::Running { woken: false }),
+        });
+        lock(&shared.sockets).insert(connection.owner, Arc::clone(&socket));
+        shared.runtime.spawn(socket.run(connection));
+    }
+
+    /// Serves `connection` until it has nothing to do (it rests here) or ends.
+    // Not an `async fn`: its arguments would be stored twice in the future,
+    // once as arguments and once as the locals they are moved to.
+    #[allow(clippy::manual_async_fn)]
+    fn run(self: Arc<Self>, mut connection: Connection) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            // Ends the socket however the task ends, even dropped unfinished
+            // (its runtime shutting down), unless the connection is resting.
+            let mut ending = Ending {
+                socket: Some(Arc::clone(&self)),
+                owner: connection.owner,
+                shared: Arc::clone(&connection.shared),
+            };
+            let waker = Waker::from(Arc::clone(&self));
+            loop {
+                // Polled with the socket as the waker, not this task's: the
+                // waits must outlive the task.
+                let polled = connection.poll_due(&mut Context::from_waker(&waker));
+                let Poll::Ready(due) = polled else {
+                    match self.rest(connection) {
+                        None => {
+                            ending.socket = None;
+                            return;
+                        }
+                        Some(woken) => {
+                            // Woken since that look: look again, after a yield
+                            // (the wake may be this task's budget running out).
+                            connection = woken;
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                    }
+                };
+                if !Box::pin(connection.on_due(due)).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Leaves `connection` to rest here, unless it was woken since its last
+    /// look: then it is handed back.
+    fn rest(&self, connection: Connection) -> Option<Connection> {
+        let mut phase = lock(&self.phase);
+        if let Phase::Running { woken: true } = *phase {
+            *phase = Phase::Running { woken: false };
+            return Some(connection);
+        }
+        *phase = Phase::Resting(connection);
+        None
+    }
+}
+
+impl Wake for Socket {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut phase = lock(&self.phase);
+        match std::mem::replace(&mut *phase, Phase::Running { woken: false }) {
+            Phase::Resting(connection) => {
+                drop(phase);
+                let runtime = connection.shared.runtime.clone();
+                runtime.spawn(Arc::clone(self).run(connection));
+            }
+            Phase::Running { .. } => *phase = Phase::Running { woken: true },
+            Phase::Ended => *phase = Phase::Ended,
+        }
+    }
+}
+
+/// Marks a socket ended and takes it out of the registry when its task ends
+/// without leaving the connection to rest.
+struct Ending {
+    socket: Option<Arc<Socket>>,
+    /// The connection's key in the registry.
+    owner: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            *lock(&socket.phase) = Phase::Ended;
+            lock(&self.shared.sockets).remove(&self.owner);
+        }
+    }
 }
 
 /// An agent registered over a WebSocket: its link to the supervisor and the
@@ -776,8 +908,8 @@ enum Read {
     Some { more: bool },
 }
 
-/// What woke an idle connection.
-enum Wake {
+/// What a connection has to do next.
+enum Due {
     Readable,
     /// The agent at this index has a message, or its session was closed (`None`).
     Queued(usize, Option<ToDevice>),
@@ -785,61 +917,53 @@ enum Wake {
 }
 
 impl Connection {
-    // Not an `async fn`: its argument would be stored twice in the future,
-    // once as the argument and once as the local it is moved to.
-    #[allow(clippy::manual_async_fn)]
-    fn serve(mut self) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            let shared = Arc::clone(&self.shared);
-            // One wait for the server stopping, made once: it is part of every idle connection.
-            let mut closing = pin!(shared.closing.notified());
-            closing.as_mut().enable();
-            if *shared.stop.borrow() {
-                return Box::pin(self.close(frames::close::GOING_AWAY, "the server is shutting down")).await;
-            }
-            loop {
-                let wake = poll_fn(|cx| {
-                    if closing.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Stop);
-                    }
-                    self.poll_wake(cx)
-                })
-                .await;
-                let go_on = match wake {
-                    Wake::Readable => Box::pin(self.on_readable()).await,
-                    Wake::Queued(at, Some(message)) => Box::pin(self.deliver(at, message)).await,
-                    Wake::Queued(at, None) => {
-                        self.agents.swap_remove(at);
-                        if self.agents.is_empty() {
-                            Box::pin(self.close(frames::close::NORMAL, "the supervisor closed the session")).await;
-                            false
-                        } else {
-                            true
-                        }
-                    }
-                    Wake::Stop => {
-                        Box::pin(self.close(frames::close::GOING_AWAY, "the server is shutting down")).await;
-                        false
-                    }
-                };
-                if !go_on {
-                    return;
-                }
-            }
-        }
+    /// The client's address, for logs: asked of the socket rather than kept
+    /// in every connection.
+    fn peer(&self) -> String {
+        self.stream
+            .peer_addr()
+            .map_or_else(|err| format!("(peer unknown: {err})"), |peer| peer.to_string())
     }
 
-    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+    /// What the connection has to do next, if anything; the waits it leaves
+    /// wake `cx`.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Due> {
+        if *self.shared.stop.borrow() {
+            return Poll::Ready(Due::Stop);
+        }
         // An error is read by the next read, so it counts as readable.
         if self.stream.poll_read_ready(cx).is_ready() {
-            return Poll::Ready(Wake::Readable);
+            return Poll::Ready(Due::Readable);
         }
         for (at, agent) in self.agents.iter_mut().enumerate() {
             if let Poll::Ready(message) = agent.queue.poll_recv(cx) {
-                return Poll::Ready(Wake::Queued(at, message));
+                return Poll::Ready(Due::Queued(at, message));
             }
         }
         Poll::Pending
+    }
+
+    /// Does what woke the connection; false once it has closed.
+    async fn on_due(&mut self, due: Due) -> bool {
+        match due {
+            Due::Readable => self.on_readable().await,
+            Due::Queued(at, Some(message)) => self.deliver(at, message).await,
+            Due::Queued(at, None) => {
+                self.agents.swap_remove(at);
+                if self.agents.is_empty() {
+                    self.close(frames::close::NORMAL, "the supervisor closed the session")
+                        .await;
+                    false
+                } else {
+                    true
+                }
+            }
+            Due::Stop => {
+                self.close(frames::close::GOING_AWAY, "the server is shutting down")
+                    .await;
+                false
+            }
+        }
     }
 
     /// Reads what the client sent and handles every whole message in it;
@@ -849,14 +973,14 @@ impl Connection {
             let more = match self.read() {
                 Ok(Read::Closed) => {
                     if self.reader.is_partway() {
-                        debug!(peer = %self.peer, "OpAMP WebSocket closed in the middle of a message");
+                        debug!(peer = %self.peer(), "OpAMP WebSocket closed in the middle of a message");
                     }
                     return false;
                 }
                 Ok(Read::Some { more }) => more,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => false,
                 Err(err) => {
-                    debug!(peer = %self.peer, error = %err, "reading an OpAMP WebSocket failed");
+                    debug!(peer = %self.peer(), error = %err, "reading an OpAMP WebSocket failed");
                     return false;
                 }
             };
@@ -943,7 +1067,7 @@ impl Connection {
                 return false;
             }
         };
-        if let Some(at) = self.agents.iter().position(|agent| agent.link.uid == uid) {
+        if let Some(at) = self.agents.iter().position(|agent| *agent.link.uid() == uid) {
             match self.agents[at].link.report(&message, true).await {
                 Ok(reply) => {
                     if message.agent_disconnect.is_some() {
@@ -959,7 +1083,7 @@ impl Connection {
                 }
             }
         }
-        let peer = format!("opamp-ws {}", self.peer);
+        let peer = format!("opamp-ws {}", self.peer());
         let registered = register(&self.shared, self.owner, &self.credential, uid, &message, &peer).await;
         match registered {
             Ok((mut link, queue, mut first)) => {
@@ -969,6 +1093,11 @@ impl Connection {
                         link.fail(&problem);
                         return self.send(&convert::error_response(&uid, problem, None)).await;
                     }
+                }
+                // A bearer token proves one device: now that it is known, keep
+                // that instead of the token (its heap text goes).
+                if let Credential::Token(_) = self.credential {
+                    self.credential = Credential::Device(link.device);
                 }
                 // Most connections carry one agent: no room is kept for more.
                 self.agents.reserve_exact(1);
@@ -993,7 +1122,7 @@ impl Connection {
             return true;
         }
         let link = &self.agents[at].link;
-        let outgoing = convert::to_agent(&message, &link.uid, link.fleet);
+        let outgoing = convert::to_agent(&message, link.uid(), link.fleet);
         let size = 1 + prost::Message::encoded_len(&outgoing.message);
         let limit = self.shared.config.max_message_size;
         if size > limit {
@@ -1020,7 +1149,7 @@ impl Connection {
         match self.stream.write_all(bytes).await {
             Ok(()) => true,
             Err(err) => {
-                debug!(peer = %self.peer, error = %err, "writing to an OpAMP WebSocket failed");
+                debug!(peer = %self.peer(), error = %err, "writing to an OpAMP WebSocket failed");
                 false
             }
         }
@@ -1028,7 +1157,7 @@ impl Connection {
 
     /// Closes the connection over bad input: every agent on it is told why.
     async fn refuse(&mut self, code: u16, problem: &str) {
-        warn!(peer = %self.peer, %problem, "closing an OpAMP WebSocket over bad input");
+        warn!(peer = %self.peer(), %problem, "closing an OpAMP WebSocket over bad input");
         for agent in &self.agents {
             agent.link.fail(problem);
         }
@@ -1058,15 +1187,14 @@ impl Connection {
 mod tests {
     use super::*;
 
-    /// What an idle connection costs is mostly its task: the future of
-    /// `serve`. Awaits that are not idle waits are boxed to keep it small;
-    /// this fails when one is not.
+    /// An idle connection is its socket: one allocation, with no task.
+    /// This fails when it grows.
     #[tokio::test]
     async fn an_idle_connection_is_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
-        let (stream, peer) = listener.accept().await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
         let config = OpampServerConfig::new(
             addr,
             OpampAuth::Basic {
@@ -1084,12 +1212,14 @@ mod tests {
             reader: frames::Reader::new(1024),
             owner: 1,
             credential: Credential::Fleet,
-            peer,
             agents: Vec::new(),
             _counted: (Active::new(&shared), ConnectionSlot(shared.clone())),
         };
-        let serving = connection.serve();
-        let size = std::mem::size_of_val(&serving);
-        assert!(size <= 512, "an idle connection's future is {size} bytes");
+        let socket = Socket {
+            phase: Mutex::new(Phase::Resting(connection)),
+        };
+        // The allocation of an `Arc<Socket>`: two counts and the socket.
+        let size = 2 * std::mem::size_of::<usize>() + std::mem::size_of_val(&socket);
+        assert!(size <= 256, "an idle connection is {size} bytes");
     }
 }
