@@ -227,6 +227,7 @@ impl BusUrl {
 /// | `commands_partitions`, `events_partitions` | partitions of the topics made | 64 |
 /// | `replication` | replicas of the topics made (1 for a single broker) | 3 |
 /// | `create_topics` | `true`: make the missing topics when opened; `false`: expect them | `true` |
+/// | `background_fetch_wait` | how long fetches of events and config updates wait (no command waits on them), e.g. `100ms` | as every consumer |
 /// | any name with a dot, e.g. `security.protocol` | a librdkafka property for every client | |
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -243,6 +244,8 @@ pub struct KafkaUrl {
     pub replication: Option<i32>,
     /// Whether opening the bus makes the topics that are missing.
     pub create_topics: bool,
+    /// The fetch wait of the event and config-update consumers, when set.
+    pub background_fetch_wait: Option<Duration>,
     /// Further librdkafka properties.
     pub properties: BTreeMap<String, String>,
 }
@@ -256,6 +259,7 @@ impl fmt::Debug for KafkaUrl {
             .field("events_partitions", &self.events_partitions)
             .field("replication", &self.replication)
             .field("create_topics", &self.create_topics)
+            .field("background_fetch_wait", &self.background_fetch_wait)
             // Property values may be credentials (sasl.password): names only.
             .field("properties", &self.properties.keys().collect::<Vec<_>>())
             .finish()
@@ -289,6 +293,7 @@ impl FromStr for BusUrl {
                 let events_partitions = params.take_with("events_partitions", positive::<i32>)?;
                 let replication = params.take_with("replication", positive::<i32>)?;
                 let create_topics = params.take_with("create_topics", boolean)?.unwrap_or(true);
+                let background_fetch_wait = params.take_with("background_fetch_wait", duration_text::parse)?;
                 let properties = params.take_dotted();
                 params.finish()?;
                 Ok(BusUrl::Kafka(KafkaUrl {
@@ -298,6 +303,7 @@ impl FromStr for BusUrl {
                     events_partitions,
                     replication,
                     create_topics,
+                    background_fetch_wait,
                     properties,
                 }))
             }
@@ -429,6 +435,9 @@ async fn open_kafka(url: &KafkaUrl) -> Result<OpenBus> {
     config.events_partitions = url.events_partitions.unwrap_or(config.events_partitions);
     if let Some(replication) = url.replication {
         config = config.with_replication(replication);
+    }
+    if let Some(wait) = url.background_fetch_wait {
+        config = config.with_background_fetch_wait(wait);
     }
     for (name, value) in &url.properties {
         config = config.with_property(name.clone(), value.clone());
@@ -738,7 +747,7 @@ mod tests {
     #[test]
     fn kafka_urls() {
         let url: BusUrl = "kafka://k1,k2:9093?topic_prefix=t1.&replication=1&commands_partitions=3\
-                           &create_topics=false&sasl.password=hunter2"
+                           &create_topics=false&background_fetch_wait=100ms&sasl.password=hunter2"
             .parse()
             .unwrap();
         let BusUrl::Kafka(kafka) = &url else {
@@ -750,6 +759,7 @@ mod tests {
         assert_eq!(kafka.commands_partitions, Some(3));
         assert_eq!(kafka.events_partitions, None);
         assert!(!kafka.create_topics);
+        assert_eq!(kafka.background_fetch_wait, Some(Duration::from_millis(100)));
         assert_eq!(kafka.properties["sasl.password"], "hunter2");
         assert!(!format!("{url:?}").contains("hunter2"));
 
@@ -759,6 +769,7 @@ mod tests {
         assert!(bus_error("kafka://u:p@k:1").contains("sasl.username"));
         assert!(bus_error("kafka://k?replication=-1").contains("replication=-1"));
         assert!(bus_error("kafka://k?create_topics=yes").contains("true or false"));
+        assert!(bus_error("kafka://k?background_fetch_wait=soon").contains("duration \"soon\""));
         assert!(bus_error("kafka://k?topic=x").contains("unknown parameter `topic`"));
     }
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use opamp_core::runtime::supervisor::OutcomeEvents;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -70,6 +71,11 @@ pub struct DeploymentConfig {
     pub tansu: PathBuf,
     /// Where the broker keeps its log.
     pub broker_storage: BrokerStorage,
+    /// Which command outcomes the supervisors publish as events.
+    pub outcome_events: OutcomeEvents,
+    /// How long fetches of events and config updates wait (no command waits
+    /// on them); commands are fetched with a 5 ms wait.
+    pub background_fetch_wait: Duration,
     /// `RUST_LOG` of every process.
     pub log: String,
 }
@@ -122,6 +128,8 @@ impl DeploymentConfig {
             redis_server: PathBuf::from("redis-server"),
             tansu,
             broker_storage: BrokerStorage::default(),
+            outcome_events: OutcomeEvents::default(),
+            background_fetch_wait: Duration::from_millis(100),
             log: "warn".to_owned(),
         }
     }
@@ -129,6 +137,18 @@ impl DeploymentConfig {
     /// With the broker keeping its log in `storage`.
     pub fn broker_storage(mut self, storage: BrokerStorage) -> Self {
         self.broker_storage = storage;
+        self
+    }
+
+    /// With events and config updates fetched with a `wait` of their own.
+    pub fn background_fetch_wait(mut self, wait: Duration) -> Self {
+        self.background_fetch_wait = wait;
+        self
+    }
+
+    /// With the supervisors publishing `events` of command outcomes.
+    pub fn outcome_events(mut self, events: OutcomeEvents) -> Self {
+        self.outcome_events = events;
         self
     }
 
@@ -406,8 +426,10 @@ impl Deployment {
     pub fn bus_url(&self) -> String {
         format!(
             "kafka://127.0.0.1:{}?commands_partitions=16&events_partitions=8&replication=1\
-             &fetch.wait.max.ms=5&linger.ms=1&session.timeout.ms=10000&heartbeat.interval.ms=2000",
-            self.broker_port
+             &fetch.wait.max.ms=5&background_fetch_wait={}ms&linger.ms=1&session.timeout.ms=10000\
+             &heartbeat.interval.ms=2000",
+            self.broker_port,
+            self.config.background_fetch_wait.as_millis()
         )
     }
 
@@ -454,6 +476,8 @@ impl Deployment {
             self.bus_url(),
             "--lease-ttl".to_owned(),
             format!("{}ms", self.config.lease_ttl.as_millis()),
+            "--outcome-events".to_owned(),
+            self.config.outcome_events.to_string(),
         ];
         let mut supervisor = Member::spawn(
             &Self::supervisor_id(n),

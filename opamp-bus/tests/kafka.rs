@@ -537,7 +537,8 @@ async fn a_drain_past_its_grace_leaves_the_rest_to_the_next_subscriber() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_reaches_every_supervisor_of_every_process() {
-    let config = config();
+    // Config updates are fetched with a wait of their own, as a deployment sets it.
+    let config = config().with_background_fetch_wait(Duration::from_millis(50));
     let buses = [bus_with(config.clone()).await, bus_with(config).await];
     let mut streams = Vec::new();
     for i in 0..4 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use opamp_bus::memory::MemoryBus;
 use opamp_core::runtime::agent::{ConfigApplier, MemoryApplier};
-use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use opamp_core::runtime::supervisor::{OutcomeEvents, RunningSupervisor, Supervisor, SupervisorConfig};
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
 use opamp_core::transport::{
@@ -324,6 +324,47 @@ async fn the_supervisor_records_outcomes_itself_but_leaves_a_first_timeout_to_th
         .await;
     assert_eq!(fleet.outcome(untracked).await, CommandOutcome::Acked);
     assert_eq!(fleet.record(untracked).await, None);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_unrecorded_outcome_events_only_what_the_control_plane_needs_is_published() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet
+        .supervisor("s1", |c| c.outcome_events(OutcomeEvents::Unrecorded))
+        .await;
+    let mut silent = silent_device(&connector, "slow").await;
+    let (_agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), Arc::new(MemoryApplier::new()));
+    fleet.owner_is("d1", Some("s1")).await;
+
+    // Recorded, so not published: the next outcome on the bus is the untracked command's.
+    let recorded = fleet
+        .send_tracked("s1", "d1", CommandKind::SetEmission { state: true }, WAIT, 1)
+        .await;
+    let untracked = fleet
+        .send("s1", "d1", CommandKind::SetEmission { state: false }, WAIT)
+        .await;
+    let first = fleet
+        .event(|e| match &e.kind {
+            EventKind::CommandCompleted { correlation_id, .. } => Some(*correlation_id),
+            _ => None,
+        })
+        .await;
+    assert_eq!(first, untracked, "the recorded outcome was published");
+    assert_eq!(fleet.record(recorded).await.unwrap().state, CommandState::Acked);
+
+    // A first timeout is published, for the control plane to send it again.
+    let timed_out = fleet
+        .send_tracked(
+            "s1",
+            "slow",
+            CommandKind::SetEmission { state: true },
+            Duration::from_millis(200),
+            1,
+        )
+        .await;
+    expect_command(&mut silent, timed_out).await;
+    assert_eq!(fleet.outcome(timed_out).await, CommandOutcome::TimedOut);
     s1.shutdown().await;
 }
 

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
+use opamp_core::runtime::supervisor::{OutcomeEvents, Supervisor, SupervisorConfig};
 use opamp_core::{DeviceTransport, Error, SupervisorId};
 use opamp_examples::cli::{
     FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, read_pem, shutdown_signal,
@@ -92,6 +92,11 @@ struct Args {
     /// How long a device has to register after opening its stream.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     register_timeout: Duration,
+    /// Which command outcomes to publish as events: `all`, or `unrecorded`
+    /// (only what the control plane must still act on: the supervisor records
+    /// outcomes itself; halves the bus traffic of commands).
+    #[arg(long, env = "OPAMP_OUTCOME_EVENTS", default_value_t = OutcomeEvents::All)]
+    outcome_events: OutcomeEvents,
     /// How long a graceful shutdown waits for commands in flight, and then for the transport and the bus.
     #[arg(long, env = "OPAMP_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -167,7 +172,8 @@ async fn run(args: Args) -> opamp_core::Result<()> {
         .lease_ttl(args.lease_ttl)
         .max_in_flight(args.max_in_flight)
         .device_queue(args.device_queue)
-        .shutdown_grace(args.shutdown_grace);
+        .shutdown_grace(args.shutdown_grace)
+        .outcome_events(args.outcome_events);
     let running = Supervisor::new(config, store, bus.bus()).start(transports).await?;
     info!(supervisor = %args.id, listen = %transport.local_addr(), "serving devices over gRPC");
     // The line scripts and tests wait for: the addresses, with the ports chosen.

@@ -39,10 +39,12 @@ const SECRET_WORDS: [&str; 5] = ["password", "secret", "token", "key", "jaas"];
 ///     "brokers": "kafka-1:9092,kafka-2:9092",
 ///     "commands_partitions": 64,
 ///     "commit_interval": "250ms",
+///     "background_fetch_wait": "100ms",
 ///     "properties": {"security.protocol": "sasl_ssl", "sasl.password": "hunter2"}
 /// }"#)?;
 /// assert_eq!(config.commands_topic, "opamp.commands");
 /// assert_eq!(config.commit_interval, Duration::from_millis(250));
+/// assert_eq!(config.background_fetch_wait, Some(Duration::from_millis(100)));
 /// assert!(!format!("{config:?}").contains("hunter2"), "secrets stay out of Debug");
 /// # Ok::<(), serde_json::Error>(())
 /// ```
@@ -96,6 +98,15 @@ pub struct KafkaBusConfig {
     /// How long one request to the broker may take (metadata, offsets, topic creation). Default 10 s.
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
+    /// How long a fetch of the consumers no command waits on (device events
+    /// and config updates) may wait for messages (their `fetch.wait.max.ms`).
+    /// Supervisors record command outcomes themselves, so events only bring
+    /// what the control plane retries; a long wait here spares the broker
+    /// most of their fetches while command consumers keep a short one. Default:
+    /// none, the same as every consumer (librdkafka's 500 ms, or
+    /// `fetch.wait.max.ms` among the `properties`).
+    #[serde(default, with = "optional_duration_text")]
+    pub background_fetch_wait: Option<Duration>,
     /// Further librdkafka properties for every client (security, tuning),
     /// e.g. `security.protocol`, `sasl.username`. Those the bus sets itself
     /// (`group.id`, `acks`, `enable.idempotence`, `partitioner`, offset
@@ -124,6 +135,7 @@ impl Default for KafkaBusConfig {
             linger: Duration::from_millis(5),
             send_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            background_fetch_wait: None,
             properties: BTreeMap::new(),
         }
     }
@@ -174,6 +186,13 @@ impl KafkaBusConfig {
     /// The same, committing acknowledged offsets every `interval`.
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
+        self
+    }
+
+    /// The same, with the consumers of events and config updates fetching
+    /// with `wait` (see [`background_fetch_wait`](Self::background_fetch_wait)).
+    pub fn with_background_fetch_wait(mut self, wait: Duration) -> Self {
+        self.background_fetch_wait = Some(wait);
         self
     }
 
@@ -241,6 +260,11 @@ impl KafkaBusConfig {
         }
         if self.linger > Duration::from_secs(900) {
             return invalid("`linger` must be at most 900s (librdkafka's limit)".into());
+        }
+        if let Some(wait) = self.background_fetch_wait
+            && !(Duration::from_millis(1)..=Duration::from_secs(300)).contains(&wait)
+        {
+            return invalid("`background_fetch_wait` must be between 1ms and 300s".into());
         }
         if let Some(name) = self.properties.keys().find(|name| RESERVED.contains(&name.as_str())) {
             return invalid(format!(
@@ -321,6 +345,28 @@ impl KafkaBusConfig {
     }
 }
 
+/// `Option<Duration>` written as [`duration_text`] (none: absent), for `#[serde(with = "…")]`.
+mod optional_duration_text {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use opamp_core::time::duration_text;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+        match duration {
+            Some(duration) => duration_text::serialize(duration, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        Option::<Cow<'de, str>>::deserialize(deserializer)?
+            .map(|text| duration_text::parse(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 fn client_config(properties: Vec<(String, String)>) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (name, value) in properties {
@@ -358,6 +404,7 @@ impl fmt::Debug for KafkaBusConfig {
             .field("linger", &self.linger)
             .field("send_timeout", &self.send_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("background_fetch_wait", &self.background_fetch_wait)
             .field("properties", &properties)
             .finish()
     }
@@ -390,6 +437,10 @@ mod tests {
         rejected(
             KafkaBusConfig::default().with_linger(Duration::from_secs(901)),
             "linger",
+        );
+        rejected(
+            KafkaBusConfig::default().with_background_fetch_wait(Duration::ZERO),
+            "background_fetch_wait",
         );
         rejected(KafkaBusConfig::default().with_topic_prefix("a b."), "commands_topic");
         let mut twice = KafkaBusConfig::default();

@@ -73,6 +73,8 @@ pub(super) struct Spec<T> {
     pub(super) placement: Placement,
     /// How messages are read.
     pub(super) decode: Decoder<T>,
+    /// Its `fetch.wait.max.ms`, when not the bus's.
+    pub(super) fetch_wait: Option<std::time::Duration>,
 }
 
 /// What every subscription of a bus shares.
@@ -615,6 +617,9 @@ impl<T: Send + 'static> Worker<T> {
         };
         let mut config = self.env.consumer.clone();
         config.set("group.id", &self.spec.group);
+        if let Some(wait) = self.spec.fetch_wait {
+            config.set("fetch.wait.max.ms", wait.as_millis().to_string());
+        }
         let consumer: BaseConsumer<Context> = config
             .create_with_context(context)
             .map_err(|err| client_error(format!("making the consumer for {what}"), err))?;

@@ -400,6 +400,7 @@ impl CommandBus for KafkaBus {
                 }
                 decode_json(value, Command::from_json)
             }),
+            fetch_wait: None,
         };
         self.start(spec, true).await
     }
@@ -419,6 +420,7 @@ impl CommandBus for KafkaBus {
             group: self.group("config-updates", supervisor.as_str()),
             placement: Placement::AllFromNow,
             decode: Box::new(|_, value| decode_json(value, ConfigUpdate::from_json)),
+            fetch_wait: self.inner.config.background_fetch_wait,
         };
         self.start(spec, true).await
     }
@@ -449,6 +451,7 @@ impl EventBus for KafkaBus {
                 }
                 decoded => decoded,
             }),
+            fetch_wait: self.inner.config.background_fetch_wait,
         };
         self.start(spec, false).await
     }

@@ -104,6 +104,57 @@ pub struct SupervisorConfig {
     /// How long a graceful shutdown waits for in-flight commands.
     #[serde(default = "defaults::shutdown_grace", with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// Which command outcomes are published as `CommandCompleted` events.
+    #[serde(default)]
+    pub outcome_events: OutcomeEvents,
+}
+
+/// Which command outcomes a supervisor publishes as `CommandCompleted` events.
+///
+/// A supervisor records each outcome in the command's record itself; the
+/// control plane needs the event only for what it must still act on. Other
+/// readers of the event stream (an audit trail, say) may want them all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OutcomeEvents {
+    /// Every outcome (the default).
+    #[default]
+    All,
+    /// Only those the supervisor did not record: a first timeout, which the
+    /// control plane sends again, and commands that have no record (sent by
+    /// another producer). Halves the bus traffic of commands.
+    Unrecorded,
+}
+
+impl OutcomeEvents {
+    /// `all` or `unrecorded`, as configuration files and flags spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeEvents::All => "all",
+            OutcomeEvents::Unrecorded => "unrecorded",
+        }
+    }
+}
+
+impl fmt::Display for OutcomeEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OutcomeEvents {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "all" => Ok(OutcomeEvents::All),
+            "unrecorded" => Ok(OutcomeEvents::Unrecorded),
+            other => Err(Error::invalid_input(format!(
+                "outcome events {other:?}: expected all or unrecorded"
+            ))),
+        }
+    }
 }
 
 mod defaults {
@@ -137,6 +188,7 @@ impl SupervisorConfig {
             device_queue: defaults::device_queue(),
             max_in_flight: defaults::max_in_flight(),
             shutdown_grace: defaults::shutdown_grace(),
+            outcome_events: OutcomeEvents::default(),
         }
     }
 
@@ -161,6 +213,12 @@ impl SupervisorConfig {
     /// With another shutdown grace period.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// Publishing other command outcomes as events.
+    pub fn outcome_events(mut self, events: OutcomeEvents) -> Self {
+        self.outcome_events = events;
         self
     }
 
@@ -784,19 +842,24 @@ impl Inner {
     /// Ends the command's record with `outcome` (design §5.2, step 8), unless
     /// it is to be sent again (a first timeout, which the control plane
     /// retries on the event) or has no record (another producer's).
-    async fn record_outcome(&self, id: &CorrelationId, outcome: &CommandOutcome) -> Result<()> {
+    /// Returns whether the record has ended (by this call or before it).
+    async fn record_outcome(&self, id: &CorrelationId, outcome: &CommandOutcome) -> Result<bool> {
         let Some(mut record) = self.store.command_record(id).await? else {
-            return Ok(());
+            return Ok(false);
         };
-        if record.state.is_final() || record.retries_on(outcome) {
-            return Ok(());
+        if record.state.is_final() {
+            return Ok(true);
+        }
+        if record.retries_on(outcome) {
+            return Ok(false);
         }
         let now = self.clock.now();
         record.complete(outcome, now);
         if self.store.update_command(&record).await? {
             count_outcome(&record, now);
         }
-        Ok(())
+        // Not updated: it ended meanwhile.
+        Ok(true)
     }
 
     /// Records a command's outcome, publishes it, and only then acknowledges it on the bus.
@@ -835,18 +898,23 @@ impl Inner {
                 }
             }
         }
-        if let Err(err) = self.record_outcome(&command.correlation_id, &outcome).await {
-            // Leave the delivery unacknowledged: it comes again and is recorded then.
-            warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
-            return;
-        }
-        let completed = EventKind::CommandCompleted {
-            correlation_id: command.correlation_id,
-            outcome: outcome.clone(),
+        let recorded = match self.record_outcome(&command.correlation_id, &outcome).await {
+            Ok(recorded) => recorded,
+            Err(err) => {
+                // Leave the delivery unacknowledged: it comes again and is recorded then.
+                warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
+                return;
+            }
         };
-        if let Err(err) = self.publish(device, completed).await {
-            warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
-            return;
+        if !recorded || self.config.outcome_events == OutcomeEvents::All {
+            let completed = EventKind::CommandCompleted {
+                correlation_id: command.correlation_id,
+                outcome: outcome.clone(),
+            };
+            if let Err(err) = self.publish(device, completed).await {
+                warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
+                return;
+            }
         }
         debug!(%device, correlation_id = %command.correlation_id, outcome = outcome.name(), "command finished");
         if let Err(err) = job.acker.ack().await {
@@ -1425,5 +1493,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lease TTL"), "{err}");
+    }
+
+    #[test]
+    fn outcome_events_are_spelled_the_same_in_files_and_flags() {
+        let config: SupervisorConfig = serde_json::from_str(r#"{"id": "s1", "outcome_events": "unrecorded"}"#).unwrap();
+        assert_eq!(config.outcome_events, OutcomeEvents::Unrecorded);
+        let config: SupervisorConfig = serde_json::from_str(r#"{"id": "s1"}"#).unwrap();
+        assert_eq!(config.outcome_events, OutcomeEvents::All);
+        for events in [OutcomeEvents::All, OutcomeEvents::Unrecorded] {
+            assert_eq!(events.to_string().parse::<OutcomeEvents>().unwrap(), events);
+        }
+        let err = "none".parse::<OutcomeEvents>().unwrap_err().to_string();
+        assert!(err.contains("\"none\": expected all or unrecorded"), "{err}");
     }
 }

@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use opamp_core::DeviceId;
+use opamp_core::runtime::supervisor::OutcomeEvents;
+use opamp_examples::cli::parse_duration;
 use opamp_examples::deployment::{BrokerStorage, Deployment, DeploymentConfig};
 
 use crate::{micros, offer, parse_seconds};
@@ -47,6 +49,13 @@ pub(crate) struct DeploymentArgs {
     /// `memory` (lost with the broker, and far cheaper for tansu to serve).
     #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
     broker_storage: BrokerStorage,
+    /// Which command outcomes the supervisors publish as events: `all`, or
+    /// `unrecorded` (only first timeouts: the supervisors record outcomes themselves).
+    #[arg(long, default_value_t = OutcomeEvents::All)]
+    outcome_events: OutcomeEvents,
+    /// How long fetches of events and config updates wait (no command waits on them).
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    background_fetch_wait: Duration,
     /// Keep the deployment up (no measurements) until stdin closes.
     #[arg(long)]
     hold: bool,
@@ -60,7 +69,9 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         .to_path_buf();
     let config = DeploymentConfig::new(&args.dir, bin_dir)
         .size(args.servers, args.supervisors, args.devices, args.simulators)
-        .broker_storage(args.broker_storage);
+        .broker_storage(args.broker_storage)
+        .outcome_events(args.outcome_events)
+        .background_fetch_wait(args.background_fetch_wait);
     let lease = config.lease_ttl;
     let mut deployment = Deployment::start(config).await?;
     let connected = deployment.connected_in;
@@ -150,12 +161,14 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     }
 
     println!(
-        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}), {}s leases:\n",
+        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}), {}s leases, outcome events {}, background fetch wait {:?}:\n",
         args.servers,
         args.supervisors,
         args.devices,
         args.broker_storage,
-        lease.as_secs()
+        lease.as_secs(),
+        args.outcome_events,
+        args.background_fetch_wait
     );
     println!("| measure | figure | target |");
     println!("|---|---|---|");
