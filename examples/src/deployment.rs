@@ -71,7 +71,8 @@ pub struct DeploymentConfig {
     pub tansu: PathBuf,
     /// Where the broker keeps its log.
     pub broker_storage: BrokerStorage,
-    /// Which command outcomes the supervisors publish as events.
+    /// Which command outcomes the supervisors publish as events: only those
+    /// the servers act on, by default (nothing else reads the events here).
     pub outcome_events: OutcomeEvents,
     /// How long fetches of events and config updates wait (no command waits
     /// on them); commands are fetched with a 5 ms wait.
@@ -105,7 +106,9 @@ impl BrokerStorage {
 
 impl DeploymentConfig {
     /// The design's Phase 3: 3 servers, 5 supervisors, 10,000 devices in 2
-    /// simulators; 30 s leases, 10 s command timeout. `redis-server` from
+    /// simulators; 30 s leases, 10 s command timeout; supervisors publishing
+    /// only the outcomes the servers act on, and events and config updates
+    /// fetched with a 100 ms wait (commands with 5 ms). `redis-server` from
     /// `PATH`; tansu where `scripts/services/kafka` builds it (`OPAMP_TANSU`
     /// overrides).
     pub fn new(dir: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> Self {
@@ -128,7 +131,7 @@ impl DeploymentConfig {
             redis_server: PathBuf::from("redis-server"),
             tansu,
             broker_storage: BrokerStorage::default(),
-            outcome_events: OutcomeEvents::default(),
+            outcome_events: OutcomeEvents::Unrecorded,
             background_fetch_wait: Duration::from_millis(100),
             log: "warn".to_owned(),
         }

@@ -51,7 +51,7 @@ pub(crate) struct DeploymentArgs {
     broker_storage: BrokerStorage,
     /// Which command outcomes the supervisors publish as events: `all`, or
     /// `unrecorded` (only first timeouts: the supervisors record outcomes themselves).
-    #[arg(long, default_value_t = OutcomeEvents::All)]
+    #[arg(long, default_value_t = OutcomeEvents::Unrecorded)]
     outcome_events: OutcomeEvents,
     /// How long fetches of events and config updates wait (no command waits on them).
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
