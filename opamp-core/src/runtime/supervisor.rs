@@ -216,7 +216,7 @@ impl SupervisorConfig {
         self
     }
 
-    /// Publishing other command outcomes as events.
+    /// With `events` choosing which command outcomes are published as events.
     pub fn outcome_events(mut self, events: OutcomeEvents) -> Self {
         self.outcome_events = events;
         self

@@ -50,9 +50,8 @@ use opamp_core::transport::{
     AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound,
     Outbound, ToDevice,
 };
-use opamp_core::{AgentType, CommandOutcome, DeviceId, SupervisorId};
+use opamp_core::{AgentType, CommandOutcome, DeviceId, Store, SupervisorId};
 use opamp_examples::rest::RestClient;
-use opamp_store::memory::MemoryStore;
 use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
 use opamp_transport::websocket::{OpampAuth, OpampConnector, OpampConnectorConfig, OpampServerConfig, OpampTransport};
@@ -112,6 +111,11 @@ struct IdleArgs {
     concurrency: usize,
     #[command(flatten)]
     reads: WsReads,
+    /// The store of the supervisor rows: `memory://`, or a `redis://` or
+    /// `postgres://` URL (its records then live in that server, not in the
+    /// supervisor's process). The bus is in memory either way.
+    #[arg(long, default_value = "memory://")]
+    store: String,
     /// The servers to measure, in each round (default: `bare,supervisor` for
     /// `grpc-idle`, `mosquitto,opamp-supervisor` for `opamp-idle`).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -174,6 +178,9 @@ struct ServeArgs {
     listen: SocketAddr,
     #[command(flatten)]
     reads: WsReads,
+    /// The supervisor's store (the supervisor kinds only).
+    #[arg(long, default_value = "memory://")]
+    store: String,
 }
 
 /// How the OpAMP server reads its WebSockets (default: the transport's).
@@ -260,9 +267,13 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
             None => config,
         }
     };
+    let store =
+        || async { opamp_examples::open_store(&opamp_examples::cli::parse_flag("--store", &args.store)?).await };
     match args.kind {
-        ServerKind::Supervisor => supervise(Arc::new(GrpcTransport::bind(grpc()).await?)).await?,
-        ServerKind::OpampSupervisor => supervise(Arc::new(OpampTransport::bind(opamp()).await?)).await?,
+        ServerKind::Supervisor => supervise(Arc::new(GrpcTransport::bind(grpc()).await?), store().await?).await?,
+        ServerKind::OpampSupervisor => {
+            supervise(Arc::new(OpampTransport::bind(opamp()).await?), store().await?).await?
+        }
         ServerKind::Transport => hold_sessions(&GrpcTransport::bind(grpc()).await?).await?,
         ServerKind::OpampTransport => hold_sessions(&OpampTransport::bind(opamp()).await?).await?,
         ServerKind::Mosquitto => return Err("mosquitto is its own program: `opamp-idle` starts it".into()),
@@ -296,11 +307,11 @@ impl Listening for OpampTransport {
     }
 }
 
-/// The supervisor runtime on the in-memory store and bus, serving `transport` until stdin closes.
-async fn supervise<T: Listening>(transport: Arc<T>) -> Result<(), Box<dyn std::error::Error>> {
+/// The supervisor runtime on `store` and the in-memory bus, serving `transport` until stdin closes.
+async fn supervise<T: Listening>(transport: Arc<T>, store: Arc<dyn Store>) -> Result<(), Box<dyn std::error::Error>> {
     println!("listening {}", transport.address());
     let config = SupervisorConfig::new(SupervisorId::new("loadgen-supervisor")?);
-    let supervisor = Supervisor::new(config, Arc::new(MemoryStore::new()), Arc::new(MemoryBus::new()))
+    let supervisor = Supervisor::new(config, store, Arc::new(MemoryBus::new()))
         .start(vec![transport as Arc<dyn DeviceTransport>])
         .await?;
     wait_for_stdin_eof().await;
@@ -874,6 +885,7 @@ async fn measure_idle(
     } else {
         let mut serve = vec!["serve".to_owned(), "--kind".to_owned(), kind.name().to_owned()];
         serve.extend(args.reads.args());
+        serve.extend(["--store".to_owned(), args.store.clone()]);
         let mut server = spawn_self(&serve, key).await?;
         let listening = server.line().await?;
         let addr = listening
@@ -1015,14 +1027,17 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
         args.low, args.high
     );
     println!("|---|---|---|---|---|---|---|");
+    let in_memory = args.store == "memory://";
     for &kind in &args.servers {
         println!(
             "| {} | {:.1} MiB | {:.1} MiB | {:.0} B | {:.0} /s | {:.1} ms | {:.1} ms |",
             match kind {
                 ServerKind::Bare => "bare tonic",
                 ServerKind::Transport => "gRPC transport alone",
-                ServerKind::Supervisor => "supervisor (memory store + bus)",
-                ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (memory store + bus)",
+                ServerKind::Supervisor if in_memory => "supervisor (memory store + bus)",
+                ServerKind::Supervisor => "supervisor (store elsewhere, memory bus)",
+                ServerKind::OpampSupervisor if in_memory => "supervisor over OpAMP WebSocket (memory store + bus)",
+                ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (store elsewhere, memory bus)",
                 ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
                 ServerKind::Mosquitto => "Mosquitto, idle MQTT 3.1.1 clients",
             },
