@@ -11,8 +11,10 @@
 //! that supervisor, and the supervisor records the outcome in the store
 //! (step 8) and publishes it as a `CommandCompleted` event. The events are
 //! consumed here by a consumer group shared by every instance: a first
-//! timeout is retried on its event, and an outcome a supervisor could not
-//! record (one of another producer's commands aside) is recorded from it.
+//! timeout is retried on its event, and an outcome from a supervisor that
+//! publishes without recording (another implementation of the wire format)
+//! is recorded from it. (Ours does not publish an outcome it failed to
+//! record: the command comes again.)
 //!
 //! - **Timeouts.** A command that timed out is sent once more, to whoever
 //!   owns the device by then (it may have moved). A command that no event

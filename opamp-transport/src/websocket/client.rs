@@ -32,7 +32,7 @@ use super::http::{PROTOBUF, compress, decompress};
 use super::proto::{self, AgentToServer, ServerToAgent};
 use super::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_READ_BUFFER_SIZE, DEFAULT_REGISTER_TIMEOUT,
-    DEFAULT_WRITE_BUFFER_SIZE,
+    DEFAULT_WRITE_BUFFER_SIZE, lock,
 };
 use crate::auth::DeviceToken;
 
@@ -240,7 +240,7 @@ impl OpampConnector {
 
     /// The agent's `instance_uid` now.
     pub fn instance_uid(&self) -> [u8; 16] {
-        *self.uid.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.uid)
     }
 
     async fn tcp(&self) -> Result<TcpStream> {
@@ -298,7 +298,7 @@ impl AgentState {
     fn new(hello: &DeviceHello, shared_uid: &Arc<Mutex<[u8; 16]>>) -> Self {
         AgentState {
             hello: hello.clone(),
-            uid: *shared_uid.lock().unwrap_or_else(|p| p.into_inner()),
+            uid: *lock(shared_uid),
             shared_uid: shared_uid.clone(),
             sequence: 0,
             emission_ids: Vec::new(),
@@ -347,7 +347,7 @@ impl AgentState {
     fn adopt(&mut self, uid: [u8; 16]) {
         debug!(device = %self.hello.device, uid = %super::uuid_text(&uid), "the server gave the agent a new instance_uid");
         self.uid = uid;
-        *self.shared_uid.lock().unwrap_or_else(|p| p.into_inner()) = uid;
+        *lock(&self.shared_uid) = uid;
     }
 
     /// What the agent answers a server message with, if anything.

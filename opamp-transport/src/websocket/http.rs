@@ -16,9 +16,9 @@ use prost::Message as _;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::convert;
 use super::proto::{AgentToServer, ServerToAgent};
 use super::server::{self, Credential, HTTP_OWNER, Link, Refusal, Reply, Shared};
+use super::{convert, lock};
 
 /// The media type of OpAMP's plain HTTP bodies.
 pub(super) const PROTOBUF: &str = "application/x-protobuf";
@@ -174,12 +174,7 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
     };
     let peer = format!("opamp-http {peer}");
 
-    let existing = shared
-        .http_agents
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&uid)
-        .cloned();
+    let existing = lock(&shared.http_agents).get(&uid).cloned();
     if let Some(agent) = existing {
         let mut agent = agent.lock().await;
         if !(agent.queue.is_closed() && agent.queue.is_empty() && agent.held.is_none()) {
@@ -248,11 +243,7 @@ async fn register(
                 last_request: Instant::now(),
             };
             let first = respond(shared, &mut agent, first).await;
-            shared
-                .http_agents
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid, Arc::new(tokio::sync::Mutex::new(agent)));
+            lock(&shared.http_agents).insert(uid, Arc::new(tokio::sync::Mutex::new(agent)));
             protobuf(StatusCode::OK, &first, gzip_response)
         }
         Err(Refusal::Unauthenticated(problem)) => server::unauthorized(problem),
@@ -277,7 +268,7 @@ async fn register(
 }
 
 fn forget(shared: &Shared, uid: &[u8; 16]) {
-    shared.http_agents.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    lock(&shared.http_agents).remove(uid);
 }
 
 /// Adds what waited for the agent to `reply`, as much as one `ServerToAgent`
@@ -341,11 +332,11 @@ pub(super) async fn reap(shared: Arc<Shared>) {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = server::stopped(&mut stop) => {
-                shared.http_agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                lock(&shared.http_agents).clear();
                 return;
             }
         }
-        let mut agents = shared.http_agents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut agents = lock(&shared.http_agents);
         agents.retain(|_, agent| match agent.try_lock() {
             // Busy answering a request: alive.
             Err(_) => true,

@@ -439,6 +439,12 @@ fn uuid_text(uid: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*uid).hyphenated().to_string()
 }
 
+/// A mutex's guard, even after a panic elsewhere poisoned it: what each
+/// lock guards stays consistent between statements.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::convert::{self, LastConfigStatus};
 use super::frames::{self, Incoming};
 use super::proto::{AgentToServer, ServerToAgent, ServerToAgentFlags};
-use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http};
+use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http, lock};
 
 /// The OpAMP [`DeviceTransport`]: serves OpAMP over WebSocket and plain HTTP
 /// on one port, and hands each agent that registered with a valid
@@ -80,7 +80,7 @@ impl OpampTransport {
     /// and ends plain HTTP sessions, waiting up to `grace` for connections to finish.
     pub async fn shutdown(&self, grace: Duration) {
         self.stopping.send_replace(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
         let mut active = self.active.clone();
         let drained = tokio::time::timeout(grace, async move {
             for task in tasks {
@@ -160,10 +160,6 @@ impl Shared {
             active,
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts a connection task for [`OpampTransport::shutdown`] while it lives.
@@ -612,7 +608,7 @@ struct LiveUid {
 
 impl Drop for LiveUid {
     fn drop(&mut self) {
-        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = lock(&self.shared.live);
         if live.get(&self.uid) == Some(&self.owner) {
             live.remove(&self.uid);
         }
@@ -646,7 +642,7 @@ pub(super) async fn register(
         convert::device_id(config.device_id, &uid, message.agent_description.as_ref()).map_err(Refusal::BadRequest)?;
     credential.admits(shared, &device).map_err(Refusal::Unauthenticated)?;
     let live = {
-        let mut live = shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = lock(&shared.live);
         if live.contains_key(&uid) {
             let fresh = *uuid::Uuid::now_v7().as_bytes();
             info!(%device, uid = %super::uuid_text(&uid), new_uid = %super::uuid_text(&fresh), "duplicate instance_uid; offering a new one");
