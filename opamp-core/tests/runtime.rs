@@ -716,6 +716,46 @@ async fn status_reports_reach_the_store_and_the_event_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_status_the_supervisor_did_not_know_is_announced() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    let report = |emission: Option<bool>, error: Option<&str>| {
+        let mut report = opamp_core::transport::StatusReport::default();
+        report.emission = emission;
+        report.last_error = error.map(str::to_owned);
+        FromDevice::Status(report)
+    };
+
+    // The toggle is recorded from its ack; the report an agent sends after it repeats it.
+    let id = fleet
+        .send("s1", "d1", CommandKind::SetEmission { state: true }, WAIT)
+        .await;
+    expect_command(&mut device, id).await;
+    let ack = opamp_core::transport::CommandAck::new(id, CommandOutcome::Acked);
+    device.outbound.send(FromDevice::CommandAck(ack)).await.unwrap();
+    device.outbound.send(report(Some(true), None)).await.unwrap();
+    // Then the device turns emission off by itself, and reports an error.
+    device.outbound.send(report(Some(false), None)).await.unwrap();
+    device.outbound.send(report(None, Some("disk full"))).await.unwrap();
+
+    let first_change = fleet
+        .event(|e| match e.kind {
+            EventKind::StatusChanged { emission, .. } => Some(emission),
+            _ => None,
+        })
+        .await;
+    assert_eq!(first_change, Some(false), "the repeat of the toggle is not announced");
+    eventually("the error recorded", WAIT, || async {
+        let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+        !status.emission && status.last_error.as_deref() == Some("disk full")
+    })
+    .await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_command_makes_the_agent_reconnect() {
     let mut fleet = Fleet::new().await;
     let (s1, connector) = fleet.supervisor("s1", |c| c).await;
@@ -843,8 +883,10 @@ async fn a_refused_fenced_write_closes_the_stale_session() {
         .unwrap();
     let online_at_s2 = opamp_core::StatusPatch::new().online(sid("s2"), fleet.clock.now());
     fleet.store.update_status(&did("d1"), &online_at_s2).await.unwrap();
-    let report = FromDevice::Status(Default::default());
-    device.outbound.send(report).await.unwrap();
+    // A report with news to record (an empty one is only a heartbeat, recorded at most every tenth of the lease).
+    let mut report = opamp_core::transport::StatusReport::default();
+    report.emission = Some(true);
+    device.outbound.send(FromDevice::Status(report)).await.unwrap();
     let ended = tokio::time::timeout(WAIT, device.inbound.recv())
         .await
         .expect("closed in time")

@@ -63,6 +63,7 @@ use crate::id::{AgentType, DeviceId, SupervisorId};
 use crate::status::{Labels, StatusPatch};
 use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, duration_text};
+use crate::tracking::CommandRecord;
 use crate::transport::{
     Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, StatusReport,
     ToDevice, TrySendError,
@@ -646,7 +647,9 @@ impl Inner {
         };
         let inner = Arc::clone(self);
         // Tracked with the sessions, so that `abort` stops it as a crash would.
-        lock(&self.session_tasks).spawn(async move { inner.finish(*refused.0, refused.1, None).await });
+        lock(&self.session_tasks).spawn(async move {
+            inner.finish(*refused.0, refused.1, None).await;
+        });
     }
 
     async fn renew_loop(self: Arc<Self>) {
@@ -750,6 +753,7 @@ impl Inner {
                         current: None,
                         config_hash: hello.config_hash,
                         converging: None,
+                        emission: None,
                         last_touch: tokio::time::Instant::now(),
                     }),
                 }),
@@ -839,12 +843,38 @@ impl Inner {
         Ok(())
     }
 
-    /// Ends the command's record with `outcome` (design §5.2, step 8), unless
-    /// it is to be sent again (a first timeout, which the control plane
-    /// retries on the event) or has no record (another producer's).
+    /// What to send a device for `command`, and the answer to expect; or,
+    /// when it cannot be sent, its outcome.
+    async fn message_for(&self, command: &Command) -> Result<(ToDevice, Expect), CommandOutcome> {
+        let CommandKind::ApplyConfig { agent_type, version } = &command.kind else {
+            let message = ToDevice::Command(Box::new(command.clone()));
+            return Ok((message, Expect::CommandAck(command.correlation_id)));
+        };
+        let config = ConfigRef::new(*agent_type, *version);
+        match self.store.template(&config).await {
+            Ok(Some(template)) => {
+                let push = ConfigPush::new(Some(command.correlation_id), config, template.bundle);
+                let expect = Expect::ConfigAck {
+                    config,
+                    hash: push.hash,
+                };
+                Ok((ToDevice::ConfigPush(Arc::new(push)), expect))
+            }
+            Ok(None) => Err(CommandOutcome::Failed {
+                reason: format!("config template {config} does not exist"),
+            }),
+            Err(err) => Err(CommandOutcome::Failed {
+                reason: format!("loading config template {config} failed: {err}"),
+            }),
+        }
+    }
+
+    /// Ends the command's `record` with `outcome` (design §5.2, step 8),
+    /// unless it is to be sent again (a first timeout, which the control plane
+    /// retries on the event) or there is none (another producer's command).
     /// Returns whether the record has ended (by this call or before it).
-    async fn record_outcome(&self, id: &CorrelationId, outcome: &CommandOutcome) -> Result<bool> {
-        let Some(mut record) = self.store.command_record(id).await? else {
+    async fn record_outcome(&self, record: Option<CommandRecord>, outcome: &CommandOutcome) -> Result<bool> {
+        let Some(mut record) = record else {
             return Ok(false);
         };
         if record.state.is_final() {
@@ -862,8 +892,10 @@ impl Inner {
         Ok(true)
     }
 
-    /// Records a command's outcome, publishes it, and only then acknowledges it on the bus.
-    async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) {
+    /// Records a command's outcome, publishes it, and only then acknowledges
+    /// it on the bus. Returns whether the device's status now says what the
+    /// outcome changed (false when writing it failed: the command comes again).
+    async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) -> bool {
         let me = self.config.id;
         let command = &job.command;
         let device = command.device;
@@ -883,27 +915,40 @@ impl Inner {
             )))),
             _ => None,
         };
-        if let Some(patch) = patch {
-            match self
-                .store
-                .update_status(&device, &patch.last_seen(self.clock.now()).fenced_by(me))
-                .await
-            {
-                Ok(()) => {}
-                Err(Error::NotOwner(_)) => self.drop_stale(&device),
-                Err(err) => {
-                    // Leave the delivery unacknowledged: it comes again and is recorded then.
-                    warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
-                    return;
+        // The device's status is written and the command's record read at
+        // once: one round trip's wait, not two.
+        let status = async {
+            match patch {
+                Some(patch) => {
+                    let patch = patch.last_seen(self.clock.now()).fenced_by(me);
+                    self.store.update_status(&device, &patch).await
                 }
+                None => Ok(()),
+            }
+        };
+        let (status, record) = tokio::join!(status, self.store.command_record(&command.correlation_id));
+        match status {
+            Ok(()) => {}
+            Err(Error::NotOwner(_)) => {
+                self.drop_stale(&device);
+                return false;
+            }
+            Err(err) => {
+                // Leave the delivery unacknowledged: it comes again and is recorded then.
+                warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
+                return false;
             }
         }
-        let recorded = match self.record_outcome(&command.correlation_id, &outcome).await {
+        let recorded = match record {
+            Ok(record) => self.record_outcome(record, &outcome).await,
+            Err(err) => Err(err),
+        };
+        let recorded = match recorded {
             Ok(recorded) => recorded,
             Err(err) => {
                 // Leave the delivery unacknowledged: it comes again and is recorded then.
                 warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
-                return;
+                return true;
             }
         };
         if !recorded || self.config.outcome_events == OutcomeEvents::All {
@@ -913,13 +958,14 @@ impl Inner {
             };
             if let Err(err) = self.publish(device, completed).await {
                 warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
-                return;
+                return true;
             }
         }
         debug!(%device, correlation_id = %command.correlation_id, outcome = outcome.name(), "command finished");
         if let Err(err) = job.acker.ack().await {
             warn!(%device, correlation_id = %command.correlation_id, error = %err, "acknowledging a command failed");
         }
+        true
     }
 }
 
@@ -1168,6 +1214,9 @@ struct Peer {
     config_hash: Option<ConfigHash>,
     /// A configuration pushed to converge the device, not for a command, awaiting its ack.
     converging: Option<Box<(ConfigRef, ConfigHash)>>,
+    /// Whether the device emits, as this session last recorded it: a report
+    /// that repeats it (as an agent's does after a toggle) changes nothing.
+    emission: Option<bool>,
     last_touch: tokio::time::Instant,
 }
 
@@ -1241,53 +1290,29 @@ impl Runner {
         let inner = Arc::clone(&self.inner);
         let command = &job.command;
         let now = inner.clock.now();
-        if command.deadline <= now {
-            return inner.finish(job, CommandOutcome::TimedOut, None).await;
-        }
-        if let Some(missing) = self.missing_capability(&command.kind) {
-            let outcome = CommandOutcome::Unsupported {
+        let refused = if command.deadline <= now {
+            CommandOutcome::TimedOut
+        } else if let Some(missing) = self.missing_capability(&command.kind) {
+            CommandOutcome::Unsupported {
                 reason: format!("device {} does not accept {missing}", command.device),
-            };
-            return inner.finish(job, outcome, None).await;
-        }
-        let (message, expect) = match &command.kind {
-            CommandKind::ApplyConfig { agent_type, version } => {
-                let config = ConfigRef::new(*agent_type, *version);
-                match inner.store.template(&config).await {
-                    Ok(Some(template)) => {
-                        let push = ConfigPush::new(Some(command.correlation_id), config, template.bundle);
-                        let expect = Expect::ConfigAck {
-                            config,
-                            hash: push.hash,
-                        };
-                        (ToDevice::ConfigPush(Arc::new(push)), expect)
-                    }
-                    Ok(None) => {
-                        let reason = format!("config template {config} does not exist");
-                        return inner.finish(job, CommandOutcome::Failed { reason }, None).await;
-                    }
-                    Err(err) => {
-                        let reason = format!("loading config template {config} failed: {err}");
-                        return inner.finish(job, CommandOutcome::Failed { reason }, None).await;
-                    }
-                }
             }
-            _ => (
-                ToDevice::Command(Box::new(command.clone())),
-                Expect::CommandAck(command.correlation_id),
-            ),
+        } else {
+            match inner.message_for(command).await {
+                Ok((message, expect)) => match self.peer.outbound.try_send(message) {
+                    Ok(()) => {
+                        let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
+                        self.peer.current = Some(Box::new(InFlight { job, expect, deadline }));
+                        return;
+                    }
+                    Err(TrySendError::Full(_)) => CommandOutcome::Failed {
+                        reason: format!("the send queue of device {} is full", command.device),
+                    },
+                    Err(TrySendError::Closed(_)) => CommandOutcome::DeviceOffline,
+                },
+                Err(outcome) => outcome,
+            }
         };
-        match self.peer.outbound.try_send(message) {
-            Ok(()) => {
-                let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
-                self.peer.current = Some(Box::new(InFlight { job, expect, deadline }));
-            }
-            Err(TrySendError::Full(_)) => {
-                let reason = format!("the send queue of device {} is full", command.device);
-                inner.finish(job, CommandOutcome::Failed { reason }, None).await;
-            }
-            Err(TrySendError::Closed(_)) => inner.finish(job, CommandOutcome::DeviceOffline, None).await,
-        }
+        inner.finish(job, refused, None).await;
     }
 
     /// Pushes `push` unless the device runs it already or is being sent it.
@@ -1367,7 +1392,15 @@ impl Runner {
                         other => other,
                     };
                     if let Some(flight) = self.peer.current.take() {
-                        inner.finish(flight.job, outcome, None).await;
+                        let emission = match (&flight.job.command.kind, &outcome) {
+                            (CommandKind::SetEmission { state }, CommandOutcome::Acked) => Some(*state),
+                            _ => None,
+                        };
+                        if inner.finish(flight.job, outcome, None).await {
+                            // Recorded with `last_seen`, as a heartbeat would be.
+                            self.peer.last_touch = tokio::time::Instant::now();
+                            self.peer.emission = emission.or(self.peer.emission);
+                        }
                     }
                 }
                 _ => {
@@ -1414,7 +1447,14 @@ impl Runner {
         }
     }
 
+    /// Records a status report and announces a change of emission. A report
+    /// that tells nothing new (what the session last recorded, no error) is
+    /// only a sign of life, recorded as a heartbeat is.
     async fn on_status(&mut self, report: StatusReport) {
+        let changed = report.emission.filter(|emission| self.peer.emission != Some(*emission));
+        if changed.is_none() && report.last_error.is_none() {
+            return self.touch().await;
+        }
         let inner = Arc::clone(&self.inner);
         let device = self.session.device;
         let mut patch = StatusPatch::new()
@@ -1425,13 +1465,13 @@ impl Runner {
             patch.last_error = Some(Some(error));
         }
         match inner.store.update_status(&device, &patch).await {
-            Ok(()) => {}
+            Ok(()) => self.peer.emission = report.emission.or(self.peer.emission),
             Err(Error::NotOwner(_)) => inner.drop_stale(&device),
             Err(err) => warn!(%device, error = %err, "recording a status report failed"),
         }
-        if report.emission.is_some() {
+        if changed.is_some() {
             let changed = EventKind::StatusChanged {
-                emission: report.emission,
+                emission: changed,
                 config_version: None,
             };
             if let Err(err) = inner.publish(device, changed).await {
