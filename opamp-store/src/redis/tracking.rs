@@ -18,7 +18,9 @@ use opamp_core::{
 use redis::Value;
 use redis::aio::PubSub;
 
+use super::conn::Request;
 use super::error::RedisError;
+use super::keys::slot;
 use super::scripts::eval;
 use super::{RedisStore, as_int, checked, strings, text};
 
@@ -34,17 +36,22 @@ impl TrackingStore for RedisStore {
             .arg("PX")
             .arg(self.retention_ms)
             .to_owned();
-        match checked(&key, self.one(|| format!("SET {key} NX"), &set).await?)? {
+        // Indexed in the same round trip. Should the record exist already
+        // (a correlation id used twice), the index gains nothing it would
+        // keep: the sweep drops members whose record is not pending.
+        let [stored, indexed] = self.with_index(&key, set, self.index_cmd(record)).await?;
+        match checked(&key, stored)? {
             Value::Nil => Err(Error::already_exists(format!("command {id}"))),
-            _ => self.index_pending(record).await,
+            _ => checked(&self.keys.pending_commands(), indexed).map(drop),
         }
     }
 
     async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
         let id = record.correlation_id();
         let key = self.keys.command(&id);
+        let ends = record.state.is_final();
         // The script announces the end itself: no round trip more per outcome.
-        let channel = if record.state.is_final() {
+        let channel = if ends {
             self.keys.ended_commands()
         } else {
             String::new()
@@ -54,12 +61,19 @@ impl TrackingStore for RedisStore {
             &[&key],
             (record.to_json(), channel, id.to_string()),
         );
-        match as_int(
-            &checked(&key, self.one(|| format!("updating {key}"), &script).await?)?,
-            &key,
-        )? {
+        let updated = if ends {
+            // Taking an ended command out of the pending index is right
+            // whatever the script finds, so it goes in the same round trip.
+            let [updated, unindexed] = self.with_index(&key, script, self.index_cmd(record)).await?;
+            checked(&self.keys.pending_commands(), unindexed)?;
+            updated
+        } else {
+            self.one(|| format!("updating {key}"), &script).await?
+        };
+        match as_int(&checked(&key, updated)?, &key)? {
             -1 => Err(Error::not_found(format!("command {id}"))),
-            1 => self.index_pending(record).await.map(|()| true),
+            1 if !ends => self.index_pending(record).await.map(|()| true),
+            1 => Ok(true),
             _ => Ok(false),
         }
     }
@@ -181,8 +195,15 @@ impl RedisStore {
     /// an ended one out.
     async fn index_pending(&self, record: &CommandRecord) -> Result<()> {
         let index = self.keys.pending_commands();
+        let what = || format!("indexing {} in {index}", record.correlation_id());
+        checked(&index, self.one(what, &self.index_cmd(record)).await?).map(drop)
+    }
+
+    /// What [`index_pending`](Self::index_pending) sends.
+    fn index_cmd(&self, record: &CommandRecord) -> redis::Cmd {
+        let index = self.keys.pending_commands();
         let id = record.correlation_id().to_string();
-        let write = if record.state == CommandState::Pending {
+        if record.state == CommandState::Pending {
             redis::cmd("ZADD")
                 .arg(&index)
                 .arg(record.command.deadline.unix_millis())
@@ -190,8 +211,26 @@ impl RedisStore {
                 .to_owned()
         } else {
             redis::cmd("ZREM").arg(&index).arg(&id).to_owned()
-        };
-        checked(&index, self.one(|| format!("indexing {id} in {index}"), &write).await?).map(drop)
+        }
+    }
+
+    /// Sends `write` (on the command's `key`) and `index` (on the pending
+    /// index) in one round trip, and returns their replies.
+    async fn with_index(&self, key: &str, write: redis::Cmd, index: redis::Cmd) -> Result<[Value; 2]> {
+        let requests = vec![
+            Request {
+                slot: slot(key),
+                cmd: write,
+            },
+            Request {
+                slot: slot(&self.keys.pending_commands()),
+                cmd: index,
+            },
+        ];
+        let replies = self.conn.batch(requests).await?;
+        replies.try_into().map_err(|replies: Vec<Value>| {
+            RedisError::garbled(key, None, format!("{} replies to 2 commands", replies.len())).into()
+        })
     }
 
     /// `GET key`, read by `parse`; a value it refuses is an error naming the key.
