@@ -77,6 +77,11 @@ pub struct DeploymentConfig {
     /// How long fetches of events and config updates wait (no command waits
     /// on them); commands are fetched with a 5 ms wait.
     pub background_fetch_wait: Duration,
+    /// Partitions of the commands topic (16 by default; events have 8).
+    /// tansu 0.6.0 lists every batch of a partition to serve a fetch from
+    /// memory, so more partitions make each fetch cheaper there; from sqlite
+    /// each partition of each fetch costs an SQL statement, so fewer do.
+    pub commands_partitions: u32,
     /// `RUST_LOG` of every process.
     pub log: String,
 }
@@ -133,6 +138,7 @@ impl DeploymentConfig {
             broker_storage: BrokerStorage::default(),
             outcome_events: OutcomeEvents::Unrecorded,
             background_fetch_wait: Duration::from_millis(100),
+            commands_partitions: 16,
             log: "warn".to_owned(),
         }
     }
@@ -146,6 +152,12 @@ impl DeploymentConfig {
     /// With events and config updates fetched with a `wait` of their own.
     pub fn background_fetch_wait(mut self, wait: Duration) -> Self {
         self.background_fetch_wait = wait;
+        self
+    }
+
+    /// With `partitions` partitions of the commands topic.
+    pub fn commands_partitions(mut self, partitions: u32) -> Self {
+        self.commands_partitions = partitions.max(1);
         self
     }
 
@@ -428,10 +440,11 @@ impl Deployment {
     /// heartbeats late under load and the group kept rebalancing.
     pub fn bus_url(&self) -> String {
         format!(
-            "kafka://127.0.0.1:{}?commands_partitions=16&events_partitions=8&replication=1\
+            "kafka://127.0.0.1:{}?commands_partitions={}&events_partitions=8&replication=1\
              &fetch.wait.max.ms=5&background_fetch_wait={}ms&linger.ms=1&session.timeout.ms=10000\
              &heartbeat.interval.ms=2000",
             self.broker_port,
+            self.config.commands_partitions,
             self.config.background_fetch_wait.as_millis()
         )
     }

@@ -56,6 +56,9 @@ pub(crate) struct DeploymentArgs {
     /// How long fetches of events and config updates wait (no command waits on them).
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     background_fetch_wait: Duration,
+    /// Partitions of the commands topic.
+    #[arg(long, default_value_t = 16)]
+    commands_partitions: u32,
     /// Keep the deployment up (no measurements) until stdin closes.
     #[arg(long)]
     hold: bool,
@@ -71,7 +74,8 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         .size(args.servers, args.supervisors, args.devices, args.simulators)
         .broker_storage(args.broker_storage)
         .outcome_events(args.outcome_events)
-        .background_fetch_wait(args.background_fetch_wait);
+        .background_fetch_wait(args.background_fetch_wait)
+        .commands_partitions(args.commands_partitions);
     let lease = config.lease_ttl;
     let mut deployment = Deployment::start(config).await?;
     let connected = deployment.connected_in;
@@ -161,11 +165,12 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     }
 
     println!(
-        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}), {}s leases, outcome events {}, background fetch wait {:?}:\n",
+        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}, {} command partitions), {}s leases, outcome events {}, background fetch wait {:?}:\n",
         args.servers,
         args.supervisors,
         args.devices,
         args.broker_storage,
+        args.commands_partitions,
         lease.as_secs(),
         args.outcome_events,
         args.background_fetch_wait
