@@ -869,6 +869,42 @@ async fn devices_converge_on_their_desired_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_is_recorded_even_when_the_device_moved_on_meanwhile() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    let id = fleet
+        .send_tracked("s1", "d1", CommandKind::SetEmission { state: true }, WAIT, 1)
+        .await;
+    expect_command(&mut device, id).await;
+
+    // Another supervisor takes the device over before its answer reaches s1:
+    // s1 may no longer write the device's status, but the outcome is the command's.
+    fleet
+        .store
+        .claim(&did("d1"), &sid("s2"), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let online_at_s2 = opamp_core::StatusPatch::new().online(sid("s2"), fleet.clock.now());
+    fleet.store.update_status(&did("d1"), &online_at_s2).await.unwrap();
+    let ack = opamp_core::transport::CommandAck::new(id, CommandOutcome::Acked);
+    device.outbound.send(FromDevice::CommandAck(ack)).await.unwrap();
+
+    eventually("the ack recorded", WAIT, || async {
+        fleet
+            .record(id)
+            .await
+            .is_some_and(|record| record.state == CommandState::Acked)
+    })
+    .await;
+    eventually("s1 forgot d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert!(!status.emission, "the fenced write was refused");
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_fenced_write_closes_the_stale_session() {
     let fleet = Fleet::new().await;
     let (s1, connector) = fleet.supervisor("s1", |c| c).await;

@@ -927,18 +927,19 @@ impl Inner {
             }
         };
         let (status, record) = tokio::join!(status, self.store.command_record(&command.correlation_id));
-        match status {
-            Ok(()) => {}
+        let status_written = match status {
+            Ok(()) => true,
+            // The outcome is still the command's: it is recorded below.
             Err(Error::NotOwner(_)) => {
                 self.drop_stale(&device);
-                return false;
+                false
             }
             Err(err) => {
                 // Leave the delivery unacknowledged: it comes again and is recorded then.
                 warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
                 return false;
             }
-        }
+        };
         let recorded = match record {
             Ok(record) => self.record_outcome(record, &outcome).await,
             Err(err) => Err(err),
@@ -948,7 +949,7 @@ impl Inner {
             Err(err) => {
                 // Leave the delivery unacknowledged: it comes again and is recorded then.
                 warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
-                return true;
+                return status_written;
             }
         };
         if !recorded || self.config.outcome_events == OutcomeEvents::All {
@@ -958,14 +959,14 @@ impl Inner {
             };
             if let Err(err) = self.publish(device, completed).await {
                 warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
-                return true;
+                return status_written;
             }
         }
         debug!(%device, correlation_id = %command.correlation_id, outcome = outcome.name(), "command finished");
         if let Err(err) = job.acker.ack().await {
             warn!(%device, correlation_id = %command.correlation_id, error = %err, "acknowledging a command failed");
         }
-        true
+        status_written
     }
 }
 
