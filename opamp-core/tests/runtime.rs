@@ -137,6 +137,17 @@ impl Fleet {
         );
     }
 
+    /// Supervisor `to` claims `device` in the store and marks it online
+    /// there, as a takeover does, whatever supervisor holds its session.
+    async fn take_over(&self, device: &str, to: &str) {
+        self.store
+            .claim(&did(device), &sid(to), Duration::from_secs(300))
+            .await
+            .unwrap();
+        let online = opamp_core::StatusPatch::new().online(sid(to), self.clock.now());
+        self.store.update_status(&did(device), &online).await.unwrap();
+    }
+
     async fn owner_is(&self, device: &str, owner: Option<&str>) {
         let store = self.store.clone();
         let device = did(device);
@@ -264,6 +275,14 @@ async fn failures_are_recorded_with_their_reason() {
         .await;
     assert_eq!(fleet.outcome(id).await, CommandOutcome::DeviceOffline);
     s1.shutdown().await;
+}
+
+/// A status report telling `emission` and `error`, as far as given.
+fn report(emission: Option<bool>, error: Option<&str>) -> FromDevice {
+    let mut report = StatusReport::default();
+    report.emission = emission;
+    report.last_error = error.map(str::to_owned);
+    FromDevice::Status(report)
 }
 
 /// A device that registers and then never answers.
@@ -449,9 +468,7 @@ async fn idle_sessions_hold_no_task_and_wake_for_what_comes() {
     .await;
 
     // A message from an idle device wakes its session.
-    let mut report = StatusReport::default();
-    report.last_error = Some("disk full".into());
-    devices[7].outbound.send(FromDevice::Status(report)).await.unwrap();
+    devices[7].outbound.send(report(None, Some("disk full"))).await.unwrap();
     let store = fleet.store.clone();
     eventually("the report recorded", WAIT, || {
         let store = store.clone();
@@ -698,10 +715,11 @@ async fn status_reports_reach_the_store_and_the_event_stream() {
     let (s1, connector) = fleet.supervisor("s1", |c| c).await;
     let device = silent_device(&connector, "d1").await;
     fleet.owner_is("d1", Some("s1")).await;
-    let mut report = opamp_core::transport::StatusReport::default();
-    report.emission = Some(true);
-    report.last_error = Some("disk full".into());
-    device.outbound.send(FromDevice::Status(report)).await.unwrap();
+    device
+        .outbound
+        .send(report(Some(true), Some("disk full")))
+        .await
+        .unwrap();
     let changed = fleet
         .event(|e| match e.kind {
             EventKind::StatusChanged { emission, .. } => Some(emission),
@@ -721,13 +739,6 @@ async fn only_a_status_the_supervisor_did_not_know_is_announced() {
     let (s1, connector) = fleet.supervisor("s1", |c| c).await;
     let mut device = silent_device(&connector, "d1").await;
     fleet.owner_is("d1", Some("s1")).await;
-    let report = |emission: Option<bool>, error: Option<&str>| {
-        let mut report = opamp_core::transport::StatusReport::default();
-        report.emission = emission;
-        report.last_error = error.map(str::to_owned);
-        FromDevice::Status(report)
-    };
-
     // The toggle is recorded from its ack; the report an agent sends after it repeats it.
     let id = fleet
         .send("s1", "d1", CommandKind::SetEmission { state: true }, WAIT)
@@ -881,13 +892,7 @@ async fn an_ack_is_recorded_even_when_the_device_moved_on_meanwhile() {
 
     // Another supervisor takes the device over before its answer reaches s1:
     // s1 may no longer write the device's status, but the outcome is the command's.
-    fleet
-        .store
-        .claim(&did("d1"), &sid("s2"), Duration::from_secs(300))
-        .await
-        .unwrap();
-    let online_at_s2 = opamp_core::StatusPatch::new().online(sid("s2"), fleet.clock.now());
-    fleet.store.update_status(&did("d1"), &online_at_s2).await.unwrap();
+    fleet.take_over("d1", "s2").await;
     let ack = opamp_core::transport::CommandAck::new(id, CommandOutcome::Acked);
     device.outbound.send(FromDevice::CommandAck(ack)).await.unwrap();
 
@@ -912,17 +917,9 @@ async fn a_refused_fenced_write_closes_the_stale_session() {
     fleet.owner_is("d1", Some("s1")).await;
 
     // Another supervisor takes the device over while s1 still holds a session for it.
-    fleet
-        .store
-        .claim(&did("d1"), &sid("s2"), Duration::from_secs(300))
-        .await
-        .unwrap();
-    let online_at_s2 = opamp_core::StatusPatch::new().online(sid("s2"), fleet.clock.now());
-    fleet.store.update_status(&did("d1"), &online_at_s2).await.unwrap();
+    fleet.take_over("d1", "s2").await;
     // A report with news to record (an empty one is only a heartbeat, recorded at most every tenth of the lease).
-    let mut report = opamp_core::transport::StatusReport::default();
-    report.emission = Some(true);
-    device.outbound.send(FromDevice::Status(report)).await.unwrap();
+    device.outbound.send(report(Some(true), None)).await.unwrap();
     let ended = tokio::time::timeout(WAIT, device.inbound.recv())
         .await
         .expect("closed in time")

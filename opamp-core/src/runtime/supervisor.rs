@@ -893,8 +893,10 @@ impl Inner {
     }
 
     /// Records a command's outcome, publishes it, and only then acknowledges
-    /// it on the bus. Returns whether the device's status now says what the
-    /// outcome changed (false when writing it failed: the command comes again).
+    /// it on the bus. Returns whether the device's status was written with
+    /// what the outcome changed: not when another supervisor holds the device
+    /// (the outcome is still recorded), nor when the write failed (then
+    /// nothing is, and the command comes again).
     async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) -> bool {
         let me = self.config.id;
         let command = &job.command;
