@@ -103,6 +103,7 @@ pub(super) struct Counters {
     pub(super) dead_lettered: AtomicU64,
     pub(super) consumer_restarts: AtomicU64,
     pub(super) skipped: AtomicU64,
+    pub(super) offset_gaps: AtomicU64,
 }
 
 /// How a subscription's thread is told to end.
@@ -769,6 +770,24 @@ impl<T: Send + 'static> Worker<T> {
             drop(state);
             if let Err(error) = consumer.seek(&self.spec.topic, partition, Offset::Offset(offset), Duration::ZERO) {
                 tracing::warn!(subscription = %self.shared.what, %error, "seeking back over a full partition failed");
+            }
+            return;
+        }
+        if let Some(from) = part.offsets.unread_gap(offset) {
+            // A broker may skip a batch it has not finished storing (tansu
+            // 0.6.0 raises the high watermark first): read from the gap again
+            // once rather than lose what it held.
+            drop(state);
+            self.env.counters.offset_gaps.fetch_add(1, Relaxed);
+            tracing::warn!(
+                subscription = %self.shared.what,
+                partition,
+                from,
+                to = offset,
+                "the broker skipped offsets; reading them again"
+            );
+            if let Err(error) = consumer.seek(&self.spec.topic, partition, Offset::Offset(from), Duration::ZERO) {
+                tracing::warn!(subscription = %self.shared.what, %error, "seeking back to a gap failed");
             }
             return;
         }

@@ -65,6 +65,13 @@
 //! - **Restart**: after a fatal consumer error, or when every broker
 //!   connection is lost, the consumer is made again (with backoff) and goes
 //!   on from where it was; [`KafkaBusStats::consumer_restarts`] counts it.
+//! - **Gaps**: a message whose offset is past the one expected next is not
+//!   taken: the partition is read again from the gap, once. tansu 0.6.0
+//!   can serve a later batch before an earlier one is stored (it raises the
+//!   high watermark first), and a consumer that moved on would never see
+//!   the earlier one. A gap that is still there when read again is taken as
+//!   it is (transaction markers and compaction leave gaps too).
+//!   [`KafkaBusStats::offset_gaps`] counts them, and each is logged.
 //! - **Poison messages**: a message that does not decode is logged, copied
 //!   to the dead-letter topic (with headers `opamp.source.topic`,
 //!   `opamp.source.partition`, `opamp.source.offset`, `opamp.consumer.group`
@@ -163,6 +170,9 @@ pub struct KafkaBusStats {
     pub consumer_restarts: u64,
     /// Messages of other supervisors skipped in a shared commands partition.
     pub skipped: u64,
+    /// Gaps in a partition's offsets, each read again once (the module's
+    /// **Gaps**).
+    pub offset_gaps: u64,
 }
 
 impl KafkaBus {
@@ -304,6 +314,7 @@ impl KafkaBus {
             dead_lettered: counters.dead_lettered.load(Relaxed),
             consumer_restarts: counters.consumer_restarts.load(Relaxed),
             skipped: counters.skipped.load(Relaxed),
+            offset_gaps: counters.offset_gaps.load(Relaxed),
         }
     }
 

@@ -17,6 +17,8 @@ pub(super) struct PartitionOffsets {
     outstanding: BTreeSet<i64>,
     /// The offset last committed (or being committed) by this consumer.
     committed: Option<i64>,
+    /// The offset after a gap that is being read again.
+    rereading: Option<i64>,
 }
 
 impl PartitionOffsets {
@@ -27,13 +29,31 @@ impl PartitionOffsets {
             next: start,
             outstanding: BTreeSet::new(),
             committed: start,
+            rereading: None,
         }
+    }
+
+    /// Whether `offset`, just read, comes after offsets never read that
+    /// should be read again first: then the offset to read from. A gap is
+    /// read again once; the same gap again is taken as it is (offsets a
+    /// broker leaves out on purpose: transaction markers, compacted or
+    /// deleted records).
+    pub(super) fn unread_gap(&mut self, offset: i64) -> Option<i64> {
+        let next = self.next.filter(|&next| offset > next)?;
+        if self.rereading == Some(offset) {
+            return None;
+        }
+        self.rereading = Some(offset);
+        Some(next)
     }
 
     /// Records that `offset` was read; `hold` keeps it outstanding until
     /// [`finish`](Self::finish) (otherwise it is done at once: skipped).
     pub(super) fn take(&mut self, offset: i64, hold: bool) {
         self.next = Some(offset.saturating_add(1));
+        if self.rereading.is_some_and(|after_gap| offset >= after_gap) {
+            self.rereading = None;
+        }
         if hold {
             self.outstanding.insert(offset);
         }
@@ -111,6 +131,41 @@ mod tests {
         assert_eq!(offsets.take_commit(), Some(4));
         offsets.finish(4);
         assert_eq!(offsets.take_commit(), Some(6));
+    }
+
+    #[test]
+    fn a_gap_is_read_again_once() {
+        let mut offsets = PartitionOffsets::starting_at(Some(3));
+        assert_eq!(offsets.unread_gap(3), None, "the offset expected");
+        offsets.take(3, true);
+        assert_eq!(offsets.unread_gap(6), Some(4), "4 and 5 were never read");
+        // Read again, the gap is filled: 4, 5, then 6 comes in turn.
+        for offset in 4..=6 {
+            assert_eq!(offsets.unread_gap(offset), None);
+            offsets.take(offset, true);
+        }
+        assert_eq!(offsets.unread_gap(9), Some(7), "a new gap is read again too");
+        assert_eq!(
+            offsets.unread_gap(9),
+            None,
+            "the same gap a second time is taken as it is"
+        );
+        offsets.take(9, true);
+        assert_eq!(offsets.take_commit(), None, "nothing acknowledged: still at the start");
+        for offset in [3, 4, 5, 6, 9] {
+            assert!(offsets.finish(offset));
+        }
+        assert_eq!(
+            offsets.take_commit(),
+            Some(10),
+            "past the gap once it was taken as it is"
+        );
+        assert_eq!(
+            offsets.unread_gap(8),
+            None,
+            "older offsets (read again after a pause) are no gap"
+        );
+        assert_eq!(offsets.unread_gap(12), Some(10));
     }
 
     #[test]
