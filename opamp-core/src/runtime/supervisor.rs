@@ -25,7 +25,10 @@
 //! acknowledged: a supervisor that dies mid-command has it redelivered. A
 //! first timeout is not written to the record: the control plane sends the
 //! command again on its event. Each outcome written is counted in
-//! `opamp_commands_total` and `opamp_command_latency_seconds`.
+//! `opamp_commands_total` and `opamp_command_latency_seconds`, and each
+//! command taken from the bus in `opamp_command_pickup_seconds` (issue to
+//! taken: how long it spent reaching its supervisor, on the clocks of the
+//! instance that issued it and this one; a retry counts from its first issue).
 //!
 //! Leases are renewed for all connected devices every `lease_ttl / 3`, in
 //! batches of one store call each. A device whose lease lapsed while it is
@@ -624,6 +627,9 @@ impl Inner {
     /// Hands a command to its device's session, or finishes it at once.
     fn dispatch(self: &Arc<Self>, delivery: Delivery<Command>, permit: OwnedSemaphorePermit) {
         let (command, acker) = delivery.into_parts();
+        let waited = self.clock.now().duration_since(command.issued_at);
+        metrics::histogram!("opamp_command_pickup_seconds", "kind" => command.kind.wire_name())
+            .record(waited.as_secs_f64());
         let job = Box::new(Job {
             command,
             acker,
