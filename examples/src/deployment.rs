@@ -74,14 +74,26 @@ pub struct DeploymentConfig {
     /// Which command outcomes the supervisors publish as events: only those
     /// the servers act on, by default (nothing else reads the events here).
     pub outcome_events: OutcomeEvents,
+    /// How long fetches of commands wait (`fetch.wait.max.ms`): tansu
+    /// 0.6.0 holds every fetch that long, data or not, so a command waits
+    /// up to twice this in the broker; shorter costs it more idle fetches.
+    pub commands_fetch_wait: Duration,
     /// How long fetches of events and config updates wait (no command waits
-    /// on them); commands are fetched with a 5 ms wait.
+    /// on them).
     pub background_fetch_wait: Duration,
     /// Partitions of the commands topic (16 by default; events have 8).
     /// tansu 0.6.0 lists every batch of a partition to serve a fetch from
     /// memory, so more partitions make each fetch cheaper there; from sqlite
     /// each partition of each fetch costs an SQL statement, so fewer do.
     pub commands_partitions: u32,
+    /// Tokio worker threads of each process but Redis: servers,
+    /// supervisors, simulators and the broker (`TOKIO_WORKER_THREADS`), when
+    /// not one per core. A dozen processes sharing a few cores switch
+    /// threads less with fewer each; a broker on one thread also stores one
+    /// produce at a time, which closes tansu 0.6.0's window for serving a
+    /// later batch before an earlier one is stored (see
+    /// `opamp_bus::kafka`, **Gaps**).
+    pub worker_threads: Option<usize>,
     /// `RUST_LOG` of every process.
     pub log: String,
 }
@@ -113,7 +125,8 @@ impl DeploymentConfig {
     /// The design's Phase 3: 3 servers, 5 supervisors, 10,000 devices in 2
     /// simulators; 30 s leases, 10 s command timeout; supervisors publishing
     /// only the outcomes the servers act on, and events and config updates
-    /// fetched with a 100 ms wait (commands with 5 ms). `redis-server` from
+    /// fetched with a 100 ms wait (commands with 5 ms); one tokio worker
+    /// thread in each process. `redis-server` from
     /// `PATH`; tansu where `scripts/services/kafka` builds it (`OPAMP_TANSU`
     /// overrides).
     pub fn new(dir: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> Self {
@@ -137,8 +150,10 @@ impl DeploymentConfig {
             tansu,
             broker_storage: BrokerStorage::default(),
             outcome_events: OutcomeEvents::Unrecorded,
+            commands_fetch_wait: Duration::from_millis(5),
             background_fetch_wait: Duration::from_millis(100),
             commands_partitions: 16,
+            worker_threads: Some(1),
             log: "warn".to_owned(),
         }
     }
@@ -146,6 +161,19 @@ impl DeploymentConfig {
     /// With the broker keeping its log in `storage`.
     pub fn broker_storage(mut self, storage: BrokerStorage) -> Self {
         self.broker_storage = storage;
+        self
+    }
+
+    /// With commands fetched with a `wait` of their own (at least 1 ms).
+    pub fn commands_fetch_wait(mut self, wait: Duration) -> Self {
+        self.commands_fetch_wait = wait.max(Duration::from_millis(1));
+        self
+    }
+
+    /// With `threads` tokio worker threads in each process but Redis
+    /// (`None`: one per core, tokio's default).
+    pub fn worker_threads(mut self, threads: Option<usize>) -> Self {
+        self.worker_threads = threads.map(|threads| threads.max(1));
         self
     }
 
@@ -194,7 +222,7 @@ struct Member {
 }
 
 impl Member {
-    fn spawn(name: &str, program: &Path, args: &[String], env: &[(&str, &str)], dir: &Path) -> Result<Member> {
+    fn spawn(name: &str, program: &Path, args: &[String], env: &[(&str, String)], dir: &Path) -> Result<Member> {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -301,6 +329,31 @@ async fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) 
     Ok(())
 }
 
+/// The body of a `GET` of `path` on a loopback `port`, when it answers 200.
+async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("an answer with no end of headers"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or_default();
+        return Err(std::io::Error::other(format!("the answer was {status:?}")));
+    }
+    Ok(body.to_owned())
+}
+
 /// Whether a Redis answers `PING` on `port`.
 fn redis_answers(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -335,6 +388,8 @@ pub struct Deployment {
     /// `None` once killed.
     servers: Vec<Option<(Member, SocketAddr)>>,
     supervisors: Vec<Option<(Member, SocketAddr)>>,
+    /// Where each supervisor serves `/metrics`, by number.
+    supervisor_metrics: Vec<u16>,
     simulators: Vec<Member>,
     /// How long the devices took to connect, from the simulators' start.
     pub connected_in: Duration,
@@ -371,6 +426,7 @@ impl Deployment {
             broker,
             servers: Vec::new(),
             supervisors: Vec::new(),
+            supervisor_metrics: Vec::new(),
             simulators: Vec::new(),
             connected_in: Duration::ZERO,
             config,
@@ -381,8 +437,10 @@ impl Deployment {
             deployment.servers.push(Some(server));
         }
         for n in 0..deployment.config.supervisors {
-            let supervisor = deployment.start_supervisor(n).await?;
+            let metrics = free_port()?;
+            let supervisor = deployment.start_supervisor(n, metrics).await?;
             deployment.supervisors.push(Some(supervisor));
+            deployment.supervisor_metrics.push(metrics);
         }
         deployment.start_simulators().await?;
         Ok(deployment)
@@ -418,7 +476,12 @@ impl Deployment {
             config.broker_storage.engine(),
         ]
         .map(str::to_owned);
-        let broker = Member::spawn("broker", &config.tansu, &args, &[], &config.dir.join("broker"))?;
+        let env: Vec<_> = config
+            .worker_threads
+            .map(|threads| ("TOKIO_WORKER_THREADS", threads.to_string()))
+            .into_iter()
+            .collect();
+        let broker = Member::spawn("broker", &config.tansu, &args, &env, &config.dir.join("broker"))?;
         wait_for("the broker listening", Duration::from_secs(30), || port_open(port)).await?;
         Ok(broker)
     }
@@ -441,10 +504,11 @@ impl Deployment {
     pub fn bus_url(&self) -> String {
         format!(
             "kafka://127.0.0.1:{}?commands_partitions={}&events_partitions=8&replication=1\
-             &fetch.wait.max.ms=5&background_fetch_wait={}ms&linger.ms=1&session.timeout.ms=10000\
+             &fetch.wait.max.ms={}&background_fetch_wait={}ms&linger.ms=1&session.timeout.ms=10000\
              &heartbeat.interval.ms=2000",
             self.broker_port,
             self.config.commands_partitions,
+            self.config.commands_fetch_wait.as_millis(),
             self.config.background_fetch_wait.as_millis()
         )
     }
@@ -468,11 +532,24 @@ impl Deployment {
             &format!("server-{n}"),
             &self.config.bin_dir.join("opamp-server"),
             &args,
-            &[("RUST_LOG", &self.config.log)],
+            &self.env(false),
             &self.config.dir,
         )?;
         let address = server.listening().await?;
         Ok((server, address))
+    }
+
+    /// The environment of our processes: their log filter, their tokio
+    /// worker threads when set, and the fleet's key for those that need it.
+    fn env(&self, fleet_key: bool) -> Vec<(&'static str, String)> {
+        let mut env = vec![("RUST_LOG", self.config.log.clone())];
+        if let Some(threads) = self.config.worker_threads {
+            env.push(("TOKIO_WORKER_THREADS", threads.to_string()));
+        }
+        if fleet_key {
+            env.push(("OPAMP_FLEET_KEY", self.fleet_key.clone()));
+        }
+        env
     }
 
     /// The id of supervisor `n`.
@@ -480,7 +557,7 @@ impl Deployment {
         format!("supervisor-{n}")
     }
 
-    async fn start_supervisor(&self, n: usize) -> Result<(Member, SocketAddr)> {
+    async fn start_supervisor(&self, n: usize, metrics_port: u16) -> Result<(Member, SocketAddr)> {
         let args = [
             "--id".to_owned(),
             Self::supervisor_id(n),
@@ -494,12 +571,14 @@ impl Deployment {
             format!("{}ms", self.config.lease_ttl.as_millis()),
             "--outcome-events".to_owned(),
             self.config.outcome_events.to_string(),
+            "--metrics-listen".to_owned(),
+            format!("127.0.0.1:{metrics_port}"),
         ];
         let mut supervisor = Member::spawn(
             &Self::supervisor_id(n),
             &self.config.bin_dir.join("opamp-supervisor"),
             &args,
-            &[("RUST_LOG", &self.config.log), ("OPAMP_FLEET_KEY", &self.fleet_key)],
+            &self.env(true),
             &self.config.dir,
         )?;
         let address = supervisor.listening().await?;
@@ -536,7 +615,7 @@ impl Deployment {
                 &format!("simulator-{n}"),
                 &self.config.bin_dir.join("opamp-loadgen"),
                 &args,
-                &[("RUST_LOG", &self.config.log), ("OPAMP_FLEET_KEY", &self.fleet_key)],
+                &self.env(true),
                 &self.config.dir,
             )?);
             first += these;
@@ -582,6 +661,18 @@ impl Deployment {
             .filter(|&n| self.supervisors[n].is_some())
             .map(Self::supervisor_id)
             .collect()
+    }
+
+    /// What supervisor `n` serves on `/metrics` (Prometheus text); `None`
+    /// once it was killed.
+    pub async fn supervisor_metrics(&self, n: usize) -> Option<Result<String>> {
+        self.supervisors.get(n)?.as_ref()?;
+        let port = self.supervisor_metrics[n];
+        Some(
+            http_get(port, "/metrics")
+                .await
+                .or_else(|err| fail(format!("reading {}'s metrics: {err}", Self::supervisor_id(n)))),
+        )
     }
 
     /// `kill -9` of server `n`.

@@ -210,6 +210,14 @@ async fn commands_sent_to_any_server_reach_their_device_and_end_acked() {
         .unwrap();
     assert!(status.emission, "{status:?}");
     assert_eq!(status.config_version.map(|v| v.to_string()).as_deref(), Some("v1"));
+    // Every supervisor took some toggles from the bus, and says how long they took to come.
+    for n in 0..SUPERVISORS {
+        let metrics = deployment.supervisor_metrics(n).await.expect("alive").unwrap();
+        assert!(
+            metrics.contains("opamp_command_pickup_seconds_count{kind=\"toggle_emission\"}"),
+            "supervisor {n}: {metrics}"
+        );
+    }
 
     let (applied, _) = stop(deployment).await;
     assert_eq!(applied, DEVICES, "each device applied its config once");

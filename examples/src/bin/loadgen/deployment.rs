@@ -15,8 +15,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use opamp_core::DeviceId;
 use opamp_core::runtime::supervisor::OutcomeEvents;
+use opamp_core::{CommandKind, DeviceId};
 use opamp_examples::cli::parse_duration;
 use opamp_examples::deployment::{BrokerStorage, Deployment, DeploymentConfig};
 
@@ -53,15 +53,45 @@ pub(crate) struct DeploymentArgs {
     /// `unrecorded` (only first timeouts: the supervisors record outcomes themselves).
     #[arg(long, default_value_t = OutcomeEvents::Unrecorded)]
     outcome_events: OutcomeEvents,
+    /// How long fetches of commands wait (tansu holds each fetch that long).
+    #[arg(long, value_parser = parse_duration, default_value = "5ms")]
+    commands_fetch_wait: Duration,
+    /// Tokio worker threads in each process but Redis (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
     /// How long fetches of events and config updates wait (no command waits on them).
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     background_fetch_wait: Duration,
+    /// The supervisors' lease (renewed every third of it).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    lease_ttl: Duration,
     /// Partitions of the commands topic.
     #[arg(long, default_value_t = 16)]
     commands_partitions: u32,
     /// Keep the deployment up (no measurements) until stdin closes.
     #[arg(long)]
     hold: bool,
+    /// Writes every command of the measured run to `DIR/latency-RATE.txt`:
+    /// when it was due, how late it was sent, and its latency.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
+}
+
+/// The `quantile` of a summary `name` for commands of `kind`, in seconds,
+/// from Prometheus text.
+fn summary_quantile(metrics: &str, name: &str, kind: &str, quantile: &str) -> Option<f64> {
+    let wanted = [format!("kind=\"{kind}\""), format!("quantile=\"{quantile}\"")];
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let labels = series.strip_prefix(name)?.strip_prefix('{')?.strip_suffix('}')?;
+        let ours = wanted.iter().all(|label| labels.split(',').any(|here| here == label));
+        ours.then(|| value.parse().ok())?
+    })
+}
+
+/// Seconds as milliseconds, or a dash when there are none.
+fn millis_or_dash(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_owned(), |seconds| format!("{:.1} ms", seconds * 1000.0))
 }
 
 pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -75,7 +105,11 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         .broker_storage(args.broker_storage)
         .outcome_events(args.outcome_events)
         .background_fetch_wait(args.background_fetch_wait)
+        .commands_fetch_wait(args.commands_fetch_wait)
+        .worker_threads(Some(args.worker_threads).filter(|threads| *threads > 0))
         .commands_partitions(args.commands_partitions);
+    let command_timeout = config.command_timeout;
+    let config = config.timings(args.lease_ttl, command_timeout);
     let lease = config.lease_ttl;
     let mut deployment = Deployment::start(config).await?;
     let connected = deployment.connected_in;
@@ -149,6 +183,28 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     for failure in run.failures.iter().take(3) {
         println!("    {failure}");
     }
+    if let Some(dir) = &args.samples {
+        let path = dir.join(format!("latency-{}.txt", args.rate));
+        std::fs::write(&path, run.samples_text()).map_err(|err| format!("writing {}: {err}", path.display()))?;
+    }
+    // Where the time went, as each supervisor saw it (its summaries cover about the last minute).
+    println!("supervisors' view, p50 / p99: issue to taken from the bus | issue to outcome recorded");
+    let toggle = CommandKind::SetEmission { state: true }.wire_name();
+    for n in 0..args.supervisors {
+        if let Some(metrics) = deployment.supervisor_metrics(n).await {
+            let metrics = metrics?;
+            let quantiles = |name: &str| {
+                let [p50, p99] = ["0.5", "0.99"].map(|q| summary_quantile(&metrics, name, toggle, q));
+                format!("{} / {}", millis_or_dash(p50), millis_or_dash(p99))
+            };
+            println!(
+                "  {}: {} | {}",
+                Deployment::supervisor_id(n),
+                quantiles("opamp_command_pickup_seconds"),
+                quantiles("opamp_command_latency_seconds")
+            );
+        }
+    }
 
     let killed = Instant::now();
     deployment.kill_supervisor(0).await?;
@@ -165,7 +221,7 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
     }
 
     println!(
-        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}, {} command partitions), {}s leases, outcome events {}, background fetch wait {:?}:\n",
+        "\nPhase 3 on loopback: {} servers, {} supervisors, {} devices over gRPC, Redis + tansu (Kafka protocol, log in {:?}, {} command partitions), {}s leases, outcome events {}, fetch waits {:?} (commands) and {:?} (the rest), tokio worker threads per process: {}:\n",
         args.servers,
         args.supervisors,
         args.devices,
@@ -173,7 +229,12 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         args.commands_partitions,
         lease.as_secs(),
         args.outcome_events,
-        args.background_fetch_wait
+        args.commands_fetch_wait,
+        args.background_fetch_wait,
+        match args.worker_threads {
+            0 => "one per core".to_owned(),
+            threads => threads.to_string(),
+        }
     );
     println!("| measure | figure | target |");
     println!("|---|---|---|");
@@ -196,4 +257,33 @@ pub(crate) async fn run(args: DeploymentArgs) -> Result<(), Box<dyn std::error::
         micros(failover)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_quantile_is_read_by_its_labels() {
+        let metrics = "# TYPE opamp_command_pickup_seconds summary\n\
+            opamp_command_pickup_seconds{kind=\"toggle_emission\",quantile=\"0.5\"} 0.02\n\
+            opamp_command_pickup_seconds{kind=\"toggle_emission\",quantile=\"0.99\"} 0.031\n\
+            opamp_command_pickup_seconds{kind=\"apply_config\",quantile=\"0.5\"} 0.5\n\
+            opamp_command_pickup_seconds_sum{kind=\"toggle_emission\"} 12\n\
+            opamp_command_latency_seconds{kind=\"toggle_emission\",quantile=\"0.5\"} 0.04\n";
+        let pickup = "opamp_command_pickup_seconds";
+        assert_eq!(summary_quantile(metrics, pickup, "toggle_emission", "0.5"), Some(0.02));
+        assert_eq!(
+            summary_quantile(metrics, pickup, "toggle_emission", "0.99"),
+            Some(0.031)
+        );
+        assert_eq!(summary_quantile(metrics, pickup, "apply_config", "0.5"), Some(0.5));
+        assert_eq!(summary_quantile(metrics, pickup, "apply_config", "0.99"), None);
+        assert_eq!(
+            summary_quantile(metrics, "opamp_command_latency_seconds", "toggle_emission", "0.5"),
+            Some(0.04)
+        );
+        assert_eq!(millis_or_dash(Some(0.0315)), "31.5 ms");
+        assert_eq!(millis_or_dash(None), "-");
+    }
 }

@@ -1349,6 +1349,8 @@ async fn spawn(binary: &std::path::Path, args: &[String], key: &str) -> Result<P
 /// One rate offered for a while.
 struct Run {
     sent: usize,
+    /// Commands handed to the runtime per second, over the time it took to
+    /// hand them all (the pacing thread falls behind on a busy machine).
     achieved: f64,
     p50: Duration,
     p99: Duration,
@@ -1418,7 +1420,7 @@ async fn offer(
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let clients = clients.to_vec();
     let runtime = tokio::runtime::Handle::current();
-    let (start, tasks) = tokio::task::spawn_blocking(move || {
+    let (sending, tasks) = tokio::task::spawn_blocking(move || {
         let start = std::time::Instant::now();
         let mut tasks = Vec::with_capacity(total);
         for n in 0..total {
@@ -1451,7 +1453,7 @@ async fn offer(
                 (sample, outcome.map_err(|err| format!("{device}: {err}")))
             }));
         }
-        (start, tasks)
+        (start.elapsed(), tasks)
     })
     .await?;
     let mut latencies = Vec::with_capacity(total);
@@ -1466,11 +1468,10 @@ async fn offer(
         }
         samples.push(sample);
     }
-    let elapsed = start.elapsed();
     latencies.sort();
     Ok(Run {
         sent: total,
-        achieved: total as f64 / elapsed.as_secs_f64(),
+        achieved: total as f64 / sending.as_secs_f64(),
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
