@@ -90,9 +90,8 @@ pub struct DeploymentConfig {
     /// supervisors, simulators and the broker (`TOKIO_WORKER_THREADS`), when
     /// not one per core. A dozen processes sharing a few cores switch
     /// threads less with fewer each; a broker on one thread also stores one
-    /// produce at a time, which closes tansu 0.6.0's window for serving a
-    /// later batch before an earlier one is stored (see
-    /// `opamp_bus::kafka`, **Gaps**).
+    /// produce at a time, and so did not serve a later batch before an
+    /// earlier one was stored in our runs (see `opamp_bus::kafka`, **Gaps**).
     pub worker_threads: Option<usize>,
     /// `RUST_LOG` of every process.
     pub log: String,
@@ -175,6 +174,12 @@ impl DeploymentConfig {
     pub fn worker_threads(mut self, threads: Option<usize>) -> Self {
         self.worker_threads = threads.map(|threads| threads.max(1));
         self
+    }
+
+    /// `TOKIO_WORKER_THREADS` for the processes started, when set.
+    fn worker_threads_env(&self) -> Option<(&'static str, String)> {
+        self.worker_threads
+            .map(|threads| ("TOKIO_WORKER_THREADS", threads.to_string()))
     }
 
     /// With events and config updates fetched with a `wait` of their own.
@@ -476,11 +481,7 @@ impl Deployment {
             config.broker_storage.engine(),
         ]
         .map(str::to_owned);
-        let env: Vec<_> = config
-            .worker_threads
-            .map(|threads| ("TOKIO_WORKER_THREADS", threads.to_string()))
-            .into_iter()
-            .collect();
+        let env: Vec<_> = config.worker_threads_env().into_iter().collect();
         let broker = Member::spawn("broker", &config.tansu, &args, &env, &config.dir.join("broker"))?;
         wait_for("the broker listening", Duration::from_secs(30), || port_open(port)).await?;
         Ok(broker)
@@ -543,9 +544,7 @@ impl Deployment {
     /// worker threads when set, and the fleet's key for those that need it.
     fn env(&self, fleet_key: bool) -> Vec<(&'static str, String)> {
         let mut env = vec![("RUST_LOG", self.config.log.clone())];
-        if let Some(threads) = self.config.worker_threads {
-            env.push(("TOKIO_WORKER_THREADS", threads.to_string()));
-        }
+        env.extend(self.config.worker_threads_env());
         if fleet_key {
             env.push(("OPAMP_FLEET_KEY", self.fleet_key.clone()));
         }
