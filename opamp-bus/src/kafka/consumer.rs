@@ -776,20 +776,30 @@ impl<T: Send + 'static> Worker<T> {
         if let Some(from) = part.offsets.unread_gap(offset) {
             // A broker may skip a batch it has not finished storing (tansu
             // 0.6.0 raises the high watermark first): read from the gap again
-            // once rather than lose what it held.
-            drop(state);
-            self.env.counters.offset_gaps.fetch_add(1, Relaxed);
-            tracing::warn!(
-                subscription = %self.shared.what,
-                partition,
-                from,
-                to = offset,
-                "the broker skipped offsets; reading them again"
-            );
-            if let Err(error) = consumer.seek(&self.spec.topic, partition, Offset::Offset(from), Duration::ZERO) {
-                tracing::warn!(subscription = %self.shared.what, %error, "seeking back to a gap failed");
+            // once rather than lose what it held. (A seek with no timeout
+            // only asks the consumer's thread; nothing calls back here.)
+            match consumer.seek(&self.spec.topic, partition, Offset::Offset(from), Duration::ZERO) {
+                Ok(()) => {
+                    self.env.counters.offset_gaps.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        subscription = %self.shared.what,
+                        partition,
+                        from,
+                        to = offset,
+                        "the broker skipped offsets; reading them again"
+                    );
+                    return;
+                }
+                // Not read again, then: what came is taken rather than dropped too.
+                Err(error) => tracing::warn!(
+                    subscription = %self.shared.what,
+                    partition,
+                    from,
+                    to = offset,
+                    %error,
+                    "the broker skipped offsets, and seeking back to them failed; going on"
+                ),
             }
-            return;
         }
         let epoch = part.epoch;
         match (self.spec.decode)(message.key(), message.payload()) {
