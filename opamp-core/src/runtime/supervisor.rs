@@ -900,9 +900,10 @@ impl Inner {
 
     /// Records a command's outcome, publishes it, and only then acknowledges
     /// it on the bus. Returns whether the device's status was written with
-    /// what the outcome changed: not when another supervisor holds the device
-    /// (the outcome is still recorded), nor when the write failed (then
-    /// nothing is, and the command comes again).
+    /// what the outcome changed: not for outcomes that change nothing in it
+    /// (the device offline, the command unsupported), not when another
+    /// supervisor holds the device (the outcome is still recorded), nor when
+    /// the write failed (then nothing is, and the command comes again).
     async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) -> bool {
         let me = self.config.id;
         let command = &job.command;
@@ -923,6 +924,7 @@ impl Inner {
             )))),
             _ => None,
         };
+        let writes_status = patch.is_some();
         // The device's status is written and the command's record read at
         // once: one round trip's wait, not two.
         let status = async {
@@ -936,7 +938,7 @@ impl Inner {
         };
         let (status, record) = tokio::join!(status, self.store.command_record(&command.correlation_id));
         let status_written = match status {
-            Ok(()) => true,
+            Ok(()) => writes_status,
             // The outcome is still the command's: it is recorded below.
             Err(Error::NotOwner(_)) => {
                 self.drop_stale(&device);
