@@ -42,6 +42,10 @@
 //!   senders to everyone).
 //! - When the last clone of a [`MemoryBus`] is dropped, each subscription
 //!   delivers what is still queued for it and then ends with `Ok(None)`.
+//! - A delivery handed back ([`Delivery::nack`](opamp_core::Delivery::nack))
+//!   stays in flight and comes again to the same subscription once its delay
+//!   is over; past [`MemoryBusConfig::max_deliveries`] it is taken out and
+//!   kept in [`MemoryBus::dead_letters`], with the reason, instead.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -55,7 +59,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt;
+use std::fmt::{self, Debug};
 use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::pin;
@@ -63,15 +67,17 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_core::{
-    AckSink, Acker, Command, CommandBus, ConfigUpdate, Delivery, DeviceEvent, DeviceId, Error, EventBus, GroupName,
-    MessageStream, Result, Subscription, SupervisorId,
+    AckSink, Acker, Command, CommandBus, ConfigUpdate, DEFAULT_MAX_DELIVERIES, Delivery, DeviceEvent, DeviceId, Error,
+    EventBus, GroupName, MessageStream, Result, Subscription, SupervisorId,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::coop;
+use tokio::time::Instant;
 
 /// Bits of an acknowledgement token that name the partition; the rest hold
 /// the delivery's sequence number within it.
@@ -98,6 +104,9 @@ pub struct MemoryBusConfig {
     /// How many partitions each consumer group's events are spread over, so
     /// at most how many members of one group share its events. 1 to 65 536.
     pub event_partitions: usize,
+    /// How many times a message handed back is delivered before it goes to
+    /// the dead letters instead. At least 1.
+    pub max_deliveries: u32,
 }
 
 impl Default for MemoryBusConfig {
@@ -105,6 +114,7 @@ impl Default for MemoryBusConfig {
         MemoryBusConfig {
             capacity: 4096,
             event_partitions: 8,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
         }
     }
 }
@@ -122,9 +132,18 @@ impl MemoryBusConfig {
         self
     }
 
+    /// The same, delivering a message handed back at most `deliveries` times.
+    pub fn with_max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         if self.capacity == 0 {
             return Err(Error::invalid_input("memory bus `capacity` must be at least 1"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::invalid_input("memory bus `max_deliveries` must be at least 1"));
         }
         let most = 1 << PARTITION_BITS;
         if !(1..=most).contains(&self.event_partitions) {
@@ -147,6 +166,7 @@ pub struct MemoryBus {
 
 struct Inner {
     config: MemoryBusConfig,
+    dead_letters: Arc<DeadLetters>,
     commands: RwLock<HashMap<SupervisorId, Arc<Group<Command>>, BuildHasherDefault<WordHash>>>,
     broadcasts: RwLock<BTreeMap<SupervisorId, Arc<Group<ConfigUpdate>>>>,
     events: RwLock<BTreeMap<GroupName, Arc<Group<DeviceEvent>>>>,
@@ -168,6 +188,7 @@ impl MemoryBus {
         MemoryBus {
             inner: Arc::new(Inner {
                 config,
+                dead_letters: Arc::default(),
                 commands: RwLock::default(),
                 broadcasts: RwLock::default(),
                 events: RwLock::default(),
@@ -178,6 +199,12 @@ impl MemoryBus {
     /// The configuration the bus was made with.
     pub fn config(&self) -> &MemoryBusConfig {
         &self.inner.config
+    }
+
+    /// The messages handed back more often than
+    /// [`MemoryBusConfig::max_deliveries`] allows, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock_plain(&self.inner.dead_letters.0).clone()
     }
 
     /// The event partition that `device`'s events go to in every group
@@ -197,14 +224,7 @@ impl MemoryBus {
         }
         write(&self.inner.commands)
             .entry(*supervisor)
-            .or_insert_with(|| {
-                Group::new(
-                    format!("commands for {supervisor}"),
-                    Mode::Exclusive,
-                    1,
-                    &self.inner.config,
-                )
-            })
+            .or_insert_with(|| Group::new(format!("commands for {supervisor}"), Mode::Exclusive, 1, &self.inner))
             .clone()
     }
 }
@@ -283,14 +303,7 @@ impl CommandBus for MemoryBus {
     async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>> {
         let group = write(&self.inner.broadcasts)
             .entry(*supervisor)
-            .or_insert_with(|| {
-                Group::new(
-                    format!("broadcasts for {supervisor}"),
-                    Mode::Exclusive,
-                    1,
-                    &self.inner.config,
-                )
-            })
+            .or_insert_with(|| Group::new(format!("broadcasts for {supervisor}"), Mode::Exclusive, 1, &self.inner))
             .clone();
         Ok(Group::subscribe(group))
     }
@@ -310,15 +323,14 @@ impl EventBus for MemoryBus {
     }
 
     async fn subscribe_events(&self, group: &GroupName) -> Result<Subscription<DeviceEvent>> {
-        let config = &self.inner.config;
         let group = write(&self.inner.events)
             .entry(*group)
             .or_insert_with(|| {
                 Group::new(
                     format!("events for group {group}"),
                     Mode::Shared,
-                    config.event_partitions,
-                    config,
+                    self.inner.config.event_partitions,
+                    &self.inner,
                 )
             })
             .clone();
@@ -394,7 +406,27 @@ struct Group<T> {
     mode: Mode,
     consumers: CacheAligned<Mutex<Consumers<T>>>,
     partitions: Box<[Inbox<T>]>,
+    max_deliveries: u32,
+    dead_letters: Arc<DeadLetters>,
 }
+
+/// A message handed back more often than the bus delivers one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Where it was consumed, e.g. `commands for supervisor-3`.
+    pub stream: String,
+    /// How many times it was delivered.
+    pub deliveries: u32,
+    /// Why its consumer handed it back the last time.
+    pub reason: String,
+    /// The message, in its `Debug` form.
+    pub message: String,
+}
+
+/// The bus's dead letters, shared by its groups.
+#[derive(Debug, Default)]
+struct DeadLetters(Mutex<Vec<DeadLetter>>);
 
 /// Keeps what two threads write apart from each other's cache lines.
 #[repr(align(128))]
@@ -452,6 +484,18 @@ struct Window<T> {
     unreleased: usize,
     /// The member consuming this partition.
     owner: Option<u64>,
+    /// Deliveries handed back at least once, by sequence number: empty
+    /// unless a consumer hands some back, so a map beside the slots costs
+    /// nothing on the usual path.
+    retries: BTreeMap<u64, Retry>,
+}
+
+/// A delivery that was handed back.
+struct Retry {
+    /// The number of its next or current delivery.
+    attempt: u32,
+    /// When it is to be delivered again; `None` once it was.
+    due: Option<Instant>,
 }
 
 struct Member {
@@ -484,10 +528,13 @@ impl Wakes {
 }
 
 impl<T> Group<T> {
-    fn new(label: String, mode: Mode, partitions: usize, config: &MemoryBusConfig) -> Arc<Self> {
+    fn new(label: String, mode: Mode, partitions: usize, bus: &Inner) -> Arc<Self> {
+        let config = &bus.config;
         Arc::new(Group {
             label,
             mode,
+            max_deliveries: config.max_deliveries,
+            dead_letters: Arc::clone(&bus.dead_letters),
             consumers: CacheAligned(Mutex::new(Consumers {
                 partitions: (0..partitions).map(|_| Window::new()).collect(),
                 members: Vec::new(),
@@ -508,10 +555,10 @@ impl<T> Group<T> {
         wakes.run(self);
     }
 
-    /// The next message for `member`, with its acknowledgement token;
-    /// `Ready(None)` once the member is gone, or the bus closed and its
-    /// partitions are empty.
-    fn poll_next(&self, member: u64, cx: &mut Context<'_>) -> Poll<Option<(T, u64)>>
+    /// The next message for `member`, with its acknowledgement token and
+    /// which delivery of it this is; `Ready(None)` once the member is gone,
+    /// or the bus closed and its partitions are empty.
+    fn poll_next(&self, member: u64, cx: &mut Context<'_>) -> Poll<Option<(T, u64, u32)>>
     where
         T: Clone,
     {
@@ -532,6 +579,10 @@ impl<T> Group<T> {
             let (Some(window), Some(inbox)) = (partitions.get_mut(partition), self.partitions.get(partition)) else {
                 continue;
             };
+            if let Some((message, seq, attempt)) = window.deliver_again() {
+                member.cursor = index + 1;
+                return Poll::Ready(Some((message, (seq << PARTITION_BITS) | partition as u64, attempt)));
+            }
             if window.slots.len() == window.delivered {
                 let mut queue = inbox.lock();
                 if queue.messages.is_empty() {
@@ -548,7 +599,7 @@ impl<T> Group<T> {
             }
             if let Some((message, seq)) = window.deliver() {
                 member.cursor = index + 1;
-                return Poll::Ready(Some((message, (seq << PARTITION_BITS) | partition as u64)));
+                return Poll::Ready(Some((message, (seq << PARTITION_BITS) | partition as u64, 1)));
             }
         }
         if *closed {
@@ -585,6 +636,50 @@ impl<T> Group<T> {
         }
     }
 
+    /// Hands delivery `token` (its `attempt`th) back: delivered again after
+    /// `retry_in`, or past the bound a dead letter, acknowledged. An unknown
+    /// or stale token is ignored, as for [`ack`](Self::ack).
+    fn nack(self: &Arc<Self>, token: u64, attempt: u32, retry_in: Duration, reason: String)
+    where
+        T: Debug + Send + 'static,
+    {
+        let partition = (token & ((1 << PARTITION_BITS) - 1)) as usize;
+        let seq = token >> PARTITION_BITS;
+        if attempt >= self.max_deliveries {
+            let message = {
+                let consumers = self.lock();
+                consumers
+                    .partitions
+                    .get(partition)
+                    .and_then(|window| window.in_flight(seq))
+                    .map(|message| format!("{message:?}"))
+            };
+            let Some(message) = message else { return };
+            tracing::warn!(stream = %self.label, deliveries = attempt, %reason, "a message handed back too often goes to the dead letters");
+            lock_plain(&self.dead_letters.0).push(DeadLetter {
+                stream: self.label.clone(),
+                deliveries: attempt,
+                reason,
+                message,
+            });
+            return self.ack(token);
+        }
+        let due = Instant::now() + retry_in;
+        let handed_back = self
+            .lock()
+            .partitions
+            .get_mut(partition)
+            .is_some_and(|window| window.hand_back(seq, attempt + 1, due));
+        if handed_back {
+            let group = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(due).await;
+                let wakers: Vec<Waker> = group.lock().members.iter_mut().filter_map(|m| m.waker.take()).collect();
+                wakers.into_iter().for_each(Waker::wake);
+            });
+        }
+    }
+
     /// Gives senders the room that acknowledgements in `partition` freed but
     /// did not give back yet. A sender calls it after announcing that it
     /// waits: acknowledgements after that see the announcement (the lock
@@ -601,7 +696,7 @@ impl<T> Group<T> {
     }
 }
 
-impl<T: Clone + Send + 'static> Group<T> {
+impl<T: Clone + Debug + Send + 'static> Group<T> {
     fn subscribe(group: Arc<Self>) -> Subscription<T> {
         let (member, wakes) = group.lock().join(group.mode);
         wakes.run(&group);
@@ -710,7 +805,50 @@ impl<T> Window<T> {
             base: 0,
             unreleased: 0,
             owner: None,
+            retries: BTreeMap::new(),
         }
+    }
+
+    /// The message of delivery `seq`, if it is in flight.
+    fn in_flight(&self, seq: u64) -> Option<&T> {
+        let offset = seq.wrapping_sub(self.base) & SEQ_MASK;
+        let index = usize::try_from(offset).ok().filter(|&index| index < self.delivered)?;
+        self.slots.get(index)?.as_ref()
+    }
+
+    /// Marks delivery `seq`, in flight, to be delivered again at `due` as
+    /// delivery number `attempt`; false if it is not in flight.
+    fn hand_back(&mut self, seq: u64, attempt: u32, due: Instant) -> bool {
+        if self.in_flight(seq).is_none() {
+            return false;
+        }
+        self.retries.insert(
+            seq,
+            Retry {
+                attempt,
+                due: Some(due),
+            },
+        );
+        true
+    }
+
+    /// Delivers again a message handed back whose delay is over, if any;
+    /// returns it with its sequence number and which delivery this is.
+    fn deliver_again(&mut self) -> Option<(T, u64, u32)>
+    where
+        T: Clone,
+    {
+        if self.retries.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let (seq, retry) = self
+            .retries
+            .iter_mut()
+            .find(|(_, retry)| retry.due.is_some_and(|due| due <= now))?;
+        retry.due = None;
+        let (seq, attempt) = (*seq, retry.attempt);
+        Some((self.in_flight(seq)?.clone(), seq, attempt))
     }
 
     /// Delivers the next ready message, keeping it in flight; returns it with its sequence number.
@@ -736,6 +874,9 @@ impl<T> Window<T> {
             Some(slot @ Some(_)) => *slot = None,
             _ => return 0,
         }
+        if !self.retries.is_empty() {
+            self.retries.remove(&seq);
+        }
         if index != 0 {
             return 0;
         }
@@ -760,6 +901,8 @@ impl<T> Window<T> {
             }
         }
         self.slots.drain(kept..delivered);
+        // A new subscription counts deliveries afresh.
+        self.retries.clear();
         self.delivered = 0;
         self.base = self.base.wrapping_add(delivered as u64) & SEQ_MASK;
         delivered - kept
@@ -882,9 +1025,14 @@ impl<T> fmt::Debug for AckTo<T> {
 }
 
 #[async_trait]
-impl<T: Send + 'static> AckSink for AckTo<T> {
+impl<T: Debug + Send + 'static> AckSink for AckTo<T> {
     async fn ack(&self, token: u64) -> Result<()> {
         self.0.ack(token);
+        Ok(())
+    }
+
+    async fn nack(&self, token: u64, attempt: u32, retry_in: Duration, reason: String) -> Result<()> {
+        self.0.nack(token, attempt, retry_in, reason);
         Ok(())
     }
 }
@@ -906,13 +1054,15 @@ impl<T> fmt::Debug for MemoryStream<T> {
 }
 
 #[async_trait]
-impl<T: Clone + Send + 'static> MessageStream<T> for MemoryStream<T> {
+impl<T: Clone + Debug + Send + 'static> MessageStream<T> for MemoryStream<T> {
     async fn next(&mut self) -> Result<Option<Delivery<T>>> {
         let next = poll_fn(|cx| {
             // A consumer that always finds messages yields now and then all the same.
             let budget = ready!(coop::poll_proceed(cx));
             // Made here, so that the message is moved as few times as may be.
-            let delivery = |(message, token)| Delivery::new(message, Acker::new(Arc::clone(&self.sink), token));
+            let delivery = |(message, token, attempt)| {
+                Delivery::new(message, Acker::new(Arc::clone(&self.sink), token).with_attempt(attempt))
+            };
             let next = self.group.poll_next(self.member, cx).map(|next| next.map(delivery));
             if next.is_ready() {
                 budget.made_progress();
@@ -928,6 +1078,10 @@ impl<T> Drop for MemoryStream<T> {
         let wakes = self.group.lock().leave(self.member);
         wakes.run(&self.group);
     }
+}
+
+fn lock_plain<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {

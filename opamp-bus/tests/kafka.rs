@@ -309,6 +309,37 @@ async fn a_poison_command_goes_to_the_dead_letter_topic_and_is_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_handed_back_too_often_goes_to_the_dead_letter_topic_with_its_reason() {
+    let config = config().with_max_deliveries(2);
+    let bus = bus_with(config.clone()).await;
+    let s1 = supervisor("s1");
+    let mut stream = bus.subscribe(&s1).await.unwrap();
+    let doomed = commands(device("device-5"), 1);
+    send_all(&bus, &s1, &doomed).await;
+    for attempt in 1..=2 {
+        let delivery = next(&mut stream, "the command handed back").await;
+        assert_eq!((delivery.message(), delivery.attempt()), (&doomed[0], attempt));
+        delivery
+            .nack(Duration::from_millis(10), format!("the store refused it ({attempt})"))
+            .await
+            .unwrap();
+    }
+    eventually("the copy to be stored", DEADLINE, || async {
+        bus.stats().dead_lettered == 1
+    })
+    .await;
+    let (key, value, headers) = read_one(&config, &config.dead_letter_topic).await;
+    assert_eq!(key.as_deref(), Some(s1.as_str().as_bytes()), "the key is kept");
+    assert_eq!(value, Some(doomed[0].to_json()), "the value is kept byte for byte");
+    assert_eq!(headers["opamp.source.topic"], config.commands_topic);
+    assert_eq!(headers["opamp.deliveries"], "2");
+    assert_eq!(headers["opamp.error"], "the store refused it (2)");
+
+    drop(stream);
+    nothing_comes_again(&bus, &s1, "a dead-lettered command came again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_key_is_not_its_device_is_dead_lettered() {
     let config = config();
     let bus = bus_with(config.clone()).await;

@@ -25,8 +25,11 @@ mod small {
     use super::*;
 
     async fn fixture() -> BusFixture {
-        let config = MemoryBusConfig::default().with_capacity(16).with_event_partitions(3);
-        BusFixture::new(Arc::new(MemoryBus::with_config(config).unwrap()))
+        let config = MemoryBusConfig::default()
+            .with_capacity(16)
+            .with_event_partitions(3)
+            .with_max_deliveries(3);
+        BusFixture::new(Arc::new(MemoryBus::with_config(config).unwrap())).with_max_deliveries(3)
     }
 
     opamp_core::bus_conformance!(fixture);
@@ -498,4 +501,41 @@ fn config_is_validated_and_read_from_json() {
         serde_json::from_str::<MemoryBusConfig>(r#"{"capacty": 2}"#).is_err(),
         "unknown fields are errors"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_too_often_is_kept_with_its_reason() {
+    let config = MemoryBusConfig::default().with_capacity(1).with_max_deliveries(2);
+    let bus = MemoryBus::with_config(config).unwrap();
+    let s1 = supervisor("s1");
+    let mut stream = bus.subscribe(&s1).await.unwrap();
+    let doomed = command(7);
+    bus.send(&s1, &doomed).await.unwrap();
+    for attempt in 1..=2 {
+        let delivery = next(&mut stream).await;
+        assert_eq!((number(delivery.message()), delivery.attempt()), (7, attempt));
+        delivery
+            .nack(Duration::from_millis(5), format!("refused {attempt}"))
+            .await
+            .unwrap();
+    }
+    let letters = bus.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].stream, format!("commands for {s1}"));
+    assert_eq!((letters[0].deliveries, letters[0].reason.as_str()), (2, "refused 2"));
+    assert!(
+        letters[0].message.contains(&doomed.correlation_id.to_string()),
+        "{letters:?}"
+    );
+    // It is done: the queue of one has room again.
+    finishes("a send to the queue it left", bus.send(&s1, &command(8)))
+        .await
+        .unwrap();
+    assert_eq!(number(next(&mut stream).await.message()), 8);
+}
+
+#[test]
+fn a_bound_of_no_deliveries_is_refused() {
+    let err = MemoryBus::with_config(MemoryBusConfig::default().with_max_deliveries(0)).unwrap_err();
+    assert!(err.to_string().contains("max_deliveries"), "{err}");
 }

@@ -1,9 +1,17 @@
 //! The command bus: commands to supervisors, configuration broadcasts, and device events.
 //!
-//! Delivery is at-least-once. A consumer gets [`Delivery`]s and acknowledges
-//! each one explicitly once it has done its work; a delivery that was never
-//! acknowledged comes again to the next subscriber of the same stream (after
-//! a restart, say). So consumers must be idempotent, by correlation id.
+//! Delivery is at-least-once. A consumer gets [`Delivery`]s and ends each one
+//! explicitly once it has done its work: it acknowledges it, or hands it back
+//! ([`Delivery::nack`]) to have it delivered again, to the same subscription,
+//! after a delay; past [`DEFAULT_MAX_DELIVERIES`] deliveries (each backend's
+//! setting) a message handed back goes to the bus's dead letters with the
+//! reason instead. A delivery that was neither acknowledged nor handed back
+//! comes again to the next subscriber of the same stream (after a restart,
+//! say). So consumers must be idempotent, by correlation id.
+//!
+//! A delivery that never ends holds the stream back: a log-based broker
+//! cannot commit past it, and both buses bound what is outstanding. So every
+//! delivery must end, one way or the other.
 //!
 //! Acknowledgements may come in any order. The next subscriber never gets
 //! again what was acknowledged before the oldest unacknowledged delivery; it
@@ -17,6 +25,7 @@
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -29,6 +38,10 @@ use crate::id::{GroupName, SupervisorId};
 use crate::status::Labels;
 use crate::time::Timestamp;
 
+/// How many times a bus delivers a message that its consumer keeps handing
+/// back ([`Delivery::nack`]) before it goes to the dead letters instead.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 10;
+
 /// Where a backend records acknowledgements.
 ///
 /// Backends implement this; users only see it through [`Acker`].
@@ -36,6 +49,7 @@ use crate::time::Timestamp;
 /// ```
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
 /// use async_trait::async_trait;
 /// use opamp_core::{AckSink, Acker, Delivery};
 ///
@@ -48,6 +62,10 @@ use crate::time::Timestamp;
 ///     async fn ack(&self, token: u64) -> opamp_core::Result<()> {
 ///         self.0.fetch_max(token, Ordering::Relaxed);
 ///         Ok(())
+///     }
+///
+///     async fn nack(&self, _token: u64, _attempt: u32, _retry_in: Duration, reason: String) -> opamp_core::Result<()> {
+///         Err(opamp_core::Error::unsupported(format!("this sink cannot deliver again ({reason})")))
 ///     }
 /// }
 ///
@@ -63,34 +81,65 @@ use crate::time::Timestamp;
 pub trait AckSink: Send + Sync + Debug + 'static {
     /// Records that the delivery identified by `token` was handled.
     async fn ack(&self, token: u64) -> Result<()>;
+
+    /// Hands the delivery identified by `token` back: deliver it again to the
+    /// same subscription after `retry_in`, as delivery number `attempt + 1`,
+    /// or, once `attempt` reached the bus's bound, send it to the dead letters
+    /// with `reason`. After the subscription ended it has no effect.
+    async fn nack(&self, token: u64, attempt: u32, retry_in: Duration, reason: String) -> Result<()>;
 }
 
-/// Acknowledges one delivery. Dropping it without acking leaves the delivery
-/// unacknowledged: it comes again to the next subscriber.
+/// Ends one delivery: acknowledges it or hands it back. Dropping it without
+/// either leaves the delivery outstanding: it comes again to the next
+/// subscriber, and until then holds the stream back.
 ///
-/// Acknowledging after the subscription ended (dropped, or taken over) is not
-/// an error but has no effect: the delivery comes again all the same.
+/// Ending a delivery after the subscription ended (dropped, or taken over) is
+/// not an error but has no effect: the delivery comes again all the same.
 #[must_use = "a delivery that is not acknowledged is delivered again"]
 pub struct Acker {
     sink: Arc<dyn AckSink>,
     token: u64,
+    attempt: u32,
 }
 
 impl Acker {
-    /// An acker that reports `token` to `sink` (for backends).
+    /// An acker that reports `token`, delivered for the first time, to `sink` (for backends).
     pub fn new(sink: Arc<dyn AckSink>, token: u64) -> Self {
-        Acker { sink, token }
+        Acker {
+            sink,
+            token,
+            attempt: 1,
+        }
+    }
+
+    /// The same, for the `attempt`th delivery of its message (from 1).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt.max(1);
+        self
+    }
+
+    /// Which delivery of its message this is, from 1 (see [`Delivery::attempt`]).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// Acknowledges the delivery.
     pub async fn ack(self) -> Result<()> {
         self.sink.ack(self.token).await
     }
+
+    /// Hands the delivery back (see [`Delivery::nack`]).
+    pub async fn nack(self, retry_in: Duration, reason: impl Into<String>) -> Result<()> {
+        self.sink.nack(self.token, self.attempt, retry_in, reason.into()).await
+    }
 }
 
 impl Debug for Acker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Acker").field("token", &self.token).finish()
+        f.debug_struct("Acker")
+            .field("token", &self.token)
+            .field("attempt", &self.attempt)
+            .finish()
     }
 }
 
@@ -110,6 +159,23 @@ impl<T> Delivery<T> {
     /// The message.
     pub fn message(&self) -> &T {
         &self.message
+    }
+
+    /// Which delivery of this message this is, from 1: how many times it was
+    /// handed back ([`nack`](Self::nack)) in this subscription, plus one. A
+    /// message that comes again to a new subscription counts from 1 there.
+    pub fn attempt(&self) -> u32 {
+        self.acker.attempt
+    }
+
+    /// Hands the delivery back: it comes again to this same subscription
+    /// after `retry_in`, with [`attempt`](Self::attempt) one higher, while
+    /// other messages go on being delivered meanwhile (on a stream whose order
+    /// matters, the consumer chooses to wait or not). Past the bus's bound on
+    /// deliveries ([`DEFAULT_MAX_DELIVERIES`] unless configured) it goes to
+    /// the bus's dead letters with `reason` instead, and counts as done.
+    pub async fn nack(self, retry_in: Duration, reason: impl Into<String>) -> Result<()> {
+        self.acker.nack(retry_in, reason).await
     }
 
     /// Splits into the message and its acker, to ack after the work is done.

@@ -52,7 +52,10 @@ pub mod time;
 pub mod tracking;
 pub mod transport;
 
-pub use bus::{AckSink, Acker, Bus, CommandBus, ConfigUpdate, Delivery, EventBus, MessageStream, Subscription};
+pub use bus::{
+    AckSink, Acker, Bus, CommandBus, ConfigUpdate, DEFAULT_MAX_DELIVERIES, Delivery, EventBus, MessageStream,
+    Subscription,
+};
 pub use command::{Command, CommandKind, CommandOutcome, CorrelationId, DEFAULT_COMMAND_TIMEOUT};
 pub use config::{ConfigBundle, ConfigFile, ConfigHash, ConfigRef, ConfigTemplate};
 pub use error::{BoxError, Error, OwnerMismatch, Result};

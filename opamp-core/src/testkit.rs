@@ -25,6 +25,7 @@
 //! tests run in parallel.
 
 pub mod bus;
+pub mod failing;
 #[cfg(feature = "fluent-bit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
 pub mod fluent_bit;

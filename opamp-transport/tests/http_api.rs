@@ -12,7 +12,10 @@ use api::http::{Client, send};
 use api::{Fleet, OPERATOR, READER, WAIT, api_config, did, hello};
 use hyper::{Method, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opamp_bus::memory::MemoryBus;
 use opamp_core::testkit::eventually;
+use opamp_core::testkit::failing::{FailingBus, FailingStore};
+use opamp_store::memory::MemoryStore;
 use opamp_transport::http_api::RateLimit;
 use serde_json::{Value, json};
 
@@ -655,8 +658,8 @@ async fn openapi_describes_every_route_the_router_serves() {
 /// The store and bus doubles are in `api::failing`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_fails_while_the_store_or_the_bus_fails() {
-    let store = Arc::new(api::failing::FailingStore::default());
-    let bus = Arc::new(api::failing::FailingBus::default());
+    let store = Arc::new(FailingStore::new(Arc::new(MemoryStore::new())));
+    let bus = Arc::new(FailingBus::new(Arc::new(MemoryBus::new())));
     let fleet = Fleet::start_on(store.clone(), bus.clone(), vec![hello("dev-1", &[])]).await;
     let addr = fleet.serve(api_config()).await;
     let anonymous = Client::new(addr, None);

@@ -61,7 +61,8 @@ pub struct KafkaBusConfig {
     pub events_topic: String,
     /// Configuration broadcasts, keyed by agent type. Default `opamp.config-updates`.
     pub config_updates_topic: String,
-    /// Undecodable messages copied out of the other topics. Default `opamp.dead-letters`.
+    /// Undecodable messages, and those handed back more than `max_deliveries`
+    /// times, copied out of the other topics. Default `opamp.dead-letters`.
     pub dead_letter_topic: String,
     /// Partitions of the commands topic, made by [`ensure_topics`](super::KafkaBus::ensure_topics). Default 64.
     pub commands_partitions: i32,
@@ -85,6 +86,10 @@ pub struct KafkaBusConfig {
     /// The most messages of one subscription delivered and not yet
     /// acknowledged before all its partitions are paused. Default 10,000.
     pub max_in_flight: usize,
+    /// How many times a message that its consumer hands back
+    /// ([`Delivery::nack`](opamp_core::Delivery::nack)) is delivered before
+    /// it is copied to the dead-letter topic instead. Default 10.
+    pub max_deliveries: u32,
     /// How often acknowledged offsets are committed. Default 100 ms.
     #[serde(with = "duration_text")]
     pub commit_interval: Duration,
@@ -131,6 +136,7 @@ impl Default for KafkaBusConfig {
             group_prefix: "opamp.".into(),
             max_in_flight_per_partition: 1000,
             max_in_flight: 10_000,
+            max_deliveries: opamp_core::DEFAULT_MAX_DELIVERIES,
             commit_interval: Duration::from_millis(100),
             linger: Duration::from_millis(5),
             send_timeout: Duration::from_secs(30),
@@ -180,6 +186,12 @@ impl KafkaBusConfig {
     pub fn with_max_in_flight(mut self, per_partition: usize, per_subscription: usize) -> Self {
         self.max_in_flight_per_partition = per_partition;
         self.max_in_flight = per_subscription;
+        self
+    }
+
+    /// The same, delivering a message handed back at most `deliveries` times.
+    pub fn with_max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries;
         self
     }
 
@@ -247,6 +259,9 @@ impl KafkaBusConfig {
         }
         if self.max_in_flight_per_partition == 0 || self.max_in_flight == 0 {
             return invalid("`max_in_flight_per_partition` and `max_in_flight` must be at least 1".into());
+        }
+        if self.max_deliveries == 0 {
+            return invalid("`max_deliveries` must be at least 1".into());
         }
         for (field, duration) in [
             ("commit_interval", self.commit_interval),
@@ -400,6 +415,7 @@ impl fmt::Debug for KafkaBusConfig {
             .field("group_prefix", &self.group_prefix)
             .field("max_in_flight_per_partition", &self.max_in_flight_per_partition)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_deliveries", &self.max_deliveries)
             .field("commit_interval", &self.commit_interval)
             .field("linger", &self.linger)
             .field("send_timeout", &self.send_timeout)

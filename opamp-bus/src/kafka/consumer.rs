@@ -7,6 +7,11 @@
 //! paused at the broker (not buffered), and resumed as acknowledgements come.
 //! Every `commit_interval` the thread commits, per partition, the oldest
 //! offset still in flight (the contiguous acknowledged prefix).
+//!
+//! A delivery handed back (`nack`) stays in flight: the subscription keeps
+//! the bytes of every message in flight, and the thread decodes and delivers
+//! them again once the delay is over, or, past `max_deliveries`, copies them
+//! to the dead-letter topic, after which the offset counts as done.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -85,6 +90,8 @@ pub(super) struct Env {
     pub(super) max_in_flight_per_partition: usize,
     /// The most messages in flight in one subscription before all its partitions are paused.
     pub(super) max_in_flight: usize,
+    /// How many times a message handed back is delivered before it is dead-lettered.
+    pub(super) max_deliveries: u32,
     /// How often acknowledged offsets are committed.
     pub(super) commit_interval: Duration,
     /// How long a request to the broker may take (metadata, offsets, sends).
@@ -180,6 +187,7 @@ pub(super) async fn subscribe<T: Send + 'static>(
     let what = spec.what.clone();
     let shared = Arc::new(Shared {
         what: what.clone(),
+        max_deliveries: env.max_deliveries,
         state: Mutex::default(),
     });
     let control = Arc::new(Control {
@@ -232,6 +240,8 @@ struct Item<T> {
     token: u64,
     partition: i32,
     epoch: u64,
+    /// Which delivery of the message this is, from 1.
+    attempt: u32,
 }
 
 /// The stream side of a subscription.
@@ -256,7 +266,8 @@ impl<T: Send> MessageStream<T> for Stream<T> {
             // A message of a partition that moved to another member since it
             // was read is that member's now.
             if self.shared.state().is_current(item.partition, item.epoch) {
-                let acker = Acker::new(Arc::clone(&self.shared) as Arc<dyn AckSink>, item.token);
+                let acker =
+                    Acker::new(Arc::clone(&self.shared) as Arc<dyn AckSink>, item.token).with_attempt(item.attempt);
                 return Ok(Some(Delivery::new(item.message, acker)));
             }
         }
@@ -273,6 +284,7 @@ impl<T> Drop for Stream<T> {
 /// The state a subscription's thread, its stream and its ackers share.
 pub(super) struct Shared {
     what: String,
+    max_deliveries: u32,
     state: Mutex<State>,
 }
 
@@ -281,8 +293,12 @@ struct State {
     /// Once ended: acknowledgements have no effect.
     closed: bool,
     parts: BTreeMap<i32, Part>,
-    /// Delivery tokens → where the message came from.
-    tokens: HashMap<u64, Origin>,
+    /// Delivery tokens → the message in flight.
+    tokens: HashMap<u64, Taken>,
+    /// Deliveries handed back, to be delivered again when due.
+    retries: Vec<(Instant, Taken)>,
+    /// Deliveries handed back too often, to be dead-lettered, with why.
+    dead: Vec<(Taken, String)>,
     next_token: u64,
     next_epoch: u64,
     /// An error the consumer reported that calls for making it again.
@@ -306,6 +322,31 @@ struct Origin {
     epoch: u64,
 }
 
+/// A message delivered and not yet done: where it came from, which delivery
+/// it is, and its bytes, to deliver it again or dead-letter it.
+struct Taken {
+    origin: Origin,
+    attempt: u32,
+    key: Option<Box<[u8]>>,
+    value: Option<Box<[u8]>>,
+}
+
+impl Taken {
+    /// `message`, read in assignment `epoch` of its partition, as delivery number `attempt`.
+    fn of(message: &BorrowedMessage<'_>, epoch: u64, attempt: u32) -> Self {
+        Taken {
+            origin: Origin {
+                partition: message.partition(),
+                offset: message.offset(),
+                epoch,
+            },
+            attempt,
+            key: message.key().map(Box::from),
+            value: message.payload().map(Box::from),
+        }
+    }
+}
+
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
@@ -319,9 +360,26 @@ impl AckSink for Shared {
     async fn ack(&self, token: u64) -> Result<()> {
         let mut state = self.state();
         if !state.closed
-            && let Some(origin) = state.tokens.remove(&token)
+            && let Some(taken) = state.tokens.remove(&token)
         {
-            state.finish(origin);
+            state.finish(taken.origin);
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, token: u64, attempt: u32, retry_in: Duration, reason: String) -> Result<()> {
+        let mut state = self.state();
+        if state.closed {
+            return Ok(());
+        }
+        if let Some(mut taken) = state.tokens.remove(&token) {
+            taken.attempt = attempt;
+            if attempt >= self.max_deliveries {
+                state.dead.push((taken, reason));
+            } else {
+                taken.attempt += 1;
+                state.retries.push((Instant::now() + retry_in, taken));
+            }
         }
         Ok(())
     }
@@ -372,7 +430,12 @@ impl State {
         for partition in partitions {
             self.parts.remove(partition);
         }
-        self.tokens.retain(|_, origin| !partitions.contains(&origin.partition));
+        self.tokens
+            .retain(|_, taken| !partitions.contains(&taken.origin.partition));
+        self.retries
+            .retain(|(_, taken)| !partitions.contains(&taken.origin.partition));
+        self.dead
+            .retain(|(taken, _)| !partitions.contains(&taken.origin.partition));
     }
 
     /// The offsets to commit now for `partitions` (all if `None`) of `topic`.
@@ -577,6 +640,7 @@ impl<T: Send + 'static> Worker<T> {
                 continue;
             };
             self.flow(current, draining);
+            self.hand_back_due();
             if last_commit.elapsed() >= self.env.commit_interval {
                 let _ = self.commit(current);
                 last_commit = Instant::now();
@@ -809,53 +873,98 @@ impl<T: Send + 'static> Worker<T> {
             }
             Decoded::Message(decoded) => {
                 part.offsets.take(offset, true);
-                state.next_token += 1;
-                let token = state.next_token;
-                state.tokens.insert(
-                    token,
-                    Origin {
-                        partition,
-                        offset,
-                        epoch,
-                    },
-                );
-                let item = Item {
-                    message: decoded,
-                    token,
-                    partition,
-                    epoch,
-                };
-                // A closed channel means the stream was dropped: the loop ends next.
-                let _ = self.deliveries.send(item);
+                let taken = Taken::of(message, epoch, 1);
+                self.deliver(&mut state, decoded, taken);
             }
             Decoded::Poison(reason) => {
                 part.offsets.take(offset, true);
                 drop(state);
-                let origin = Origin {
-                    partition,
-                    offset,
-                    epoch,
-                };
-                self.dead_letter(message, origin, reason);
+                self.dead_letter(Taken::of(message, epoch, 0), reason);
             }
         }
     }
 
-    /// Copies an undecodable message to the dead-letter topic, with headers
-    /// saying where it came from and why; once the copy is stored, its offset
-    /// counts as done. Tries until it succeeds or the subscription ends.
-    fn dead_letter(&self, message: &BorrowedMessage<'_>, origin: Origin, reason: String) {
+    /// Hands `message` to the stream, keeping `taken` until it is done.
+    fn deliver(&self, state: &mut State, message: T, taken: Taken) {
+        let Origin { partition, epoch, .. } = taken.origin;
+        let attempt = taken.attempt;
+        state.next_token += 1;
+        let token = state.next_token;
+        state.tokens.insert(token, taken);
+        let item = Item {
+            message,
+            token,
+            partition,
+            epoch,
+            attempt,
+        };
+        // A closed channel means the stream was dropped: the loop ends next.
+        let _ = self.deliveries.send(item);
+    }
+
+    /// Delivers again what was handed back and is due, and dead-letters what
+    /// was handed back too often. Those of a partition that moved away since
+    /// are its new owner's now.
+    fn hand_back_due(&self) {
+        let mut state = self.shared.state();
+        if state.retries.is_empty() && state.dead.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        state.retries = waiting;
+        for (_, taken) in due {
+            let Origin { partition, epoch, .. } = taken.origin;
+            if !state.is_current(partition, epoch) {
+                continue;
+            }
+            // It decoded the first time, so it does again; should it not, it is dead-lettered.
+            match (self.spec.decode)(taken.key.as_deref(), taken.value.as_deref()) {
+                Decoded::Message(message) => self.deliver(&mut state, message, taken),
+                Decoded::NotOurs => state.finish(taken.origin),
+                Decoded::Poison(reason) => state.dead.push((taken, reason)),
+            }
+        }
+        let dead = std::mem::take(&mut state.dead);
+        drop(state);
+        for (taken, reason) in dead {
+            self.dead_letter(taken, reason);
+        }
+    }
+
+    /// Copies a message that is undecodable (`attempt` 0) or was handed back
+    /// too often to the dead-letter topic, with headers saying where it came
+    /// from and why; once the copy is stored, its offset counts as done.
+    /// Tries until it succeeds or the subscription ends.
+    fn dead_letter(&self, taken: Taken, reason: String) {
         let topic = &self.spec.topic;
-        tracing::warn!(
-            subscription = %self.shared.what,
-            topic, partition = origin.partition, offset = origin.offset, %reason,
-            "undecodable message: copied to the dead-letter topic and skipped"
-        );
+        let Taken {
+            origin,
+            attempt,
+            key,
+            value,
+        } = taken;
+        if attempt == 0 {
+            tracing::warn!(
+                subscription = %self.shared.what,
+                topic, partition = origin.partition, offset = origin.offset, %reason,
+                "undecodable message: copied to the dead-letter topic and skipped"
+            );
+        } else {
+            tracing::warn!(
+                subscription = %self.shared.what,
+                topic, partition = origin.partition, offset = origin.offset, deliveries = attempt, %reason,
+                "a message handed back too often: copied to the dead-letter topic and skipped"
+            );
+        }
         let headers = [
             ("opamp.source.topic", topic.clone()),
             ("opamp.source.partition", origin.partition.to_string()),
             ("opamp.source.offset", origin.offset.to_string()),
             ("opamp.consumer.group", self.spec.group.clone()),
+            ("opamp.deliveries", attempt.to_string()),
             ("opamp.error", reason),
         ]
         .into_iter()
@@ -865,8 +974,6 @@ impl<T: Send + 'static> Worker<T> {
                 value: Some(value.as_bytes()),
             })
         });
-        let key = message.key().map(<[u8]>::to_vec);
-        let value = message.payload().map(<[u8]>::to_vec);
         let env = Arc::clone(&self.env);
         let shared = Arc::clone(&self.shared);
         self.runtime.spawn(async move {

@@ -188,6 +188,7 @@ impl KafkaBus {
             consumer: config.consumer_config(),
             max_in_flight_per_partition: config.max_in_flight_per_partition,
             max_in_flight: config.max_in_flight,
+            max_deliveries: config.max_deliveries,
             commit_interval: config.commit_interval,
             request_timeout: config.request_timeout,
             dead_letter_topic: config.dead_letter_topic.clone(),

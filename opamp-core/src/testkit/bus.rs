@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use crate::bus::{Bus, ConfigUpdate, Delivery, Subscription};
+use crate::bus::{Bus, ConfigUpdate, DEFAULT_MAX_DELIVERIES, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigBundle, ConfigRef};
 use crate::event::{ConfigApplyState, DeviceEvent, EventKind};
@@ -53,14 +53,29 @@ const DEADLINE: Duration = Duration::from_secs(20);
 pub struct BusFixture {
     /// The bus under test.
     pub bus: Arc<dyn Bus>,
+    /// How many times the bus delivers a message handed back before it
+    /// dead-letters it: [`DEFAULT_MAX_DELIVERIES`] unless set otherwise.
+    pub max_deliveries: u32,
 }
 
 impl BusFixture {
-    /// A fixture for `bus`.
+    /// A fixture for `bus`, configured with the default bound on deliveries.
     pub fn new(bus: Arc<dyn Bus>) -> Self {
-        BusFixture { bus }
+        BusFixture {
+            bus,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+        }
+    }
+
+    /// The same, for a bus that delivers a message handed back at most `deliveries` times.
+    pub fn with_max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries;
+        self
     }
 }
+
+/// How long a case lets a delivery handed back wait before it comes again.
+const RETRY_IN: Duration = Duration::from_millis(20);
 
 /// Commands sent before the supervisor subscribes wait for it, and arrive in
 /// order with every field equal (each kind of command); acknowledged ones do
@@ -479,6 +494,104 @@ pub async fn unacked_events_come_again(f: &BusFixture) {
     expect_in_order(&mut stream, &[marker], "the marker", why).await;
 }
 
+/// A command handed back comes again to the same subscription, counted as
+/// its second delivery, while the others are delivered meanwhile; once
+/// acknowledged it does not come again, to that subscription or the next.
+pub async fn handed_back_commands_come_again(f: &BusFixture) {
+    let supervisor = fresh_supervisor("handed-back");
+    let device = DeviceId::new("device-5").unwrap();
+    let commands = numbered_commands(device, 3);
+    let mut stream = call("subscribe", f.bus.subscribe(&supervisor)).await;
+    for command in &commands {
+        call("send", f.bus.send(&supervisor, command)).await;
+    }
+    let first = next(&mut stream, "the first command").await;
+    assert_eq!(first.message(), &commands[0]);
+    assert_eq!(first.attempt(), 1, "a first delivery is attempt 1");
+    call("handing a delivery back", first.nack(RETRY_IN, "the store is down")).await;
+
+    let mut seen = BTreeMap::new();
+    for _ in 0..3 {
+        let delivery = next(&mut stream, "a command, or the one handed back").await;
+        let id = delivery.message().correlation_id;
+        assert!(
+            seen.insert(id, delivery.attempt()).is_none(),
+            "{id} came twice before it was handed back again"
+        );
+        ack(delivery).await;
+    }
+    let expected: BTreeMap<_, _> = ids_of(&commands).into_iter().zip([2, 1, 1]).collect();
+    assert_eq!(
+        seen, expected,
+        "the one handed back comes again as attempt 2, the others once each"
+    );
+    drop(stream);
+
+    let mut stream = call("subscribe again", f.bus.subscribe(&supervisor)).await;
+    let marker = numbered_commands(device, 1).remove(0);
+    call("send", f.bus.send(&supervisor, &marker)).await;
+    let why = "a command handed back and then acknowledged came again";
+    expect_in_order(&mut stream, &[marker], "the marker", why).await;
+}
+
+/// A command handed back at every delivery is delivered
+/// [`BusFixture::max_deliveries`] times, then no more: it goes to the dead
+/// letters and counts as done, so it holds nothing back, in this
+/// subscription or the next.
+pub async fn handed_back_too_often_is_dead_lettered(f: &BusFixture) {
+    let supervisor = fresh_supervisor("dead-letter");
+    let device = DeviceId::new("device-5").unwrap();
+    let commands = numbered_commands(device, 2);
+    let (doomed, other) = (&commands[0], &commands[1]);
+    let mut stream = call("subscribe", f.bus.subscribe(&supervisor)).await;
+    for command in &commands {
+        call("send", f.bus.send(&supervisor, command)).await;
+    }
+    let mut attempts = Vec::new();
+    let mut other_seen = false;
+    while attempts.len() < f.max_deliveries as usize || !other_seen {
+        let delivery = next(&mut stream, "the command handed back, or the other").await;
+        if delivery.message() == other {
+            assert!(!other_seen, "the acknowledged command came again");
+            other_seen = true;
+            ack(delivery).await;
+            continue;
+        }
+        assert_eq!(delivery.message(), doomed);
+        attempts.push(delivery.attempt());
+        call("handing a delivery back", delivery.nack(RETRY_IN, "cannot be recorded")).await;
+    }
+    let expected: Vec<u32> = (1..=f.max_deliveries).collect();
+    assert_eq!(attempts, expected, "each delivery counted, up to the bound");
+
+    let marker = numbered_commands(device, 1).remove(0);
+    call("send", f.bus.send(&supervisor, &marker)).await;
+    let why = "a command handed back past the bound came again";
+    expect_in_order(&mut stream, std::slice::from_ref(&marker), "the marker", why).await;
+    drop(stream);
+
+    let mut stream = call("subscribe again", f.bus.subscribe(&supervisor)).await;
+    let second = numbered_commands(device, 1).remove(0);
+    call("send", f.bus.send(&supervisor, &second)).await;
+    let why = "a dead-lettered command came again to the next subscription";
+    expect_in_order(&mut stream, &[second], "a second marker", why).await;
+}
+
+/// An event handed back comes again to the same member of its group.
+pub async fn handed_back_events_come_again(f: &BusFixture) {
+    let group = fresh_group("events-handed-back");
+    let device = DeviceId::new("device-5").unwrap();
+    let mut stream = call("subscribe to events", f.bus.subscribe_events(&group)).await;
+    let event = numbered_events(device, 1).remove(0);
+    call("publish", f.bus.publish_event(&event)).await;
+    let delivery = next(&mut stream, "the event").await;
+    assert_eq!((delivery.message(), delivery.attempt()), (&event, 1));
+    call("handing a delivery back", delivery.nack(RETRY_IN, "busy")).await;
+    let again = next(&mut stream, "the event handed back").await;
+    assert_eq!((again.message(), again.attempt()), (&event, 2));
+    ack(again).await;
+}
+
 /// A consumer that dies mid-batch: takes `expected` from `stream` in order,
 /// acknowledges the first `acked` of them, then drops the rest and the stream.
 async fn take_then_die<T: Send + Debug + PartialEq>(
@@ -683,6 +796,9 @@ macro_rules! bus_conformance {
             events_reach_every_group,
             group_members_share_events,
             unacked_events_come_again,
+            handed_back_commands_come_again,
+            handed_back_too_often_is_dead_lettered,
+            handed_back_events_come_again,
         );
     };
     (@cases $fixture:path; $($case:ident),* $(,)?) => {

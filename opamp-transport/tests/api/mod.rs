@@ -3,7 +3,6 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
-pub(crate) mod failing;
 pub(crate) mod http;
 pub(crate) mod webdriver;
 

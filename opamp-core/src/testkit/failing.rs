@@ -1,28 +1,39 @@
-//! A memory store and a memory bus that can be told to fail, for readiness tests.
-//! While failing, every call answers `Error::Unavailable` naming the store or the bus.
+//! A store and a bus that can be told to fail, wrapped around any backend:
+//! for tests of what a runtime or a server does while its store or bus is
+//! unavailable. While failing, every call answers [`Error::Unavailable`]
+//! naming the store or the bus, as a backend that lost its server does.
+//!
+//! These stand in for an outage in tests of the code above the traits; the
+//! backends' own behaviour under real faults is tested against real servers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opamp_bus::memory::MemoryBus;
-use opamp_core::bus::{Delivery, MessageStream};
-use opamp_core::{
-    AgentType, Claim, Command, CommandBus, CommandRecord, ConfigRef, ConfigStore, ConfigTemplate, ConfigUpdate,
-    ConfigVersion, CorrelationId, DeviceEvent, DeviceId, DeviceStatus, Endings, Error, EventBus, GroupName, Page,
-    PageRequest, Result, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, Subscription, SupervisorId,
-    SupervisorLoad, Timestamp, TrackingStore,
-};
-use opamp_store::memory::MemoryStore;
 use tokio::sync::watch;
 
-/// On or off, shared with the streams a failing bus hands out, which it wakes.
+use crate::bus::{Bus, CommandBus, ConfigUpdate, Delivery, EventBus, MessageStream, Subscription};
+use crate::command::{Command, CorrelationId};
+use crate::config::{ConfigRef, ConfigTemplate};
+use crate::error::{Error, Result};
+use crate::event::DeviceEvent;
+use crate::id::{AgentType, ConfigVersion, DeviceId, GroupName, SupervisorId};
+use crate::status::{DeviceStatus, StatusPatch};
+use crate::store::{
+    Claim, ConfigStore, Page, PageRequest, RoutingStore, StatusStore, Store, SupervisorLoad, TrackingStore,
+};
+use crate::time::Timestamp;
+use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId};
+
+/// On or off, shared with the streams a failing bus hands out, which it
+/// wakes; counts the calls it refused.
 #[derive(Debug, Clone)]
-struct Switch(Arc<watch::Sender<bool>>);
+struct Switch(Arc<watch::Sender<bool>>, Arc<AtomicU64>);
 
 impl Default for Switch {
     fn default() -> Self {
-        Switch(Arc::new(watch::channel(false).0))
+        Switch(Arc::new(watch::channel(false).0), Arc::default())
     }
 }
 
@@ -33,22 +44,41 @@ impl Switch {
 
     fn check(&self, what: &str) -> Result<()> {
         if *self.0.borrow() {
+            self.1.fetch_add(1, Ordering::Relaxed);
             Err(Error::unavailable(format!("the test {what} is switched off")))
         } else {
             Ok(())
         }
     }
+
+    fn refused(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
+    }
 }
 
-/// A [`MemoryStore`] that fails every call while switched off.
-#[derive(Debug, Default)]
-pub(crate) struct FailingStore {
-    inner: MemoryStore,
+/// A store that fails every call while switched off.
+#[derive(Debug)]
+pub struct FailingStore {
+    inner: Arc<dyn Store>,
     off: Switch,
 }
 
 impl FailingStore {
-    pub(crate) fn fail(&self, on: bool) {
+    /// How many calls it refused so far.
+    pub fn refused(&self) -> u64 {
+        self.off.refused()
+    }
+
+    /// `inner`, answering until told to fail.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        FailingStore {
+            inner,
+            off: Switch::default(),
+        }
+    }
+
+    /// Fails every call from now on (`true`), or answers again (`false`).
+    pub fn fail(&self, on: bool) {
         self.off.set(on);
     }
 }
@@ -158,15 +188,31 @@ impl TrackingStore for FailingStore {
     }
 }
 
-/// A [`MemoryBus`] that fails every call while switched off.
-#[derive(Debug, Default)]
-pub(crate) struct FailingBus {
-    inner: MemoryBus,
+/// A bus that fails every call while switched off; its event
+/// subscriptions fail too (commands and broadcasts keep flowing, as from a
+/// consumer that fetched them before the outage).
+#[derive(Debug)]
+pub struct FailingBus {
+    inner: Arc<dyn Bus>,
     off: Switch,
 }
 
 impl FailingBus {
-    pub(crate) fn fail(&self, on: bool) {
+    /// How many calls it refused so far.
+    pub fn refused(&self) -> u64 {
+        self.off.refused()
+    }
+
+    /// `inner`, answering until told to fail.
+    pub fn new(inner: Arc<dyn Bus>) -> Self {
+        FailingBus {
+            inner,
+            off: Switch::default(),
+        }
+    }
+
+    /// Fails every call from now on (`true`), or answers again (`false`).
+    pub fn fail(&self, on: bool) {
         self.off.set(on);
     }
 }
