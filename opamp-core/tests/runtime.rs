@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opamp_bus::memory::MemoryBus;
+use opamp_bus::memory::{MemoryBus, MemoryBusConfig};
 use opamp_core::runtime::agent::{ConfigApplier, MemoryApplier};
 use opamp_core::runtime::supervisor::{OutcomeEvents, RunningSupervisor, Supervisor, SupervisorConfig};
+use opamp_core::testkit::failing::FailingStore;
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
 use opamp_core::transport::{
@@ -52,6 +53,22 @@ impl Fleet {
     ) -> (RunningSupervisor, ChannelConnector) {
         let (transport, connector) = channel::pair(channel::ChannelConfig::default());
         let supervisor = self.supervisor_on(id, config, Arc::new(transport)).await;
+        (supervisor, connector)
+    }
+
+    /// A supervisor over `store` and `bus` instead of the fleet's own (a failing wrapper, a smaller bus).
+    async fn supervisor_over(
+        &self,
+        id: &str,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+    ) -> (RunningSupervisor, ChannelConnector) {
+        let (transport, connector) = channel::pair(channel::ChannelConfig::default());
+        let supervisor = Supervisor::new(SupervisorConfig::new(sid(id)), store, bus)
+            .with_clock(self.clock.clone())
+            .start(vec![Arc::new(transport)])
+            .await
+            .unwrap();
         (supervisor, connector)
     }
 
@@ -927,5 +944,150 @@ async fn a_refused_fenced_write_closes_the_stale_session() {
     assert_eq!(ended, None, "s1 closed its stale session");
     eventually("s1 forgot d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
     fleet.owner_is("d1", Some("s2")).await;
+    s1.shutdown().await;
+}
+
+/// Answers command `id` as done.
+async fn answer(device: &opamp_core::transport::AgentSession, id: CorrelationId) {
+    let ack = opamp_core::transport::CommandAck::new(id, CommandOutcome::Acked);
+    device.outbound.send(FromDevice::CommandAck(ack)).await.unwrap();
+}
+
+/// Sends device d1 a toggle through s1 and expects it to be the next thing
+/// the device is pushed: nothing sent before it is pushed (again) first.
+async fn next_pushed_is_a_marker(fleet: &Fleet, device: &mut opamp_core::transport::AgentSession) {
+    let marker = fleet
+        .send_tracked("s1", "d1", CommandKind::SetEmission { state: true }, WAIT, 1)
+        .await;
+    expect_command(device, marker).await;
+}
+
+async fn ends_as(fleet: &Fleet, id: CorrelationId, state: CommandState) {
+    let store = fleet.store.clone();
+    eventually(&format!("command {id} recorded as {state:?}"), WAIT, || {
+        let store = store.clone();
+        async move { store.command_record(&id).await.unwrap().map(|record| record.state) == Some(state) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_while_a_command_is_answered_delays_its_outcome_and_wedges_nothing() {
+    let fleet = Fleet::new().await;
+    let store = Arc::new(FailingStore::new(fleet.store.clone()));
+    // A bus that holds two commands outstanding at most: one never ended wedges it at once.
+    let bus = Arc::new(MemoryBus::with_config(MemoryBusConfig::default().with_capacity(2)).unwrap());
+    let (s1, connector) = fleet.supervisor_over("s1", store.clone(), bus.clone()).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+    let send = |n: usize| {
+        let (fleet, bus) = (&fleet, bus.clone());
+        async move {
+            let command = Command::new(
+                did("d1"),
+                CommandKind::SetEmission { state: n % 2 == 0 },
+                fleet.clock.now(),
+                WAIT,
+            );
+            let record = CommandRecord::new(command.clone(), Some(sid("s1")), CommandState::Pending);
+            fleet.store.insert_command(&record).await.unwrap();
+            tokio::time::timeout(WAIT, bus.send(&sid("s1"), &command))
+                .await
+                .expect("the bus takes a command: the supervisor is not wedged")
+                .unwrap();
+            command.correlation_id
+        }
+    };
+
+    let first = send(0).await;
+    expect_command(&mut device, first).await;
+    store.fail(true);
+    let refused = store.refused();
+    answer(&device, first).await;
+    eventually("the outcome's write refused", WAIT, || async {
+        store.refused() > refused
+    })
+    .await;
+    store.fail(false);
+    ends_as(&fleet, first, CommandState::Acked).await;
+
+    for n in 1..=4 {
+        let id = send(n).await;
+        expect_command(&mut device, id).await;
+        answer(&device, id).await;
+        ends_as(&fleet, id, CommandState::Acked).await;
+    }
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_again_after_it_ended_is_not_run_again() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut device = silent_device(&connector, "d1").await;
+    fleet.owner_is("d1", Some("s1")).await;
+
+    let restart = Command::new(did("d1"), CommandKind::Restart, fleet.clock.now(), WAIT);
+    let record = CommandRecord::new(restart.clone(), Some(sid("s1")), CommandState::Pending);
+    fleet.store.insert_command(&record).await.unwrap();
+    fleet.bus.send(&sid("s1"), &restart).await.unwrap();
+    expect_command(&mut device, restart.correlation_id).await;
+    answer(&device, restart.correlation_id).await;
+    ends_as(&fleet, restart.correlation_id, CommandState::Acked).await;
+
+    // Delivered again, as a bus does after a restart from an older commit.
+    fleet.bus.send(&sid("s1"), &restart).await.unwrap();
+    next_pushed_is_a_marker(&fleet, &mut device).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_the_device_runs_already_is_not_pushed_again() {
+    let fleet = Fleet::new().await;
+    let (config, bundle) = template(&fleet.store, "v1").await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut running = hello("d1");
+    running.config_hash = Some(bundle.hash());
+    let mut device = connector.connect(&running).await.unwrap();
+    let first = device.inbound.recv().await.unwrap();
+    assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+    fleet.owner_is("d1", Some("s1")).await;
+
+    let apply = CommandKind::ApplyConfig {
+        agent_type: config.agent_type,
+        version: config.version,
+    };
+    let id = fleet.send_tracked("s1", "d1", apply, WAIT, 1).await;
+    ends_as(&fleet, id, CommandState::Acked).await;
+    next_pushed_is_a_marker(&fleet, &mut device).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_update_that_meets_a_store_outage_is_applied_once_the_store_answers() {
+    let fleet = Fleet::new().await;
+    let (v1, bundle1) = template(&fleet.store, "v1").await;
+    let store = Arc::new(FailingStore::new(fleet.store.clone()));
+    let (s1, connector) = fleet.supervisor_over("s1", store.clone(), fleet.bus.clone()).await;
+    let applier = Arc::new(MemoryApplier::new());
+    let (_agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), applier.clone());
+    fleet.owner_is("d1", Some("s1")).await;
+
+    store.fail(true);
+    let refused = store.refused();
+    let update = opamp_core::ConfigUpdate::new(v1, opamp_core::Labels::new(), fleet.clock.now());
+    fleet.bus.broadcast(&update).await.unwrap();
+    eventually("the update's reads refused", WAIT, || async {
+        store.refused() > refused
+    })
+    .await;
+    store.fail(false);
+    let hash = bundle1.hash();
+    eventually("v1 applied after the outage", WAIT, || {
+        let applier = applier.clone();
+        async move { applier.current().map(|a| a.hash) == Some(hash) }
+    })
+    .await;
+    assert_eq!(fleet.store.desired(&did("d1")).await.unwrap(), Some(v1));
     s1.shutdown().await;
 }

@@ -24,7 +24,19 @@
 //! §5.2, step 8) and published as an event, and only then is the bus delivery
 //! acknowledged: a supervisor that dies mid-command has it redelivered. A
 //! first timeout is not written to the record: the control plane sends the
-//! command again on its event. Each outcome written is counted in
+//! command again on its event.
+//!
+//! Every delivery ends. A write the store or bus refuses for a while
+//! (unavailable, timed out) is tried again in place, with backoff, so that a
+//! store or broker that blips holds up the commands of the devices it
+//! touches, and only until it answers again; a write refused for good hands
+//! the delivery back to the bus (`nack`), which delivers it again later or,
+//! past its bound, dead-letters it. Execution is idempotent: before running
+//! a command the supervisor reads its record, and one that has ended (run
+//! before a restart, say) is acknowledged without running again; an outcome
+//! that could not be recorded is remembered, so that its delivery handed
+//! back is recorded, not run again; a configuration the device runs already
+//! is not pushed again. Each outcome written is counted in
 //! `opamp_commands_total` and `opamp_command_latency_seconds`, and each
 //! command taken from the bus in `opamp_command_pickup_seconds` (issue to
 //! taken: how long it spent reaching its supervisor, on the clocks of the
@@ -42,7 +54,7 @@
 //! configuration), the template is pushed to it.
 
 use std::borrow::Borrow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::hash::{Hash, Hasher};
@@ -309,6 +321,7 @@ impl Supervisor {
             runtime: tokio::runtime::Handle::current(),
             next_session: AtomicU64::new(1),
             stopping,
+            unrecorded: Mutex::default(),
         });
         let mut loops = JoinSet::new();
         for transport in transports {
@@ -432,7 +445,17 @@ struct Inner {
     next_session: AtomicU64,
     in_flight: Arc<Semaphore>,
     stopping: watch::Sender<bool>,
+    /// Outcomes of commands run here whose recording failed for good: their
+    /// deliveries were handed back, and are recorded, not run, when they come
+    /// again. Empty unless the store refuses writes.
+    unrecorded: Mutex<HashMap<CorrelationId, (CommandOutcome, Option<ConfigHash>)>>,
 }
+
+/// The first and the longest wait before a store or bus call refused for a
+/// while is tried again.
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// How long a delivery handed back waits before the bus delivers it again.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// What a session is given to do.
 enum Work {
@@ -523,24 +546,75 @@ impl Inner {
         }
     }
 
+    /// Applies config updates one at a time, in bus order: one the store
+    /// refuses for a while is tried again in place, so that an older update
+    /// never lands after a newer one.
     async fn update_loop(self: Arc<Self>, mut updates: Subscription<ConfigUpdate>) {
         while let Some(delivery) = self.next_delivery(&mut updates, "config updates").await {
             let (update, acker) = delivery.into_parts();
-            match self.converge_fleet(&update).await {
-                Ok(()) => {
-                    if let Err(err) = acker.ack().await {
-                        warn!(supervisor = %self.config.id, error = %err, "acknowledging a config update failed");
-                    }
+            let applied = self
+                .persist("applying a config update", || self.converge_fleet(&update))
+                .await;
+            let ended = match applied {
+                Ok(()) => acker.ack().await,
+                // Stopping: it comes again to this supervisor's next subscription.
+                Err(_) if self.is_stopping() => continue,
+                Err(err) => {
+                    warn!(
+                        supervisor = %self.config.id,
+                        config = %update.config,
+                        correlation_id = %update.correlation_id,
+                        error = %err,
+                        "applying a config update failed; handing it back"
+                    );
+                    acker
+                        .nack(
+                            HAND_BACK_DELAY,
+                            format!("applying config update {}: {err}", update.config),
+                        )
+                        .await
                 }
-                // Left unacknowledged, so that it comes again to this supervisor's next subscription.
-                Err(err) => warn!(
-                    supervisor = %self.config.id,
-                    config = %update.config,
-                    correlation_id = %update.correlation_id,
-                    error = %err,
-                    "applying a config update failed; left unacknowledged"
-                ),
+            };
+            if let Err(err) = ended {
+                warn!(supervisor = %self.config.id, error = %err, "ending a config update's delivery failed");
             }
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Calls `call` until it succeeds, trying again with backoff while it
+    /// fails with an error that may pass (the store or bus unavailable or
+    /// slow). Returns an error that will not pass at once, and the last error
+    /// once the supervisor is stopping.
+    async fn persist<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut stopping = self.stopping();
+        let mut backoff = RETRY_BACKOFF.0;
+        let mut tries = 0u32;
+        loop {
+            let err = match call().await {
+                Ok(value) => return Ok(value),
+                Err(err) if err.is_retryable() && !self.is_stopping() => err,
+                Err(err) => return Err(err),
+            };
+            tries += 1;
+            // One warning per outage and call, not one per try.
+            if tries == 1 {
+                warn!(supervisor = %self.config.id, error = %err, "{what} failed; trying again");
+            } else {
+                debug!(supervisor = %self.config.id, error = %err, tries, "{what} failed again; trying again");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped(&mut stopping) => return Err(err),
+            }
+            backoff = (backoff * 2).min(RETRY_BACKOFF.1);
         }
     }
 
@@ -635,6 +709,15 @@ impl Inner {
             acker,
             _permit: permit,
         });
+        let remembered = lock(&self.unrecorded).remove(&job.command.correlation_id);
+        if let Some((outcome, applied)) = remembered {
+            // Run here already: only its outcome is still to be recorded.
+            let inner = Arc::clone(self);
+            lock(&self.session_tasks).spawn(async move {
+                inner.finish(*job, outcome, applied).await;
+            });
+            return;
+        }
         let refused = match self.session(&job.command.device) {
             None => (job, CommandOutcome::DeviceOffline),
             Some(session) => match session.offer(Work::Command(job)) {
@@ -899,11 +982,14 @@ impl Inner {
     }
 
     /// Records a command's outcome, publishes it, and only then acknowledges
-    /// it on the bus. Returns whether the device's status was written with
+    /// it on the bus. Writes the store or bus refuses for a while are tried
+    /// again in place; one refused for good hands the delivery back, the
+    /// outcome remembered so that it is recorded, not run again, when it
+    /// comes back. Returns whether the device's status was written with
     /// what the outcome changed: not for outcomes that change nothing in it
     /// (the device offline, the command unsupported), not when another
     /// supervisor holds the device (the outcome is still recorded), nor when
-    /// the write failed (then nothing is, and the command comes again).
+    /// the write failed.
     async fn finish(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>) -> bool {
         let me = self.config.id;
         let command = &job.command;
@@ -925,18 +1011,24 @@ impl Inner {
             _ => None,
         };
         let writes_status = patch.is_some();
+        let patch = patch.map(|patch| patch.last_seen(self.clock.now()).fenced_by(me));
         // The device's status is written and the command's record read at
         // once: one round trip's wait, not two.
         let status = async {
-            match patch {
+            match &patch {
                 Some(patch) => {
-                    let patch = patch.last_seen(self.clock.now()).fenced_by(me);
-                    self.store.update_status(&device, &patch).await
+                    self.persist("recording a device's status", || {
+                        self.store.update_status(&device, patch)
+                    })
+                    .await
                 }
                 None => Ok(()),
             }
         };
-        let (status, record) = tokio::join!(status, self.store.command_record(&command.correlation_id));
+        let record = self.persist("reading a command's record", || {
+            self.store.command_record(&command.correlation_id)
+        });
+        let (status, record) = tokio::join!(status, record);
         let status_written = match status {
             Ok(()) => writes_status,
             // The outcome is still the command's: it is recorded below.
@@ -944,11 +1036,7 @@ impl Inner {
                 self.drop_stale(&device);
                 false
             }
-            Err(err) => {
-                // Leave the delivery unacknowledged: it comes again and is recorded then.
-                warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
-                return false;
-            }
+            Err(err) => return self.hand_back(job, outcome, applied, err).await,
         };
         let recorded = match record {
             Ok(record) => self.record_outcome(record, &outcome).await,
@@ -957,8 +1045,7 @@ impl Inner {
         let recorded = match recorded {
             Ok(recorded) => recorded,
             Err(err) => {
-                // Leave the delivery unacknowledged: it comes again and is recorded then.
-                warn!(%device, correlation_id = %command.correlation_id, error = %err, "recording an outcome failed");
+                self.hand_back(job, outcome, applied, err).await;
                 return status_written;
             }
         };
@@ -967,8 +1054,12 @@ impl Inner {
                 correlation_id: command.correlation_id,
                 outcome: outcome.clone(),
             };
-            if let Err(err) = self.publish(device, completed).await {
-                warn!(%device, correlation_id = %command.correlation_id, error = %err, "publishing an outcome failed");
+            let event = DeviceEvent::new(device, completed, self.clock.now());
+            if let Err(err) = self
+                .persist("publishing an outcome", || self.bus.publish_event(&event))
+                .await
+            {
+                self.hand_back(job, outcome, applied, err).await;
                 return status_written;
             }
         }
@@ -977,6 +1068,40 @@ impl Inner {
             warn!(%device, correlation_id = %command.correlation_id, error = %err, "acknowledging a command failed");
         }
         status_written
+    }
+
+    /// Ends a command's delivery whose outcome could not be recorded: hands
+    /// it back to the bus, remembering the outcome so that the delivery that
+    /// comes again records it instead of running the command again. When the
+    /// supervisor is stopping it is left as it is, to come again to the next
+    /// subscription. Returns false: no status was written.
+    async fn hand_back(&self, job: Job, outcome: CommandOutcome, applied: Option<ConfigHash>, err: Error) -> bool {
+        let command = &job.command;
+        let (device, id) = (command.device, command.correlation_id);
+        if self.is_stopping() {
+            warn!(%device, correlation_id = %id, error = %err, "recording an outcome failed while stopping; it comes again to the next subscription");
+            return false;
+        }
+        warn!(%device, correlation_id = %id, error = %err, "recording an outcome failed; handing the command back to the bus");
+        lock(&self.unrecorded).insert(id, (outcome, applied));
+        let reason = format!("recording the outcome of command {id} for device {device}: {err}");
+        if let Err(err) = job.acker.nack(HAND_BACK_DELAY, reason).await {
+            warn!(%device, correlation_id = %id, error = %err, "handing a command back failed");
+        }
+        false
+    }
+
+    /// Whether `command` ended already (run before a restart, or by another
+    /// supervisor before a takeover): then it is not run again. Reading its
+    /// record is tried again while the store is unavailable; an error that
+    /// does not pass is returned.
+    async fn has_ended(&self, command: &Command) -> Result<bool> {
+        let record = self
+            .persist("reading a command's record", || {
+                self.store.command_record(&command.correlation_id)
+            })
+            .await?;
+        Ok(record.is_some_and(|record| record.state.is_final()))
     }
 }
 
@@ -1300,16 +1425,49 @@ impl Runner {
     async fn start(&mut self, job: Job) {
         let inner = Arc::clone(&self.inner);
         let command = &job.command;
+        let missing = self.missing_capability(&command.kind);
+        // Whether it ended already, and what to send, are read at once.
+        let (ended, message) = tokio::join!(inner.has_ended(command), async {
+            match missing {
+                None => Ok(inner.message_for(command).await),
+                Some(missing) => Err(missing),
+            }
+        });
+        match ended {
+            Ok(false) => {}
+            Ok(true) => {
+                debug!(device = %command.device, correlation_id = %command.correlation_id, "the command ended already; not running it again");
+                if let Err(err) = job.acker.ack().await {
+                    warn!(device = %command.device, error = %err, "acknowledging a command failed");
+                }
+                return;
+            }
+            // Stopping: it comes again to the next subscription.
+            Err(_) if inner.is_stopping() => return,
+            Err(err) => {
+                // Whether it ran cannot be told: not run now, it comes again.
+                let reason = format!("reading the record of command {}: {err}", command.correlation_id);
+                warn!(device = %command.device, error = %err, "cannot tell whether a command ran; handing it back");
+                if let Err(err) = job.acker.nack(HAND_BACK_DELAY, reason).await {
+                    warn!(device = %command.device, error = %err, "handing a command back failed");
+                }
+                return;
+            }
+        }
         let now = inner.clock.now();
         let refused = if command.deadline <= now {
             CommandOutcome::TimedOut
-        } else if let Some(missing) = self.missing_capability(&command.kind) {
-            CommandOutcome::Unsupported {
-                reason: format!("device {} does not accept {missing}", command.device),
-            }
         } else {
-            match inner.message_for(command).await {
-                Ok((message, expect)) => match self.peer.outbound.try_send(message) {
+            match message {
+                Err(missing) => CommandOutcome::Unsupported {
+                    reason: format!("device {} does not accept {missing}", command.device),
+                },
+                // A configuration the device runs already is not pushed again.
+                Ok(Ok((_, Expect::ConfigAck { hash, .. }))) if self.peer.config_hash == Some(hash) => {
+                    inner.finish(job, CommandOutcome::Acked, Some(hash)).await;
+                    return;
+                }
+                Ok(Ok((message, expect))) => match self.peer.outbound.try_send(message) {
                     Ok(()) => {
                         let deadline = tokio::time::Instant::now() + command.deadline.duration_since(now);
                         self.peer.current = Some(Box::new(InFlight { job, expect, deadline }));
@@ -1320,7 +1478,7 @@ impl Runner {
                     },
                     Err(TrySendError::Closed(_)) => CommandOutcome::DeviceOffline,
                 },
-                Err(outcome) => outcome,
+                Ok(Err(outcome)) => outcome,
             }
         };
         inner.finish(job, refused, None).await;
