@@ -41,6 +41,11 @@ use super::partitioner::key_partition;
 const POLL: Duration = Duration::from_millis(20);
 /// The first and the longest wait before a consumer is made again after a failure.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// How often a subscription that places its partitions itself (commands,
+/// broadcasts) reads the topic's partition count again: partitions added to
+/// the topic are read from then on, as producers send to them once their
+/// own metadata shows them.
+const PARTITIONS_CHECK: Duration = Duration::from_secs(5);
 
 /// What became of a message read from the topic.
 pub(super) enum Decoded<T> {
@@ -64,6 +69,18 @@ pub(super) enum Placement {
     /// The group's share, assigned by the broker's group protocol; a new
     /// group starts at the beginning (events).
     Group,
+}
+
+impl Placement {
+    /// The partitions to read of a topic of `count` partitions (none for
+    /// [`Placement::Group`], whose share the broker assigns).
+    fn partitions(&self, count: i32) -> Vec<i32> {
+        match self {
+            Placement::KeyPartition(key) => vec![key_partition(key, count)],
+            Placement::AllFromNow => (0..count).collect(),
+            Placement::Group => Vec::new(),
+        }
+    }
 }
 
 /// What one subscription reads.
@@ -609,6 +626,7 @@ impl<T: Send + 'static> Worker<T> {
     fn serve(&self, consumer: &mut Option<BaseConsumer<Context>>) {
         let mut backoff = RESTART_BACKOFF.0;
         let mut last_commit = Instant::now();
+        let mut last_check = Instant::now();
         loop {
             let draining = match self.control.mode.load(Relaxed) {
                 RUN => false,
@@ -639,6 +657,12 @@ impl<T: Send + 'static> Worker<T> {
                 }
                 continue;
             };
+            if last_check.elapsed() >= PARTITIONS_CHECK {
+                last_check = Instant::now();
+                if let Err(error) = self.follow_partitions(current) {
+                    tracing::info!(subscription = %self.shared.what, %error, "checking the topic's partitions failed; will try again");
+                }
+            }
             self.flow(current, draining);
             self.hand_back_due();
             if last_commit.elapsed() >= self.env.commit_interval {
@@ -698,8 +722,7 @@ impl<T: Send + 'static> Worker<T> {
                 return Ok(consumer);
             }
             _ if !first => None,
-            Placement::KeyPartition(key) => Some(vec![key_partition(key, partition_count(&consumer, topic, timeout)?)]),
-            Placement::AllFromNow => Some((0..partition_count(&consumer, topic, timeout)?).collect()),
+            placement => Some(placement.partitions(partition_count(&consumer, topic, timeout)?)),
         };
         if let Some(partitions) = partitions {
             let starts = self.start_offsets(&consumer, &partitions)?;
@@ -715,12 +738,50 @@ impl<T: Send + 'static> Worker<T> {
         Ok(consumer)
     }
 
-    /// Where a new subscription starts in each of `partitions`: at the
-    /// group's committed offset; without one, at the beginning
-    /// ([`Placement::KeyPartition`]) or at the end as of now
-    /// ([`Placement::AllFromNow`], committed at once so that a restart
-    /// resumes there).
-    fn start_offsets(&self, consumer: &BaseConsumer<Context>, partitions: &[i32]) -> Result<Vec<Option<i64>>> {
+    /// Reads, for a subscription that places its partitions itself, the
+    /// partitions to read now: the key's partition under the topic's current
+    /// partition count (commands), or every partition (broadcasts). Those not
+    /// read yet are added, from the group's committed offset or else the
+    /// beginning (everything in a partition added since came after it was);
+    /// those read already stay, for what was sent to them before producers
+    /// saw the new count.
+    fn follow_partitions(&self, consumer: &BaseConsumer<Context>) -> Result<()> {
+        let (topic, timeout) = (&self.spec.topic, self.env.request_timeout);
+        if matches!(self.spec.placement, Placement::Group) {
+            return Ok(());
+        }
+        let count = partition_count(consumer, topic, timeout)?;
+        let added: Vec<i32> = {
+            let state = self.shared.state();
+            self.spec
+                .placement
+                .partitions(count)
+                .into_iter()
+                .filter(|partition| !state.parts.contains_key(partition))
+                .collect()
+        };
+        if added.is_empty() {
+            return Ok(());
+        }
+        let starts = self.committed_offsets(consumer, &added)?;
+        let assignment = {
+            let mut state = self.shared.state();
+            for (partition, start) in added.iter().zip(starts) {
+                state.add(*partition, start);
+            }
+            // A new assignment resumes every partition: pausing starts afresh.
+            state.parts.values_mut().for_each(|part| part.paused = false);
+            state.assignment(topic)
+        };
+        consumer
+            .assign(&assignment)
+            .map_err(|err| client_error(format!("assigning {assignment:?} for {}", self.shared.what), err))?;
+        tracing::info!(subscription = %self.shared.what, partitions = ?added, "the topic has new partitions; reading them too");
+        Ok(())
+    }
+
+    /// The group's committed offset in each of `partitions`, if any.
+    fn committed_offsets(&self, consumer: &BaseConsumer<Context>, partitions: &[i32]) -> Result<Vec<Option<i64>>> {
         let (what, topic, timeout) = (&self.shared.what, &self.spec.topic, self.env.request_timeout);
         let mut asked = TopicPartitionList::new();
         for partition in partitions {
@@ -729,13 +790,28 @@ impl<T: Send + 'static> Worker<T> {
         let committed = consumer
             .committed_offsets(asked, timeout)
             .map_err(|err| client_error(format!("reading the committed offsets of {what}"), err))?;
+        Ok(partitions
+            .iter()
+            .map(|partition| {
+                committed
+                    .find_partition(topic, *partition)
+                    .and_then(|element| element.offset().to_raw())
+                    .filter(|offset| *offset >= 0)
+            })
+            .collect())
+    }
+
+    /// Where a new subscription starts in each of `partitions`: at the
+    /// group's committed offset; without one, at the beginning
+    /// ([`Placement::KeyPartition`]) or at the end as of now
+    /// ([`Placement::AllFromNow`], committed at once so that a restart
+    /// resumes there).
+    fn start_offsets(&self, consumer: &BaseConsumer<Context>, partitions: &[i32]) -> Result<Vec<Option<i64>>> {
+        let (what, topic, timeout) = (&self.shared.what, &self.spec.topic, self.env.request_timeout);
+        let committed = self.committed_offsets(consumer, partitions)?;
         let mut starts = Vec::with_capacity(partitions.len());
         let mut now_committed = TopicPartitionList::new();
-        for partition in partitions {
-            let offset = committed
-                .find_partition(topic, *partition)
-                .and_then(|element| element.offset().to_raw())
-                .filter(|offset| *offset >= 0);
+        for (partition, offset) in partitions.iter().zip(committed) {
             let start = match (offset, &self.spec.placement) {
                 (Some(offset), _) => Some(offset),
                 (None, Placement::AllFromNow) => {
@@ -1031,4 +1107,23 @@ fn partition_count(consumer: &BaseConsumer<Context>, topic: &str, timeout: Durat
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grown_topic_moves_a_key_and_adds_partitions_to_read() {
+        // A key that maps away from partition 0 once the topic has 4 partitions.
+        let key = (0u32..)
+            .map(|n| format!("supervisor-{n}").into_bytes())
+            .find(|key| key_partition(key, 4) != 0)
+            .unwrap();
+        let commands = Placement::KeyPartition(key.clone());
+        assert_eq!(commands.partitions(1), vec![0]);
+        assert_eq!(commands.partitions(4), vec![key_partition(&key, 4)]);
+        assert_eq!(Placement::AllFromNow.partitions(3), vec![0, 1, 2]);
+        assert!(Placement::Group.partitions(3).is_empty());
+    }
 }

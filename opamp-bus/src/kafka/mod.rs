@@ -27,8 +27,13 @@
 //!   of other supervisors that share it. Its committed offsets live in the
 //!   consumer group `{group_prefix}commands.{supervisor}`. A new supervisor
 //!   starts at the beginning of its partition, so commands sent before it
-//!   first subscribed wait for it. Do not add partitions to the commands
-//!   topic while commands are queued: keys would map elsewhere.
+//!   first subscribed wait for it. Partitions added to a topic are
+//!   followed: every 5 s a subscription reads the partition count again and
+//!   also reads the partition its key maps to now (or, for broadcasts, every
+//!   new partition, from its beginning), keeping the old one for what
+//!   producers sent before their metadata showed the new count. A supervisor
+//!   that restarts later reads only the partition its key maps to then, so
+//!   let the old one drain before restarting supervisors.
 //! - **Broadcasts**: each supervisor reads every partition of the
 //!   config-updates topic as the group `{group_prefix}config-updates.{supervisor}`;
 //!   its first subscription starts at the end as of that moment, committed at
