@@ -30,6 +30,7 @@ pub mod failing;
 #[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
 pub mod fluent_bit;
 pub mod fuzz;
+pub mod proxy;
 pub mod store;
 
 use std::future::Future;

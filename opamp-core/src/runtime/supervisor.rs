@@ -453,7 +453,12 @@ struct Inner {
 
 /// The first and the longest wait before a store or bus call refused for a
 /// while is tried again.
-const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+/// The least time a command must have left to be started: a fifth of its
+/// time, at most this. One pushed with less would likely be answered after
+/// its deadline, and then the control plane's retry has the device apply it
+/// a second time; not pushed, it is retried with time of its own.
+const START_MARGIN: Duration = Duration::from_secs(1);
 /// How long a delivery handed back waits before the bus delivers it again.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
@@ -1455,7 +1460,8 @@ impl Runner {
             }
         }
         let now = inner.clock.now();
-        let refused = if command.deadline <= now {
+        let margin = (command.deadline.duration_since(command.issued_at) / 5).min(START_MARGIN);
+        let refused = if command.deadline <= now.saturating_add(margin) {
             CommandOutcome::TimedOut
         } else {
             match message {
