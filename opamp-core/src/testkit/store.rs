@@ -1560,17 +1560,64 @@ pub async fn command_records_round_trip(f: &StoreFixture) {
     assert_eq!(f.store.command_record(&CorrelationId::new()).await.unwrap(), None);
 }
 
-/// A correlation id is recorded once; a second insert is `AlreadyExists`.
+/// A correlation id is recorded once. The same record again (a write sent
+/// again after its reply was lost) is success and changes nothing; a record
+/// that differs in anything is `AlreadyExists`, naming the command and what
+/// differs, and the first record stands.
 pub async fn command_ids_are_recorded_once(f: &StoreFixture) {
     let record = pending_record("once", CommandKind::Restart, f.clock.now());
     f.store.insert_command(&record).await.unwrap();
-    let mut again = record.clone();
-    again.state = CommandState::Acked;
-    let err = expect_err(f.store.insert_command(&again).await, "a second insert");
+    f.store
+        .insert_command(&record)
+        .await
+        .expect("the same record again is success");
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap();
+    assert_eq!(stored.as_ref(), Some(&record), "an insert again changes nothing");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        vec![record.correlation_id()],
+        "indexed once, at its deadline"
+    );
+
+    let mut acked = record.clone();
+    acked.state = CommandState::Acked;
+    let mut later = record.clone();
+    later.command.deadline = record.command.deadline.saturating_add(Duration::from_secs(60));
+    let mut elsewhere = record.clone();
+    elsewhere.command.device = device("not-once");
+    let mut by_other = record.clone();
+    by_other.initiated_by = Some("someone else".to_owned());
+    for (again, differs) in [
+        (acked, "state"),
+        (later, "deadline"),
+        (elsewhere, "device"),
+        (by_other, "initiated_by"),
+    ] {
+        let err = expect_err(f.store.insert_command(&again).await, "an insert with other content");
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&record.correlation_id().to_string()), "{message}");
+        assert!(message.contains(differs), "the message should name {differs}: {message}");
+    }
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap();
+    assert_eq!(stored.as_ref(), Some(&record), "the first record stands");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        vec![record.correlation_id()],
+        "a refused insert leaves the pending index as the first record has it"
+    );
+
+    // Once it ended, the record as first inserted is not what is stored: that is other content.
+    let mut ended = record.clone();
+    ended.complete(&CommandOutcome::Acked, f.clock.now());
+    assert!(f.store.update_command(&ended).await.unwrap());
+    let err = expect_err(f.store.insert_command(&record).await, "an insert over an ended record");
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
-    assert!(err.to_string().contains(&record.correlation_id().to_string()), "{err}");
-    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
-    assert_eq!(stored.state, CommandState::Pending, "the first record stands");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        Vec::new(),
+        "a refused insert does not put an ended command back in the pending index"
+    );
 }
 
 /// A pending record may be replaced (a retry), an ended one never; an unknown one is `NotFound`.
