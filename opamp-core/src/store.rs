@@ -334,7 +334,11 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
 /// ```
 #[async_trait]
 pub trait TrackingStore: Send + Sync + Debug + 'static {
-    /// Records a new command; [`Error::AlreadyExists`] if its correlation id is taken.
+    /// Records a new command. The same record again is success and changes
+    /// nothing (a write sent again after its reply was lost finds its own
+    /// first attempt); another record under a correlation id already taken
+    /// is [`Error::AlreadyExists`], naming what differs
+    /// ([`CommandRecord::inserted_again`] decides).
     async fn insert_command(&self, record: &CommandRecord) -> Result<()>;
 
     /// Replaces the record with the same correlation id, if that one is still

@@ -661,7 +661,7 @@ impl TrackingStore for MemoryStore {
         let id = record.correlation_id();
         let mut shard = self.commands.write(&id);
         match shard.entry(id) {
-            Entry::Occupied(_) => return Err(Error::already_exists(format!("command {id}"))),
+            Entry::Occupied(stored) => return record.inserted_again(Some(stored.get())),
             Entry::Vacant(slot) => {
                 slot.insert(record.clone());
             }

@@ -1597,7 +1597,10 @@ pub async fn command_ids_are_recorded_once(f: &StoreFixture) {
         assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
         let message = err.to_string();
         assert!(message.contains(&record.correlation_id().to_string()), "{message}");
-        assert!(message.contains(differs), "the message should name {differs}: {message}");
+        assert!(
+            message.contains(differs),
+            "the message should name {differs}: {message}"
+        );
     }
     let stored = f.store.command_record(&record.correlation_id()).await.unwrap();
     assert_eq!(stored.as_ref(), Some(&record), "the first record stands");

@@ -104,7 +104,7 @@ impl TrackingStore for PostgresStore {
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(Error::already_exists(format!("command {id}")))
+            record.inserted_again(self.command_record(&id).await?.as_ref())
         }
     }
 

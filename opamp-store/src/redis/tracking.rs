@@ -36,13 +36,22 @@ impl TrackingStore for RedisStore {
             .arg("PX")
             .arg(self.retention_ms)
             .to_owned();
-        // Indexed in the same round trip. Should the record exist already
-        // (a correlation id used twice), the index gains nothing it would
-        // keep: the sweep drops members whose record is not pending.
+        // Indexed in the same round trip, which is right for a new record and
+        // for this record sent again (the same member at the same deadline).
         let [stored, indexed] = self.with_index(&key, set, self.index_cmd(record)).await?;
+        checked(&self.keys.pending_commands(), indexed)?;
         match checked(&key, stored)? {
-            Value::Nil => Err(Error::already_exists(format!("command {id}"))),
-            _ => checked(&self.keys.pending_commands(), indexed).map(drop),
+            Value::Nil => {
+                // Taken already: the index entry just written is this
+                // record's, which may not be the stored one's (another
+                // deadline, or a command that ended). Put the stored one's back.
+                let stored = self.command_record(&id).await?;
+                if let Some(stored) = &stored {
+                    self.index_pending(stored).await?;
+                }
+                record.inserted_again(stored.as_ref())
+            }
+            _ => Ok(()),
         }
     }
 
