@@ -29,6 +29,7 @@ pub mod bus;
 #[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
 pub mod fluent_bit;
 pub mod fuzz;
+pub mod rollout;
 pub mod store;
 
 use std::future::Future;
