@@ -639,7 +639,8 @@ pub struct Rollout {
     pub updated_at: Timestamp,
     /// Its waves, oldest first.
     pub waves: Vec<Wave>,
-    /// Where the scan for the next wave's devices resumes.
+    /// Where the scan for the next wave's devices resumes: a cursor of the
+    /// store's fleet listing (`StatusStore::devices`), as the store made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<Cursor>,
     /// Whether every targeted device has been put in a wave.

@@ -838,7 +838,16 @@ impl Inner {
         self.finish(id, &CommandOutcome::TimedOut).await
     }
 
-    /// Up to `want` devices of `target` after `cursor`, and where to continue (none: the end).
+    /// Up to `want` devices of `target` after `cursor`, and where to continue
+    /// (none: the end).
+    ///
+    /// Each page asked for is no larger than the devices still wanted, so
+    /// the last page never holds more than fit: where to continue is always
+    /// the store's own cursor, at the end of a page. A cursor is the store's
+    /// to make (a Redis scan position, say); one made up here from a device
+    /// id would be refused, or read as another position. A sparse selector
+    /// takes more, smaller pages this way; each device listed costs a status
+    /// read anyway.
     async fn scan(
         &self,
         target: &Target,
@@ -846,11 +855,13 @@ impl Inner {
         want: usize,
     ) -> Result<(Vec<DeviceId>, Option<Cursor>)> {
         let mut found = Vec::new();
-        let mut request = match cursor {
-            Some(cursor) => PageRequest::after(cursor, want),
-            None => PageRequest::first(want),
-        };
+        let mut after = cursor;
         loop {
+            let limit = want.saturating_sub(found.len());
+            let request = match after {
+                Some(cursor) => PageRequest::after(cursor, limit),
+                None => PageRequest::first(limit),
+            };
             let page = self.store.devices(&request).await?;
             for device in page.items {
                 let Some(status) = self.store.status(&device).await? else {
@@ -863,7 +874,7 @@ impl Inner {
             match page.next {
                 None => return Ok((found, None)),
                 Some(next) if found.len() >= want => return Ok((found, Some(next))),
-                Some(next) => request = PageRequest::after(next, want),
+                Some(next) => after = Some(next),
             }
         }
     }
@@ -954,15 +965,7 @@ impl Inner {
             .spec
             .next_wave(rollout.waves.last().map(|wave| wave.tally.total()));
         let target = rollout.spec.target();
-        let (devices, next) = self.scan(&target, rollout.cursor.clone(), size as usize).await?;
-        let (devices, cursor) = match devices.len() > size as usize {
-            // The scan ended its page past the wave: the rest go in the next wave.
-            true => (
-                devices[..size as usize].to_vec(),
-                Some(Cursor::new(devices[size as usize - 1].as_str())),
-            ),
-            false => (devices, next),
-        };
+        let (devices, cursor) = self.scan(&target, rollout.cursor.clone(), size as usize).await?;
         let exhausted = cursor.is_none();
         if devices.is_empty() {
             rollout.cursor = cursor;
