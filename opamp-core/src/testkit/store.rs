@@ -117,6 +117,8 @@ macro_rules! store_conformance {
             rollout_writes_follow_revisions,
             rollouts_are_listed_newest_first,
             listing_cursors_from_elsewhere_are_refused,
+            rollout_driver_leases_have_one_holder,
+            concurrent_rollout_driver_claims_have_one_winner,
         );
     };
     (@cases $fixture:path; $($case:ident),+ $(,)?) => {
@@ -1852,6 +1854,90 @@ pub async fn rollouts_are_listed_newest_first(f: &StoreFixture) {
         }
         assert_eq!(listed, ids, "newest first with pages of {limit}");
     }
+}
+
+/// One driver holds a rollout's lease at a time: another's claim is refused
+/// while it is live; its holder renews it; it lapses `ttl` after it was last
+/// claimed, and then anyone may take it. Only the holder releases it.
+pub async fn rollout_driver_leases_have_one_holder(f: &StoreFixture) {
+    let at = f.clock.now();
+    let (one, other) = (rollout_of("v1", at), rollout_of("v2", at));
+    for rollout in [&one, &other] {
+        assert!(f.store.put_rollout(rollout).await.unwrap());
+    }
+    let (id, a, b) = (one.id, "control-a#1", "control-b#1");
+    assert!(f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(), "a free lease");
+    assert!(
+        !f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "held by another"
+    );
+    assert!(
+        f.store.claim_rollout_driver(&other.id, b, TTL).await.unwrap(),
+        "another rollout's lease is another lease"
+    );
+
+    f.clock.advance(TTL - SECOND);
+    assert!(
+        f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "renewed by its holder"
+    );
+    f.clock.advance(TTL - MS);
+    assert!(
+        !f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "held until the renewal's TTL is up"
+    );
+    f.clock.advance(MS);
+    assert!(
+        f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "lapsed: anyone may take it"
+    );
+    assert!(
+        !f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "the lapsed holder cannot take it back"
+    );
+    assert!(
+        !f.store.release_rollout_driver(&id, a).await.unwrap(),
+        "only the holder releases"
+    );
+    assert!(f.store.release_rollout_driver(&id, b).await.unwrap());
+    assert!(
+        !f.store.release_rollout_driver(&id, b).await.unwrap(),
+        "released already"
+    );
+    assert!(
+        f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "free again once released"
+    );
+
+    f.clock.advance(TTL);
+    assert!(
+        !f.store.release_rollout_driver(&other.id, b).await.unwrap(),
+        "a lapsed lease is not released: nobody held it"
+    );
+    let err = expect_err(f.store.claim_rollout_driver(&id, a, Duration::ZERO).await, "a zero TTL");
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+}
+
+/// Drivers racing for a free rollout: exactly one gets it.
+pub async fn concurrent_rollout_driver_claims_have_one_winner(f: &StoreFixture) {
+    const RACERS: usize = 8;
+    let rollout = rollout_of("v1", f.clock.now());
+    assert!(f.store.put_rollout(&rollout).await.unwrap());
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for n in 0..RACERS {
+        let (store, barrier) = (f.store.clone(), barrier.clone());
+        racers.spawn(async move {
+            barrier.wait().await;
+            let driver = format!("racer-{n}");
+            store
+                .claim_rollout_driver(&rollout.id, &driver, TTL)
+                .await
+                .map(|won| won.then_some(n))
+        });
+    }
+    let winners: Vec<usize> = racers.join_all().await.into_iter().filter_map(Result::unwrap).collect();
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
 }
 
 /// A cursor the store did not make is `InvalidInput`, naming it.
