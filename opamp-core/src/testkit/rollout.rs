@@ -99,7 +99,8 @@ fn ring(name: &str) -> Labels {
 async fn control_plane(f: &StoreFixture, bus: &Arc<dyn Bus>) -> ControlPlane {
     let config = ControlPlaneConfig::default()
         .rollout_poll(Duration::from_millis(20))
-        .retry_grace(Duration::from_millis(100));
+        .retry_grace(Duration::from_millis(100))
+        .rollout_lease(LEASE);
     ControlPlane::start_with_clock(config, f.store.clone(), bus.clone(), f.clock.clone())
         .await
         .expect("starting a control plane")
