@@ -304,7 +304,7 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
     async fn clear_desired(&self, device: &DeviceId) -> Result<bool>;
 }
 
-/// What control planes track: command records and rollouts.
+/// What control planes track: command records, rollouts and who drives each rollout.
 ///
 /// Control planes are stateless, so any instance can answer for a command or
 /// a rollout another one started. Records are written whole; the two
@@ -334,7 +334,11 @@ pub trait ConfigStore: Send + Sync + Debug + 'static {
 /// ```
 #[async_trait]
 pub trait TrackingStore: Send + Sync + Debug + 'static {
-    /// Records a new command; [`Error::AlreadyExists`] if its correlation id is taken.
+    /// Records a new command. The same record again is success and changes
+    /// nothing (a write sent again after its reply was lost finds its own
+    /// first attempt); another record under a correlation id already taken
+    /// is [`Error::AlreadyExists`], naming what differs
+    /// ([`CommandRecord::inserted_again`] decides).
     async fn insert_command(&self, record: &CommandRecord) -> Result<()>;
 
     /// Replaces the record with the same correlation id, if that one is still
@@ -367,6 +371,21 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
 
     /// The stored rollouts, newest first, a page at a time.
     async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>>;
+
+    /// Takes or renews the lease on driving rollout `id` for `driver` (any
+    /// text naming one driver, unique to it), to last `ttl` from now; returns
+    /// whether `driver` holds it now. A lease another driver holds is left
+    /// alone (`false`) until it lapses. Expiry is judged by the store's
+    /// [`Clock`](crate::Clock), at the same boundary as a routing lease.
+    ///
+    /// This keeps a rollout to one driver among all control planes, and
+    /// lets any of them take over a rollout whose driver died once its
+    /// lease lapsed.
+    async fn claim_rollout_driver(&self, id: &RolloutId, driver: &str, ttl: Duration) -> Result<bool>;
+
+    /// Drops the lease on driving rollout `id` if `driver` holds it (and it
+    /// has not lapsed); returns whether it did.
+    async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool>;
 }
 
 /// A complete store: routing, status, configuration and tracking.

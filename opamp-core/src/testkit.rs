@@ -22,7 +22,9 @@
 //!
 //! A backend is done when it passes every suite unchanged. Fixtures must be
 //! independent (their own key prefix, schema or topic names), because the
-//! tests run in parallel.
+//! tests run in parallel. A store runs the [`rollout`] scenarios too
+//! ([`rollout_scenarios!`](crate::rollout_scenarios)): the control plane
+//! driving rollouts on it, which leans on its cursors and leases.
 
 pub mod bus;
 pub mod failing;
@@ -31,6 +33,7 @@ pub mod failing;
 pub mod fluent_bit;
 pub mod fuzz;
 pub mod proxy;
+pub mod rollout;
 pub mod store;
 
 use std::future::Future;

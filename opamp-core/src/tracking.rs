@@ -183,6 +183,49 @@ impl CommandRecord {
         };
     }
 
+    /// Settles an insert of this record that found `stored` under its
+    /// correlation id: the same record again (a write sent again after its
+    /// reply was lost, which finds its own first attempt) is success; a
+    /// record that differs in anything, or one gone meanwhile, is
+    /// [`Error::AlreadyExists`] naming the command and what differs. Every
+    /// store's `insert_command` ends with this, so they agree on "the same".
+    ///
+    /// Nothing may legitimately differ: an insert writes the whole record,
+    /// and a record that changed since (a retry, an outcome) is no longer
+    /// what was inserted.
+    pub fn inserted_again(&self, stored: Option<&CommandRecord>) -> Result<()> {
+        let id = self.correlation_id();
+        let Some(stored) = stored else {
+            return Err(Error::already_exists(format!(
+                "command {id} (its record went while it was inserted)"
+            )));
+        };
+        let (mine, theirs) = (&self.command, &stored.command);
+        let differs: Vec<&str> = [
+            ("device", mine.device != theirs.device),
+            ("kind", mine.kind != theirs.kind),
+            ("issued_at", mine.issued_at != theirs.issued_at),
+            ("deadline", mine.deadline != theirs.deadline),
+            ("state", self.state != stored.state),
+            ("supervisor", self.supervisor != stored.supervisor),
+            ("attempts", self.attempts != stored.attempts),
+            ("completed_at", self.completed_at != stored.completed_at),
+            ("reason", self.reason != stored.reason),
+            ("initiated_by", self.initiated_by != stored.initiated_by),
+        ]
+        .into_iter()
+        .filter_map(|(field, differs)| differs.then_some(field))
+        .collect();
+        if differs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::already_exists(format!(
+                "command {id}, recorded with another {}",
+                differs.join(", ")
+            )))
+        }
+    }
+
     /// The record as JSON, as stores keep it.
     pub fn to_json(&self) -> Vec<u8> {
         // Every member serialises infallibly (strings, numbers, the command's own JSON).
@@ -596,7 +639,8 @@ pub struct Rollout {
     pub updated_at: Timestamp,
     /// Its waves, oldest first.
     pub waves: Vec<Wave>,
-    /// Where the scan for the next wave's devices resumes.
+    /// Where the scan for the next wave's devices resumes: a cursor of the
+    /// store's fleet listing (`StatusStore::devices`), as the store made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<Cursor>,
     /// Whether every targeted device has been put in a wave.

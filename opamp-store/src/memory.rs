@@ -437,14 +437,15 @@ impl LeaseShard {
     }
 }
 
-/// Who holds a device (a number in its shard's supervisor list), and until when.
+/// Who holds a device (a number in its shard's supervisor list), or drives
+/// a rollout (its driver's name), and until when.
 #[derive(Debug, Clone, Copy)]
-struct Lease {
-    owner: u32,
+struct Lease<O = u32> {
+    owner: O,
     expires_at: Timestamp,
 }
 
-impl Lease {
+impl<O> Lease<O> {
     /// A lease lapses at its expiry time, not after it.
     fn is_live(&self, now: Timestamp) -> bool {
         now < self.expires_at
@@ -602,6 +603,8 @@ struct Tracking {
     issued: BTreeSet<(Timestamp, CorrelationId)>,
     pending: BTreeSet<(Timestamp, CorrelationId)>,
     rollouts: BTreeMap<RolloutId, Rollout>,
+    /// Who drives each rollout, and until when.
+    drivers: HashMap<RolloutId, Lease<String>>,
 }
 
 impl Tracking {
@@ -611,6 +614,7 @@ impl Tracking {
             issued: BTreeSet::new(),
             pending: BTreeSet::new(),
             rollouts: BTreeMap::new(),
+            drivers: HashMap::new(),
         }
     }
 
@@ -661,7 +665,7 @@ impl TrackingStore for MemoryStore {
         let id = record.correlation_id();
         let mut shard = self.commands.write(&id);
         match shard.entry(id) {
-            Entry::Occupied(_) => return Err(Error::already_exists(format!("command {id}"))),
+            Entry::Occupied(stored) => return record.inserted_again(Some(stored.get())),
             Entry::Vacant(slot) => {
                 slot.insert(record.clone());
             }
@@ -734,6 +738,39 @@ impl TrackingStore for MemoryStore {
 
     async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
         Ok(read(&self.tracking).rollouts.get(id).cloned())
+    }
+
+    async fn claim_rollout_driver(&self, id: &RolloutId, driver: &str, ttl: Duration) -> Result<bool> {
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let mut tracking = write(&self.tracking);
+        if let Some(held) = tracking.drivers.get(id)
+            && held.is_live(now)
+            && held.owner != driver
+        {
+            return Ok(false);
+        }
+        let lease = Lease {
+            owner: driver.to_owned(),
+            expires_at: now.saturating_add(ttl),
+        };
+        tracking.drivers.insert(*id, lease);
+        Ok(true)
+    }
+
+    async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool> {
+        let now = self.clock.now();
+        let mut tracking = write(&self.tracking);
+        let Some(held) = tracking.drivers.get(id) else {
+            return Ok(false);
+        };
+        let live = held.is_live(now);
+        if live && held.owner != driver {
+            return Ok(false);
+        }
+        // A lapsed lease goes too, whoever held it: nobody holds it any more.
+        tracking.drivers.remove(id);
+        Ok(live)
     }
 
     async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {

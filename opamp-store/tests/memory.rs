@@ -1,10 +1,12 @@
-//! The memory store against the store conformance suite, and what only it has.
+//! The memory store against the store conformance suite and the rollout
+//! scenarios, and what only it has.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use opamp_bus::memory::MemoryBus;
 use opamp_core::testkit::store::StoreFixture;
-use opamp_core::{DeviceId, ManualClock, RoutingStore, SupervisorId};
+use opamp_core::{Bus, DeviceId, ManualClock, RoutingStore, SupervisorId};
 use opamp_store::memory::MemoryStore;
 
 async fn fixture() -> StoreFixture {
@@ -13,6 +15,12 @@ async fn fixture() -> StoreFixture {
 }
 
 opamp_core::store_conformance!(fixture);
+
+fn bus() -> Arc<dyn Bus> {
+    Arc::new(MemoryBus::new())
+}
+
+opamp_core::rollout_scenarios!(fixture, bus);
 
 #[tokio::test]
 async fn purge_expired_drops_only_lapsed_leases() {

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use opamp_bus::memory::MemoryBus;
 use opamp_core::testkit::store::StoreFixture;
 use opamp_core::{
-    AgentType, Claim, Clock, Command, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigStore,
-    ConfigStoreExt, ConfigTemplate, ConfigVersion, CorrelationId, Cursor, DeviceId, Error, ManualClock, PageRequest,
-    RoutingStore, StatusPatch, StatusStore, SupervisorId, Timestamp,
+    AgentType, Bus, Claim, Clock, Command, CommandKind, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigStore, ConfigStoreExt, ConfigTemplate, ConfigVersion, CorrelationId, Cursor, DeviceId, Error, ManualClock,
+    PageRequest, RoutingStore, StatusPatch, StatusStore, SupervisorId, Timestamp,
 };
 use opamp_store::postgres::{PostgresConfig, PostgresStore};
 use tokio::sync::Barrier;
@@ -71,6 +72,13 @@ async fn fixture() -> StoreFixture {
 }
 
 opamp_core::store_conformance!(fixture);
+
+/// The rollout scenarios' bus: the store is what they test.
+fn memory_bus() -> Arc<dyn Bus> {
+    Arc::new(MemoryBus::new())
+}
+
+opamp_core::rollout_scenarios!(fixture, memory_bus);
 
 fn device(name: &str) -> DeviceId {
     DeviceId::new(name).unwrap()

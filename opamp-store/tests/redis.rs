@@ -81,6 +81,11 @@ async fn fixture_on(cluster: bool) -> StoreFixture {
     StoreFixture::new(Arc::new(store), clock)
 }
 
+/// The rollout scenarios' bus: the store is what they test.
+fn memory_bus() -> Arc<dyn Bus> {
+    Arc::new(MemoryBus::new())
+}
+
 mod standalone {
     use super::*;
 
@@ -89,6 +94,7 @@ mod standalone {
     }
 
     opamp_core::store_conformance!(fixture);
+    opamp_core::rollout_scenarios!(fixture, memory_bus);
 }
 
 mod cluster {
@@ -99,6 +105,7 @@ mod cluster {
     }
 
     opamp_core::store_conformance!(fixture);
+    opamp_core::rollout_scenarios!(fixture, memory_bus);
 }
 
 /// Runs the case `$case(cluster: bool)` as two tests, `$case::standalone` and `$case::cluster`.

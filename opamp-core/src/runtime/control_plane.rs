@@ -27,8 +27,12 @@
 //! - **Rollouts** send a configuration to the devices of an agent type (and
 //!   labels) in waves: a canary, then waves growing by a factor up to a
 //!   ceiling. A wave that fails more than the threshold pauses the rollout.
-//!   Operators pause, resume and abort it from any instance; it is driven by
-//!   the instance that started or last resumed it.
+//!   Operators pause, resume and abort it from any instance. One driver
+//!   drives it, holding a lease on it in the store
+//!   ([`TrackingStore::claim_rollout_driver`](crate::TrackingStore::claim_rollout_driver)):
+//!   the instance that started or resumed it, or, once that one's lease
+//!   lapsed (it died), whichever instance looks first for running rollouts
+//!   nobody drives (each does every `retry_grace`).
 //!
 //! Metrics go to the [`metrics`] facade (a host installs a recorder, e.g. a
 //! Prometheus exporter): `opamp_commands_total{kind, outcome}` and
@@ -41,7 +45,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -57,7 +61,7 @@ use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::event::{DeviceEvent, EventKind};
 use crate::id::{AgentType, ConfigVersion, DeviceId, GroupName};
-use crate::store::{Cursor, Page, PageRequest, Store};
+use crate::store::{Cursor, Page, PageRequest, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::{
     CommandRecord, CommandState, Endings, Issued, Rollout, RolloutId, RolloutSpec, RolloutState, Tally, Target, Wave,
@@ -100,6 +104,11 @@ pub struct ControlPlaneConfig {
     /// How often a rollout's driver looks at its wave when no outcome woke it.
     #[serde(default = "defaults::rollout_poll", with = "duration_text")]
     pub rollout_poll: Duration,
+    /// How long a rollout's driver holds it without renewing (it renews every
+    /// third of this): how long a rollout whose control plane died waits
+    /// before another takes it over.
+    #[serde(default = "defaults::rollout_lease", with = "duration_text")]
+    pub rollout_lease: Duration,
 }
 
 mod defaults {
@@ -125,6 +134,9 @@ mod defaults {
     pub(super) fn rollout_poll() -> Duration {
         Duration::from_millis(500)
     }
+    pub(super) fn rollout_lease() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -136,6 +148,7 @@ impl Default for ControlPlaneConfig {
             max_fanout: defaults::max_fanout(),
             max_template_bytes: defaults::max_template_bytes(),
             rollout_poll: defaults::rollout_poll(),
+            rollout_lease: defaults::rollout_lease(),
         }
     }
 }
@@ -171,6 +184,12 @@ impl ControlPlaneConfig {
         self
     }
 
+    /// With another lease on driving a rollout.
+    pub fn rollout_lease(mut self, ttl: Duration) -> Self {
+        self.rollout_lease = ttl;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         if self.command_timeout.is_zero() {
             return Err(Error::invalid_input("control plane command_timeout must be above zero"));
@@ -178,12 +197,15 @@ impl ControlPlaneConfig {
         if self.rollout_poll.is_zero() {
             return Err(Error::invalid_input("control plane rollout_poll must be above zero"));
         }
-        Ok(())
+        validate_ttl(self.rollout_lease)
+            .map_err(|err| Error::invalid_input(format!("control plane rollout_lease: {err}")))
     }
 }
 
 /// A running control plane. Cheap to clone; every clone is the same instance.
-/// It stops when [`shutdown`](Self::shutdown) is called or the last clone is dropped.
+/// It stops when [`shutdown`](Self::shutdown) is called or the last clone is
+/// dropped. Dropping it aborts its tasks as they stand: the rollouts it drove
+/// keep its leases until they lapse, as if it had died; `shutdown` lets them go.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -222,7 +244,11 @@ struct Handle {
 }
 
 impl Drop for Handle {
+    /// Aborts every task, rollout drivers too: their leases are left to
+    /// lapse, as a control plane that died leaves them.
     fn drop(&mut self) {
+        // Drivers first: told to stop, they would let their leases go.
+        lock(&self.inner.drivers).abort_all();
         self.inner.stopping.send_replace(true);
         lock(&self.tasks).abort_all();
     }
@@ -244,6 +270,13 @@ struct Inner {
     /// Whether the event stream last answered without an error.
     events_healthy: AtomicBool,
     stopping: watch::Sender<bool>,
+    /// Names this instance in its drivers' names (`<instance>#<n>`).
+    instance: String,
+    /// The number of the next driver's name: each driver has a name of its
+    /// own, so a claim by another driver of this instance is refused too.
+    next_driver: AtomicU64,
+    /// The rollouts this instance drives, a task each.
+    drivers: Mutex<JoinSet<()>>,
 }
 
 impl fmt::Debug for ControlPlane {
@@ -285,6 +318,9 @@ impl ControlPlane {
             endings_watched: AtomicBool::new(true),
             events_healthy: AtomicBool::new(true),
             stopping,
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+            next_driver: AtomicU64::new(1),
+            drivers: Mutex::new(JoinSet::new()),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(Arc::clone(&inner).event_loop(events));
@@ -475,7 +511,7 @@ impl ControlPlane {
             return Err(Error::already_exists(format!("rollout {}", rollout.id)));
         }
         info!(rollout = %rollout.id, config = %rollout.spec.config, "rollout started");
-        self.drive(rollout.id);
+        inner.drive(rollout.id).await;
         Ok(rollout)
     }
 
@@ -514,7 +550,9 @@ impl ControlPlane {
             .await
     }
 
-    /// Resumes a paused rollout; this instance drives it from now on.
+    /// Resumes a paused rollout; this instance drives it from now on, unless
+    /// another driver still holds it. A running rollout is left as it is,
+    /// with the driver it has.
     pub async fn resume_rollout(&self, id: &RolloutId) -> Result<Rollout> {
         let rollout = self
             .inner()
@@ -527,7 +565,7 @@ impl ControlPlane {
                 ))),
             })
             .await?;
-        self.drive(*id);
+        self.inner().drive(*id).await;
         Ok(rollout)
     }
 
@@ -553,18 +591,18 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Stops consuming events, sweeping and driving rollouts. Rollouts stay
-    /// as stored; resume them from another instance.
+    /// Stops consuming events, sweeping and driving rollouts. The rollouts it
+    /// drove stay as stored, running, and their leases are released: another
+    /// instance takes them over at its next look for rollouts nobody drives.
     pub async fn shutdown(&self) {
-        self.inner().stopping.send_replace(true);
+        let inner = self.inner();
+        inner.stopping.send_replace(true);
         let mut tasks = std::mem::take(&mut *lock(&self.handle.tasks));
         while tasks.join_next().await.is_some() {}
+        // After the sweeper, which starts drivers too, has stopped.
+        let mut drivers = std::mem::take(&mut *lock(&inner.drivers));
+        while drivers.join_next().await.is_some() {}
         info!("control plane stopped");
-    }
-
-    fn drive(&self, id: RolloutId) {
-        let inner = Arc::clone(self.inner());
-        lock(&self.handle.tasks).spawn(async move { inner.drive_rollout(id).await });
     }
 }
 
@@ -786,7 +824,10 @@ impl Inner {
                     Some(entry) => due.push(Reverse(entry)),
                     None => return,
                 },
-                _ = orphans.tick() => self.sweep_orphans().await,
+                _ = orphans.tick() => {
+                    self.sweep_orphans().await;
+                    self.adopt_rollouts().await;
+                }
                 _ = tokio::time::sleep(wait) => {
                     let now = self.clock.now();
                     while let Some(Reverse((at, id))) = due.peek().copied() {
@@ -838,7 +879,16 @@ impl Inner {
         self.finish(id, &CommandOutcome::TimedOut).await
     }
 
-    /// Up to `want` devices of `target` after `cursor`, and where to continue (none: the end).
+    /// Up to `want` devices of `target` after `cursor`, and where to continue
+    /// (none: the end).
+    ///
+    /// Each page asked for is no larger than the devices still wanted, so
+    /// the last page never holds more than fit: where to continue is always
+    /// the store's own cursor, at the end of a page. A cursor is the store's
+    /// to make (a Redis scan position, say); one made up here from a device
+    /// id would be refused, or read as another position. A sparse selector
+    /// takes more, smaller pages this way; each device listed costs a status
+    /// read anyway.
     async fn scan(
         &self,
         target: &Target,
@@ -846,11 +896,13 @@ impl Inner {
         want: usize,
     ) -> Result<(Vec<DeviceId>, Option<Cursor>)> {
         let mut found = Vec::new();
-        let mut request = match cursor {
-            Some(cursor) => PageRequest::after(cursor, want),
-            None => PageRequest::first(want),
-        };
+        let mut after = cursor;
         loop {
+            let limit = want.saturating_sub(found.len());
+            let request = match after {
+                Some(cursor) => PageRequest::after(cursor, limit),
+                None => PageRequest::first(limit),
+            };
             let page = self.store.devices(&request).await?;
             for device in page.items {
                 let Some(status) = self.store.status(&device).await? else {
@@ -863,7 +915,7 @@ impl Inner {
             match page.next {
                 None => return Ok((found, None)),
                 Some(next) if found.len() >= want => return Ok((found, Some(next))),
-                Some(next) => request = PageRequest::after(next, want),
+                Some(next) => after = Some(next),
             }
         }
     }
@@ -899,16 +951,112 @@ impl Inner {
         self.store.put_rollout(rollout).await
     }
 
-    async fn drive_rollout(self: Arc<Self>, id: RolloutId) {
+    /// Takes the lease on driving rollout `id` and, if this instance got it,
+    /// drives it on a task of its own until it stops running or the lease is
+    /// lost. One driver per rollout among all instances: a rollout another
+    /// driver holds (this instance's too) is left to it.
+    async fn drive(self: &Arc<Self>, id: RolloutId) {
+        let n = self.next_driver.fetch_add(1, Ordering::Relaxed);
+        let driver = format!("{}#{n}", self.instance);
+        match self
+            .store
+            .claim_rollout_driver(&id, &driver, self.config.rollout_lease)
+            .await
+        {
+            Ok(true) => {
+                let mut drivers = lock(&self.drivers);
+                // Ended drivers are reaped here, so the set holds the live ones.
+                while drivers.try_join_next().is_some() {}
+                drivers.spawn(Arc::clone(self).drive_rollout(id, driver));
+            }
+            Ok(false) => debug!(rollout = %id, "another driver holds the rollout"),
+            Err(err) => warn!(
+                rollout = %id, error = %err,
+                "taking the lease on driving a rollout failed; the look for rollouts nobody drives tries again"
+            ),
+        }
+    }
+
+    /// Drives rollout `id` under the lease `driver` holds, renewing it; lets
+    /// it go when the rollout stops running or this instance stops. A driver
+    /// that lost its lease (it could not renew in time, and another took the
+    /// rollout over) stops at its next step.
+    async fn drive_rollout(self: Arc<Self>, id: RolloutId, driver: String) {
+        let lost = AtomicBool::new(false);
+        tokio::select! {
+            () = self.drive_held(&id, &lost) => {}
+            () = self.keep_lease(&id, &driver, &lost) => {}
+        }
+        if lost.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(err) = self.store.release_rollout_driver(&id, &driver).await {
+            warn!(rollout = %id, error = %err, "releasing the lease on driving a rollout failed; it lapses");
+        }
+    }
+
+    /// Renews the lease every third of its TTL. Once another driver has it,
+    /// says so in `lost` and waits for ever: the driver stops at its next step.
+    async fn keep_lease(&self, id: &RolloutId, driver: &str, lost: &AtomicBool) {
+        let ttl = self.config.rollout_lease;
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match self.store.claim_rollout_driver(id, driver, ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(rollout = %id, "another driver took the rollout over; this one stops");
+                    lost.store(true, Ordering::Relaxed);
+                    return std::future::pending().await;
+                }
+                Err(err) => {
+                    warn!(rollout = %id, error = %err, "renewing the lease on driving a rollout failed; trying again")
+                }
+            }
+        }
+    }
+
+    /// Drives the rollouts still running that no driver holds: theirs died
+    /// and its lease lapsed, or stopped with the instance that ran it, or
+    /// could not take the lease when the rollout was started or resumed.
+    /// Each running rollout is claimed; a live driver's lease refuses it.
+    /// Every rollout is read to find the running ones.
+    async fn adopt_rollouts(self: &Arc<Self>) {
+        const PAGE: usize = 100;
+        let mut request = PageRequest::first(PAGE);
+        loop {
+            let page = match self.store.rollouts(&request).await {
+                Ok(page) => page,
+                Err(err) => {
+                    warn!(error = %err, "listing rollouts to find those nobody drives failed");
+                    return;
+                }
+            };
+            for id in page.items {
+                match self.store.rollout(&id).await {
+                    Ok(Some(rollout)) if rollout.state == RolloutState::Running => self.drive(id).await,
+                    Ok(_) => {}
+                    Err(err) => warn!(rollout = %id, error = %err, "reading a rollout failed"),
+                }
+            }
+            match page.next {
+                Some(next) => request = PageRequest::after(next, PAGE),
+                None => return,
+            }
+        }
+    }
+
+    /// Drives rollout `id`, whose lease this driver holds, until it stops
+    /// running or the lease is lost.
+    async fn drive_held(&self, id: &RolloutId, lost: &AtomicBool) {
         let mut stopping = self.stopping.subscribe();
         // The outcomes of the wave in flight already known to be final: each
         // command's record is read until it has ended, and not again.
         let mut settled = HashMap::new();
         loop {
-            if *stopping.borrow() {
+            if *stopping.borrow() || lost.load(Ordering::Relaxed) {
                 return;
             }
-            match self.rollout_step(&id, &mut settled).await {
+            match self.rollout_step(id, &mut settled).await {
                 Ok(Step::Again) => continue,
                 Ok(Step::Wait) => {
                     let progress = self.progress.notified();
@@ -954,15 +1102,7 @@ impl Inner {
             .spec
             .next_wave(rollout.waves.last().map(|wave| wave.tally.total()));
         let target = rollout.spec.target();
-        let (devices, next) = self.scan(&target, rollout.cursor.clone(), size as usize).await?;
-        let (devices, cursor) = match devices.len() > size as usize {
-            // The scan ended its page past the wave: the rest go in the next wave.
-            true => (
-                devices[..size as usize].to_vec(),
-                Some(Cursor::new(devices[size as usize - 1].as_str())),
-            ),
-            false => (devices, next),
-        };
+        let (devices, cursor) = self.scan(&target, rollout.cursor.clone(), size as usize).await?;
         let exhausted = cursor.is_none();
         if devices.is_empty() {
             rollout.cursor = cursor;

@@ -186,6 +186,12 @@ impl TrackingStore for FailingStore {
     async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {
         guarded!(self, "store", rollouts(page))
     }
+    async fn claim_rollout_driver(&self, id: &RolloutId, driver: &str, ttl: Duration) -> Result<bool> {
+        guarded!(self, "store", claim_rollout_driver(id, driver, ttl))
+    }
+    async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool> {
+        guarded!(self, "store", release_rollout_driver(id, driver))
+    }
 }
 
 /// A bus that fails every call while switched off; its event

@@ -117,6 +117,8 @@ macro_rules! store_conformance {
             rollout_writes_follow_revisions,
             rollouts_are_listed_newest_first,
             listing_cursors_from_elsewhere_are_refused,
+            rollout_driver_leases_have_one_holder,
+            concurrent_rollout_driver_claims_have_one_winner,
         );
     };
     (@cases $fixture:path; $($case:ident),+ $(,)?) => {
@@ -1560,17 +1562,67 @@ pub async fn command_records_round_trip(f: &StoreFixture) {
     assert_eq!(f.store.command_record(&CorrelationId::new()).await.unwrap(), None);
 }
 
-/// A correlation id is recorded once; a second insert is `AlreadyExists`.
+/// A correlation id is recorded once. The same record again (a write sent
+/// again after its reply was lost) is success and changes nothing; a record
+/// that differs in anything is `AlreadyExists`, naming the command and what
+/// differs, and the first record stands.
 pub async fn command_ids_are_recorded_once(f: &StoreFixture) {
     let record = pending_record("once", CommandKind::Restart, f.clock.now());
     f.store.insert_command(&record).await.unwrap();
-    let mut again = record.clone();
-    again.state = CommandState::Acked;
-    let err = expect_err(f.store.insert_command(&again).await, "a second insert");
+    f.store
+        .insert_command(&record)
+        .await
+        .expect("the same record again is success");
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap();
+    assert_eq!(stored.as_ref(), Some(&record), "an insert again changes nothing");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        vec![record.correlation_id()],
+        "indexed once, at its deadline"
+    );
+
+    let mut acked = record.clone();
+    acked.state = CommandState::Acked;
+    let mut later = record.clone();
+    later.command.deadline = record.command.deadline.saturating_add(Duration::from_secs(60));
+    let mut elsewhere = record.clone();
+    elsewhere.command.device = device("not-once");
+    let mut by_other = record.clone();
+    by_other.initiated_by = Some("someone else".to_owned());
+    for (again, differs) in [
+        (acked, "state"),
+        (later, "deadline"),
+        (elsewhere, "device"),
+        (by_other, "initiated_by"),
+    ] {
+        let err = expect_err(f.store.insert_command(&again).await, "an insert with other content");
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&record.correlation_id().to_string()), "{message}");
+        assert!(
+            message.contains(differs),
+            "the message should name {differs}: {message}"
+        );
+    }
+    let stored = f.store.command_record(&record.correlation_id()).await.unwrap();
+    assert_eq!(stored.as_ref(), Some(&record), "the first record stands");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        vec![record.correlation_id()],
+        "a refused insert leaves the pending index as the first record has it"
+    );
+
+    // Once it ended, the record as first inserted is not what is stored: that is other content.
+    let mut ended = record.clone();
+    ended.complete(&CommandOutcome::Acked, f.clock.now());
+    assert!(f.store.update_command(&ended).await.unwrap());
+    let err = expect_err(f.store.insert_command(&record).await, "an insert over an ended record");
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
-    assert!(err.to_string().contains(&record.correlation_id().to_string()), "{err}");
-    let stored = f.store.command_record(&record.correlation_id()).await.unwrap().unwrap();
-    assert_eq!(stored.state, CommandState::Pending, "the first record stands");
+    assert_eq!(
+        f.store.overdue_commands(record.command.deadline, 10).await.unwrap(),
+        Vec::new(),
+        "a refused insert does not put an ended command back in the pending index"
+    );
 }
 
 /// A pending record may be replaced (a retry), an ended one never; an unknown one is `NotFound`.
@@ -1802,6 +1854,90 @@ pub async fn rollouts_are_listed_newest_first(f: &StoreFixture) {
         }
         assert_eq!(listed, ids, "newest first with pages of {limit}");
     }
+}
+
+/// One driver holds a rollout's lease at a time: another's claim is refused
+/// while it is live; its holder renews it; it lapses `ttl` after it was last
+/// claimed, and then anyone may take it. Only the holder releases it.
+pub async fn rollout_driver_leases_have_one_holder(f: &StoreFixture) {
+    let at = f.clock.now();
+    let (one, other) = (rollout_of("v1", at), rollout_of("v2", at));
+    for rollout in [&one, &other] {
+        assert!(f.store.put_rollout(rollout).await.unwrap());
+    }
+    let (id, a, b) = (one.id, "control-a#1", "control-b#1");
+    assert!(f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(), "a free lease");
+    assert!(
+        !f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "held by another"
+    );
+    assert!(
+        f.store.claim_rollout_driver(&other.id, b, TTL).await.unwrap(),
+        "another rollout's lease is another lease"
+    );
+
+    f.clock.advance(TTL - SECOND);
+    assert!(
+        f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "renewed by its holder"
+    );
+    f.clock.advance(TTL - MS);
+    assert!(
+        !f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "held until the renewal's TTL is up"
+    );
+    f.clock.advance(MS);
+    assert!(
+        f.store.claim_rollout_driver(&id, b, TTL).await.unwrap(),
+        "lapsed: anyone may take it"
+    );
+    assert!(
+        !f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "the lapsed holder cannot take it back"
+    );
+    assert!(
+        !f.store.release_rollout_driver(&id, a).await.unwrap(),
+        "only the holder releases"
+    );
+    assert!(f.store.release_rollout_driver(&id, b).await.unwrap());
+    assert!(
+        !f.store.release_rollout_driver(&id, b).await.unwrap(),
+        "released already"
+    );
+    assert!(
+        f.store.claim_rollout_driver(&id, a, TTL).await.unwrap(),
+        "free again once released"
+    );
+
+    f.clock.advance(TTL);
+    assert!(
+        !f.store.release_rollout_driver(&other.id, b).await.unwrap(),
+        "a lapsed lease is not released: nobody held it"
+    );
+    let err = expect_err(f.store.claim_rollout_driver(&id, a, Duration::ZERO).await, "a zero TTL");
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+}
+
+/// Drivers racing for a free rollout: exactly one gets it.
+pub async fn concurrent_rollout_driver_claims_have_one_winner(f: &StoreFixture) {
+    const RACERS: usize = 8;
+    let rollout = rollout_of("v1", f.clock.now());
+    assert!(f.store.put_rollout(&rollout).await.unwrap());
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for n in 0..RACERS {
+        let (store, barrier) = (f.store.clone(), barrier.clone());
+        racers.spawn(async move {
+            barrier.wait().await;
+            let driver = format!("racer-{n}");
+            store
+                .claim_rollout_driver(&rollout.id, &driver, TTL)
+                .await
+                .map(|won| won.then_some(n))
+        });
+    }
+    let winners: Vec<usize> = racers.join_all().await.into_iter().filter_map(Result::unwrap).collect();
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
 }
 
 /// A cursor the store did not make is `InvalidInput`, naming it.

@@ -2,9 +2,13 @@
 //! `command_audit` (the audit log and the tracking are one table), and
 //! rollouts are JSON documents in `rollout`. Each command that ends is
 //! announced with `NOTIFY` on the channel `opamp_commands_ended`, its payload
-//! the store's schema and the correlation id (`opamp 5f0c…`).
+//! the store's schema and the correlation id (`opamp 5f0c…`). Who drives a
+//! rollout is a lease in `rollout_driver`, as a device's is in `device_lease`.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
+use opamp_core::store::validate_ttl;
 use opamp_core::tracking::CommandState;
 use opamp_core::{
     Command, CommandRecord, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
@@ -57,6 +61,17 @@ const ROLLOUT: &str = "SELECT body::text FROM rollout WHERE id = $1::uuid";
 const ROLLOUTS: &str = "\
 SELECT id::text FROM rollout WHERE ($1::uuid IS NULL OR id < $1::uuid) ORDER BY id DESC LIMIT $2";
 
+/// Takes or renews a rollout's driver lease (`$2` until `$3`) unless another
+/// driver's is live at `$4`; a row comes back if `$2` holds it now.
+const CLAIM_DRIVER: &str = "\
+INSERT INTO rollout_driver AS d (rollout_id, driver, expires_at) VALUES ($1::uuid, $2, $3)
+ON CONFLICT (rollout_id) DO UPDATE SET driver = EXCLUDED.driver, expires_at = EXCLUDED.expires_at
+WHERE d.driver = EXCLUDED.driver OR d.expires_at <= $4
+RETURNING 1";
+
+const RELEASE_DRIVER: &str = "\
+DELETE FROM rollout_driver WHERE rollout_id = $1::uuid AND driver = $2 AND expires_at > $3";
+
 /// The columns that vary with a record: payload, status, error message, completion time.
 struct Columns {
     payload: String,
@@ -104,7 +119,7 @@ impl TrackingStore for PostgresStore {
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(Error::already_exists(format!("command {id}")))
+            record.inserted_again(self.command_record(&id).await?.as_ref())
         }
     }
 
@@ -234,6 +249,31 @@ impl TrackingStore for PostgresStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Page::from_one_more(items, limit, |last| Cursor::new(last.to_string())))
+    }
+
+    async fn claim_rollout_driver(&self, id: &RolloutId, driver: &str, ttl: Duration) -> Result<bool> {
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let held = sqlx::query(CLAIM_DRIVER)
+            .bind(id.to_string())
+            .bind(driver)
+            .bind(sql_time(now.saturating_add(ttl))?)
+            .bind(sql_time(now)?)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("claiming the driver lease of rollout {id}")))?;
+        Ok(held.is_some())
+    }
+
+    async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool> {
+        let done = sqlx::query(RELEASE_DRIVER)
+            .bind(id.to_string())
+            .bind(driver)
+            .bind(sql_time(self.clock.now())?)
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(|| format!("releasing the driver lease of rollout {id}")))?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

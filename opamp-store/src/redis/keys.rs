@@ -115,6 +115,13 @@ impl Keys {
         self.key(&["rollouts:{rollouts}"])
     }
 
+    /// `rollout:{id}:driver`: the lease on driving a rollout (a string naming
+    /// the driver; its expiry is the lease's end). A hash tag of its own: no
+    /// script touches it with another key.
+    pub(super) fn rollout_driver(&self, id: &RolloutId) -> String {
+        self.key(&["rollout:{", &id.to_string(), "}:driver"])
+    }
+
     /// `supervisors`: the set of supervisors that have held devices (for `device_counts`).
     pub(super) fn supervisors(&self) -> String {
         self.key(&["supervisors"])

@@ -89,7 +89,7 @@ use opamp_core::time::duration_text;
 use opamp_core::{
     AgentType, Claim, Clock, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, Cursor, DeviceId, DeviceStatus,
     Error, Page, PageRequest, Result, RoutingStore, StatusPatch, StatusStore, SupervisorId, SupervisorLoad,
-    SystemClock,
+    SystemClock, Timestamp,
 };
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -368,6 +368,12 @@ impl RedisStore {
 
     fn now_ms(&self) -> i64 {
         self.clock.now().unix_millis()
+    }
+
+    /// When a lease taken at `now` for `ttl` expires in Redis (Unix ms, for
+    /// `PXAT`): later by the margin when the store judges by its own clock.
+    fn lease_expiry_ms(&self, now: Timestamp, ttl: Duration) -> i64 {
+        now.saturating_add(ttl).unix_millis().saturating_add(self.margin_ms)
     }
 
     fn token(&self) -> String {
@@ -740,7 +746,7 @@ impl RoutingStore for RedisStore {
     async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<Claim> {
         validate_ttl(ttl)?;
         let now = self.clock.now();
-        let expires_at = now.saturating_add(ttl).unix_millis().saturating_add(self.margin_ms);
+        let expires_at = self.lease_expiry_ms(now, ttl);
         let key = self.keys.lease(device);
         let claim = eval(
             &self.conn_scripts().claim,
@@ -758,7 +764,7 @@ impl RoutingStore for RedisStore {
     async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
         validate_ttl(ttl)?;
         let now = self.clock.now();
-        let expires_at = now.saturating_add(ttl).unix_millis().saturating_add(self.margin_ms);
+        let expires_at = self.lease_expiry_ms(now, ttl);
         let args = (supervisor.as_str(), now.unix_millis(), expires_at, self.margin_ms);
         let keys = devices.iter().map(|device| self.keys.lease(device)).collect();
         let renewed = self

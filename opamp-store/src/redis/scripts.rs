@@ -36,8 +36,9 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// Drops the lease if the supervisor holds it (and a lapsed one whoever held
-/// it). KEYS: lease. ARGV: supervisor, now, margin. Returns 1 if released.
+/// Drops the lease if the supervisor (or a rollout's driver) holds it, and a
+/// lapsed one whoever held it. KEYS: lease. ARGV: holder, now, margin.
+/// Returns 1 if released.
 const RELEASE: &str = r"
 local owner = redis.call('GET', KEYS[1])
 if not owner then return 0 end
@@ -46,6 +47,16 @@ if live and owner ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 if live then return 1 end
 return 0
+";
+
+/// Takes or renews a rollout's driver lease unless another driver's is held.
+/// KEYS: lease. ARGV: driver, now, expire-at, margin. Returns 1 if the driver
+/// holds it now, else 0.
+const CLAIM_DRIVER: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] and held(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[4])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[3])
+return 1
 ";
 
 /// The holder, judged by the store's clock. KEYS: lease. ARGV: now, margin.
@@ -219,6 +230,7 @@ pub(super) struct Scripts {
     pub(super) set_latest: Script,
     pub(super) update_command: Script,
     pub(super) put_rollout: Script,
+    pub(super) claim_driver: Script,
 }
 
 impl Scripts {
@@ -241,10 +253,11 @@ impl Scripts {
             set_latest: Script::new(SET_LATEST),
             update_command: Script::new(UPDATE_COMMAND),
             put_rollout: Script::new(PUT_ROLLOUT),
+            claim_driver: lease(CLAIM_DRIVER),
         }
     }
 
-    pub(super) fn all(&self) -> [&Script; 15] {
+    pub(super) fn all(&self) -> [&Script; 16] {
         [
             &self.claim,
             &self.renew,
@@ -261,6 +274,7 @@ impl Scripts {
             &self.set_latest,
             &self.update_command,
             &self.put_rollout,
+            &self.claim_driver,
         ]
     }
 }

@@ -5,12 +5,15 @@
 //! records), and rollouts as JSON strings
 //! indexed in a sorted set (one hash tag for all of them, so one script
 //! writes a rollout and its index entry together). Each command that ends
-//! is announced on the pub/sub channel `commands:ended`.
+//! is announced on the pub/sub channel `commands:ended`. Who drives a rollout
+//! is a lease, a string naming the driver that expires as a routing lease
+//! does.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
+use opamp_core::store::validate_ttl;
 use opamp_core::{
     CommandRecord, CommandState, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result,
     Rollout, RolloutId, Timestamp, TrackingStore,
@@ -36,13 +39,22 @@ impl TrackingStore for RedisStore {
             .arg("PX")
             .arg(self.retention_ms)
             .to_owned();
-        // Indexed in the same round trip. Should the record exist already
-        // (a correlation id used twice), the index gains nothing it would
-        // keep: the sweep drops members whose record is not pending.
+        // Indexed in the same round trip, which is right for a new record and
+        // for this record sent again (the same member at the same deadline).
         let [stored, indexed] = self.with_index(&key, set, self.index_cmd(record)).await?;
+        checked(&self.keys.pending_commands(), indexed)?;
         match checked(&key, stored)? {
-            Value::Nil => Err(Error::already_exists(format!("command {id}"))),
-            _ => checked(&self.keys.pending_commands(), indexed).map(drop),
+            Value::Nil => {
+                // Taken already: the index entry just written is this
+                // record's, which may not be the stored one's (another
+                // deadline, or a command that ended). Put the stored one's back.
+                let stored = self.command_record(&id).await?;
+                if let Some(stored) = &stored {
+                    self.index_pending(stored).await?;
+                }
+                record.inserted_again(stored.as_ref())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -187,6 +199,35 @@ impl TrackingStore for RedisStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Page::from_one_more(items, limit, |last| Cursor::new(last.to_string())))
+    }
+
+    async fn claim_rollout_driver(&self, id: &RolloutId, driver: &str, ttl: Duration) -> Result<bool> {
+        validate_ttl(ttl)?;
+        let now = self.clock.now();
+        let key = self.keys.rollout_driver(id);
+        let claim = eval(
+            &self.conn_scripts().claim_driver,
+            &[&key],
+            (
+                driver,
+                now.unix_millis(),
+                self.lease_expiry_ms(now, ttl),
+                self.margin_ms,
+            ),
+        );
+        let reply = checked(&key, self.one(|| format!("claiming {key}"), &claim).await?)?;
+        Ok(as_int(&reply, &key)? == 1)
+    }
+
+    async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool> {
+        let key = self.keys.rollout_driver(id);
+        let release = eval(
+            &self.conn_scripts().release,
+            &[&key],
+            (driver, self.now_ms(), self.margin_ms),
+        );
+        let reply = checked(&key, self.one(|| format!("releasing {key}"), &release).await?)?;
+        Ok(as_int(&reply, &key)? == 1)
     }
 }
 
