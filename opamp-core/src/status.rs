@@ -147,7 +147,12 @@ pub enum PresenceUpdate {
 ///
 /// With a [`fence`](StatusPatch::fenced_by), the patch applies only while the
 /// stored status names that supervisor; otherwise the store changes nothing
-/// and returns [`Error::NotOwner`](crate::Error::NotOwner).
+/// and returns [`Error::NotOwner`](crate::Error::NotOwner) naming the one it
+/// names, or, when the device has no status at all (never recorded, or lost
+/// with the store's data), [`Error::NotFound`](crate::Error::NotFound) naming
+/// the device. The two differ for a supervisor: another owner means its
+/// session is stale; no status means the store forgot it, and the supervisor
+/// should write it again.
 ///
 /// ```
 /// use opamp_core::{StatusPatch, SupervisorId, Timestamp};

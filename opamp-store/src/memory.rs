@@ -163,9 +163,14 @@ impl MemoryStore {
     fn update_status_now(&self, device: &DeviceId, patch: &StatusPatch) -> Option<FencedOff> {
         let mut shard = self.statuses.write(device);
         if let Some(fence) = patch.fence {
-            let named = shard.get(device).and_then(|status| status.supervisor);
-            if named != Some(fence) {
-                return Some(FencedOff { fence, named });
+            let Some(status) = shard.get(device) else {
+                return Some(FencedOff::Missing);
+            };
+            if status.supervisor != Some(fence) {
+                return Some(FencedOff::Named {
+                    fence,
+                    named: status.supervisor,
+                });
             }
         }
         let status = shard
@@ -228,7 +233,8 @@ impl StatusStore for MemoryStore {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
         match self.update_status_now(device, patch) {
             None => Ok(()),
-            Some(FencedOff { fence, named }) => Err(Error::not_owner(*device, fence, named)),
+            Some(FencedOff::Named { fence, named }) => Err(Error::not_owner(*device, fence, named)),
+            Some(FencedOff::Missing) => Err(Error::status_not_found(*device)),
         }
     }
 
@@ -558,10 +564,15 @@ impl Indexes {
     }
 }
 
-/// A patch's fence that did not hold, and the supervisor the status named instead.
-struct FencedOff {
-    fence: SupervisorId,
-    named: Option<SupervisorId>,
+/// Why a patch's fence did not hold.
+enum FencedOff {
+    /// The status named another supervisor, or none.
+    Named {
+        fence: SupervisorId,
+        named: Option<SupervisorId>,
+    },
+    /// There is no status to fence by.
+    Missing,
 }
 
 /// The supervisor a status puts the device online under, if it is online.

@@ -95,6 +95,7 @@ macro_rules! store_conformance {
             status_of_an_unknown_device_is_none,
             first_patch_creates_the_status,
             patches_change_only_the_fields_they_set,
+            fenced_patches_of_a_device_without_status_are_not_found,
             fenced_patches_apply_only_for_the_named_supervisor,
             presence_moves_the_device_between_indexes,
             paging_lists_every_device_exactly_once,
@@ -584,12 +585,12 @@ pub async fn patches_change_only_the_fields_they_set(f: &StoreFixture) {
     assert_eq!(expected.agent_type, Some(agent("fluentbit")));
 }
 
-/// A fenced patch applies while the status names the fence's supervisor (online
-/// or not); otherwise it is `NotOwner` naming the owner, and nothing changes.
-pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture) {
-    let (d1, unknown, s1, s2) = (device("d1"), device("unknown"), supervisor("s1"), supervisor("s2"));
-    let at = f.clock.now();
-
+/// A fenced patch of a device that has no status at all (never recorded, or
+/// lost with the store's data) is `NotFound` naming the device, not
+/// `NotOwner`: nobody else owns it, and a supervisor must tell the two apart.
+/// It creates nothing; a status that names nobody is still `NotOwner`.
+pub async fn fenced_patches_of_a_device_without_status_are_not_found(f: &StoreFixture) {
+    let (unknown, nameless, s1) = (device("unknown"), device("nameless"), supervisor("s1"));
     let err = expect_err(
         f.store
             .update_status(&unknown, &StatusPatch::new().emission(true).fenced_by(s1))
@@ -597,7 +598,7 @@ pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture
         "fenced patch of a device without status",
     );
     assert!(
-        matches!(&err, Error::NotOwner(m) if m.device == unknown && m.supervisor == s1 && m.owner.is_none()),
+        matches!(&err, Error::NotFound { what } if what.contains("device unknown")),
         "{err:?}"
     );
     assert_eq!(
@@ -605,6 +606,33 @@ pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture
         None,
         "a refused patch creates nothing"
     );
+    assert!(
+        !f.store.mark_offline(&unknown, &s1).await.unwrap(),
+        "nothing to mark offline"
+    );
+    assert_eq!(f.store.status(&unknown).await.unwrap(), None);
+
+    f.store
+        .update_status(&nameless, &StatusPatch::new().emission(true))
+        .await
+        .unwrap();
+    let err = expect_err(
+        f.store
+            .update_status(&nameless, &StatusPatch::new().emission(false).fenced_by(s1))
+            .await,
+        "fenced patch of a status that names no supervisor",
+    );
+    assert!(
+        matches!(&err, Error::NotOwner(m) if m.device == nameless && m.supervisor == s1 && m.owner.is_none()),
+        "{err:?}"
+    );
+}
+
+/// A fenced patch applies while the status names the fence's supervisor (online
+/// or not); otherwise it is `NotOwner` naming the owner, and nothing changes.
+pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture) {
+    let (d1, s1, s2) = (device("d1"), supervisor("s1"), supervisor("s2"));
+    let at = f.clock.now();
 
     f.store
         .update_status(&d1, &StatusPatch::new().online(s2, at))
@@ -1402,6 +1430,10 @@ async fn run_status(fixture: impl Future<Output = StoreFixture>, ops: Vec<Status
         let result = f.store.update_status(&d, &patch).await;
         let named = model.get(&d).and_then(|status| status.supervisor);
         match patch.fence {
+            Some(_) if !model.contains_key(&d) => match result {
+                Err(Error::NotFound { what }) if what.contains(d.as_str()) => {}
+                other => return Err(TestCaseError::fail(format!("{op:?}: expected NotFound, got {other:?}"))),
+            },
             Some(fence) if named != Some(fence) => match result {
                 Err(Error::NotOwner(m)) => {
                     prop_assert_eq!((m.device, m.supervisor, m.owner), (d, fence, named), "{:?}", op);

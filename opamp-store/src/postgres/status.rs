@@ -43,7 +43,8 @@ ON CONFLICT (device_id) DO UPDATE SET ",
 );
 
 /// A patch fenced by `$13`: locks the row, reads who it names (the newest
-/// version), and applies the patch only if that is `$13`. Never creates a row.
+/// version), and applies the patch only if that is `$13`. Never creates a row;
+/// `found` tells a missing row from one that names nobody.
 const FENCED: &str = concat!(
     "WITH cur AS (
     SELECT device_id, supervisor_id FROM device_registry WHERE device_id = $1 FOR UPDATE
@@ -54,7 +55,8 @@ const FENCED: &str = concat!(
     FROM cur WHERE r.device_id = cur.device_id AND cur.supervisor_id = $13
     RETURNING 1
 )
-SELECT (SELECT supervisor_id FROM cur) AS owner, EXISTS (SELECT 1 FROM applied) AS applied"
+SELECT EXISTS (SELECT 1 FROM cur) AS found, (SELECT supervisor_id FROM cur) AS owner,
+    EXISTS (SELECT 1 FROM applied) AS applied"
 );
 
 const STATUS: &str = "\
@@ -246,6 +248,9 @@ impl StatusStore for PostgresStore {
         let r = RowReader::new(&row, &name);
         if r.get::<bool>("applied")? {
             return Ok(());
+        }
+        if !r.get::<bool>("found")? {
+            return Err(Error::status_not_found(*device));
         }
         let owner = r.parsed_opt("owner", str::parse::<SupervisorId>)?;
         Err(Error::not_owner(*device, fence, owner))

@@ -650,7 +650,8 @@ impl RedisStore {
                         let offline = StatusPatch::new().offline().fenced_by(supervisor);
                         match self.update_status(device, &offline).await {
                             Ok(()) => report.lapsed += 1,
-                            Err(Error::NotOwner(_)) => {}
+                            // Taken over, or gone, meanwhile: nothing to mark.
+                            Err(Error::NotOwner(_) | Error::NotFound { .. }) => {}
                             Err(err) => return Err(err),
                         }
                     }
@@ -818,6 +819,7 @@ impl StatusStore for RedisStore {
         let reply = words(self.one(|| format!("updating {hash}"), &update).await?, &hash)?;
         match reply.as_slice() {
             [ok] if ok == "ok" => Ok(()),
+            [missing] if missing == "missing" && patch.fence.is_some() => Err(Error::status_not_found(*device)),
             [fenced, named] if fenced == "fenced" => {
                 let named = parse_supervisor(&hash, field::SUPERVISOR, named)?;
                 match patch.fence {

@@ -69,7 +69,8 @@ end
 /// none), lock token, lock ms, n, then n field/value pairs to set, then the
 /// fields to delete.
 ///
-/// Returns `{'fenced', named}` (nothing changed), `{'ok'}` (the indexes need
+/// Returns `{'missing'}` (fenced, and there is no status: nothing changed),
+/// `{'fenced', named}` (nothing changed), `{'ok'}` (the indexes need
 /// nothing from this caller), or `{'sync', before, target}`: the device must
 /// move from the indexes of `before` to those of `target`, and the caller now
 /// holds the index lock to do it. While the lock is free the indexes agree
@@ -80,6 +81,7 @@ const UPDATE_STATUS: &str = r"
 local key, lock = KEYS[1], KEYS[2]
 local fence = ARGV[1]
 if fence ~= '' then
+  if redis.call('EXISTS', key) == 0 then return {'missing'} end
   local named = redis.call('HGET', key, 'supervisor')
   if named ~= fence then return {'fenced', named or ''} end
 end
