@@ -158,9 +158,23 @@ impl MemoryStore {
         read(self.leases.shard(&key)).owner(&key, now)
     }
 
-    /// Applies `patch`, unless its fence does not hold: then it changes
-    /// nothing and returns what refused it.
+    /// Applies `patch`, unless its fence or lease condition does not hold:
+    /// then it changes nothing and returns what refused it.
     fn update_status_now(&self, device: &DeviceId, patch: &StatusPatch) -> Option<FencedOff> {
+        // Held until the status is written, so no claim lands in between.
+        let leases = patch.lease.map(|holder| {
+            let key = self.leases.key(device);
+            (holder, key, read(self.leases.shard(&key)))
+        });
+        if let Some((holder, key, shard)) = &leases {
+            let owner = shard.owner(key, self.clock.now());
+            if owner != Some(*holder) {
+                return Some(FencedOff::Named {
+                    fence: *holder,
+                    named: owner,
+                });
+            }
+        }
         let mut shard = self.statuses.write(device);
         if let Some(fence) = patch.fence {
             let Some(status) = shard.get(device) else {
@@ -182,6 +196,7 @@ impl MemoryStore {
         if before != after {
             write(&self.indexes).move_device(device, before, after);
         }
+        drop(leases);
         None
     }
 }
@@ -231,6 +246,7 @@ impl RoutingStore for MemoryStore {
 #[async_trait]
 impl StatusStore for MemoryStore {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        patch.check_conditions(device)?;
         match self.update_status_now(device, patch) {
             None => Ok(()),
             Some(FencedOff::Named { fence, named }) => Err(Error::not_owner(*device, fence, named)),
@@ -564,9 +580,9 @@ impl Indexes {
     }
 }
 
-/// Why a patch's fence did not hold.
+/// Why a patch's fence or lease condition did not hold.
 enum FencedOff {
-    /// The status named another supervisor, or none.
+    /// The status (or the lease) named another supervisor, or none.
     Named {
         fence: SupervisorId,
         named: Option<SupervisorId>,
