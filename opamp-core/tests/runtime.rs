@@ -16,9 +16,9 @@ use opamp_core::transport::{
 };
 use opamp_core::{
     AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, CommandRecord, CommandState, ConfigBundle,
-    ConfigFile, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error,
-    EventBus, EventKind, GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription,
-    SupervisorId, Timestamp, TrackingStore,
+    ConfigFile, ConfigHash, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent,
+    DeviceId, Error, EventBus, EventKind, GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store,
+    Subscription, SupervisorId, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -927,5 +927,133 @@ async fn a_refused_fenced_write_closes_the_stale_session() {
     assert_eq!(ended, None, "s1 closed its stale session");
     eventually("s1 forgot d1", WAIT, || async { !s1.is_connected(&did("d1")) }).await;
     fleet.owner_is("d1", Some("s2")).await;
+    s1.shutdown().await;
+}
+
+/// A device that reports everything a status holds: agent type, labels and the config it runs.
+fn described(device: &str) -> DeviceHello {
+    let mut hello = hello(device);
+    hello.labels = [
+        ("site".to_owned(), "lab".to_owned()),
+        ("ring".to_owned(), "1".to_owned()),
+    ]
+    .into();
+    hello.config_version = Some(ConfigVersion::new("v7").unwrap());
+    hello.config_hash = Some(ConfigHash::from_slice(&[7; 32]).unwrap());
+    hello
+}
+
+/// Whether the supervisor has left the device's session open with nothing sent on it.
+fn still_open(device: &mut opamp_core::transport::AgentSession) -> bool {
+    let polled = device
+        .inbound
+        .poll_recv(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    matches!(polled, std::task::Poll::Pending)
+}
+
+/// Registers `count` described devices on `connector`, owned by `owner`.
+async fn described_fleet(
+    fleet: &Fleet,
+    connector: &ChannelConnector,
+    owner: &str,
+    count: usize,
+) -> Vec<(DeviceId, opamp_core::transport::AgentSession)> {
+    let mut devices = Vec::new();
+    for n in 0..count {
+        let name = format!("d{n}");
+        let mut session = connector.connect(&described(&name)).await.unwrap();
+        let first = session.inbound.recv().await.unwrap();
+        assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+        fleet.owner_is(&name, Some(owner)).await;
+        devices.push((did(&name), session));
+    }
+    devices
+}
+
+type Sessions = [(DeviceId, opamp_core::transport::AgentSession)];
+
+/// When each of `devices` registered, by its status.
+async fn connected_at(store: &dyn Store, devices: &Sessions) -> Vec<Timestamp> {
+    let mut at = Vec::new();
+    for (device, _) in devices {
+        at.push(store.status(device).await.unwrap().unwrap().connected_at.unwrap());
+    }
+    at
+}
+
+/// Waits for every device to be `owner`'s again with its whole status.
+async fn all_restored(store: &dyn Store, devices: &Sessions, owner: &str, connected_at: &[Timestamp]) {
+    for ((device, _), at) in devices.iter().zip(connected_at) {
+        eventually(&format!("{device} re-claimed with its whole status"), WAIT, || {
+            fully_restored(store, device, owner, *at)
+        })
+        .await;
+    }
+}
+
+fn none_closed(supervisor: &RunningSupervisor, devices: &mut Sessions) {
+    for (device, session) in devices {
+        assert!(supervisor.is_connected(device), "{device} still has its session");
+        assert!(still_open(session), "{device}'s session was not closed");
+    }
+}
+
+/// Whether `device`'s lease is `owner`'s and its status is everything its hello said, online under `owner`.
+async fn fully_restored(store: &dyn Store, device: &DeviceId, owner: &str, connected_at: Timestamp) -> bool {
+    let expected = described(device.as_str());
+    let Some(status) = store.status(device).await.unwrap() else {
+        return false;
+    };
+    store.lookup(device).await.unwrap() == Some(sid(owner))
+        && status.status == Presence::Online
+        && status.supervisor == Some(sid(owner))
+        && status.connected_at == Some(connected_at)
+        && status.last_seen.is_some()
+        && status.agent_type == expected.agent_type
+        && status.labels == expected.labels
+        && status.config_version == expected.config_version
+        && status.config_hash == expected.config_hash
+}
+
+/// The store loses its data while devices are connected (Redis restarted
+/// empty): the first status write to find no status makes the supervisor
+/// claim every device again, at once rather than at its next renewal (100 s
+/// away here), and write each one's whole status from its session; no
+/// session is closed, and the write that noticed is recorded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_its_data_is_reclaimed_at_once_without_closing_sessions() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 5).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    fleet.store.clear();
+    let (_, first) = &devices[0];
+    first.outbound.send(report(Some(true), None)).await.unwrap();
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    let (noticed, _) = &devices[0];
+    assert!(
+        fleet.store.status(noticed).await.unwrap().unwrap().emission,
+        "the report that noticed is recorded"
+    );
+    none_closed(&s1, &mut devices);
+    s1.shutdown().await;
+}
+
+/// A renewal that finds leases gone (the store restarted empty) claims every
+/// device again with its whole status, not only `online`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_with_the_store_are_reclaimed_with_the_whole_status() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 3).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    fleet.store.clear();
+    s1.renew_leases().await;
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    none_closed(&s1, &mut devices);
     s1.shutdown().await;
 }

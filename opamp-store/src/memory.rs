@@ -103,6 +103,23 @@ impl MemoryStore {
         self
     }
 
+    /// Forgets everything, as a store that restarted without its data does:
+    /// leases, statuses and their indexes, templates, desired
+    /// configurations, command records and rollouts. For recovery tests and
+    /// demos; open watches of command endings stay open.
+    pub fn clear(&self) {
+        for shard in self.leases.shards.iter() {
+            write(shard).leases.clear();
+        }
+        self.statuses.clear();
+        *write(&self.indexes) = Indexes::default();
+        *write(&self.configs) = Configs::default();
+        self.desired.clear();
+        self.commands.clear();
+        let mut tracking = write(&self.tracking);
+        *tracking = Tracking::new(tracking.retention);
+    }
+
     /// Drops every lapsed lease; returns how many it dropped.
     ///
     /// Lapsed leases are already invisible; this only gives their memory back.
@@ -539,6 +556,12 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         let hash = self.selector.hash_one(key);
         // The top bits are the best mixed; SHARDS is a power of two.
         &self.shards[(hash >> (u64::BITS - SHARDS.trailing_zeros())) as usize]
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            write(shard).clear();
+        }
     }
 
     fn read(&self, key: &K) -> RwLockReadGuard<'_, HashMap<K, V>> {
