@@ -17,8 +17,8 @@ use opamp_core::transport::{
 use opamp_core::{
     AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, CommandRecord, CommandState, ConfigBundle,
     ConfigFile, ConfigHash, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent,
-    DeviceId, Error, EventBus, EventKind, GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store,
-    Subscription, SupervisorId, Timestamp, TrackingStore,
+    DeviceId, Error, EventBus, EventKind, GroupName, ManualClock, Page, PageRequest, Presence, PresenceUpdate, Result,
+    RoutingStore, StatusPatch, StatusStore, Store, Subscription, SupervisorId, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -1055,5 +1055,217 @@ async fn leases_lost_with_the_store_are_reclaimed_with_the_whole_status() {
 
     all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
     none_closed(&s1, &mut devices);
+    s1.shutdown().await;
+}
+
+/// The memory store, except that the first write marking a device online
+/// under `held` waits until the test lets it go: to land a registration's
+/// status write after another supervisor's registration of the same device.
+#[derive(Debug)]
+struct HoldsOnline {
+    store: Arc<MemoryStore>,
+    held: SupervisorId,
+    armed: std::sync::atomic::AtomicBool,
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl HoldsOnline {
+    fn new(store: Arc<MemoryStore>, held: &str) -> Self {
+        HoldsOnline {
+            store,
+            held: sid(held),
+            armed: true.into(),
+            holding: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits until the write is held.
+    async fn holding(&self) {
+        tokio::time::timeout(WAIT, self.holding.notified())
+            .await
+            .expect("the online write held in time");
+    }
+}
+
+#[async_trait]
+impl RoutingStore for HoldsOnline {
+    async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<opamp_core::Claim> {
+        self.store.claim(device, supervisor, ttl).await
+    }
+    async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
+        self.store.renew(supervisor, devices, ttl).await
+    }
+    async fn release(&self, device: &DeviceId, supervisor: &SupervisorId) -> Result<bool> {
+        self.store.release(device, supervisor).await
+    }
+    async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
+        self.store.lookup(device).await
+    }
+    async fn lookup_many(&self, devices: &[DeviceId]) -> Result<Vec<Option<SupervisorId>>> {
+        self.store.lookup_many(devices).await
+    }
+}
+
+#[async_trait]
+impl StatusStore for HoldsOnline {
+    async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        let online_here = matches!(
+            &patch.presence,
+            Some(PresenceUpdate::Online { supervisor, .. }) if *supervisor == self.held
+        );
+        if online_here && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.holding.notify_one();
+            self.release.notified().await;
+        }
+        self.store.update_status(device, patch).await
+    }
+    async fn status(&self, device: &DeviceId) -> Result<Option<opamp_core::DeviceStatus>> {
+        self.store.status(device).await
+    }
+    async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.online_devices(page).await
+    }
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.devices(page).await
+    }
+    async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.supervisor_devices(supervisor, page).await
+    }
+    async fn device_counts(&self) -> Result<Vec<opamp_core::SupervisorLoad>> {
+        self.store.device_counts().await
+    }
+}
+
+#[async_trait]
+impl ConfigStore for HoldsOnline {
+    async fn put_template(&self, template: &ConfigTemplate) -> Result<()> {
+        self.store.put_template(template).await
+    }
+    async fn template(&self, config: &ConfigRef) -> Result<Option<ConfigTemplate>> {
+        self.store.template(config).await
+    }
+    async fn template_versions(&self, agent_type: &AgentType) -> Result<Vec<ConfigVersion>> {
+        self.store.template_versions(agent_type).await
+    }
+    async fn set_latest(&self, config: &ConfigRef) -> Result<()> {
+        self.store.set_latest(config).await
+    }
+    async fn latest(&self, agent_type: &AgentType) -> Result<Option<ConfigVersion>> {
+        self.store.latest(agent_type).await
+    }
+    async fn set_desired(&self, device: &DeviceId, config: &ConfigRef) -> Result<()> {
+        self.store.set_desired(device, config).await
+    }
+    async fn desired(&self, device: &DeviceId) -> Result<Option<ConfigRef>> {
+        self.store.desired(device).await
+    }
+    async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
+        self.store.clear_desired(device).await
+    }
+}
+
+#[async_trait]
+impl TrackingStore for HoldsOnline {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        self.store.insert_command(record).await
+    }
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        self.store.update_command(record).await
+    }
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        self.store.command_record(id).await
+    }
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        self.store.overdue_commands(before, limit).await
+    }
+    async fn watch_endings(&self) -> Result<opamp_core::Endings> {
+        self.store.watch_endings().await
+    }
+    async fn put_rollout(&self, rollout: &opamp_core::Rollout) -> Result<bool> {
+        self.store.put_rollout(rollout).await
+    }
+    async fn rollout(&self, id: &opamp_core::RolloutId) -> Result<Option<opamp_core::Rollout>> {
+        self.store.rollout(id).await
+    }
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<opamp_core::RolloutId>> {
+        self.store.rollouts(page).await
+    }
+}
+
+/// One device registers on s1 and s2 at once, and s1's status write lands
+/// after s2 claimed the device and wrote its own: the registration is fenced
+/// by the lease, so s1's write is refused and s1 closes its session. One live
+/// session is left, on s2, and the status names s2, which holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_registrations_leave_one_session_and_the_status_naming_the_lease_holder() {
+    let fleet = Fleet::new().await;
+    let holds = Arc::new(HoldsOnline::new(fleet.store.clone(), "s1"));
+    let (transport, c1) = channel::pair(channel::ChannelConfig::default());
+    let store: Arc<dyn Store> = holds.clone();
+    let bus: Arc<dyn Bus> = fleet.bus.clone();
+    let s1 = Supervisor::new(SupervisorConfig::new(sid("s1")), store, bus)
+        .with_clock(fleet.clock.clone())
+        .start(vec![Arc::new(transport)])
+        .await
+        .unwrap();
+    let (s2, c2) = fleet.supervisor("s2", |c| c).await;
+
+    // s1 claims the device; its online write is held.
+    let mut on_s1 = c1.connect(&hello("d1")).await.unwrap();
+    holds.holding().await;
+    fleet.owner_is("d1", Some("s1")).await;
+    // s2 registers it meanwhile: it claims it and marks it online.
+    let mut on_s2 = silent_device(&c2, "d1").await;
+    fleet.owner_is("d1", Some("s2")).await;
+    // Now s1's write lands.
+    holds.release.notify_one();
+
+    let closed = tokio::time::timeout(WAIT, on_s1.inbound.recv())
+        .await
+        .expect("s1 answered in time")
+        .unwrap();
+    assert_eq!(closed, None, "s1 closed its session without registering it");
+    eventually("s1 holds no session for d1", WAIT, || async {
+        !s1.is_connected(&did("d1"))
+    })
+    .await;
+    assert!(s2.is_connected(&did("d1")));
+    assert!(still_open(&mut on_s2), "s2's session stays");
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!((status.status, status.supervisor), (Presence::Online, Some(sid("s2"))));
+    fleet.owner_is("d1", Some("s2")).await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+/// The store loses its data and, before s1 notices, d0 registers on s2: when
+/// s1 claims its devices again (d1's report noticed the loss), its claim of d0
+/// is a takeover of s2's newer session, so s1 hands the lease back and closes
+/// its own session of d0; d1 it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaiming_after_store_loss_leaves_a_device_registered_elsewhere_meanwhile() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 2).await;
+
+    fleet.store.clear();
+    fleet.take_over("d0", "s2").await;
+    let (_, d1) = &devices[1];
+    d1.outbound.send(report(Some(true), None)).await.unwrap();
+
+    let (_, d0) = &mut devices[0];
+    let closed = tokio::time::timeout(WAIT, d0.inbound.recv())
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(closed, None, "s1 closed its older session of d0");
+    fleet.owner_is("d0", Some("s2")).await;
+    let status = fleet.store.status(&did("d0")).await.unwrap().unwrap();
+    assert_eq!(status.supervisor, Some(sid("s2")), "s1 wrote nothing over s2's status");
+    fleet.owner_is("d1", Some("s1")).await;
+    let (_, d1) = &mut devices[1];
+    assert!(still_open(d1));
     s1.shutdown().await;
 }

@@ -903,7 +903,10 @@ impl Inner {
         }
     }
 
-    /// Claims the device and marks it online here. Returns when the session began.
+    /// Claims the device and marks it online here, conditional on the lease
+    /// just claimed: of two supervisors registering it at once, the one whose
+    /// claim came last writes the status, and the other fails here
+    /// (`NotOwner`) and closes its session. Returns when the session began.
     async fn register(&self, hello: &DeviceHello) -> Result<Timestamp> {
         let me = self.config.id;
         let device = hello.device;
@@ -921,12 +924,14 @@ impl Inner {
         let mut patch = StatusPatch::new()
             .online(me, now)
             .last_seen(now)
-            .labels(hello.labels.clone());
+            .labels(hello.labels.clone())
+            .leased_by(me);
         patch.agent_type = hello.agent_type;
         patch.config_version = hello.config_version;
         patch.config_hash = hello.config_hash;
         if let Err(err) = self.store.update_status(&device, &patch).await {
-            // Do not leave a lease pointing here for a device that is not served here.
+            // Do not leave a lease pointing here for a device that is not
+            // served here (fenced: a newer claim's lease stays).
             if let Err(release) = self.store.release(&device, &me).await {
                 warn!(%device, error = %release, "releasing after a failed registration failed");
             }
