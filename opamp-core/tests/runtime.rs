@@ -2,6 +2,8 @@
 //! with the memory store and bus.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,7 +63,24 @@ impl Fleet {
         config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
         transport: Arc<dyn DeviceTransport>,
     ) -> RunningSupervisor {
-        let store: Arc<dyn Store> = self.store.clone();
+        self.supervisor_on_store(id, config, transport, self.store.clone())
+            .await
+    }
+
+    /// A supervisor on `store` (the fleet's, behind a wrapper) rather than the fleet's store itself.
+    async fn supervisor_over(&self, id: &str, store: Arc<dyn Store>) -> (RunningSupervisor, ChannelConnector) {
+        let (transport, connector) = channel::pair(channel::ChannelConfig::default());
+        let supervisor = self.supervisor_on_store(id, |c| c, Arc::new(transport), store).await;
+        (supervisor, connector)
+    }
+
+    async fn supervisor_on_store(
+        &self,
+        id: &str,
+        config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+        transport: Arc<dyn DeviceTransport>,
+        store: Arc<dyn Store>,
+    ) -> RunningSupervisor {
         let bus: Arc<dyn Bus> = self.bus.clone();
         Supervisor::new(config(SupervisorConfig::new(sid(id))), store, bus)
             .with_clock(self.clock.clone())
@@ -1058,30 +1077,38 @@ async fn leases_lost_with_the_store_are_reclaimed_with_the_whole_status() {
     s1.shutdown().await;
 }
 
-/// The memory store, except that the first write marking a device online
-/// under `held` waits until the test lets it go: to land a registration's
-/// status write after another supervisor's registration of the same device.
+/// The memory store, with calls a test can hold back and count: the first
+/// write marking a device online under `held` waits until the test lets it
+/// go (to land a registration's status write after another supervisor's
+/// registration of the same device); claims wait while the test holds them;
+/// claims and status writes that find no status are counted.
 #[derive(Debug)]
-struct HoldsOnline {
+struct Gated {
     store: Arc<MemoryStore>,
-    held: SupervisorId,
-    armed: std::sync::atomic::AtomicBool,
+    held: Option<SupervisorId>,
+    armed: AtomicBool,
     holding: tokio::sync::Notify,
     release: tokio::sync::Notify,
+    claims_open: tokio::sync::watch::Sender<bool>,
+    claims: AtomicUsize,
+    missing: AtomicUsize,
 }
 
-impl HoldsOnline {
-    fn new(store: Arc<MemoryStore>, held: &str) -> Self {
-        HoldsOnline {
+impl Gated {
+    fn new(store: Arc<MemoryStore>, held: Option<&str>) -> Self {
+        Gated {
             store,
-            held: sid(held),
+            held: held.map(sid),
             armed: true.into(),
             holding: tokio::sync::Notify::new(),
             release: tokio::sync::Notify::new(),
+            claims_open: tokio::sync::watch::Sender::new(true),
+            claims: AtomicUsize::new(0),
+            missing: AtomicUsize::new(0),
         }
     }
 
-    /// Waits until the write is held.
+    /// Waits until the online write is held.
     async fn holding(&self) {
         tokio::time::timeout(WAIT, self.holding.notified())
             .await
@@ -1090,8 +1117,10 @@ impl HoldsOnline {
 }
 
 #[async_trait]
-impl RoutingStore for HoldsOnline {
+impl RoutingStore for Gated {
     async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<opamp_core::Claim> {
+        self.claims.fetch_add(1, SeqCst);
+        let _ = self.claims_open.subscribe().wait_for(|open| *open).await.map(drop);
         self.store.claim(device, supervisor, ttl).await
     }
     async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
@@ -1109,17 +1138,21 @@ impl RoutingStore for HoldsOnline {
 }
 
 #[async_trait]
-impl StatusStore for HoldsOnline {
+impl StatusStore for Gated {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
         let online_here = matches!(
             &patch.presence,
-            Some(PresenceUpdate::Online { supervisor, .. }) if *supervisor == self.held
+            Some(PresenceUpdate::Online { supervisor, .. }) if Some(*supervisor) == self.held
         );
-        if online_here && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if online_here && self.armed.swap(false, SeqCst) {
             self.holding.notify_one();
             self.release.notified().await;
         }
-        self.store.update_status(device, patch).await
+        let written = self.store.update_status(device, patch).await;
+        if let Err(Error::NotFound { .. }) = &written {
+            self.missing.fetch_add(1, SeqCst);
+        }
+        written
     }
     async fn status(&self, device: &DeviceId) -> Result<Option<opamp_core::DeviceStatus>> {
         self.store.status(device).await
@@ -1139,7 +1172,7 @@ impl StatusStore for HoldsOnline {
 }
 
 #[async_trait]
-impl ConfigStore for HoldsOnline {
+impl ConfigStore for Gated {
     async fn put_template(&self, template: &ConfigTemplate) -> Result<()> {
         self.store.put_template(template).await
     }
@@ -1167,7 +1200,7 @@ impl ConfigStore for HoldsOnline {
 }
 
 #[async_trait]
-impl TrackingStore for HoldsOnline {
+impl TrackingStore for Gated {
     async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
         self.store.insert_command(record).await
     }
@@ -1201,15 +1234,8 @@ impl TrackingStore for HoldsOnline {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_registrations_leave_one_session_and_the_status_naming_the_lease_holder() {
     let fleet = Fleet::new().await;
-    let holds = Arc::new(HoldsOnline::new(fleet.store.clone(), "s1"));
-    let (transport, c1) = channel::pair(channel::ChannelConfig::default());
-    let store: Arc<dyn Store> = holds.clone();
-    let bus: Arc<dyn Bus> = fleet.bus.clone();
-    let s1 = Supervisor::new(SupervisorConfig::new(sid("s1")), store, bus)
-        .with_clock(fleet.clock.clone())
-        .start(vec![Arc::new(transport)])
-        .await
-        .unwrap();
+    let holds = Arc::new(Gated::new(fleet.store.clone(), Some("s1")));
+    let (s1, c1) = fleet.supervisor_over("s1", holds.clone()).await;
     let (s2, c2) = fleet.supervisor("s2", |c| c).await;
 
     // s1 claims the device; its online write is held.
@@ -1268,4 +1294,40 @@ async fn reclaiming_after_store_loss_leaves_a_device_registered_elsewhere_meanwh
     let (_, d1) = &mut devices[1];
     assert!(still_open(d1));
     s1.shutdown().await;
+}
+
+/// Every device notices the store's loss at once (each one's report finds no
+/// status while claims are held back): each claims itself again once, and
+/// the re-assertion of every device is one pass, or two when devices notice
+/// while one runs; not a pass per device that noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_noticing_the_loss_together_make_one_pass() {
+    const DEVICES: usize = 20;
+    let fleet = Fleet::new().await;
+    let gated = Arc::new(Gated::new(fleet.store.clone(), None));
+    let (s1, connector) = fleet.supervisor_over("s1", gated.clone()).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", DEVICES).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    gated.claims_open.send_replace(false);
+    fleet.store.clear();
+    let claims_before = gated.claims.load(SeqCst);
+    for (_, session) in &devices {
+        session.outbound.send(report(Some(true), None)).await.unwrap();
+    }
+    eventually("every device noticed", WAIT, || async {
+        gated.missing.load(SeqCst) >= DEVICES
+    })
+    .await;
+    gated.claims_open.send_replace(true);
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    none_closed(&s1, &mut devices);
+    // Counted once the supervisor stopped: it waits for a pass under way.
+    s1.shutdown().await;
+    let claims = gated.claims.load(SeqCst) - claims_before;
+    assert!(
+        claims <= DEVICES + 2 * DEVICES,
+        "{claims} claims for {DEVICES} devices: more than two passes"
+    );
 }

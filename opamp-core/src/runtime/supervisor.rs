@@ -757,6 +757,10 @@ impl Inner {
     /// holds meanwhile is left to it: its session there is the newer one.
     async fn reclaim(&self, session: &Arc<Session>, extra: Option<&StatusPatch>) -> bool {
         let (me, device, ttl) = (self.config.id, session.device, self.config.lease_ttl);
+        if session.slot().closing {
+            // Closed meanwhile (replaced by a newer session, say): its status is not to be written.
+            return false;
+        }
         match self.store.claim(&device, &me, ttl).await {
             Ok(Claim::Acquired | Claim::Renewed) => {}
             Ok(Claim::TakenOver { previous }) => {
@@ -1706,6 +1710,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lease TTL"), "{err}");
+    }
+
+    #[test]
+    fn an_idle_session_stays_small() {
+        // A supervisor keeps one per device: 376 B before it kept the config
+        // version to write the status again after store loss (issue #23).
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 440, "a session is {size} B");
     }
 
     #[test]
