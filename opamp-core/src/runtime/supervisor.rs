@@ -686,30 +686,42 @@ impl Inner {
         let me = self.config.id;
         for batch in devices.chunks(self.config.renew_batch) {
             match self.store.renew(&me, batch, self.config.lease_ttl).await {
-                Ok(lost) => {
-                    for device in lost {
-                        self.reassert(&device).await;
-                    }
-                }
+                Ok(lost) => self.reassert(&lost).await,
                 Err(err) => warn!(supervisor = %me, error = %err, devices = batch.len(), "renewing leases failed"),
             }
         }
     }
 
-    /// A lease renewal failed for a device still connected here.
-    async fn reassert(&self, device: &DeviceId) {
+    /// Lease renewals failed for these devices, still connected here: looked
+    /// up in one call, those another supervisor holds are closed here; if any
+    /// lease lapsed or vanished (the store restarted empty, say), the others
+    /// here are likely gone too, so every device is claimed again.
+    async fn reassert(&self, lost: &[DeviceId]) {
         let me = self.config.id;
-        match self.store.lookup(device).await {
-            Ok(Some(owner)) if owner != me => {
-                info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
-                if let Some(session) = self.session(device) {
-                    session.close();
-                }
+        if lost.is_empty() {
+            return;
+        }
+        let owners = match self.store.lookup_many(lost).await {
+            Ok(owners) => owners,
+            Err(err) => {
+                warn!(supervisor = %me, error = %err, devices = lost.len(), "looking up lost leases failed");
+                return;
             }
-            // The lease lapsed or vanished (the store restarted empty, say):
-            // the others here are likely gone too, so claim them all again.
-            Ok(_) => self.store_lost(),
-            Err(err) => warn!(%device, supervisor = %me, error = %err, "looking up a lost lease failed"),
+        };
+        let mut unheld = false;
+        for (device, owner) in lost.iter().zip(owners) {
+            match owner {
+                Some(owner) if owner != me => {
+                    info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
+                    if let Some(session) = self.session(device) {
+                        session.close();
+                    }
+                }
+                _ => unheld = true,
+            }
+        }
+        if unheld {
+            self.store_lost();
         }
     }
 
@@ -1516,7 +1528,9 @@ impl Runner {
         match inner.store.update_status(&device, &patch).await {
             Ok(()) => {}
             Err(Error::NotOwner(_)) => inner.drop_stale(&device),
-            Err(Error::NotFound { .. }) => drop(inner.status_lost(&device, Some(&patch)).await),
+            Err(Error::NotFound { .. }) => {
+                inner.status_lost(&device, Some(&patch)).await;
+            }
             Err(err) => warn!(%device, error = %err, "recording a config ack failed"),
         }
     }
@@ -1672,7 +1686,9 @@ impl Runner {
         match inner.store.update_status(&device, &patch).await {
             Ok(()) => {}
             Err(Error::NotOwner(_)) => inner.drop_stale(&device),
-            Err(Error::NotFound { .. }) => drop(inner.status_lost(&device, Some(&patch)).await),
+            Err(Error::NotFound { .. }) => {
+                inner.status_lost(&device, Some(&patch)).await;
+            }
             Err(err) => warn!(%device, error = %err, "recording a heartbeat failed"),
         }
     }
