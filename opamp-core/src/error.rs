@@ -134,6 +134,13 @@ impl Error {
         }))
     }
 
+    /// The [`Error::NotFound`] of a fenced status write on a device that has
+    /// no status at all: nobody owns what is not there, so it is not
+    /// [`Error::NotOwner`] (see [`StatusPatch`](crate::StatusPatch)).
+    pub fn status_not_found(device: DeviceId) -> Self {
+        Error::not_found(format!("status of device {device}"))
+    }
+
     /// An [`Error::InvalidInput`] with a message that names what was wrong.
     pub fn invalid_input(message: impl Into<String>) -> Self {
         Error::InvalidInput {

@@ -147,7 +147,23 @@ pub enum PresenceUpdate {
 ///
 /// With a [`fence`](StatusPatch::fenced_by), the patch applies only while the
 /// stored status names that supervisor; otherwise the store changes nothing
-/// and returns [`Error::NotOwner`](crate::Error::NotOwner).
+/// and returns [`Error::NotOwner`](crate::Error::NotOwner) naming the one it
+/// names, or, when the device has no status at all (never recorded, or lost
+/// with the store's data), [`Error::NotFound`](crate::Error::NotFound) naming
+/// the device. The two differ for a supervisor: another owner means its
+/// session is stale; no status means the store forgot it, and the supervisor
+/// should write it again.
+///
+/// With a [lease condition](StatusPatch::leased_by), the patch applies (and
+/// creates the status if there is none) only while that supervisor holds the
+/// device's lease, as [`lookup`](crate::RoutingStore::lookup) judges it,
+/// checked in the same atomic step as the write; otherwise the store changes
+/// nothing and returns [`Error::NotOwner`](crate::Error::NotOwner) naming the
+/// lease's holder, if any. A supervisor marks a device online under itself
+/// this way after claiming it, so that of two supervisors registering one
+/// device at once, the status ends up naming the one whose claim came last.
+/// A patch carries a fence or a lease condition, not both
+/// ([`Error::InvalidInput`](crate::Error::InvalidInput)).
 ///
 /// ```
 /// use opamp_core::{StatusPatch, SupervisorId, Timestamp};
@@ -163,6 +179,8 @@ pub enum PresenceUpdate {
 pub struct StatusPatch {
     /// Apply only while the status names this supervisor.
     pub fence: Option<SupervisorId>,
+    /// Apply only while this supervisor holds the device's lease.
+    pub lease: Option<SupervisorId>,
     /// A change of presence.
     pub presence: Option<PresenceUpdate>,
     /// New emission state.
@@ -191,6 +209,24 @@ impl StatusPatch {
     pub fn fenced_by(mut self, supervisor: SupervisorId) -> Self {
         self.fence = Some(supervisor);
         self
+    }
+
+    /// Applies only while `supervisor` holds the device's lease.
+    pub fn leased_by(mut self, supervisor: SupervisorId) -> Self {
+        self.lease = Some(supervisor);
+        self
+    }
+
+    /// The [`Error::InvalidInput`](crate::Error::InvalidInput) of a patch
+    /// carrying both a fence and a lease condition, which stores refuse.
+    pub fn check_conditions(&self, device: &DeviceId) -> crate::Result<()> {
+        match (self.fence, self.lease) {
+            (Some(fence), Some(lease)) => Err(crate::Error::invalid_input(format!(
+                "status patch of device {device} is both fenced by {fence} and conditional on the lease of {lease}; \
+                 it may carry one of the two"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Marks the device online under `supervisor`, connected at `at`.

@@ -234,6 +234,10 @@ pub struct SupervisorLoad {
 pub trait StatusStore: Send + Sync + Debug + 'static {
     /// Applies a partial update atomically (see [`StatusPatch`] for the rules,
     /// the fence and the indexes kept in step).
+    ///
+    /// A fenced patch is [`Error::NotOwner`] when the status names another
+    /// supervisor (or none), and [`Error::NotFound`] (naming the device) when
+    /// there is no status at all; either way nothing changes.
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()>;
 
     /// The status of `device`, if anything was ever recorded.
@@ -451,14 +455,15 @@ impl<T: RoutingStore + ?Sized> RoutingStoreExt for T {}
 pub trait StatusStoreExt: StatusStore {
     /// Marks `device` offline unless another supervisor has it now (fenced by `supervisor`).
     ///
-    /// Returns whether it was marked; a fenced-off update is `Ok(false)`.
+    /// Returns whether it was marked; a fenced-off update, or a device
+    /// without status (nothing to mark), is `Ok(false)`.
     async fn mark_offline(&self, device: &DeviceId, supervisor: &SupervisorId) -> Result<bool> {
         match self
             .update_status(device, &StatusPatch::new().offline().fenced_by(*supervisor))
             .await
         {
             Ok(()) => Ok(true),
-            Err(Error::NotOwner(_)) => Ok(false),
+            Err(Error::NotOwner(_) | Error::NotFound { .. }) => Ok(false),
             Err(other) => Err(other),
         }
     }

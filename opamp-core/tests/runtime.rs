@@ -2,6 +2,8 @@
 //! with the memory store and bus.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,9 +19,9 @@ use opamp_core::transport::{
 };
 use opamp_core::{
     AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, CommandRecord, CommandState, ConfigBundle,
-    ConfigFile, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent, DeviceId, Error,
-    EventBus, EventKind, GroupName, ManualClock, Presence, Result, RoutingStore, StatusStore, Store, Subscription,
-    SupervisorId, Timestamp, TrackingStore,
+    ConfigFile, ConfigHash, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion, CorrelationId, DeviceEvent,
+    DeviceId, Error, EventBus, EventKind, GroupName, ManualClock, Page, PageRequest, Presence, PresenceUpdate, Result,
+    RoutingStore, StatusPatch, StatusStore, Store, Subscription, SupervisorId, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -57,7 +59,7 @@ impl Fleet {
     }
 
     /// A supervisor over `store` and `bus` instead of the fleet's own (a failing wrapper, a smaller bus).
-    async fn supervisor_over(
+    async fn supervisor_over_bus(
         &self,
         id: &str,
         store: Arc<dyn Store>,
@@ -78,7 +80,22 @@ impl Fleet {
         config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
         transport: Arc<dyn DeviceTransport>,
     ) -> RunningSupervisor {
-        let store: Arc<dyn Store> = self.store.clone();
+        self.supervisor_on_store(id, config, transport, self.store.clone())
+            .await
+    }
+
+    /// A supervisor on `store` (the fleet's, behind a wrapper) rather than the fleet's store itself.
+    async fn supervisor_over(&self, id: &str, store: Arc<dyn Store>) -> (RunningSupervisor, ChannelConnector) {
+        self.supervisor_over_bus(id, store, self.bus.clone()).await
+    }
+
+    async fn supervisor_on_store(
+        &self,
+        id: &str,
+        config: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+        transport: Arc<dyn DeviceTransport>,
+        store: Arc<dyn Store>,
+    ) -> RunningSupervisor {
         let bus: Arc<dyn Bus> = self.bus.clone();
         Supervisor::new(config(SupervisorConfig::new(sid(id))), store, bus)
             .with_clock(self.clock.clone())
@@ -977,7 +994,7 @@ async fn a_store_outage_while_a_command_is_answered_delays_its_outcome_and_wedge
     let store = Arc::new(FailingStore::new(fleet.store.clone()));
     // A bus that holds two commands outstanding at most: one never ended wedges it at once.
     let bus = Arc::new(MemoryBus::with_config(MemoryBusConfig::default().with_capacity(2)).unwrap());
-    let (s1, connector) = fleet.supervisor_over("s1", store.clone(), bus.clone()).await;
+    let (s1, connector) = fleet.supervisor_over_bus("s1", store.clone(), bus.clone()).await;
     let mut device = silent_device(&connector, "d1").await;
     fleet.owner_is("d1", Some("s1")).await;
     let send = |n: usize| {
@@ -1068,7 +1085,7 @@ async fn a_config_update_that_meets_a_store_outage_is_applied_once_the_store_ans
     let fleet = Fleet::new().await;
     let (v1, bundle1) = template(&fleet.store, "v1").await;
     let store = Arc::new(FailingStore::new(fleet.store.clone()));
-    let (s1, connector) = fleet.supervisor_over("s1", store.clone(), fleet.bus.clone()).await;
+    let (s1, connector) = fleet.supervisor_over("s1", store.clone()).await;
     let applier = Arc::new(MemoryApplier::new());
     let (_agent, _stop) = spawn_agent(Arc::new(connector), hello("d1"), applier.clone());
     fleet.owner_is("d1", Some("s1")).await;
@@ -1090,4 +1107,392 @@ async fn a_config_update_that_meets_a_store_outage_is_applied_once_the_store_ans
     .await;
     assert_eq!(fleet.store.desired(&did("d1")).await.unwrap(), Some(v1));
     s1.shutdown().await;
+}
+/// A device that reports everything a status holds: agent type, labels and the config it runs.
+fn described(device: &str) -> DeviceHello {
+    let mut hello = hello(device);
+    hello.labels = [
+        ("site".to_owned(), "lab".to_owned()),
+        ("ring".to_owned(), "1".to_owned()),
+    ]
+    .into();
+    hello.config_version = Some(ConfigVersion::new("v7").unwrap());
+    hello.config_hash = Some(ConfigHash::from_slice(&[7; 32]).unwrap());
+    hello
+}
+
+/// Whether the supervisor has left the device's session open with nothing sent on it.
+fn still_open(device: &mut opamp_core::transport::AgentSession) -> bool {
+    let polled = device
+        .inbound
+        .poll_recv(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    matches!(polled, std::task::Poll::Pending)
+}
+
+/// Registers `count` described devices on `connector`, owned by `owner`.
+async fn described_fleet(
+    fleet: &Fleet,
+    connector: &ChannelConnector,
+    owner: &str,
+    count: usize,
+) -> Vec<(DeviceId, opamp_core::transport::AgentSession)> {
+    let mut devices = Vec::new();
+    for n in 0..count {
+        let name = format!("d{n}");
+        let mut session = connector.connect(&described(&name)).await.unwrap();
+        let first = session.inbound.recv().await.unwrap();
+        assert!(matches!(first, Some(ToDevice::Registered(_))), "{first:?}");
+        fleet.owner_is(&name, Some(owner)).await;
+        devices.push((did(&name), session));
+    }
+    devices
+}
+
+type Sessions = [(DeviceId, opamp_core::transport::AgentSession)];
+
+/// When each of `devices` registered, by its status.
+async fn connected_at(store: &dyn Store, devices: &Sessions) -> Vec<Timestamp> {
+    let mut at = Vec::new();
+    for (device, _) in devices {
+        at.push(store.status(device).await.unwrap().unwrap().connected_at.unwrap());
+    }
+    at
+}
+
+/// Waits for every device to be `owner`'s again with its whole status.
+async fn all_restored(store: &dyn Store, devices: &Sessions, owner: &str, connected_at: &[Timestamp]) {
+    for ((device, _), at) in devices.iter().zip(connected_at) {
+        eventually(&format!("{device} re-claimed with its whole status"), WAIT, || {
+            fully_restored(store, device, owner, *at)
+        })
+        .await;
+    }
+}
+
+fn none_closed(supervisor: &RunningSupervisor, devices: &mut Sessions) {
+    for (device, session) in devices {
+        assert!(supervisor.is_connected(device), "{device} still has its session");
+        assert!(still_open(session), "{device}'s session was not closed");
+    }
+}
+
+/// Whether `device`'s lease is `owner`'s and its status is everything its hello said, online under `owner`.
+async fn fully_restored(store: &dyn Store, device: &DeviceId, owner: &str, connected_at: Timestamp) -> bool {
+    let expected = described(device.as_str());
+    let Some(status) = store.status(device).await.unwrap() else {
+        return false;
+    };
+    store.lookup(device).await.unwrap() == Some(sid(owner))
+        && status.status == Presence::Online
+        && status.supervisor == Some(sid(owner))
+        && status.connected_at == Some(connected_at)
+        && status.last_seen.is_some()
+        && status.agent_type == expected.agent_type
+        && status.labels == expected.labels
+        && status.config_version == expected.config_version
+        && status.config_hash == expected.config_hash
+}
+
+/// The store loses its data while devices are connected (Redis restarted
+/// empty): the first status write to find no status makes the supervisor
+/// claim every device again, at once rather than at its next renewal (100 s
+/// away here), and write each one's whole status from its session; no
+/// session is closed, and the write that noticed is recorded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_its_data_is_reclaimed_at_once_without_closing_sessions() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 5).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    fleet.store.clear();
+    let (_, first) = &devices[0];
+    first.outbound.send(report(Some(true), None)).await.unwrap();
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    let (noticed, _) = &devices[0];
+    assert!(
+        fleet.store.status(noticed).await.unwrap().unwrap().emission,
+        "the report that noticed is recorded"
+    );
+    none_closed(&s1, &mut devices);
+    s1.shutdown().await;
+}
+
+/// A renewal that finds leases gone (the store restarted empty) claims every
+/// device again with its whole status, not only `online`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_with_the_store_are_reclaimed_with_the_whole_status() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 3).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    fleet.store.clear();
+    s1.renew_leases().await;
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    none_closed(&s1, &mut devices);
+    s1.shutdown().await;
+}
+
+/// The memory store, with calls a test can hold back and count: the first
+/// write marking a device online under `held` waits until the test lets it
+/// go (to land a registration's status write after another supervisor's
+/// registration of the same device); claims wait while the test holds them;
+/// claims and status writes that find no status are counted.
+#[derive(Debug)]
+struct Gated {
+    store: Arc<MemoryStore>,
+    held: Option<SupervisorId>,
+    armed: AtomicBool,
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    claims_open: tokio::sync::watch::Sender<bool>,
+    claims: AtomicUsize,
+    missing: AtomicUsize,
+}
+
+impl Gated {
+    fn new(store: Arc<MemoryStore>, held: Option<&str>) -> Self {
+        Gated {
+            store,
+            held: held.map(sid),
+            armed: true.into(),
+            holding: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+            claims_open: tokio::sync::watch::Sender::new(true),
+            claims: AtomicUsize::new(0),
+            missing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Waits until the online write is held.
+    async fn holding(&self) {
+        tokio::time::timeout(WAIT, self.holding.notified())
+            .await
+            .expect("the online write held in time");
+    }
+}
+
+#[async_trait]
+impl RoutingStore for Gated {
+    async fn claim(&self, device: &DeviceId, supervisor: &SupervisorId, ttl: Duration) -> Result<opamp_core::Claim> {
+        self.claims.fetch_add(1, SeqCst);
+        let _ = self.claims_open.subscribe().wait_for(|open| *open).await.map(drop);
+        self.store.claim(device, supervisor, ttl).await
+    }
+    async fn renew(&self, supervisor: &SupervisorId, devices: &[DeviceId], ttl: Duration) -> Result<Vec<DeviceId>> {
+        self.store.renew(supervisor, devices, ttl).await
+    }
+    async fn release(&self, device: &DeviceId, supervisor: &SupervisorId) -> Result<bool> {
+        self.store.release(device, supervisor).await
+    }
+    async fn lookup(&self, device: &DeviceId) -> Result<Option<SupervisorId>> {
+        self.store.lookup(device).await
+    }
+    async fn lookup_many(&self, devices: &[DeviceId]) -> Result<Vec<Option<SupervisorId>>> {
+        self.store.lookup_many(devices).await
+    }
+}
+
+#[async_trait]
+impl StatusStore for Gated {
+    async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        let online_here = matches!(
+            &patch.presence,
+            Some(PresenceUpdate::Online { supervisor, .. }) if Some(*supervisor) == self.held
+        );
+        if online_here && self.armed.swap(false, SeqCst) {
+            self.holding.notify_one();
+            self.release.notified().await;
+        }
+        let written = self.store.update_status(device, patch).await;
+        if let Err(Error::NotFound { .. }) = &written {
+            self.missing.fetch_add(1, SeqCst);
+        }
+        written
+    }
+    async fn status(&self, device: &DeviceId) -> Result<Option<opamp_core::DeviceStatus>> {
+        self.store.status(device).await
+    }
+    async fn online_devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.online_devices(page).await
+    }
+    async fn devices(&self, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.devices(page).await
+    }
+    async fn supervisor_devices(&self, supervisor: &SupervisorId, page: &PageRequest) -> Result<Page<DeviceId>> {
+        self.store.supervisor_devices(supervisor, page).await
+    }
+    async fn device_counts(&self) -> Result<Vec<opamp_core::SupervisorLoad>> {
+        self.store.device_counts().await
+    }
+}
+
+#[async_trait]
+impl ConfigStore for Gated {
+    async fn put_template(&self, template: &ConfigTemplate) -> Result<()> {
+        self.store.put_template(template).await
+    }
+    async fn template(&self, config: &ConfigRef) -> Result<Option<ConfigTemplate>> {
+        self.store.template(config).await
+    }
+    async fn template_versions(&self, agent_type: &AgentType) -> Result<Vec<ConfigVersion>> {
+        self.store.template_versions(agent_type).await
+    }
+    async fn set_latest(&self, config: &ConfigRef) -> Result<()> {
+        self.store.set_latest(config).await
+    }
+    async fn latest(&self, agent_type: &AgentType) -> Result<Option<ConfigVersion>> {
+        self.store.latest(agent_type).await
+    }
+    async fn set_desired(&self, device: &DeviceId, config: &ConfigRef) -> Result<()> {
+        self.store.set_desired(device, config).await
+    }
+    async fn desired(&self, device: &DeviceId) -> Result<Option<ConfigRef>> {
+        self.store.desired(device).await
+    }
+    async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
+        self.store.clear_desired(device).await
+    }
+}
+
+#[async_trait]
+impl TrackingStore for Gated {
+    async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
+        self.store.insert_command(record).await
+    }
+    async fn update_command(&self, record: &CommandRecord) -> Result<bool> {
+        self.store.update_command(record).await
+    }
+    async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
+        self.store.command_record(id).await
+    }
+    async fn overdue_commands(&self, before: Timestamp, limit: usize) -> Result<Vec<CorrelationId>> {
+        self.store.overdue_commands(before, limit).await
+    }
+    async fn watch_endings(&self) -> Result<opamp_core::Endings> {
+        self.store.watch_endings().await
+    }
+    async fn put_rollout(&self, rollout: &opamp_core::Rollout) -> Result<bool> {
+        self.store.put_rollout(rollout).await
+    }
+    async fn rollout(&self, id: &opamp_core::RolloutId) -> Result<Option<opamp_core::Rollout>> {
+        self.store.rollout(id).await
+    }
+    async fn rollouts(&self, page: &PageRequest) -> Result<Page<opamp_core::RolloutId>> {
+        self.store.rollouts(page).await
+    }
+    async fn claim_rollout_driver(&self, id: &opamp_core::RolloutId, driver: &str, ttl: Duration) -> Result<bool> {
+        self.store.claim_rollout_driver(id, driver, ttl).await
+    }
+    async fn release_rollout_driver(&self, id: &opamp_core::RolloutId, driver: &str) -> Result<bool> {
+        self.store.release_rollout_driver(id, driver).await
+    }
+}
+
+/// One device registers on s1 and s2 at once, and s1's status write lands
+/// after s2 claimed the device and wrote its own: the registration is fenced
+/// by the lease, so s1's write is refused and s1 closes its session. One live
+/// session is left, on s2, and the status names s2, which holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_registrations_leave_one_session_and_the_status_naming_the_lease_holder() {
+    let fleet = Fleet::new().await;
+    let holds = Arc::new(Gated::new(fleet.store.clone(), Some("s1")));
+    let (s1, c1) = fleet.supervisor_over("s1", holds.clone()).await;
+    let (s2, c2) = fleet.supervisor("s2", |c| c).await;
+
+    // s1 claims the device; its online write is held.
+    let mut on_s1 = c1.connect(&hello("d1")).await.unwrap();
+    holds.holding().await;
+    fleet.owner_is("d1", Some("s1")).await;
+    // s2 registers it meanwhile: it claims it and marks it online.
+    let mut on_s2 = silent_device(&c2, "d1").await;
+    fleet.owner_is("d1", Some("s2")).await;
+    // Now s1's write lands.
+    holds.release.notify_one();
+
+    let closed = tokio::time::timeout(WAIT, on_s1.inbound.recv())
+        .await
+        .expect("s1 answered in time")
+        .unwrap();
+    assert_eq!(closed, None, "s1 closed its session without registering it");
+    eventually("s1 holds no session for d1", WAIT, || async {
+        !s1.is_connected(&did("d1"))
+    })
+    .await;
+    assert!(s2.is_connected(&did("d1")));
+    assert!(still_open(&mut on_s2), "s2's session stays");
+    let status = fleet.store.status(&did("d1")).await.unwrap().unwrap();
+    assert_eq!((status.status, status.supervisor), (Presence::Online, Some(sid("s2"))));
+    fleet.owner_is("d1", Some("s2")).await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+/// The store loses its data and, before s1 notices, d0 registers on s2: when
+/// s1 claims its devices again (d1's report noticed the loss), its claim of d0
+/// is a takeover of s2's newer session, so s1 hands the lease back and closes
+/// its own session of d0; d1 it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaiming_after_store_loss_leaves_a_device_registered_elsewhere_meanwhile() {
+    let fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", 2).await;
+
+    fleet.store.clear();
+    fleet.take_over("d0", "s2").await;
+    let (_, d1) = &devices[1];
+    d1.outbound.send(report(Some(true), None)).await.unwrap();
+
+    let (_, d0) = &mut devices[0];
+    let closed = tokio::time::timeout(WAIT, d0.inbound.recv())
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(closed, None, "s1 closed its older session of d0");
+    fleet.owner_is("d0", Some("s2")).await;
+    let status = fleet.store.status(&did("d0")).await.unwrap().unwrap();
+    assert_eq!(status.supervisor, Some(sid("s2")), "s1 wrote nothing over s2's status");
+    fleet.owner_is("d1", Some("s1")).await;
+    let (_, d1) = &mut devices[1];
+    assert!(still_open(d1));
+    s1.shutdown().await;
+}
+
+/// Every device notices the store's loss at once (each one's report finds no
+/// status while claims are held back): each claims itself again once, and
+/// the re-assertion of every device is one pass, or two when devices notice
+/// while one runs; not a pass per device that noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_noticing_the_loss_together_make_one_pass() {
+    const DEVICES: usize = 20;
+    let fleet = Fleet::new().await;
+    let gated = Arc::new(Gated::new(fleet.store.clone(), None));
+    let (s1, connector) = fleet.supervisor_over("s1", gated.clone()).await;
+    let mut devices = described_fleet(&fleet, &connector, "s1", DEVICES).await;
+    let connected_at = connected_at(&*fleet.store, &devices).await;
+
+    gated.claims_open.send_replace(false);
+    fleet.store.clear();
+    let claims_before = gated.claims.load(SeqCst);
+    for (_, session) in &devices {
+        session.outbound.send(report(Some(true), None)).await.unwrap();
+    }
+    eventually("every device noticed", WAIT, || async {
+        gated.missing.load(SeqCst) >= DEVICES
+    })
+    .await;
+    gated.claims_open.send_replace(true);
+
+    all_restored(&*fleet.store, &devices, "s1", &connected_at).await;
+    none_closed(&s1, &mut devices);
+    // Counted once the supervisor stopped: it waits for a pass under way.
+    s1.shutdown().await;
+    let claims = gated.claims.load(SeqCst) - claims_before;
+    assert!(
+        claims <= DEVICES + 2 * DEVICES,
+        "{claims} claims for {DEVICES} devices: more than two passes"
+    );
 }

@@ -103,6 +103,23 @@ impl MemoryStore {
         self
     }
 
+    /// Forgets everything, as a store that restarted without its data does:
+    /// leases, statuses and their indexes, templates, desired
+    /// configurations, command records and rollouts. For recovery tests and
+    /// demos; open watches of command endings stay open.
+    pub fn clear(&self) {
+        for shard in self.leases.shards.iter() {
+            write(shard).leases.clear();
+        }
+        self.statuses.clear();
+        *write(&self.indexes) = Indexes::default();
+        *write(&self.configs) = Configs::default();
+        self.desired.clear();
+        self.commands.clear();
+        let mut tracking = write(&self.tracking);
+        *tracking = Tracking::new(tracking.retention);
+    }
+
     /// Drops every lapsed lease; returns how many it dropped.
     ///
     /// Lapsed leases are already invisible; this only gives their memory back.
@@ -158,14 +175,33 @@ impl MemoryStore {
         read(self.leases.shard(&key)).owner(&key, now)
     }
 
-    /// Applies `patch`, unless its fence does not hold: then it changes
-    /// nothing and returns what refused it.
+    /// Applies `patch`, unless its fence or lease condition does not hold:
+    /// then it changes nothing and returns what refused it.
     fn update_status_now(&self, device: &DeviceId, patch: &StatusPatch) -> Option<FencedOff> {
+        // Held until the status is written, so no claim lands in between.
+        let leases = patch.lease.map(|holder| {
+            let key = self.leases.key(device);
+            (holder, key, read(self.leases.shard(&key)))
+        });
+        if let Some((holder, key, shard)) = &leases {
+            let owner = shard.owner(key, self.clock.now());
+            if owner != Some(*holder) {
+                return Some(FencedOff::Named {
+                    fence: *holder,
+                    named: owner,
+                });
+            }
+        }
         let mut shard = self.statuses.write(device);
         if let Some(fence) = patch.fence {
-            let named = shard.get(device).and_then(|status| status.supervisor);
-            if named != Some(fence) {
-                return Some(FencedOff { fence, named });
+            let Some(status) = shard.get(device) else {
+                return Some(FencedOff::Missing);
+            };
+            if status.supervisor != Some(fence) {
+                return Some(FencedOff::Named {
+                    fence,
+                    named: status.supervisor,
+                });
             }
         }
         let status = shard
@@ -177,6 +213,7 @@ impl MemoryStore {
         if before != after {
             write(&self.indexes).move_device(device, before, after);
         }
+        drop(leases);
         None
     }
 }
@@ -226,9 +263,11 @@ impl RoutingStore for MemoryStore {
 #[async_trait]
 impl StatusStore for MemoryStore {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        patch.check_conditions(device)?;
         match self.update_status_now(device, patch) {
             None => Ok(()),
-            Some(FencedOff { fence, named }) => Err(Error::not_owner(*device, fence, named)),
+            Some(FencedOff::Named { fence, named }) => Err(Error::not_owner(*device, fence, named)),
+            Some(FencedOff::Missing) => Err(Error::status_not_found(*device)),
         }
     }
 
@@ -520,6 +559,12 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         &self.shards[(hash >> (u64::BITS - SHARDS.trailing_zeros())) as usize]
     }
 
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            write(shard).clear();
+        }
+    }
+
     fn read(&self, key: &K) -> RwLockReadGuard<'_, HashMap<K, V>> {
         read(self.shard(key))
     }
@@ -559,10 +604,15 @@ impl Indexes {
     }
 }
 
-/// A patch's fence that did not hold, and the supervisor the status named instead.
-struct FencedOff {
-    fence: SupervisorId,
-    named: Option<SupervisorId>,
+/// Why a patch's fence or lease condition did not hold.
+enum FencedOff {
+    /// The status (or the lease) named another supervisor, or none.
+    Named {
+        fence: SupervisorId,
+        named: Option<SupervisorId>,
+    },
+    /// There is no status to fence by.
+    Missing,
 }
 
 /// The supervisor a status puts the device online under, if it is online.

@@ -21,10 +21,11 @@ use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::testkit::eventually;
 use opamp_core::testkit::store::StoreFixture;
 use opamp_core::transport::channel::{self, ChannelConfig};
-use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello};
+use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello, FromDevice, StatusReport, ToDevice};
 use opamp_core::{
-    AgentType, Bus, Claim, Clock, ConfigBundle, ConfigFile, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
-    DeviceId, Error, ManualClock, PageRequest, RoutingStore, StatusPatch, StatusStore, Store, SupervisorId, Timestamp,
+    AgentType, Bus, Claim, Clock, ConfigBundle, ConfigFile, ConfigHash, ConfigRef, ConfigStore, ConfigTemplate,
+    ConfigVersion, DeviceId, Error, ManualClock, PageRequest, RoutingStore, StatusPatch, StatusStore, Store,
+    SupervisorId, Timestamp,
 };
 use opamp_store::redis::{RedisStore, RedisStoreConfig};
 
@@ -651,10 +652,15 @@ async fn supervisors_reassert_leases_after_redis_restarts_empty() {
         || all_owned(store.clone(), devices.clone()),
     )
     .await;
-    let status = store.status(&devices[0]).await.unwrap().expect("status written again");
-    assert!(status.is_online());
-    let online = store.online_devices(&PageRequest::first(100)).await.unwrap();
-    assert_eq!(online.items.len(), devices.len());
+    // Each device's status is written right after its claim, several devices at once.
+    eventually("every status written again", Duration::from_secs(5), || {
+        let store = store.clone();
+        let count = devices.len();
+        async move {
+            matches!(store.online_devices(&PageRequest::first(100)).await, Ok(online) if online.items.len() == count)
+        }
+    })
+    .await;
     eprintln!(
         "re-asserted {} leases {:?} after the restart",
         devices.len(),
@@ -710,3 +716,116 @@ async fn large_sets_page_through_churn(cluster: bool) {
 }
 
 on_both!(large_sets_page_through_churn);
+
+/// The store loses its data while devices are connected, as when Redis
+/// restarts empty (here: this test's keys, and only those, are deleted; the
+/// server is shared). The first status write to find no status makes the
+/// supervisor claim every device again at once (its next renewal is 100 s
+/// away) and write each one's whole status from its session; no session is
+/// closed.
+async fn lost_keys_are_claimed_again_at_once_without_closing_sessions(cluster: bool) {
+    let prefix = unique_prefix("store-loss");
+    let base = if cluster {
+        RedisStoreConfig::cluster(cluster_urls())
+    } else {
+        RedisStoreConfig::standalone(standalone_url())
+    };
+    let store = Arc::new(connect(base.key_prefix(prefix.clone()), None).await);
+    let (transport, connector) = channel::pair(ChannelConfig::default());
+    let supervisor = Supervisor::new(
+        SupervisorConfig::new(sid("s1")),
+        store.clone() as Arc<dyn Store>,
+        Arc::new(MemoryBus::new()) as Arc<dyn Bus>,
+    )
+    .start(vec![Arc::new(transport)])
+    .await
+    .unwrap();
+    let hello = |n: usize| {
+        let mut hello = DeviceHello::new(did(&format!("device-{n}")));
+        hello.capabilities = Capabilities::all_builtin();
+        hello.agent_type = Some(AgentType::new("fluentbit").unwrap());
+        hello.labels = [("site".to_owned(), "lab".to_owned())].into();
+        hello.config_version = Some(ConfigVersion::new("v7").unwrap());
+        hello.config_hash = Some(ConfigHash::from_slice(&[7; 32]).unwrap());
+        hello
+    };
+    let mut sessions = Vec::new();
+    for n in 0..5 {
+        let mut session = connector.connect(&hello(n)).await.unwrap();
+        let registered = session.inbound.recv().await.unwrap();
+        assert!(matches!(registered, Some(ToDevice::Registered(_))), "{registered:?}");
+        sessions.push(session);
+    }
+    let mut before = Vec::new();
+    for n in 0..5 {
+        before.push(store.status(&hello(n).device).await.unwrap().expect("registered"));
+    }
+
+    let mut raw = raw(cluster).await;
+    let shared = [
+        "devices:online",
+        "devices",
+        "supervisors",
+        "supervisor:{s1}:devices",
+        "supervisor:{s1}:device_count",
+    ];
+    let mut keys: Vec<String> = shared.iter().map(|key| format!("{prefix}{key}")).collect();
+    for n in 0..5 {
+        for suffix in ["", ":supervisor", ":desired", ":indexing"] {
+            keys.push(format!("{prefix}device:{{device-{n}}}{suffix}"));
+        }
+    }
+    for key in &keys {
+        let _: i64 = raw.query(redis::cmd("DEL").arg(key)).await;
+    }
+    assert_eq!(
+        store.status(&hello(0).device).await.unwrap(),
+        None,
+        "the status is gone"
+    );
+
+    let mut report = StatusReport::default();
+    report.emission = Some(true);
+    sessions[0].outbound.send(FromDevice::Status(report)).await.unwrap();
+
+    for (n, expected) in before.iter().enumerate() {
+        let (store, device) = (store.clone(), hello(n).device);
+        eventually(
+            &format!("{device} claimed again with its whole status"),
+            Duration::from_secs(10),
+            || {
+                let store = store.clone();
+                async move {
+                    let status = store.status(&device).await.unwrap();
+                    store.lookup(&device).await.unwrap() == Some(sid("s1"))
+                        && status.is_some_and(|status| {
+                            status.is_online()
+                                && status.supervisor == Some(sid("s1"))
+                                && status.connected_at == expected.connected_at
+                                && status.agent_type == expected.agent_type
+                                && status.labels == expected.labels
+                                && status.config_version == expected.config_version
+                                && status.config_hash == expected.config_hash
+                        })
+                }
+            },
+        )
+        .await;
+    }
+    assert!(
+        store.status(&hello(0).device).await.unwrap().unwrap().emission,
+        "the report that noticed"
+    );
+    let online = store.online_devices(&PageRequest::first(100)).await.unwrap();
+    assert_eq!(online.items.len(), 5, "the indexes are back too");
+    for session in &mut sessions {
+        let polled = session
+            .inbound
+            .poll_recv(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(polled.is_pending(), "no session closed: {polled:?}");
+    }
+    assert_eq!(supervisor.connected_devices(), 5);
+    supervisor.shutdown().await;
+}
+
+on_both!(lost_keys_are_claimed_again_at_once_without_closing_sessions);

@@ -43,10 +43,16 @@
 //! instance that issued it and this one; a retry counts from its first issue).
 //!
 //! Leases are renewed for all connected devices every `lease_ttl / 3`, in
-//! batches of one store call each. A device whose lease lapsed while it is
-//! still connected (the store restarted empty, say) is claimed again; a device
-//! another supervisor took over has its stale session closed here, at the
-//! next renewal or as soon as a fenced write for it is refused.
+//! batches of one store call each. A store that lost its data (restarted
+//! empty, say) is no takeover: when a renewal finds a lease gone with nobody
+//! else holding it, or a fenced status write finds no status at all
+//! (`NotFound`), every device here is claimed again at once, in one pass
+//! however many notice, and its whole status (agent type, labels, config,
+//! emission, `connected_at`) written again from its session, conditional on
+//! the lease just claimed; no session is closed. Only another supervisor's
+//! lease, or a status naming another supervisor (`NotOwner`), closes a
+//! session here as stale: at the next renewal or as soon as a fenced write
+//! for it is refused.
 //!
 //! Devices converge on their desired configuration: when one registers with a
 //! configuration hash other than its desired template's, and when a broadcast
@@ -64,7 +70,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -74,10 +80,10 @@ use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigHash, ConfigRef};
 use crate::error::{Error, Result};
 use crate::event::{ConfigApplyState, DeviceEvent, EventKind};
-use crate::id::{AgentType, DeviceId, SupervisorId};
+use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::{Labels, StatusPatch};
 use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
-use crate::time::{Clock, SystemClock, duration_text};
+use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::CommandRecord;
 use crate::transport::{
     Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, StatusReport,
@@ -320,6 +326,7 @@ impl Supervisor {
             session_tasks: Mutex::new(JoinSet::new()),
             runtime: tokio::runtime::Handle::current(),
             next_session: AtomicU64::new(1),
+            lost: Notify::new(),
             stopping,
             unrecorded: Mutex::default(),
         });
@@ -330,6 +337,7 @@ impl Supervisor {
         loops.spawn(Arc::clone(&inner).command_loop(commands));
         loops.spawn(Arc::clone(&inner).update_loop(updates));
         loops.spawn(Arc::clone(&inner).renew_loop());
+        loops.spawn(Arc::clone(&inner).reclaim_loop());
         info!(supervisor = %inner.config.id, "supervisor started");
         Ok(RunningSupervisor { inner, loops })
     }
@@ -443,6 +451,8 @@ struct Inner {
     /// Where a session woken from outside the runtime (by a transport's thread) spawns its task.
     runtime: tokio::runtime::Handle,
     next_session: AtomicU64,
+    /// Wakes `reclaim_loop`: the store lost devices held here.
+    lost: Notify,
     in_flight: Arc<Semaphore>,
     stopping: watch::Sender<bool>,
     /// Outcomes of commands run here whose recording failed for good: their
@@ -764,38 +774,134 @@ impl Inner {
         let me = self.config.id;
         for batch in devices.chunks(self.config.renew_batch) {
             match self.store.renew(&me, batch, self.config.lease_ttl).await {
-                Ok(lost) => {
-                    for device in lost {
-                        self.reassert(&device).await;
-                    }
-                }
+                Ok(lost) => self.reassert(&lost).await,
                 Err(err) => warn!(supervisor = %me, error = %err, devices = batch.len(), "renewing leases failed"),
             }
         }
     }
 
-    /// A lease renewal failed for a device still connected here.
-    async fn reassert(&self, device: &DeviceId) {
+    /// Lease renewals failed for these devices, still connected here: looked
+    /// up in one call, those another supervisor holds are closed here; if any
+    /// lease lapsed or vanished (the store restarted empty, say), the others
+    /// here are likely gone too, so every device is claimed again.
+    async fn reassert(&self, lost: &[DeviceId]) {
         let me = self.config.id;
-        match self.store.lookup(device).await {
-            Ok(Some(owner)) if owner != me => {
-                info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
-                if let Some(session) = self.session(device) {
-                    session.close();
-                }
+        if lost.is_empty() {
+            return;
+        }
+        let owners = match self.store.lookup_many(lost).await {
+            Ok(owners) => owners,
+            Err(err) => {
+                warn!(supervisor = %me, error = %err, devices = lost.len(), "looking up lost leases failed");
+                return;
             }
-            Ok(_) => {
-                // The lease lapsed or vanished (the store restarted empty): still connected, so claim it again.
-                let claimed = self.store.claim(device, &me, self.config.lease_ttl).await;
-                let marked = self
-                    .store
-                    .update_status(device, &StatusPatch::new().online(me, self.clock.now()))
-                    .await;
-                if let Err(err) = claimed.map(drop).and(marked) {
-                    warn!(%device, supervisor = %me, error = %err, "re-asserting a lease failed");
+        };
+        let mut unheld = false;
+        for (device, owner) in lost.iter().zip(owners) {
+            match owner {
+                Some(owner) if owner != me => {
+                    info!(%device, supervisor = %me, new_owner = %owner, "device taken over; closing the stale session");
+                    if let Some(session) = self.session(device) {
+                        session.close();
+                    }
                 }
+                _ => unheld = true,
             }
-            Err(err) => warn!(%device, supervisor = %me, error = %err, "looking up a lost lease failed"),
+        }
+        if unheld {
+            self.store_lost();
+        }
+    }
+
+    /// The store has forgotten devices held here (a lease or a status is
+    /// gone): claims every device here again, with its whole status, as soon
+    /// as `reclaim_loop` gets to it. Debounced: however many sessions notice
+    /// at once, that is one pass (and one more if some notice during it).
+    fn store_lost(&self) {
+        self.lost.notify_one();
+    }
+
+    async fn reclaim_loop(self: Arc<Self>) {
+        let mut stopping = self.stopping();
+        loop {
+            tokio::select! {
+                _ = self.lost.notified() => self.reclaim_all().await,
+                _ = stopped(&mut stopping) => return,
+            }
+        }
+    }
+
+    async fn reclaim_all(self: &Arc<Self>) {
+        // Each device is two round trips (claim, then status); a few dozen at
+        // once keep 20,000 devices from taking 40,000 round trips end to end.
+        const AT_ONCE: usize = 64;
+        let sessions: Vec<Arc<Session>> = self.sessions().iter().map(|listed| Arc::clone(&listed.0)).collect();
+        info!(supervisor = %self.config.id, devices = sessions.len(), "the store lost devices held here; claiming every device again");
+        // Dropped with this task, as a crash (`abort`) drops it.
+        let mut running = JoinSet::new();
+        for session in sessions {
+            if running.len() >= AT_ONCE {
+                running.join_next().await;
+            }
+            let inner = Arc::clone(self);
+            running.spawn(async move {
+                inner.reclaim(&session, None).await;
+            });
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// A fenced write of `patch` found no status for `device` (the store
+    /// lost it): claims it again and writes its whole status with `patch`
+    /// over it, and has every other device here claimed again too. Returns
+    /// whether the status was written.
+    async fn status_lost(&self, device: &DeviceId, patch: Option<&StatusPatch>) -> bool {
+        self.store_lost();
+        match self.session(device) {
+            Some(session) => self.reclaim(&session, patch).await,
+            None => false,
+        }
+    }
+
+    /// Claims `session`'s device again and writes its whole status (with
+    /// `extra` over it), conditional on the lease just claimed. Returns
+    /// whether the status was written. A device that another supervisor
+    /// holds meanwhile is left to it: its session there is the newer one.
+    async fn reclaim(&self, session: &Arc<Session>, extra: Option<&StatusPatch>) -> bool {
+        let (me, device, ttl) = (self.config.id, session.device, self.config.lease_ttl);
+        if session.slot().closing {
+            // Closed meanwhile (replaced by a newer session, say): its status is not to be written.
+            return false;
+        }
+        match self.store.claim(&device, &me, ttl).await {
+            Ok(Claim::Acquired | Claim::Renewed) => {}
+            Ok(Claim::TakenOver { previous }) => {
+                // The device registered there while the store had forgotten
+                // it here: give the lease back, and close the older session.
+                info!(%device, supervisor = %me, owner = %previous, "device registered elsewhere meanwhile; closing the stale session");
+                if let Err(err) = self.store.claim(&device, &previous, ttl).await {
+                    warn!(%device, owner = %previous, error = %err, "handing a lease back failed");
+                }
+                session.close();
+                return false;
+            }
+            Err(err) => {
+                warn!(%device, supervisor = %me, error = %err, "claiming a device again failed");
+                return false;
+            }
+        }
+        let patch = session.whole_status(me, self.clock.now(), extra).leased_by(me);
+        match self.store.update_status(&device, &patch).await {
+            Ok(()) => true,
+            Err(Error::NotOwner(_)) => {
+                info!(%device, supervisor = %me, "device claimed elsewhere meanwhile; closing the stale session");
+                session.close();
+                false
+            }
+            Err(err) => {
+                warn!(%device, supervisor = %me, error = %err, "writing a device's status again failed");
+                false
+            }
         }
     }
 
@@ -815,10 +921,13 @@ impl Inner {
         async move {
             let me = self.config.id;
             let device = session.hello.device;
-            if let Err(err) = Box::pin(self.register(&session.hello)).await {
-                warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
-                return;
-            }
+            let connected_at = match Box::pin(self.register(&session.hello)).await {
+                Ok(at) => at,
+                Err(err) => {
+                    warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
+                    return;
+                }
+            };
             // The session keeps only what it needs of the hello.
             let DeviceSession {
                 hello,
@@ -832,6 +941,7 @@ impl Inner {
                 device,
                 agent_type: hello.agent_type,
                 labels: hello.labels,
+                connected_at,
                 slot: Mutex::new(Slot {
                     // This task runs it first.
                     run: Run::Running {
@@ -845,11 +955,14 @@ impl Inner {
                         inbound,
                         outbound,
                         current: None,
-                        config_hash: hello.config_hash,
                         converging: None,
-                        emission: None,
                         last_touch: tokio::time::Instant::now(),
                     }),
+                    recorded: Recorded {
+                        config_version: hello.config_version,
+                        config_hash: hello.config_hash,
+                        emission: None,
+                    },
                 }),
             });
             if let Some(Listed(previous)) = self.sessions().replace(Listed(Arc::clone(&registered))) {
@@ -906,7 +1019,11 @@ impl Inner {
         }
     }
 
-    async fn register(&self, hello: &DeviceHello) -> Result<()> {
+    /// Claims the device and marks it online here, conditional on the lease
+    /// just claimed: of two supervisors registering it at once, the one whose
+    /// claim came last writes the status, and the other fails here
+    /// (`NotOwner`) and closes its session. Returns when the session began.
+    async fn register(&self, hello: &DeviceHello) -> Result<Timestamp> {
         let me = self.config.id;
         let device = hello.device;
         let claim = self.store.claim(&device, &me, self.config.lease_ttl).await?;
@@ -923,18 +1040,20 @@ impl Inner {
         let mut patch = StatusPatch::new()
             .online(me, now)
             .last_seen(now)
-            .labels(hello.labels.clone());
+            .labels(hello.labels.clone())
+            .leased_by(me);
         patch.agent_type = hello.agent_type;
         patch.config_version = hello.config_version;
         patch.config_hash = hello.config_hash;
         if let Err(err) = self.store.update_status(&device, &patch).await {
-            // Do not leave a lease pointing here for a device that is not served here.
+            // Do not leave a lease pointing here for a device that is not
+            // served here (fenced: a newer claim's lease stays).
             if let Err(release) = self.store.release(&device, &me).await {
                 warn!(%device, error = %release, "releasing after a failed registration failed");
             }
             return Err(err);
         }
-        Ok(())
+        Ok(now)
     }
 
     /// What to send a device for `command`, and the answer to expect; or,
@@ -1041,6 +1160,8 @@ impl Inner {
                 self.drop_stale(&device);
                 false
             }
+            // The store lost the device: written again, whole, with this outcome.
+            Err(Error::NotFound { .. }) => self.status_lost(&device, patch.as_ref()).await,
             Err(err) => return self.hand_back(job, outcome, applied, err).await,
         };
         let recorded = match record {
@@ -1123,9 +1244,12 @@ struct Session {
     /// Tells this session from a later one of the same device.
     id: u64,
     device: DeviceId,
-    /// For selecting the device in broadcast config updates.
+    /// For selecting the device in broadcast config updates, and for writing
+    /// its whole status again if the store loses it.
     agent_type: Option<AgentType>,
     labels: Labels,
+    /// When it registered: its status's `connected_at`.
+    connected_at: Timestamp,
     slot: Mutex<Slot>,
 }
 
@@ -1139,6 +1263,22 @@ struct Slot {
     work: VecDeque<Work>,
     /// The session's own state, here while it is idle; its task holds it while it runs.
     peer: Option<Peer>,
+    /// Here rather than in `peer`, so that the supervisor can write the
+    /// device's whole status again while its task runs.
+    recorded: Recorded,
+}
+
+/// What a session last recorded in its device's status that can change
+/// while it runs. (The version is kept inline: nearly every device has one,
+/// and a box would cost more than its 66 bytes.)
+#[derive(Clone, Copy, Default)]
+struct Recorded {
+    /// The configuration the device runs, as far as this session knows.
+    config_version: Option<ConfigVersion>,
+    config_hash: Option<ConfigHash>,
+    /// Whether the device emits: a report that repeats it (as an agent's
+    /// does after a toggle) changes nothing.
+    emission: Option<bool>,
 }
 
 /// A session in the supervisor's map, found by its device id: the id is kept
@@ -1227,6 +1367,44 @@ impl Wake for Session {
 impl Session {
     fn slot(&self) -> MutexGuard<'_, Slot> {
         lock(&self.slot)
+    }
+
+    fn recorded(&self) -> Recorded {
+        self.slot().recorded
+    }
+
+    fn record_config(&self, version: ConfigVersion, hash: ConfigHash) {
+        let recorded = &mut self.slot().recorded;
+        recorded.config_version = Some(version);
+        recorded.config_hash = Some(hash);
+    }
+
+    fn record_emission(&self, emission: Option<bool>) {
+        if let Some(emission) = emission {
+            self.slot().recorded.emission = Some(emission);
+        }
+    }
+
+    /// The device's whole status as this session knows it, online here since
+    /// it registered and seen `now`, with the fields `extra` sets over it.
+    fn whole_status(&self, me: SupervisorId, now: Timestamp, extra: Option<&StatusPatch>) -> StatusPatch {
+        let recorded = self.recorded();
+        let mut patch = StatusPatch::new()
+            .online(me, self.connected_at)
+            .last_seen(now)
+            .labels(self.labels.clone());
+        patch.agent_type = self.agent_type;
+        patch.config_version = recorded.config_version;
+        patch.config_hash = recorded.config_hash;
+        patch.emission = recorded.emission;
+        if let Some(extra) = extra {
+            patch.emission = extra.emission.or(patch.emission);
+            patch.config_version = extra.config_version.or(patch.config_version);
+            patch.config_hash = extra.config_hash.or(patch.config_hash);
+            patch.last_seen = extra.last_seen.or(patch.last_seen);
+            patch.last_error.clone_from(&extra.last_error);
+        }
+        patch
     }
 
     /// Queues a command or push; hands it back if the queue is full or the session is over.
@@ -1351,13 +1529,8 @@ struct Peer {
     outbound: Outbound<ToDevice>,
     // Boxed, like `converging`: a session spends most of its life idle.
     current: Option<Box<InFlight>>,
-    /// The configuration the device runs, as far as this session knows.
-    config_hash: Option<ConfigHash>,
     /// A configuration pushed to converge the device, not for a command, awaiting its ack.
     converging: Option<Box<(ConfigRef, ConfigHash)>>,
-    /// Whether the device emits, as this session last recorded it: a report
-    /// that repeats it (as an agent's does after a toggle) changes nothing.
-    emission: Option<bool>,
     last_touch: tokio::time::Instant,
 }
 
@@ -1469,7 +1642,7 @@ impl Runner {
                     reason: format!("device {} does not accept {missing}", command.device),
                 },
                 // A configuration the device runs already is not pushed again.
-                Ok(Ok((_, Expect::ConfigAck { hash, .. }))) if self.peer.config_hash == Some(hash) => {
+                Ok(Ok((_, Expect::ConfigAck { hash, .. }))) if self.session.recorded().config_hash == Some(hash) => {
                     inner.finish(job, CommandOutcome::Acked, Some(hash)).await;
                     return;
                 }
@@ -1494,7 +1667,7 @@ impl Runner {
     fn converge(&mut self, push: Arc<ConfigPush>) {
         let device = self.session.device;
         let pending = self.peer.converging.as_deref().map(|(_, hash)| *hash);
-        if self.peer.config_hash == Some(push.hash) || pending == Some(push.hash) {
+        if self.session.recorded().config_hash == Some(push.hash) || pending == Some(push.hash) {
             return;
         }
         if !self.peer.capabilities.remote_config {
@@ -1517,7 +1690,7 @@ impl Runner {
         let device = self.session.device;
         let patch = match (self.peer.converging.as_deref().copied(), ack.state) {
             (Some((config, hash)), ConfigApplyState::Applied) if hash == ack.hash => {
-                self.peer.config_hash = Some(hash);
+                self.session.record_config(config.version, hash);
                 StatusPatch::new().config(config.version, Some(hash)).last_error(None)
             }
             (Some((config, hash)), ConfigApplyState::Failed) if hash == ack.hash => {
@@ -1533,6 +1706,9 @@ impl Runner {
         match inner.store.update_status(&device, &patch).await {
             Ok(()) => {}
             Err(Error::NotOwner(_)) => inner.drop_stale(&device),
+            Err(Error::NotFound { .. }) => {
+                inner.status_lost(&device, Some(&patch)).await;
+            }
             Err(err) => warn!(%device, error = %err, "recording a config ack failed"),
         }
     }
@@ -1574,7 +1750,7 @@ impl Runner {
                         if inner.finish(flight.job, outcome, None).await {
                             // Recorded with `last_seen`, as a heartbeat would be.
                             self.peer.last_touch = tokio::time::Instant::now();
-                            self.peer.emission = emission.or(self.peer.emission);
+                            self.session.record_emission(emission);
                         }
                     }
                 }
@@ -1602,7 +1778,13 @@ impl Runner {
                     return;
                 }
                 if ack.state == ConfigApplyState::Applied {
-                    self.peer.config_hash = Some(ack.hash);
+                    if let Some(InFlight {
+                        expect: Expect::ConfigAck { config, hash },
+                        ..
+                    }) = self.peer.current.as_deref()
+                    {
+                        self.session.record_config(config.version, *hash);
+                    }
                 }
                 if let Some(flight) = self.peer.current.take() {
                     let outcome = match ack.state {
@@ -1626,7 +1808,8 @@ impl Runner {
     /// that tells nothing new (what the session last recorded, no error) is
     /// only a sign of life, recorded as a heartbeat is.
     async fn on_status(&mut self, report: StatusReport) {
-        let changed = report.emission.filter(|emission| self.peer.emission != Some(*emission));
+        let recorded = self.session.recorded().emission;
+        let changed = report.emission.filter(|emission| recorded != Some(*emission));
         if changed.is_none() && report.last_error.is_none() {
             return self.touch().await;
         }
@@ -1639,10 +1822,20 @@ impl Runner {
         if let Some(error) = report.last_error {
             patch.last_error = Some(Some(error));
         }
-        match inner.store.update_status(&device, &patch).await {
-            Ok(()) => self.peer.emission = report.emission.or(self.peer.emission),
-            Err(Error::NotOwner(_)) => inner.drop_stale(&device),
-            Err(err) => warn!(%device, error = %err, "recording a status report failed"),
+        let written = match inner.store.update_status(&device, &patch).await {
+            Ok(()) => true,
+            Err(Error::NotOwner(_)) => {
+                inner.drop_stale(&device);
+                false
+            }
+            Err(Error::NotFound { .. }) => inner.status_lost(&device, Some(&patch)).await,
+            Err(err) => {
+                warn!(%device, error = %err, "recording a status report failed");
+                false
+            }
+        };
+        if written {
+            self.session.record_emission(report.emission);
         }
         if changed.is_some() {
             let changed = EventKind::StatusChanged {
@@ -1671,6 +1864,9 @@ impl Runner {
         match inner.store.update_status(&device, &patch).await {
             Ok(()) => {}
             Err(Error::NotOwner(_)) => inner.drop_stale(&device),
+            Err(Error::NotFound { .. }) => {
+                inner.status_lost(&device, Some(&patch)).await;
+            }
             Err(err) => warn!(%device, error = %err, "recording a heartbeat failed"),
         }
     }
@@ -1708,6 +1904,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lease TTL"), "{err}");
+    }
+
+    #[test]
+    fn an_idle_session_stays_small() {
+        // A supervisor keeps one per device: 376 B before it kept the config
+        // version to write the status again after store loss (issue #23).
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 440, "a session is {size} B");
     }
 
     #[test]

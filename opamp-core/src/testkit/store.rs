@@ -95,7 +95,10 @@ macro_rules! store_conformance {
             status_of_an_unknown_device_is_none,
             first_patch_creates_the_status,
             patches_change_only_the_fields_they_set,
+            fenced_patches_of_a_device_without_status_are_not_found,
             fenced_patches_apply_only_for_the_named_supervisor,
+            leased_patches_apply_only_for_the_lease_holder,
+            leased_writes_racing_claims_end_naming_the_holder,
             presence_moves_the_device_between_indexes,
             paging_lists_every_device_exactly_once,
             paging_while_the_set_changes,
@@ -586,12 +589,12 @@ pub async fn patches_change_only_the_fields_they_set(f: &StoreFixture) {
     assert_eq!(expected.agent_type, Some(agent("fluentbit")));
 }
 
-/// A fenced patch applies while the status names the fence's supervisor (online
-/// or not); otherwise it is `NotOwner` naming the owner, and nothing changes.
-pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture) {
-    let (d1, unknown, s1, s2) = (device("d1"), device("unknown"), supervisor("s1"), supervisor("s2"));
-    let at = f.clock.now();
-
+/// A fenced patch of a device that has no status at all (never recorded, or
+/// lost with the store's data) is `NotFound` naming the device, not
+/// `NotOwner`: nobody else owns it, and a supervisor must tell the two apart.
+/// It creates nothing; a status that names nobody is still `NotOwner`.
+pub async fn fenced_patches_of_a_device_without_status_are_not_found(f: &StoreFixture) {
+    let (unknown, nameless, s1) = (device("unknown"), device("nameless"), supervisor("s1"));
     let err = expect_err(
         f.store
             .update_status(&unknown, &StatusPatch::new().emission(true).fenced_by(s1))
@@ -599,7 +602,7 @@ pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture
         "fenced patch of a device without status",
     );
     assert!(
-        matches!(&err, Error::NotOwner(m) if m.device == unknown && m.supervisor == s1 && m.owner.is_none()),
+        matches!(&err, Error::NotFound { what } if what.contains("device unknown")),
         "{err:?}"
     );
     assert_eq!(
@@ -607,6 +610,33 @@ pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture
         None,
         "a refused patch creates nothing"
     );
+    assert!(
+        !f.store.mark_offline(&unknown, &s1).await.unwrap(),
+        "nothing to mark offline"
+    );
+    assert_eq!(f.store.status(&unknown).await.unwrap(), None);
+
+    f.store
+        .update_status(&nameless, &StatusPatch::new().emission(true))
+        .await
+        .unwrap();
+    let err = expect_err(
+        f.store
+            .update_status(&nameless, &StatusPatch::new().emission(false).fenced_by(s1))
+            .await,
+        "fenced patch of a status that names no supervisor",
+    );
+    assert!(
+        matches!(&err, Error::NotOwner(m) if m.device == nameless && m.supervisor == s1 && m.owner.is_none()),
+        "{err:?}"
+    );
+}
+
+/// A fenced patch applies while the status names the fence's supervisor (online
+/// or not); otherwise it is `NotOwner` naming the owner, and nothing changes.
+pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture) {
+    let (d1, s1, s2) = (device("d1"), supervisor("s1"), supervisor("s2"));
+    let at = f.clock.now();
 
     f.store
         .update_status(&d1, &StatusPatch::new().online(s2, at))
@@ -648,6 +678,101 @@ pub async fn fenced_patches_apply_only_for_the_named_supervisor(f: &StoreFixture
     );
     assert!(matches!(&err, Error::NotOwner(m) if m.owner == Some(s2)), "{err:?}");
     assert_eq!(listed(f, None, 10).await, Vec::<DeviceId>::new());
+}
+
+/// A patch conditional on the lease applies only while its supervisor holds
+/// the device's lease (whatever the status names), creating the status if
+/// there is none; otherwise it is `NotOwner` naming the lease's holder and
+/// nothing changes. A patch may not carry a fence too.
+pub async fn leased_patches_apply_only_for_the_lease_holder(f: &StoreFixture) {
+    let (d1, s1, s2) = (device("d1"), supervisor("s1"), supervisor("s2"));
+    let at = f.clock.now();
+    let online = |s: SupervisorId| StatusPatch::new().online(s, at).leased_by(s);
+
+    let err = expect_err(
+        f.store.update_status(&d1, &online(s1)).await,
+        "leased patch of a device nobody holds",
+    );
+    assert!(
+        matches!(&err, Error::NotOwner(m) if m.device == d1 && m.supervisor == s1 && m.owner.is_none()),
+        "{err:?}"
+    );
+    assert_eq!(
+        f.store.status(&d1).await.unwrap(),
+        None,
+        "a refused patch creates nothing"
+    );
+
+    f.store.claim(&d1, &s1, TTL).await.unwrap();
+    f.store.update_status(&d1, &online(s1)).await.unwrap();
+    assert_indexes(f, &[(d1, s1)], &[s1, s2]).await;
+
+    // s2 takes the lease: s1's condition fails, s2's holds although the status names s1.
+    f.store.claim(&d1, &s2, TTL).await.unwrap();
+    let before = f.store.status(&d1).await.unwrap();
+    let err = expect_err(
+        f.store
+            .update_status(&d1, &StatusPatch::new().emission(true).leased_by(s1))
+            .await,
+        "leased patch of a supervisor that lost the lease",
+    );
+    assert!(matches!(&err, Error::NotOwner(m) if m.owner == Some(s2)), "{err:?}");
+    assert_eq!(f.store.status(&d1).await.unwrap(), before, "nothing changed");
+    f.store.update_status(&d1, &online(s2)).await.unwrap();
+    assert_indexes(f, &[(d1, s2)], &[s1, s2]).await;
+
+    // A lapsed lease holds nothing.
+    f.clock.advance(TTL);
+    let err = expect_err(
+        f.store
+            .update_status(&d1, &StatusPatch::new().emission(true).leased_by(s2))
+            .await,
+        "leased patch after the lease lapsed",
+    );
+    assert!(matches!(&err, Error::NotOwner(m) if m.owner.is_none()), "{err:?}");
+
+    let both = StatusPatch::new().emission(true).fenced_by(s2).leased_by(s2);
+    let err = expect_err(f.store.update_status(&d1, &both).await, "fenced and leased patch");
+    assert!(
+        matches!(&err, Error::InvalidInput { message } if message.contains("device d1")),
+        "{err:?}"
+    );
+}
+
+/// Supervisors registering one device at once, each claiming it and then
+/// marking it online conditional on its lease: however the calls interleave,
+/// the status ends up naming the supervisor that holds the lease.
+pub async fn leased_writes_racing_claims_end_naming_the_holder(f: &StoreFixture) {
+    const CLAIMANTS: usize = 4;
+    let supervisors = numbered_supervisors(CLAIMANTS);
+    let mut held = Vec::new();
+    for round in 0..16 {
+        let d = device(&format!("raced-{round}"));
+        let start = Arc::new(Barrier::new(CLAIMANTS));
+        let mut tasks = JoinSet::new();
+        for s in supervisors.clone() {
+            let (store, start, at) = (f.store.clone(), start.clone(), f.clock.now());
+            tasks.spawn(async move {
+                start.wait().await;
+                store.claim(&d, &s, TTL).await?;
+                match store
+                    .update_status(&d, &StatusPatch::new().online(s, at).leased_by(s))
+                    .await
+                {
+                    Ok(()) | Err(Error::NotOwner(_)) => Ok(()),
+                    Err(err) => Err(err),
+                }
+            });
+        }
+        for result in tasks.join_all().await {
+            result.unwrap();
+        }
+        let holder = f.store.lookup(&d).await.unwrap().expect("someone holds the device");
+        let status = f.store.status(&d).await.unwrap().expect("the last claimant wrote");
+        assert_eq!(status.supervisor, Some(holder), "round {round}");
+        held.push((d, holder));
+    }
+    assert_indexes(f, &held, &supervisors).await;
 }
 
 /// Online under S, a device is in the online set and S's set only; online under
@@ -1404,6 +1529,10 @@ async fn run_status(fixture: impl Future<Output = StoreFixture>, ops: Vec<Status
         let result = f.store.update_status(&d, &patch).await;
         let named = model.get(&d).and_then(|status| status.supervisor);
         match patch.fence {
+            Some(_) if !model.contains_key(&d) => match result {
+                Err(Error::NotFound { what }) if what.contains(d.as_str()) => {}
+                other => return Err(TestCaseError::fail(format!("{op:?}: expected NotFound, got {other:?}"))),
+            },
             Some(fence) if named != Some(fence) => match result {
                 Err(Error::NotOwner(m)) => {
                     prop_assert_eq!((m.device, m.supervisor, m.owner), (d, fence, named), "{:?}", op);

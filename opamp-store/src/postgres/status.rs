@@ -31,19 +31,43 @@ macro_rules! patch_set {
     };
 }
 
-/// An unfenced patch: creates the row (the patch applied to a new status) or updates it.
-const UPSERT: &str = concat!(
-    "INSERT INTO device_registry AS r (device_id, status, supervisor_id, connected_at, emission_state,
+/// The columns of a new row and their values: the patch applied to a new status.
+macro_rules! new_row {
+    () => {
+        "INSERT INTO device_registry AS r (device_id, status, supervisor_id, connected_at, emission_state,
     config_version, config_hash, agent_type, last_seen, labels, last_error)
-VALUES ($1, COALESCE($2::varchar, 'offline'), $3::varchar, $4::timestamptz, COALESCE($5::boolean, false),
+SELECT $1, COALESCE($2::varchar, 'offline'), $3::varchar, $4::timestamptz, COALESCE($5::boolean, false),
     $6::varchar, $7::varchar, $8::varchar, $9::timestamptz, COALESCE($10::jsonb, '{}'),
-    CASE WHEN $11::boolean THEN $12::text END)
-ON CONFLICT (device_id) DO UPDATE SET ",
-    patch_set!()
+    CASE WHEN $11::boolean THEN $12::text END"
+    };
+}
+
+/// An unfenced patch: creates the row (the patch applied to a new status) or updates it.
+const UPSERT: &str = concat!(new_row!(), "\nON CONFLICT (device_id) DO UPDATE SET ", patch_set!());
+
+/// A patch conditional on the lease of `$13`: locks the device's lease row
+/// (so a claim waits for this statement, and this one for a claim under
+/// way), and creates or updates the row only if `$13` holds the lease at
+/// `$14`. Returns the holder and whether it applied.
+const LEASED: &str = concat!(
+    "WITH lease AS (
+    SELECT supervisor_id FROM device_lease WHERE device_id = $1 AND expires_at > $14 FOR SHARE
+), applied AS (
+",
+    new_row!(),
+    "
+    FROM lease WHERE lease.supervisor_id = $13
+    ON CONFLICT (device_id) DO UPDATE SET ",
+    patch_set!(),
+    "
+    RETURNING 1
+)
+SELECT (SELECT supervisor_id FROM lease) AS owner, EXISTS (SELECT 1 FROM applied) AS applied"
 );
 
 /// A patch fenced by `$13`: locks the row, reads who it names (the newest
-/// version), and applies the patch only if that is `$13`. Never creates a row.
+/// version), and applies the patch only if that is `$13`. Never creates a row;
+/// `found` tells a missing row from one that names nobody.
 const FENCED: &str = concat!(
     "WITH cur AS (
     SELECT device_id, supervisor_id FROM device_registry WHERE device_id = $1 FOR UPDATE
@@ -54,7 +78,8 @@ const FENCED: &str = concat!(
     FROM cur WHERE r.device_id = cur.device_id AND cur.supervisor_id = $13
     RETURNING 1
 )
-SELECT (SELECT supervisor_id FROM cur) AS owner, EXISTS (SELECT 1 FROM applied) AS applied"
+SELECT EXISTS (SELECT 1 FROM cur) AS found, (SELECT supervisor_id FROM cur) AS owner,
+    EXISTS (SELECT 1 FROM applied) AS applied"
 );
 
 const STATUS: &str = "\
@@ -226,8 +251,27 @@ fn page_start(page: &PageRequest) -> Result<(String, i64)> {
 #[async_trait]
 impl StatusStore for PostgresStore {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        patch.check_conditions(device)?;
         let params = PatchParams::new(patch)?;
         let doing = || format!("status update of device {device}");
+        if let Some(holder) = patch.lease {
+            let row = params
+                .bind(device, sqlx::query(LEASED))
+                .bind(holder.as_str())
+                .bind(sql_time(self.clock.now())?)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(PgError::query(|| {
+                    format!("{} conditional on the lease of {holder}", doing())
+                }))?;
+            let name = || row_name("device_lease", "device_id", device.as_str());
+            let r = RowReader::new(&row, &name);
+            if r.get::<bool>("applied")? {
+                return Ok(());
+            }
+            let owner = r.parsed_opt("owner", str::parse::<SupervisorId>)?;
+            return Err(Error::not_owner(*device, holder, owner));
+        }
         let Some(fence) = patch.fence else {
             params
                 .bind(device, sqlx::query(UPSERT))
@@ -246,6 +290,9 @@ impl StatusStore for PostgresStore {
         let r = RowReader::new(&row, &name);
         if r.get::<bool>("applied")? {
             return Ok(());
+        }
+        if !r.get::<bool>("found")? {
+            return Err(Error::status_not_found(*device));
         }
         let owner = r.parsed_opt("owner", str::parse::<SupervisorId>)?;
         Err(Error::not_owner(*device, fence, owner))

@@ -656,7 +656,8 @@ impl RedisStore {
                         let offline = StatusPatch::new().offline().fenced_by(supervisor);
                         match self.update_status(device, &offline).await {
                             Ok(()) => report.lapsed += 1,
-                            Err(Error::NotOwner(_)) => {}
+                            // Taken over, or gone, meanwhile: nothing to mark.
+                            Err(Error::NotOwner(_) | Error::NotFound { .. }) => {}
                             Err(err) => return Err(err),
                         }
                     }
@@ -809,13 +810,24 @@ impl RoutingStore for RedisStore {
 #[async_trait]
 impl StatusStore for RedisStore {
     async fn update_status(&self, device: &DeviceId, patch: &StatusPatch) -> Result<()> {
+        patch.check_conditions(device)?;
         let (hash, lock, token) = (self.keys.status(device), self.keys.index_lock(device), self.token());
+        let lease = self.keys.lease(device);
         let changes = HashChanges::of(patch);
         let fence = patch.fence.as_ref().map_or("", SupervisorId::as_str);
+        let holder = patch.lease.as_ref().map_or("", SupervisorId::as_str);
         let mut update = eval(
             &self.conn_scripts().update_status,
-            &[&hash, &lock],
-            (fence, &token, self.lock_ttl_ms, changes.set.len()),
+            &[&hash, &lock, &lease],
+            (
+                fence,
+                holder,
+                self.now_ms(),
+                self.margin_ms,
+                &token,
+                self.lock_ttl_ms,
+                changes.set.len(),
+            ),
         );
         for (name, value) in &changes.set {
             update.arg(*name).arg(value);
@@ -824,6 +836,17 @@ impl StatusStore for RedisStore {
         let reply = words(self.one(|| format!("updating {hash}"), &update).await?, &hash)?;
         match reply.as_slice() {
             [ok] if ok == "ok" => Ok(()),
+            [missing] if missing == "missing" && patch.fence.is_some() => Err(Error::status_not_found(*device)),
+            [unleased, owner] if unleased == "unleased" => match patch.lease {
+                Some(holder) => Err(Error::not_owner(
+                    *device,
+                    holder,
+                    parse_supervisor(&lease, "owner", owner)?,
+                )),
+                None => {
+                    Err(RedisError::reply(format!("updating {hash}"), &Value::SimpleString("unleased".into())).into())
+                }
+            },
             [fenced, named] if fenced == "fenced" => {
                 let named = parse_supervisor(&hash, field::SUPERVISOR, named)?;
                 match patch.fence {

@@ -76,11 +76,14 @@ local function index_target(key)
 end
 ";
 
-/// Applies a status patch. KEYS: status hash, index lock. ARGV: fence ('' for
-/// none), lock token, lock ms, n, then n field/value pairs to set, then the
-/// fields to delete.
+/// Applies a status patch. KEYS: status hash, index lock, lease. ARGV: fence
+/// ('' for none), lease holder the patch is conditional on ('' for none),
+/// now, margin, lock token, lock ms, n, then n field/value pairs to set, then
+/// the fields to delete.
 ///
-/// Returns `{'fenced', named}` (nothing changed), `{'ok'}` (the indexes need
+/// Returns `{'missing'}` (fenced, and there is no status: nothing changed),
+/// `{'fenced', named}` (nothing changed), `{'unleased', holder}` (the lease
+/// is not the patch's supervisor's: nothing changed), `{'ok'}` (the indexes need
 /// nothing from this caller), or `{'sync', before, target}`: the device must
 /// move from the indexes of `before` to those of `target`, and the caller now
 /// holds the index lock to do it. While the lock is free the indexes agree
@@ -89,8 +92,14 @@ end
 /// leaves it to that writer.
 const UPDATE_STATUS: &str = r"
 local key, lock = KEYS[1], KEYS[2]
-local fence = ARGV[1]
+local fence, holder = ARGV[1], ARGV[2]
+if holder ~= '' then
+  local owner = redis.call('GET', KEYS[3])
+  if not (owner and held(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]))) then owner = '' end
+  if owner ~= holder then return {'unleased', owner} end
+end
 if fence ~= '' then
+  if redis.call('EXISTS', key) == 0 then return {'missing'} end
   local named = redis.call('HGET', key, 'supervisor')
   if named ~= fence then return {'fenced', named or ''} end
 end
@@ -98,8 +107,8 @@ local before = index_target(key)
 if redis.call('EXISTS', key) == 0 then
   redis.call('HSET', key, 'status', 'offline', 'emission', 'false')
 end
-local n = tonumber(ARGV[4])
-local at = 5
+local n = tonumber(ARGV[7])
+local at = 8
 if n > 0 then
   redis.call('HSET', key, unpack(ARGV, at, at + 2 * n - 1))
   at = at + 2 * n
@@ -109,7 +118,7 @@ if at <= #ARGV then
 end
 local target = index_target(key)
 if target == before then return {'ok'} end
-if redis.call('SET', lock, ARGV[2], 'NX', 'PX', ARGV[3]) then
+if redis.call('SET', lock, ARGV[5], 'NX', 'PX', ARGV[6]) then
   return {'sync', before, target}
 end
 return {'ok'}
@@ -242,7 +251,7 @@ impl Scripts {
             renew: lease(RENEW),
             release: lease(RELEASE),
             lookup: lease(LOOKUP),
-            update_status: indexing(UPDATE_STATUS),
+            update_status: Script::new(&format!("{LEASE_HELD}{INDEX_TARGET}{UPDATE_STATUS}")),
             index_begin: indexing(INDEX_BEGIN),
             index_done: indexing(INDEX_DONE),
             index_abandon: Script::new(INDEX_ABANDON),
