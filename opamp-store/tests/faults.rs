@@ -15,9 +15,6 @@
 //! Needs `redis-server` (`scripts/services/redis` installs it).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +27,9 @@ use opamp_core::transport::channel::{self, ChannelConfig, ChannelConnector};
 use opamp_core::transport::{AgentConnector, Capabilities, CommandAck, DeviceHello, FromDevice, ToDevice};
 use opamp_core::{Bus, CommandOutcome, CommandState, CorrelationId, DeviceId, RoutingStore, Store, SupervisorId};
 use opamp_store::redis::{RedisStore, RedisStoreConfig};
+use support::OwnRedis;
+
+mod support;
 
 /// Devices in the small fleet of the test command; the bench runs more.
 const DEVICES: usize = 20;
@@ -48,93 +48,6 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 const APPLY_TIME: Duration = Duration::from_millis(200);
 /// Callers issuing commands at once.
 const CALLERS: usize = 4;
-
-/// A Redis of the scenario's own, started on `port`, stopped when dropped.
-struct OwnRedis {
-    port: u16,
-    dir: PathBuf,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("opamp-faults-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis { port, dir };
-        redis.launch();
-        redis
-    }
-
-    fn launch(&self) {
-        let status = Process::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--daemonize",
-                "yes",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--pidfile")
-            .arg(self.dir.join("redis.pid"))
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .status()
-            .unwrap_or_else(|err| {
-                panic!("running redis-server: {err}; `scripts/services/redis start DIR` installs it")
-            });
-        assert!(status.success(), "redis-server on port {} did not start", self.port);
-        self.wait_until(true);
-    }
-
-    fn pid(&self) -> String {
-        std::fs::read_to_string(self.dir.join("redis.pid"))
-            .expect("redis-server wrote its pid")
-            .trim()
-            .to_owned()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Process::new("kill").args([signal, &self.pid()]).status().unwrap();
-        assert!(status.success(), "kill {signal} redis-server");
-    }
-
-    fn stop(&self) {
-        if self.dir.join("redis.pid").exists() {
-            // A paused server must be resumed to die.
-            let _ = Process::new("kill").args(["-CONT", &self.pid()]).status();
-            let _ = Process::new("kill").arg(self.pid()).status();
-        }
-        self.wait_until(false);
-    }
-
-    /// Waits for the port to open, or close (a killed server lingers as a zombie here).
-    fn wait_until(&self, open: bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() != open {
-            assert!(
-                Instant::now() < deadline,
-                "port {} never {}",
-                self.port,
-                if open { "opened" } else { "closed" }
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// What the devices saw.
 #[derive(Debug, Default)]
@@ -266,6 +179,20 @@ impl Rig {
     /// Runs `fault` for [`FAULT`] while commands are issued, then `heal`,
     /// and checks every promise; prints the scenario's row.
     async fn survive(self, scenario: &str, fault: impl FnOnce(&Rig), heal: impl FnOnce(&Rig)) {
+        self.survive_losing(scenario, fault, heal, false).await;
+    }
+
+    /// The same; with `loses_records`, the store comes back empty, so the
+    /// records of commands accepted before it went are gone with it: those
+    /// are counted apart (the recovery of what an empty Redis lost is not
+    /// built yet), and the rest must hold all the same.
+    async fn survive_losing(
+        self,
+        scenario: &str,
+        fault: impl FnOnce(&Rig),
+        heal: impl FnOnce(&Rig),
+        loses_records: bool,
+    ) {
         let start = Instant::now();
         let issuing = self.issue(start + Duration::from_millis(500));
         let (mut accepted, mut refused) = issuing.await;
@@ -283,10 +210,12 @@ impl Rig {
         let mut acked = 0;
         let mut definite = 0;
         let mut lost = Vec::new();
+        let mut gone_with_the_store = 0;
         for id in &accepted {
             match self.control.wait(id, ENDS_WITHIN).await {
                 Ok(record) if record.state == CommandState::Acked => acked += 1,
                 Ok(record) if record.state.is_final() => definite += 1,
+                Err(opamp_core::Error::NotFound { .. }) if loses_records => gone_with_the_store += 1,
                 other => lost.push((*id, format!("{other:?}"))),
             }
         }
@@ -318,9 +247,14 @@ impl Rig {
             .as_ref()
             .map_or_else(|err| err.clone(), |took| format!("{:.2} s", took.as_secs_f64()));
         println!(
-            "| {scenario} | {} accepted ({refused} refused) | {acked} | {definite} | {} | {} | {wedged} | {closed} | {recovered} routable, {:.2} s all ended |",
+            "| {scenario} | {} accepted ({refused} refused) | {acked} | {definite} | {}{} | {} | {wedged} | {closed} | {recovered} routable, {:.2} s all ended |",
             accepted.len(),
             lost.len(),
+            if gone_with_the_store > 0 {
+                format!(" ({gone_with_the_store} records gone with the store)")
+            } else {
+                String::new()
+            },
             twice.len(),
             ended.as_secs_f64(),
         );
@@ -434,6 +368,18 @@ async fn added_latency_on_every_store_call() {
         "200 ms added to every Redis reply 3 s",
         |rig| rig.proxy.latency(Duration::from_millis(200)),
         |rig| rig.proxy.latency(Duration::ZERO),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty() {
+    let rig = Rig::start(6405).await;
+    rig.survive_losing(
+        "Redis restarted empty (down 3 s)",
+        |rig| rig.redis.stop(),
+        |rig| rig.redis.launch(),
+        true,
     )
     .await;
 }

@@ -9,8 +9,6 @@
 //! (comma-separated, default ports 7301–7303). A test that cannot reach them
 //! fails, saying how to start them.
 
-use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +26,9 @@ use opamp_core::{
     SupervisorId, Timestamp,
 };
 use opamp_store::redis::{RedisStore, RedisStoreConfig};
+use support::OwnRedis;
+
+mod support;
 
 const HOW_TO_START: &str = "start the test servers with `scripts/services/redis start /tmp/opamp-redis` \
      (or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_REDIS_CLUSTER_URLS at running ones)";
@@ -531,73 +532,6 @@ async fn an_unreachable_redis_is_unavailable() {
     assert!(text.contains("127.0.0.1:1") && !text.contains("secret"), "{text}");
     let bad = RedisStore::connect(RedisStoreConfig::standalone(standalone_url()).key_prefix("a{b")).await;
     assert!(matches!(bad, Err(Error::InvalidInput { .. })), "{bad:?}");
-}
-
-/// A Redis of this test's own, on a port of its own, that it can restart empty.
-struct OwnRedis {
-    port: u16,
-    dir: PathBuf,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("opamp-redis-restart-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis { port, dir };
-        redis.launch();
-        redis
-    }
-
-    fn launch(&self) {
-        let status = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--daemonize",
-                "yes",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--pidfile")
-            .arg(self.dir.join("redis.pid"))
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .status()
-            .unwrap_or_else(|err| panic!("running redis-server: {err}; {HOW_TO_START} (it installs redis-server)"));
-        assert!(status.success(), "redis-server on port {} did not start", self.port);
-        self.wait_until(true);
-    }
-
-    fn stop(&self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("redis.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-        self.wait_until(false);
-    }
-
-    /// Waits for the port to open (or close: a killed server lingers as a zombie here).
-    fn wait_until(&self, open: bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() != open {
-            assert!(
-                Instant::now() < deadline,
-                "port {} never became {}",
-                self.port,
-                if open { "open" } else { "closed" }
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Redis restarts empty: the supervisor finds its leases gone at its next
