@@ -88,6 +88,20 @@ async fn fixture() -> BusFixture {
 
 opamp_core::bus_conformance!(fixture);
 
+/// The runtime scenarios' store: the bus is what they test here.
+async fn memory_store() -> opamp_core::testkit::store::StoreFixture {
+    let clock = Arc::new(opamp_core::ManualClock::starting_now());
+    let store = opamp_store::memory::MemoryStore::with_clock(clock.clone());
+    opamp_core::testkit::store::StoreFixture::new(Arc::new(store), clock)
+}
+
+/// A Kafka bus with topics of its own.
+async fn kafka_bus() -> Arc<dyn opamp_core::Bus> {
+    Arc::new(bus_with(config()).await)
+}
+
+opamp_core::runtime_scenarios!(memory_store, kafka_bus);
+
 fn supervisor(name: &str) -> SupervisorId {
     SupervisorId::new(format!("{name}-{}", uuid::Uuid::new_v4().simple())).unwrap()
 }

@@ -34,6 +34,7 @@ pub mod fluent_bit;
 pub mod fuzz;
 pub mod proxy;
 pub mod rollout;
+pub mod runtime;
 pub mod store;
 
 use std::future::Future;

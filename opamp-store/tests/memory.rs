@@ -1,5 +1,5 @@
 //! The memory store against the store conformance suite and the rollout
-//! scenarios, and what only it has.
+//! and runtime scenarios, and what only it has.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +16,12 @@ async fn fixture() -> StoreFixture {
 
 opamp_core::store_conformance!(fixture);
 
-fn bus() -> Arc<dyn Bus> {
+async fn bus() -> Arc<dyn Bus> {
     Arc::new(MemoryBus::new())
 }
 
 opamp_core::rollout_scenarios!(fixture, bus);
+opamp_core::runtime_scenarios!(fixture, bus);
 
 #[tokio::test]
 async fn purge_expired_drops_only_lapsed_leases() {

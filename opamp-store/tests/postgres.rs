@@ -73,12 +73,13 @@ async fn fixture() -> StoreFixture {
 
 opamp_core::store_conformance!(fixture);
 
-/// The rollout scenarios' bus: the store is what they test.
-fn memory_bus() -> Arc<dyn Bus> {
+/// The rollout and runtime scenarios' bus: the store is what they test.
+async fn memory_bus() -> Arc<dyn Bus> {
     Arc::new(MemoryBus::new())
 }
 
 opamp_core::rollout_scenarios!(fixture, memory_bus);
+opamp_core::runtime_scenarios!(fixture, memory_bus);
 
 fn device(name: &str) -> DeviceId {
     DeviceId::new(name).unwrap()

@@ -83,8 +83,8 @@ async fn fixture_on(cluster: bool) -> StoreFixture {
     StoreFixture::new(Arc::new(store), clock)
 }
 
-/// The rollout scenarios' bus: the store is what they test.
-fn memory_bus() -> Arc<dyn Bus> {
+/// The rollout and runtime scenarios' bus: the store is what they test.
+async fn memory_bus() -> Arc<dyn Bus> {
     Arc::new(MemoryBus::new())
 }
 
@@ -97,6 +97,7 @@ mod standalone {
 
     opamp_core::store_conformance!(fixture);
     opamp_core::rollout_scenarios!(fixture, memory_bus);
+    opamp_core::runtime_scenarios!(fixture, memory_bus);
 }
 
 mod cluster {
@@ -108,6 +109,7 @@ mod cluster {
 
     opamp_core::store_conformance!(fixture);
     opamp_core::rollout_scenarios!(fixture, memory_bus);
+    opamp_core::runtime_scenarios!(fixture, memory_bus);
 }
 
 /// Runs the case `$case(cluster: bool)` as two tests, `$case::standalone` and `$case::cluster`.

@@ -32,8 +32,8 @@ use crate::tracking::{Rollout, RolloutId, RolloutSpec, RolloutState};
 /// Expands into one test per rollout scenario.
 ///
 /// `$fixture` is an `async fn() -> StoreFixture` as for
-/// [`store_conformance!`](crate::store_conformance); `$bus` a
-/// `fn() -> Arc<dyn Bus>` making a fresh bus (the memory bus will do: the
+/// [`store_conformance!`](crate::store_conformance); `$bus` an
+/// `async fn() -> Arc<dyn Bus>` making a fresh bus (the memory bus will do: the
 /// store is what is under test). The tests land in a module named
 /// `rollout_scenarios`.
 ///
@@ -44,7 +44,7 @@ use crate::tracking::{Rollout, RolloutId, RolloutSpec, RolloutState};
 ///     opamp_core::testkit::store::StoreFixture::new(std::sync::Arc::new(store), clock)
 /// }
 ///
-/// fn bus() -> std::sync::Arc<dyn opamp_core::Bus> {
+/// async fn bus() -> std::sync::Arc<dyn opamp_core::Bus> {
 ///     std::sync::Arc::new(opamp_bus::memory::MemoryBus::new())
 /// }
 ///
@@ -69,7 +69,7 @@ macro_rules! rollout_scenarios {
                 #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let f = $fixture().await;
-                    $crate::testkit::rollout::$case(&f, $bus()).await;
+                    $crate::testkit::rollout::$case(&f, $bus().await).await;
                 }
             )+
         }

@@ -1,0 +1,320 @@
+//! The supervisor and the control plane on every backend: scenarios each
+//! store's and each bus's tests run, the way the conformance suites are.
+//!
+//! The runtimes are generic over the traits, but what they lean on differs
+//! from backend to backend: how a store fences a status write and answers a
+//! lease, how a bus delivers a command again. So the runtimes are only known
+//! to work on a backend these scenarios ran on. Each scenario takes a
+//! [`StoreFixture`] (a fresh store and its clock) and a fresh bus, starts
+//! real supervisors and a real control plane on them, and plays devices over
+//! the in-process transport. [`runtime_scenarios!`](crate::runtime_scenarios)
+//! turns them into tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bus::Bus;
+use crate::command::{CommandOutcome, CorrelationId};
+use crate::config::{ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate};
+use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
+use crate::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
+use crate::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use crate::store::Store;
+use crate::testkit::eventually;
+use crate::testkit::store::StoreFixture;
+use crate::time::Clock;
+use crate::tracking::CommandState;
+use crate::tracking::Target;
+use crate::transport::channel::{self, ChannelConfig, ChannelConnector};
+use crate::transport::{
+    AgentConnector, AgentSession, Capabilities, CommandAck, ConfigAck, DeviceHello, FromDevice, ToDevice,
+};
+
+/// Expands into one test per runtime scenario, in a module named
+/// `runtime_scenarios`.
+///
+/// `$fixture` is an `async fn() -> StoreFixture` as for
+/// [`store_conformance!`](crate::store_conformance); `$bus` an
+/// `async fn() -> Arc<dyn Bus>` making a fresh bus, isolated from every
+/// other (a Kafka bus with topics of its own).
+///
+/// ```no_run
+/// use std::sync::Arc;
+///
+/// async fn fixture() -> opamp_core::testkit::store::StoreFixture {
+///     let clock = Arc::new(opamp_core::ManualClock::starting_now());
+///     let store = opamp_store::memory::MemoryStore::with_clock(clock.clone());
+///     opamp_core::testkit::store::StoreFixture::new(Arc::new(store), clock)
+/// }
+///
+/// async fn bus() -> Arc<dyn opamp_core::Bus> {
+///     Arc::new(opamp_bus::memory::MemoryBus::new())
+/// }
+///
+/// opamp_core::runtime_scenarios!(fixture, bus);
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! runtime_scenarios {
+    ($fixture:path, $bus:path) => {
+        $crate::runtime_scenarios!(@cases $fixture, $bus;
+            a_command_and_a_config_push_reach_the_device,
+            a_command_delivered_again_runs_once,
+            a_device_that_moves_is_taken_over_and_fenced,
+            a_device_gone_ends_its_commands_offline,
+        );
+    };
+    (@cases $fixture:path, $bus:path; $($case:ident),+ $(,)?) => {
+        mod runtime_scenarios {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let f = $fixture().await;
+                    $crate::testkit::runtime::$case(&f, $bus().await).await;
+                }
+            )+
+        }
+    };
+}
+
+/// How long a scenario waits for what the runtimes do on their own (a
+/// broker-backed bus rebalances and fetches in its own time).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The runtimes of one scenario: supervisors and a control plane on the
+/// fixture's store and clock and the scenario's bus.
+struct Rig {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    clock: Arc<crate::ManualClock>,
+    control: ControlPlane,
+}
+
+impl Rig {
+    async fn start(f: &StoreFixture, bus: Arc<dyn Bus>) -> Rig {
+        let control = ControlPlane::start_with_clock(
+            ControlPlaneConfig::default(),
+            f.store.clone(),
+            bus.clone(),
+            f.clock.clone(),
+        )
+        .await
+        .expect("starting a control plane");
+        Rig {
+            store: f.store.clone(),
+            bus,
+            clock: f.clock.clone(),
+            control,
+        }
+    }
+
+    /// A supervisor `id` serving its own in-process transport.
+    async fn supervisor(&self, id: &str) -> (RunningSupervisor, ChannelConnector) {
+        let (transport, connector) = channel::pair(ChannelConfig::default());
+        let supervisor = Supervisor::new(SupervisorConfig::new(sid(id)), self.store.clone(), self.bus.clone())
+            .with_clock(self.clock.clone())
+            .start(vec![Arc::new(transport)])
+            .await
+            .expect("starting a supervisor");
+        (supervisor, connector)
+    }
+
+    async fn owner_is(&self, device: DeviceId, owner: &str) {
+        let (store, owner) = (self.store.clone(), sid(owner));
+        eventually(&format!("{device} owned by {owner}"), WAIT, || {
+            let store = store.clone();
+            async move { store.lookup(&device).await.ok().flatten() == Some(owner) }
+        })
+        .await;
+    }
+
+    /// Waits for command `id` to end, and returns how.
+    async fn ended(&self, id: CorrelationId) -> CommandState {
+        let record = self.control.wait(&id, WAIT).await.expect("the command is recorded");
+        assert!(
+            record.state.is_final(),
+            "command {id} did not end within {WAIT:?}: {record:?}"
+        );
+        record.state
+    }
+
+    async fn stop(self, supervisors: Vec<RunningSupervisor>) {
+        self.control.shutdown().await;
+        for supervisor in supervisors {
+            supervisor.shutdown().await;
+        }
+    }
+}
+
+fn sid(id: &str) -> SupervisorId {
+    SupervisorId::new(id).expect("a valid literal supervisor id")
+}
+
+fn did(id: &str) -> DeviceId {
+    DeviceId::new(id).expect("a valid literal device id")
+}
+
+fn fluentbit() -> AgentType {
+    AgentType::new("fluentbit").expect("a valid literal agent type")
+}
+
+/// Connects `device` and waits for its registration.
+async fn connect(connector: &ChannelConnector, device: DeviceId) -> AgentSession {
+    let mut hello = DeviceHello::new(device);
+    hello.capabilities = Capabilities::all_builtin();
+    hello.agent_type = Some(fluentbit());
+    let mut session = connector.connect(&hello).await.expect("connecting a device");
+    let first = tokio::time::timeout(WAIT, session.inbound.recv()).await;
+    assert!(
+        matches!(first, Ok(Ok(Some(ToDevice::Registered(_))))),
+        "{device}: the first message is the registration, got {first:?}"
+    );
+    session
+}
+
+/// The next message the device is sent.
+async fn next_message(device: &mut AgentSession, what: &str) -> Option<ToDevice> {
+    tokio::time::timeout(WAIT, device.inbound.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing came within {WAIT:?}"))
+        .unwrap_or_else(|err| panic!("{what}: {err}"))
+}
+
+/// Waits for command `id` to be pushed, as the next message, and acknowledges it.
+async fn answer(device: &mut AgentSession, id: CorrelationId) {
+    match next_message(device, "a command").await {
+        Some(ToDevice::Command(command)) if command.correlation_id == id => {
+            let ack = CommandAck::new(id, CommandOutcome::Acked);
+            device
+                .outbound
+                .send(FromDevice::CommandAck(ack))
+                .await
+                .expect("answering");
+        }
+        other => panic!("expected command {id}, the device was sent {other:?}"),
+    }
+}
+
+/// A toggle and a configuration push, each issued through the control
+/// plane, reach the device through its supervisor and end acked, and the
+/// device's status says what it now runs.
+pub async fn a_command_and_a_config_push_reach_the_device(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let mut session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+
+    let toggle = rig.control.set_emission(&device, true).await.expect("issuing a toggle");
+    answer(&mut session, toggle).await;
+    assert_eq!(rig.ended(toggle).await, CommandState::Acked);
+
+    let config = ConfigRef::new(fluentbit(), ConfigVersion::new("v1").unwrap());
+    let bundle = ConfigBundle::new()
+        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[SERVICE]\n"))
+        .unwrap();
+    let template = ConfigTemplate::new(config, bundle.clone(), "runtime scenario", rig.clock.now());
+    rig.control
+        .create_template(&template)
+        .await
+        .expect("storing a template");
+    let issued = rig
+        .control
+        .apply_config(&Target::Device(device), &config)
+        .await
+        .expect("pushing a config");
+    let push = match next_message(&mut session, "the config push").await {
+        Some(ToDevice::ConfigPush(push)) => push,
+        other => panic!("expected a config push, got {other:?}"),
+    };
+    assert_eq!(push.hash, bundle.hash());
+    let ack = ConfigAck::new(push.correlation_id, push.hash, crate::ConfigApplyState::Applied, None);
+    session
+        .outbound
+        .send(FromDevice::ConfigAck(Box::new(ack)))
+        .await
+        .expect("answering");
+    assert_eq!(rig.ended(issued[0].correlation_id).await, CommandState::Acked);
+    let status = rig.store.status(&device).await.unwrap().expect("a status");
+    assert_eq!(
+        (status.emission, status.config_version, status.config_hash),
+        (true, Some(config.version), Some(bundle.hash()))
+    );
+    rig.stop(vec![s1]).await;
+}
+
+/// A command the bus delivers again after it ended (as a broker replaying
+/// from an older commit does) is not run again: the next thing the device
+/// is sent is the command after it.
+pub async fn a_command_delivered_again_runs_once(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let mut session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+
+    let first = rig.control.set_emission(&device, true).await.unwrap();
+    answer(&mut session, first).await;
+    assert_eq!(rig.ended(first).await, CommandState::Acked);
+    let record = rig.control.command(&first).await.unwrap().expect("recorded");
+    rig.bus
+        .send(&sid("s1"), &record.command)
+        .await
+        .expect("sending it again");
+    let second = rig.control.set_emission(&device, false).await.unwrap();
+    answer(&mut session, second).await;
+    assert_eq!(rig.ended(second).await, CommandState::Acked);
+    rig.stop(vec![s1]).await;
+}
+
+/// A device that registers on a second supervisor is owned there; the first
+/// closes its stale session, and commands follow the device.
+pub async fn a_device_that_moves_is_taken_over_and_fenced(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, on_s1) = rig.supervisor("s1").await;
+    let (s2, on_s2) = rig.supervisor("s2").await;
+    let device = did("device-1");
+    let mut old = connect(&on_s1, device).await;
+    rig.owner_is(device, "s1").await;
+
+    let mut new = connect(&on_s2, device).await;
+    rig.owner_is(device, "s2").await;
+    // The old session is closed at s1's next write for the device, or its next renewal.
+    s1.renew_leases().await;
+    loop {
+        match next_message(&mut old, "the stale session closing").await {
+            None => break,
+            Some(ToDevice::Command(command)) => panic!("s1 still pushes to its stale session: {command:?}"),
+            Some(_) => {}
+        }
+    }
+    let toggle = rig.control.set_emission(&device, true).await.unwrap();
+    answer(&mut new, toggle).await;
+    assert_eq!(rig.ended(toggle).await, CommandState::Acked);
+    let status = rig.store.status(&device).await.unwrap().expect("a status");
+    assert_eq!(status.supervisor, Some(sid("s2")), "the status names the new owner");
+    rig.stop(vec![s1, s2]).await;
+}
+
+/// A device that disconnected is released and marked offline; a command to
+/// it ends `device_offline` at once instead of waiting for its deadline.
+pub async fn a_device_gone_ends_its_commands_offline(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+    drop(session);
+    let store = rig.store.clone();
+    eventually("the device released", WAIT, || {
+        let store = store.clone();
+        async move { store.lookup(&device).await.ok().flatten().is_none() }
+    })
+    .await;
+    let id = rig.control.set_emission(&device, true).await.unwrap();
+    assert_eq!(rig.ended(id).await, CommandState::DeviceOffline);
+    rig.stop(vec![s1]).await;
+}
