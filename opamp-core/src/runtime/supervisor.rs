@@ -471,6 +471,9 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration
 const START_MARGIN: Duration = Duration::from_secs(1);
 /// How long a delivery handed back waits before the bus delivers it again.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+/// The most outcomes remembered for deliveries handed back; past it, one
+/// that comes back runs again.
+const MAX_UNRECORDED: usize = 10_000;
 
 /// What a session is given to do.
 enum Work {
@@ -1209,7 +1212,14 @@ impl Inner {
             return false;
         }
         warn!(%device, correlation_id = %id, error = %err, "recording an outcome failed; handing the command back to the bus");
-        lock(&self.unrecorded).insert(id, (outcome, applied));
+        {
+            // Bounded: a delivery handed back too often is dead-lettered and
+            // never comes to take its outcome out again.
+            let mut unrecorded = lock(&self.unrecorded);
+            if unrecorded.len() < MAX_UNRECORDED {
+                unrecorded.insert(id, (outcome, applied));
+            }
+        }
         let reason = format!("recording the outcome of command {id} for device {device}: {err}");
         if let Err(err) = job.acker.nack(HAND_BACK_DELAY, reason).await {
             warn!(%device, correlation_id = %id, error = %err, "handing a command back failed");
