@@ -28,6 +28,7 @@
 
 pub mod bus;
 pub mod failing;
+pub mod faults;
 #[cfg(feature = "fluent-bit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fluent-bit")))]
 pub mod fluent_bit;

@@ -1,4 +1,5 @@
-//! What the Redis tests share: a Redis server of a test's own.
+//! What the tests of live servers share: a Redis server of a test's own, and
+//! the log output.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
@@ -70,18 +71,8 @@ impl OwnRedis {
         self.wait_until(false);
     }
 
-    /// Waits for the port to open, or close (a killed server lingers as a zombie here).
     fn wait_until(&self, open: bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() != open {
-            assert!(
-                Instant::now() < deadline,
-                "port {} never {}",
-                self.port,
-                if open { "opened" } else { "closed" }
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(self.port, open);
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
@@ -94,4 +85,27 @@ impl Drop for OwnRedis {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits for a loopback port to open, or close (a killed server lingers as a zombie here).
+pub(crate) fn wait_for_port(port: u16, open: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() != open {
+        assert!(
+            Instant::now() < deadline,
+            "port {port} never {}",
+            if open { "opened" } else { "closed" }
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Logs at `RUST_LOG` (default `warn`) into the test's output.
+pub(crate) fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
