@@ -1,7 +1,9 @@
-//! What the tests of live servers share: a Redis server of a test's own, and
-//! the log output.
+//! What the tests of live servers share: a Redis or a PostgreSQL server of a
+//! test's own, and the log output.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
+
+pub(crate) mod postgres;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
