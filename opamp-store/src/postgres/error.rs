@@ -90,7 +90,13 @@ fn from_sqlx(doing: String, source: sqlx::Error) -> Error {
                 _ => Error::backend(BACKEND, doing, source),
             }
         }
-        sqlx::Error::Io(_)
+        // A connection cut while it opens reads as a protocol error: sqlx
+        // takes the end of the stream for the answer to its SSLRequest
+        // ("unexpected response from SSLRequest: 0x00"), as a proxy or load
+        // balancer in front of a server that is down or restarting answers.
+        // sqlx drops the connection either way, so another may succeed.
+        sqlx::Error::Protocol(_)
+        | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -127,6 +133,16 @@ mod tests {
         .into();
         assert!(err.is_retryable());
         assert!(err.to_string().contains("lookup of device d1"), "{err}");
+    }
+
+    #[test]
+    fn a_connection_cut_while_it_opens_is_unavailable() {
+        let err: Error = PgError::Query {
+            doing: "lookup of device d1".into(),
+            source: sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into()),
+        }
+        .into();
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     }
 
     #[test]
