@@ -10,8 +10,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
-use std::process::Command as Process;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +25,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use support::{OwnBroker, config_on};
 use tokio::time::timeout;
+
+mod support;
 
 const DEFAULT_BROKERS: &str = "127.0.0.1:9093";
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -53,29 +54,13 @@ fn require_broker(brokers: &str) {
     );
 }
 
-/// A configuration of topics and groups of this test's own, on `brokers`.
-fn config_on(brokers: &str) -> KafkaBusConfig {
-    KafkaBusConfig::new(brokers)
-        .with_topic_prefix(&format!("t{}.", uuid::Uuid::new_v4().simple()))
-        .with_partitions(3, 3, 2)
-        .with_replication(1)
-        // Group members notice a rebalance sooner (a test setting, not a broker quirk).
-        .with_property("heartbeat.interval.ms", "500")
-}
-
 fn config() -> KafkaBusConfig {
     config_on(&brokers())
 }
 
 /// A bus with `config`, its topics made.
 async fn bus_with(config: KafkaBusConfig) -> KafkaBus {
-    // The bus's logs, shown with a failing test's output (RUST_LOG to choose).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("opamp_bus=info,librdkafka=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     require_broker(&config.brokers);
     let bus = KafkaBus::new(config).expect("a valid config");
     bus.ensure_topics().await.expect("making the test's topics");
@@ -629,58 +614,9 @@ async fn missing_topics_and_unreachable_brokers_are_errors_not_hangs() {
     assert!(err.to_string().contains("enable.idempotence"), "{err}");
 }
 
-/// A broker of this test's own, run by the service script.
-struct OwnBroker {
-    script: PathBuf,
-    dir: tempdir::Dir,
-    port: String,
-}
-
-mod tempdir {
-    /// A folder removed when dropped.
-    pub(super) struct Dir(pub(super) std::path::PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-impl OwnBroker {
-    fn start() -> Self {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/services/kafka");
-        let dir =
-            tempdir::Dir(std::env::temp_dir().join(format!("opamp-kafka-restart-{}", uuid::Uuid::new_v4().simple())));
-        let port = std::env::var("OPAMP_TEST_KAFKA_RESTART_PORT").unwrap_or_else(|_| "9094".into());
-        let broker = OwnBroker { script, dir, port };
-        broker.run("start");
-        broker
-    }
-
-    fn run(&self, action: &str) {
-        let status = Process::new(&self.script)
-            .arg(action)
-            .arg(&self.dir.0)
-            .env("OPAMP_KAFKA_PORT", &self.port)
-            .status()
-            .unwrap_or_else(|err| panic!("running {}: {err}", self.script.display()));
-        assert!(status.success(), "`{} {action}` failed", self.script.display());
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let _ = Process::new(&self.script)
-            .arg("stop")
-            .arg(&self.dir.0)
-            .env("OPAMP_KAFKA_PORT", &self.port)
-            .status();
-    }
+/// The port of the broker-restart test's own broker.
+fn restart_port() -> u16 {
+    std::env::var("OPAMP_TEST_KAFKA_RESTART_PORT").map_or(9094, |port| port.parse().expect("a port number"))
 }
 
 /// The broker stops and starts again on its own data: the consumer is made
@@ -688,7 +624,9 @@ impl Drop for OwnBroker {
 /// order, and what was acknowledged does not come again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_command_is_lost_when_the_broker_restarts() {
-    let broker = tokio::task::spawn_blocking(OwnBroker::start).await.unwrap();
+    let broker = tokio::task::spawn_blocking(|| OwnBroker::start(restart_port()))
+        .await
+        .unwrap();
     let bus = bus_with(config_on(&broker.brokers())).await;
     let s1 = supervisor("s1");
     let mut stream = bus.subscribe(&s1).await.unwrap();
