@@ -27,7 +27,7 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -247,12 +247,18 @@ impl FaultRig {
 
         let mut acked = 0;
         let mut definite = 0;
+        // Which other outcomes, for the row: a backpressure `failed` reads
+        // differently from a `timed_out`.
+        let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
         let mut lost = Vec::new();
         let mut gone_with_the_store = 0;
         for id in &accepted {
             match self.control.wait(id, ENDS_WITHIN).await {
                 Ok(record) if record.state == CommandState::Acked => acked += 1,
-                Ok(record) if record.state.is_final() => definite += 1,
+                Ok(record) if record.state.is_final() => {
+                    definite += 1;
+                    *outcomes.entry(record.state.as_str()).or_default() += 1;
+                }
                 Err(crate::Error::NotFound { .. }) if loses_records => gone_with_the_store += 1,
                 other => lost.push((*id, format!("{other:?}"))),
             }
@@ -289,8 +295,17 @@ impl FaultRig {
             .as_ref()
             .map_or_else(|err| err.clone(), |took| format!("{:.2} s", took.as_secs_f64()));
         println!(
-            "| {scenario} | {} accepted ({refused} refused) | {acked} | {definite} | {}{} | {} | {wedged} | {closed} | {recovered} routable, {:.2} s all ended |",
+            "| {scenario} | {} accepted ({refused} refused) | {acked} | {definite}{} | {}{} | {} | {wedged} | {closed} | {recovered} routable, {:.2} s all ended |",
             accepted.len(),
+            if outcomes.is_empty() {
+                String::new()
+            } else {
+                let named: Vec<String> = outcomes
+                    .iter()
+                    .map(|(state, count)| format!("{count} {state}"))
+                    .collect();
+                format!(" ({})", named.join(", "))
+            },
             lost.len(),
             if gone_with_the_store > 0 {
                 format!(" ({gone_with_the_store} records gone with the store)")
