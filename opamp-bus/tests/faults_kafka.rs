@@ -37,8 +37,8 @@ async fn the_broker_restarts_on_its_data() {
     let broker = tokio::task::spawn_blocking(|| OwnBroker::start(9110)).await.unwrap();
     let rig = rig(&broker.brokers()).await;
     rig.survive(
-        "Kafka broker (tansu) stopped and started again on its data (down 3 s)",
-        || broker.run("stop"),
+        "Kafka broker (tansu) killed and started again on its data (down 3 s)",
+        || broker.kill(),
         || broker.run("start"),
     )
     .await;

@@ -3,8 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command as Process;
+use std::time::{Duration, Instant};
 
 use opamp_bus::kafka::KafkaBusConfig;
 
@@ -70,6 +72,26 @@ impl OwnBroker {
             .status()
             .unwrap_or_else(|err| panic!("running {}: {err}", self.script.display()));
         assert!(status.success(), "`{} {action}` failed", self.script.display());
+    }
+
+    /// Kills it (`SIGKILL`), as a crash or an orchestrator's hard stop
+    /// would, and waits until its port is closed; [`run`](Self::run)
+    /// `start` starts it again on its data. tansu 0.6.0 stopped gracefully
+    /// while groups and idempotent producers are live can leave its sqlite
+    /// storage without a producer's row; after the restart its storage task
+    /// panics on that producer's next batch ("more or less than one row")
+    /// and answers every produce and metadata request with an unknown error.
+    pub(crate) fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("tansu.pid")).expect("the script wrote tansu's pid");
+        let status = Process::new("kill").args(["-KILL", pid.trim()]).status().unwrap();
+        assert!(status.success(), "kill -KILL tansu");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A killed process lingers as a zombie here: wait for the port, not the pid.
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "tansu's port {} never closed", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.dir.join("tansu.pid"));
     }
 
     /// Where it listens.
