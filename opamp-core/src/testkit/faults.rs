@@ -2,8 +2,7 @@
 //! supervisor and a control plane over a store and a bus under test, a small
 //! fleet of devices that count what they apply, and commands issued before,
 //! during and after a fault the scenario injects (a paused server, a
-//! [`FaultProxy`](super::proxy::FaultProxy) between a runtime and its
-//! backend, a restart).
+//! [`FaultProxy`] between a runtime and its backend, a restart).
 //!
 //! After each fault [`FaultRig::survive`] checks what the README promises:
 //! every command accepted ends with a definite outcome; none is applied
