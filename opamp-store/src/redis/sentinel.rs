@@ -1,0 +1,153 @@
+//! The connection to a primary that Redis Sentinel watches: asked for when
+//! first needed, and asked for again after it failed in a way a failover
+//! explains (the primary gone, silent, or now a replica).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, ServerErrorKind, Value,
+};
+
+use super::RedisSentinelConfig;
+use super::error::is_failover;
+
+/// The Sentinels, and the connection to the primary they named last.
+pub(super) struct SentinelLink {
+    /// Held while asking, so that the calls that all found the primary gone
+    /// ask the Sentinels once between them, not once each.
+    sentinels: tokio::sync::Mutex<SentinelClient>,
+    /// The connection in use and its number; `None` once it failed.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    connections: AtomicU64,
+    config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+}
+
+impl SentinelLink {
+    /// Reads the configuration; connects to nothing yet.
+    pub(super) fn new(
+        urls: &[String],
+        sentinel: &RedisSentinelConfig,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let mut node = RedisConnectionInfo::default().set_db(sentinel.db);
+        if let Some(username) = &sentinel.username {
+            node = node.set_username(username);
+        }
+        if let Some(password) = &sentinel.password {
+            node = node.set_password(password);
+        }
+        let client = SentinelClient::build(
+            urls.iter().map(String::as_str).collect(),
+            sentinel.master_name.clone(),
+            Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node)),
+            SentinelServerType::Master,
+        )?;
+        Ok(SentinelLink {
+            sentinels: tokio::sync::Mutex::new(client),
+            current: Mutex::new(None),
+            connections: AtomicU64::new(0),
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout)),
+            connect_timeout,
+        })
+    }
+
+    /// A client for the primary the Sentinels name now (for pub/sub, which
+    /// needs a connection of its own).
+    pub(super) async fn primary(&self) -> Result<redis::Client, ClientError> {
+        let mut sentinels = self.sentinels.lock().await;
+        within(self.connect_timeout, sentinels.async_get_client()).await
+    }
+
+    /// Sends one command to the primary.
+    pub(super) async fn command(&self, cmd: &Cmd) -> Result<Value, ClientError> {
+        let (number, mut conn) = self.connection().await?;
+        let result = conn.req_packed_command(cmd).await;
+        if result.as_ref().map_or_else(is_failover, replied_read_only) {
+            self.forget(number);
+        }
+        result
+    }
+
+    /// Sends a pipeline to the primary.
+    pub(super) async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, ClientError> {
+        let (number, mut conn) = self.connection().await?;
+        let result = conn.req_packed_commands(pipe, 0, pipe.len()).await;
+        let moved = match &result {
+            Ok(values) => values.iter().any(replied_read_only),
+            Err(err) => is_failover(err),
+        };
+        if moved {
+            self.forget(number);
+        }
+        result
+    }
+
+    /// Runs `work` on the primary's connection (loading scripts).
+    pub(super) async fn with_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let (number, mut conn) = self.connection().await?;
+        let result = work(&mut conn).await;
+        if result.as_ref().err().is_some_and(is_failover) {
+            self.forget(number);
+        }
+        result
+    }
+
+    /// The connection in use, or a new one to the primary the Sentinels name.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), ClientError> {
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let mut sentinels = self.sentinels.lock().await;
+        // Another call may have connected while this one waited for the lock.
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let conn = within(self.connect_timeout, async {
+            let client = sentinels.async_get_client().await?;
+            client.get_multiplexed_async_connection_with_config(&self.config).await
+        })
+        .await?;
+        let number = self.connections.fetch_add(1, Ordering::Relaxed);
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((number, conn.clone()));
+        Ok((number, conn))
+    }
+
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Drops connection `number`, unless another already replaced it.
+    fn forget(&self, number: u64) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|(current, _)| *current == number) {
+            tracing::info!("the connection to the Redis primary failed; asking the Sentinels where it is");
+            *current = None;
+        }
+    }
+}
+
+/// Whether a node answered as a replica: the primary it was has been demoted.
+fn replied_read_only(value: &Value) -> bool {
+    matches!(value, Value::ServerError(err) if err.kind() == Some(ServerErrorKind::ReadOnly))
+}
+
+/// `work`, or a timeout error after `timeout` (asking a silent Sentinel must not hang a call).
+async fn within<T>(timeout: Duration, work: impl Future<Output = Result<T, ClientError>>) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
+        Err(ClientError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the Sentinels named no reachable primary within {timeout:?}"),
+        )))
+    })
+}
