@@ -1,13 +1,17 @@
-//! The Redis store against a real Redis and a real three-master Redis Cluster
-//! on loopback (`scripts/services/redis start DIR` starts both): the store
+//! The Redis store against a real Redis, a real three-master Redis Cluster
+//! and a real primary with a replica under Sentinel, on loopback
+//! (`scripts/services/redis start DIR` starts them all): the store
 //! conformance suite on each, and what only this backend has: the design's
-//! keys as `redis-cli` sees them, bad data, pipelining, reconciliation, and
-//! recovery after Redis restarts empty.
+//! keys as `redis-cli` sees them, bad data, pipelining, reconciliation,
+//! recovery after Redis restarts empty, and following a Sentinel failover.
 //!
 //! Where the servers are: `OPAMP_TEST_REDIS_URL` (default
-//! `redis://127.0.0.1:6390/`) and `OPAMP_TEST_REDIS_CLUSTER_URLS`
-//! (comma-separated, default ports 7301–7303). A test that cannot reach them
-//! fails, saying how to start them.
+//! `redis://127.0.0.1:6390/`), `OPAMP_TEST_REDIS_CLUSTER_URLS`
+//! (comma-separated, default ports 7301–7303) and
+//! `OPAMP_TEST_REDIS_SENTINEL_URLS` (comma-separated, default
+//! `redis://127.0.0.1:26410/`) with `OPAMP_TEST_REDIS_SENTINEL_MASTER`
+//! (default `opamp-test`). A test that cannot reach them fails, saying how
+//! to start them.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -25,24 +29,37 @@ use opamp_core::{
     ConfigVersion, DeviceId, Error, ManualClock, PageRequest, RoutingStore, StatusPatch, StatusStore, Store,
     SupervisorId, Timestamp,
 };
-use opamp_store::redis::{RedisStore, RedisStoreConfig};
-use support::OwnRedis;
+use opamp_store::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
+use support::{OwnRedis, OwnSentinelSet};
 
 mod support;
 
 const HOW_TO_START: &str = "start the test servers with `scripts/services/redis start /tmp/opamp-redis` \
-     (or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_REDIS_CLUSTER_URLS at running ones)";
+     (or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_REDIS_CLUSTER_URLS / OPAMP_TEST_REDIS_SENTINEL_URLS at running ones)";
 
 fn standalone_url() -> String {
     std::env::var("OPAMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/".to_owned())
 }
 
 fn cluster_urls() -> Vec<String> {
-    std::env::var("OPAMP_TEST_REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| "redis://127.0.0.1:7301/,redis://127.0.0.1:7302/,redis://127.0.0.1:7303/".to_owned())
-        .split(',')
-        .map(str::to_owned)
-        .collect()
+    urls_from_env(
+        "OPAMP_TEST_REDIS_CLUSTER_URLS",
+        "redis://127.0.0.1:7301/,redis://127.0.0.1:7302/,redis://127.0.0.1:7303/",
+    )
+}
+
+fn sentinel_urls() -> Vec<String> {
+    urls_from_env("OPAMP_TEST_REDIS_SENTINEL_URLS", "redis://127.0.0.1:26410/")
+}
+
+/// The comma-separated URLs in the variable `name`, or in `default`.
+fn urls_from_env(name: &str, default: &str) -> Vec<String> {
+    let urls = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    urls.split(',').map(str::to_owned).collect()
+}
+
+fn sentinel_master() -> String {
+    std::env::var("OPAMP_TEST_REDIS_SENTINEL_MASTER").unwrap_or_else(|_| "opamp-test".to_owned())
 }
 
 /// A key prefix no other test (or earlier run) uses.
@@ -78,8 +95,12 @@ async fn connect(config: RedisStoreConfig, clock: Option<Arc<ManualClock>>) -> R
 }
 
 async fn fixture_on(cluster: bool) -> StoreFixture {
+    fixture_with(config(cluster, "conformance")).await
+}
+
+async fn fixture_with(config: RedisStoreConfig) -> StoreFixture {
     let clock = Arc::new(ManualClock::starting_now());
-    let store = connect(config(cluster, "conformance"), Some(clock.clone())).await;
+    let store = connect(config, Some(clock.clone())).await;
     StoreFixture::new(Arc::new(store), clock)
 }
 
@@ -104,6 +125,20 @@ mod cluster {
 
     async fn fixture() -> StoreFixture {
         fixture_on(true).await
+    }
+
+    opamp_core::store_conformance!(fixture);
+    opamp_core::rollout_scenarios!(fixture, memory_bus);
+}
+
+/// The primary the shared Sentinel watches (the conformance suite never kills
+/// it: the failover test below has a set of its own).
+mod sentinel {
+    use super::*;
+
+    async fn fixture() -> StoreFixture {
+        let config = RedisStoreConfig::sentinel(sentinel_urls(), RedisSentinelConfig::new(sentinel_master()));
+        fixture_with(config.key_prefix(unique_prefix("conformance"))).await
     }
 
     opamp_core::store_conformance!(fixture);
@@ -532,6 +567,96 @@ async fn an_unreachable_redis_is_unavailable() {
     assert!(text.contains("127.0.0.1:1") && !text.contains("secret"), "{text}");
     let bad = RedisStore::connect(RedisStoreConfig::standalone(standalone_url()).key_prefix("a{b")).await;
     assert!(matches!(bad, Err(Error::InvalidInput { .. })), "{bad:?}");
+}
+
+#[tokio::test]
+async fn unreachable_sentinels_are_unavailable_and_keep_their_secrets() {
+    let sentinel = RedisSentinelConfig::new("fleet").credentials(Some("opamp"), "hunter2");
+    let config = RedisStoreConfig::sentinel(["redis://:secret@127.0.0.1:1/"], sentinel);
+    assert!(!format!("{config:?}").contains("hunter2") && !format!("{config:?}").contains("secret"));
+    let err = RedisStore::connect(config)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_retryable(), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("127.0.0.1:1") && text.contains("fleet"), "{text}");
+    assert!(!text.contains("secret") && !text.contains("hunter2"), "{text}");
+
+    let mut both = RedisStoreConfig::cluster(cluster_urls());
+    both.sentinel = Some(RedisSentinelConfig::new(sentinel_master()));
+    let both = RedisStore::connect(both).await;
+    assert!(matches!(both, Err(Error::InvalidInput { .. })), "{both:?}");
+    let unknown = RedisStoreConfig::sentinel(sentinel_urls(), RedisSentinelConfig::new("no-such-primary"));
+    let unknown = RedisStore::connect(unknown).await;
+    assert!(matches!(&unknown, Err(err) if err.is_retryable()), "{unknown:?}");
+}
+
+/// The primary is killed (SIGKILL) and Sentinel promotes the replica: the
+/// same store object, never reconnected by hand, answers again once the
+/// replica is promoted, with what was written before, and takes writes
+/// again. Until then every call fails as unavailable or timed out, both
+/// retryable. On a set of the test's own: killing the shared primary would
+/// break the conformance tests running beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_follows_a_sentinel_failover_without_a_restart() {
+    let set = OwnSentinelSet::start(6415, 6416, 26415, "opamp-failover");
+    let config = RedisStoreConfig::sentinel([set.sentinel_url()], RedisSentinelConfig::new(&set.name))
+        .key_prefix(unique_prefix("failover"))
+        .response_timeout(Duration::from_secs(1));
+    let store = connect(config, None).await;
+    let (before, after, s1) = (did("written-before"), did("written-after"), sid("s1"));
+    assert_eq!(
+        store.claim(&before, &s1, Duration::from_secs(600)).await.unwrap(),
+        Claim::Acquired
+    );
+    store.put_template(&template(fluentbit("1.0"), "before")).await.unwrap();
+    // Replication is asynchronous: only what the replica has survives the kill.
+    set.wait_replicated();
+
+    set.primary.kill();
+    let killed = Instant::now();
+    let mut failures = 0;
+    let found = loop {
+        match store.lookup(&before).await {
+            Ok(found) => break found,
+            Err(err) => {
+                assert!(
+                    matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }),
+                    "during the failover: {err:?}"
+                );
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "no answer 30 s after the kill: {err}"
+                );
+                failures += 1;
+                // Each failed call already waited through the store's retries; this only paces the loop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let answered = killed.elapsed();
+    eprintln!("the store answered {answered:?} after the primary was killed ({failures} calls failed before)");
+    assert_eq!(found, Some(s1), "the replica had the lease");
+    set.wait_for_promotion(Duration::ZERO);
+    let kept = store.template(&fluentbit("1.0")).await.unwrap();
+    assert!(
+        kept.is_some_and(|kept| kept.same_content(&template(fluentbit("1.0"), "before"))),
+        "the replica had the template"
+    );
+    assert_eq!(
+        store.claim(&after, &s1, Duration::from_secs(600)).await.unwrap(),
+        Claim::Acquired,
+        "the promoted replica takes writes"
+    );
+    assert_eq!(
+        store
+            .renew(&s1, &[before, after], Duration::from_secs(600))
+            .await
+            .unwrap(),
+        Vec::<DeviceId>::new(),
+        "a batch reaches the new primary too"
+    );
+    assert_eq!(set.replica.cli(&["role"]).lines().next(), Some("master"));
 }
 
 /// Redis restarts empty: the supervisor finds its leases gone at its next

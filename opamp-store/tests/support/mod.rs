@@ -1,4 +1,5 @@
-//! What the Redis tests share: a Redis server of a test's own.
+//! What the Redis tests share: a Redis server of a test's own, and a primary
+//! with a replica under a Sentinel of a test's own.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
@@ -13,40 +14,110 @@ use std::time::{Duration, Instant};
 pub(crate) struct OwnRedis {
     pub(crate) port: u16,
     dir: PathBuf,
+    role: Role,
+}
+
+/// What an [`OwnRedis`] is started as.
+enum Role {
+    Primary,
+    /// A replica of the server on this port.
+    Replica(u16),
+    /// A Sentinel watching, under this name, the primary on this port.
+    Sentinel(String, u16),
 }
 
 impl OwnRedis {
     pub(crate) fn start(port: u16) -> Self {
+        Self::start_as(port, Role::Primary)
+    }
+
+    fn start_as(port: u16, role: Role) -> Self {
         let dir = std::env::temp_dir().join(format!("opamp-own-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis { port, dir };
+        let redis = OwnRedis { port, dir, role };
         redis.launch();
         redis
     }
 
     pub(crate) fn launch(&self) {
-        let status = Process::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--daemonize",
-                "yes",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--pidfile")
-            .arg(self.dir.join("redis.pid"))
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
+        let mut command = match &self.role {
+            Role::Sentinel(name, primary) => {
+                // Sentinel rewrites its file as it learns and fails over: a fresh one each start,
+                // with timings short enough for a failover to take seconds, not minutes.
+                let file = self.dir.join("sentinel.conf");
+                let settings = [
+                    format!("port {}", self.port),
+                    "bind 127.0.0.1".to_owned(),
+                    "daemonize yes".to_owned(),
+                    format!("dir {}", self.dir.display()),
+                    format!("pidfile {}", self.dir.join("redis.pid").display()),
+                    format!("logfile {}", self.dir.join("redis.log").display()),
+                    format!("sentinel monitor {name} 127.0.0.1 {primary} 1"),
+                    format!("sentinel down-after-milliseconds {name} 1000"),
+                    format!("sentinel failover-timeout {name} 5000"),
+                ];
+                std::fs::write(&file, settings.join("\n") + "\n").unwrap();
+                let mut command = Process::new("redis-sentinel");
+                command.arg(file);
+                command
+            }
+            role => {
+                let mut command = Process::new("redis-server");
+                command
+                    .args([
+                        "--port",
+                        &self.port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--daemonize",
+                        "yes",
+                    ])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(&self.dir)
+                    .arg("--pidfile")
+                    .arg(self.dir.join("redis.pid"))
+                    .arg("--logfile")
+                    .arg(self.dir.join("redis.log"));
+                if let Role::Replica(primary) = role {
+                    command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+                }
+                command
+            }
+        };
+        let status = command
             .status()
-            .unwrap_or_else(|err| {
-                panic!("running redis-server: {err}; `scripts/services/redis start DIR` installs it")
-            });
-        assert!(status.success(), "redis-server on port {} did not start", self.port);
+            .unwrap_or_else(|err| panic!("running {command:?}: {err}; `scripts/services/redis start DIR` installs it"));
+        assert!(status.success(), "{command:?} (port {}) did not start", self.port);
         self.wait_until(true);
+    }
+
+    /// What `redis-cli -p PORT ARGS…` prints.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        let output = Process::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|err| panic!("running redis-cli: {err}"));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Waits up to `within` for `redis-cli ARGS…` to print something `holds` accepts.
+    pub(crate) fn wait_for_cli(&self, args: &[&str], within: Duration, what: &str, holds: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let printed = self.cli(args);
+            if holds(&printed) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "port {}: {what} not within {within:?}; `redis-cli {}` printed {printed:?}",
+                self.port,
+                args.join(" ")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn pid(&self) -> String {
@@ -59,6 +130,15 @@ impl OwnRedis {
     pub(crate) fn signal(&self, signal: &str) {
         let status = Process::new("kill").args([signal, &self.pid()]).status().unwrap();
         assert!(status.success(), "kill {signal} redis-server");
+    }
+
+    /// Kills the server at once (SIGKILL: no goodbye to its clients or
+    /// replicas), and waits for its port to close.
+    pub(crate) fn kill(&self) {
+        self.signal("-KILL");
+        self.wait_until(false);
+        // Its pid may be another process's soon: `stop` must not signal it.
+        let _ = std::fs::remove_file(self.dir.join("redis.pid"));
     }
 
     pub(crate) fn stop(&self) {
@@ -93,5 +173,72 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A primary, its replica and one Sentinel watching them as `name`, of a
+/// test's own: killing the primary fails over to the replica in a few
+/// seconds (Sentinel acts 1 s after the primary stops answering). Stopped
+/// when dropped, the Sentinel first.
+pub(crate) struct OwnSentinelSet {
+    pub(crate) sentinel: OwnRedis,
+    pub(crate) replica: OwnRedis,
+    pub(crate) primary: OwnRedis,
+    pub(crate) name: String,
+}
+
+impl OwnSentinelSet {
+    /// Starts them, and returns once the replica has caught up and the
+    /// Sentinel knows it (else it could not promote it).
+    pub(crate) fn start(primary: u16, replica: u16, sentinel: u16, name: &str) -> Self {
+        let primary_port = primary;
+        let primary = OwnRedis::start(primary);
+        let replica = OwnRedis::start_as(replica, Role::Replica(primary_port));
+        replica.wait_for_cli(
+            &["info", "replication"],
+            Duration::from_secs(20),
+            "the replica caught up",
+            |info| info.contains("master_link_status:up"),
+        );
+        let sentinel = OwnRedis::start_as(sentinel, Role::Sentinel(name.to_owned(), primary_port));
+        let replica_port = format!("{}", replica.port);
+        sentinel.wait_for_cli(
+            &["sentinel", "replicas", name],
+            Duration::from_secs(20),
+            "the Sentinel found the replica",
+            |replicas| replicas.lines().any(|line| line.trim() == replica_port),
+        );
+        OwnSentinelSet {
+            sentinel,
+            replica,
+            primary,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The Sentinel's URL, for the store.
+    pub(crate) fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.sentinel.port)
+    }
+
+    /// Waits until the primary has passed everything written so far to the replica.
+    pub(crate) fn wait_replicated(&self) {
+        self.primary.wait_for_cli(
+            &["wait", "1", "5000"],
+            Duration::from_secs(10),
+            "the replica acknowledged every write",
+            |replicas| replicas.trim() == "1",
+        );
+    }
+
+    /// Waits until the Sentinel names the replica as the primary.
+    pub(crate) fn wait_for_promotion(&self, within: Duration) {
+        let replica_port = format!("{}", self.replica.port);
+        self.sentinel.wait_for_cli(
+            &["sentinel", "get-master-addr-by-name", &self.name],
+            within,
+            "the Sentinel promoted the replica",
+            |address| address.lines().any(|line| line.trim() == replica_port),
+        );
     }
 }
