@@ -308,10 +308,7 @@ impl Connection {
             let result = match self.link.clone() {
                 Link::Standalone(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
                 Link::Cluster(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
-                Link::Sentinel(link) => {
-                    link.with_connection(async |conn| script.prepare_invoke().load_async(conn).await)
-                        .await
-                }
+                Link::Sentinel(link) => link.load(script).await,
             };
             result.map_err(|err| RedisError::command("SCRIPT LOAD", err))?;
         }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, Script, ServerErrorKind,
+    Value,
 };
 
 use super::RedisSentinelConfig;
@@ -63,7 +64,7 @@ impl SentinelLink {
     /// needs a connection of its own).
     pub(super) async fn primary(&self) -> Result<redis::Client, ClientError> {
         let mut sentinels = self.sentinels.lock().await;
-        within(self.connect_timeout, sentinels.async_get_client()).await
+        within(self.connect_timeout, Box::pin(sentinels.async_get_client())).await
     }
 
     /// Sends one command to the primary.
@@ -90,13 +91,10 @@ impl SentinelLink {
         result
     }
 
-    /// Runs `work` on the primary's connection (loading scripts).
-    pub(super) async fn with_connection<T>(
-        &self,
-        work: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, ClientError>,
-    ) -> Result<T, ClientError> {
+    /// Loads `script` into the primary's script cache; its SHA1.
+    pub(super) async fn load(&self, script: &Script) -> Result<String, ClientError> {
         let (number, mut conn) = self.connection().await?;
-        let result = work(&mut conn).await;
+        let result = script.prepare_invoke().load_async(&mut conn).await;
         if result.as_ref().err().is_some_and(is_failover) {
             self.forget(number);
         }
@@ -113,10 +111,16 @@ impl SentinelLink {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let conn = within(self.connect_timeout, async {
-            let client = sentinels.async_get_client().await?;
-            client.get_multiplexed_async_connection_with_config(&self.config).await
-        })
+        // Boxed: the redis crate's Sentinel lookup nests deep enough that
+        // every future awaiting it inline overflows rustc's query depth limit
+        // in the host's `main`.
+        let conn = within(
+            self.connect_timeout,
+            Box::pin(async {
+                let client = sentinels.async_get_client().await?;
+                client.get_multiplexed_async_connection_with_config(&self.config).await
+            }),
+        )
         .await?;
         let number = self.connections.fetch_add(1, Ordering::Relaxed);
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((number, conn.clone()));
