@@ -862,6 +862,8 @@ mod tests {
         let err = store_error("redis+sentinel://u:hunter2@s1/fleet?sentinel_password=hunter3&bad=1");
         assert!(err.contains("unknown parameter `bad`"), "{err}");
         assert!(!err.contains("hunter2") && !err.contains("hunter3"), "{err}");
+        let err = bus_error("kafka://k1?sasl.password=hunter4&bad=1");
+        assert!(!err.contains("hunter4") && err.contains("sasl.password=***"), "{err}");
     }
 
     #[test]
