@@ -95,7 +95,9 @@ impl Connection {
             }
             let link = SentinelLink::new(&config.urls, sentinel, config.connect_timeout, config.response_timeout)
                 .map_err(connect)?;
-            Link::Sentinel(Arc::new(link))
+            let link = Arc::new(link);
+            link.watch_switches();
+            Link::Sentinel(link)
         } else if config.cluster {
             let client = ClusterClient::builder(config.urls.iter().map(String::as_str))
                 .connection_timeout(config.connect_timeout)

@@ -1,12 +1,14 @@
 //! The connection to a primary that Redis Sentinel watches: asked for when
 //! first needed, and asked for again after it failed in a way a failover
-//! explains (the primary gone, silent, or now a replica).
+//! explains (the primary gone, silent, or now a replica), or when the
+//! Sentinels announce they switched to another primary.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, Script, ServerErrorKind,
@@ -26,6 +28,17 @@ pub(super) struct SentinelLink {
     connections: AtomicU64,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
+    master_name: String,
+    /// The task listening for `+switch-master`, stopped with the link.
+    watcher: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for SentinelLink {
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            watcher.abort();
+        }
+    }
 }
 
 impl SentinelLink {
@@ -57,7 +70,34 @@ impl SentinelLink {
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(response_timeout)),
             connect_timeout,
+            master_name: sentinel.master_name.clone(),
+            watcher: Mutex::new(None),
         })
+    }
+
+    /// Listens for the Sentinels announcing another primary (`+switch-master`)
+    /// and lets the connection go when they do. A planned failover
+    /// (`SENTINEL FAILOVER`), or a primary cut off and back, leaves the old
+    /// primary up and taking writes until Sentinel gets round to demoting it,
+    /// seconds later; what the store wrote there meanwhile would be lost
+    /// when it resyncs as a replica.
+    pub(super) fn watch_switches(self: &Arc<Self>) {
+        let watcher = tokio::spawn(watch_switches(Arc::downgrade(self)));
+        *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(watcher.abort_handle());
+    }
+
+    /// A pub/sub connection to a Sentinel, subscribed to `+switch-master`.
+    async fn subscribe_to_switches(&self) -> Result<PubSub, ClientError> {
+        let sentinel = {
+            let mut sentinels = self.sentinels.lock().await;
+            within(self.connect_timeout, Box::pin(sentinels.async_get_sentinel_client())).await?
+        };
+        let subscribe = async move {
+            let mut pubsub = sentinel.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok(pubsub)
+        };
+        within(self.connect_timeout, Box::pin(subscribe)).await
     }
 
     /// A client for the primary the Sentinels name now (for pub/sub, which
@@ -138,6 +178,41 @@ impl SentinelLink {
             tracing::info!("the connection to the Redis primary failed; asking the Sentinels where it is");
             *current = None;
         }
+    }
+}
+
+/// Lets `link`'s connection go whenever a Sentinel announces its primary
+/// switched, subscribing again (after 0.1 s, doubling up to 5 s) when the
+/// subscription drops, until the link is gone. A switch announced while it
+/// is down is not heard; the connection is then let go at its first error or
+/// `READONLY`, once the old primary is demoted.
+async fn watch_switches(link: Weak<SentinelLink>) {
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    const LONGEST_RETRY: Duration = Duration::from_secs(5);
+    let mut retry = FIRST_RETRY;
+    loop {
+        let Some(strong) = link.upgrade() else { return };
+        let (subscribed, master) = (strong.subscribe_to_switches().await, strong.master_name.clone());
+        drop(strong);
+        match subscribed {
+            Ok(mut pubsub) => {
+                retry = FIRST_RETRY;
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    // "<master name> <old ip> <old port> <new ip> <new port>"
+                    let text = message.get_payload::<String>().unwrap_or_default();
+                    if text.split(' ').next() == Some(master.as_str()) {
+                        let Some(link) = link.upgrade() else { return };
+                        tracing::info!(switch = %text, "Sentinel switched the Redis primary; connecting to the new one");
+                        *link.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    }
+                }
+                tracing::warn!("the subscription to Sentinel's +switch-master dropped; subscribing again");
+            }
+            Err(err) => tracing::warn!(error = %err, "subscribing to Sentinel's +switch-master failed; trying again"),
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(LONGEST_RETRY);
     }
 }
 
