@@ -464,7 +464,8 @@ async fn redis_primary_killed_replica_promoted_by_sentinel() {
             *at_kill.lock().unwrap() = Some(Instant::now());
         },
         move |rig| {
-            rig.sentinel_set().wait_for_promotion(Duration::from_secs(30));
+            let set = rig.sentinel_set();
+            set.wait_for_primary(set.replica.port, Duration::from_secs(30));
             let killed = killed.lock().unwrap().expect("the primary was killed");
             println!(
                 "Sentinel promoted the replica {:.2} s after the kill",

@@ -603,6 +603,7 @@ async fn the_store_follows_a_sentinel_failover_without_a_restart() {
     let config = RedisStoreConfig::sentinel([set.sentinel_url()], RedisSentinelConfig::new(&set.name))
         .key_prefix(unique_prefix("failover"))
         .response_timeout(Duration::from_secs(1));
+    let prefix = config.key_prefix.clone();
     let store = connect(config, None).await;
     let (before, after, s1) = (did("written-before"), did("written-after"), sid("s1"));
     assert_eq!(
@@ -615,29 +616,9 @@ async fn the_store_follows_a_sentinel_failover_without_a_restart() {
 
     set.primary.kill();
     let killed = Instant::now();
-    let mut failures = 0;
-    let found = loop {
-        match store.lookup(&before).await {
-            Ok(found) => break found,
-            Err(err) => {
-                assert!(
-                    matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }),
-                    "during the failover: {err:?}"
-                );
-                assert!(
-                    killed.elapsed() < Duration::from_secs(30),
-                    "no answer 30 s after the kill: {err}"
-                );
-                failures += 1;
-                // Each failed call already waited through the store's retries; this only paces the loop.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    let answered = killed.elapsed();
-    eprintln!("the store answered {answered:?} after the primary was killed ({failures} calls failed before)");
+    let found = through_a_failover(killed, "the primary was killed", || store.lookup(&before)).await;
     assert_eq!(found, Some(s1), "the replica had the lease");
-    set.wait_for_promotion(Duration::ZERO);
+    set.wait_for_primary(set.replica.port, Duration::ZERO);
     let kept = store.template(&fluentbit("1.0")).await.unwrap();
     assert!(
         kept.is_some_and(|kept| kept.same_content(&template(fluentbit("1.0"), "before"))),
@@ -657,6 +638,98 @@ async fn the_store_follows_a_sentinel_failover_without_a_restart() {
         "a batch reaches the new primary too"
     );
     assert_eq!(set.replica.cli(&["role"]).lines().next(), Some("master"));
+
+    // A planned failover back: the old primary, started again (empty),
+    // becomes a replica of the new one and catches up; SENTINEL FAILOVER then
+    // promotes it and demotes the node the store is connected to, which stays
+    // up. The store leaves it all the same.
+    set.primary.launch();
+    set.primary.wait_for_cli(
+        &["info", "replication"],
+        Duration::from_secs(30),
+        "the old primary rejoined as a replica and caught up",
+        |info| info.contains("role:slave") && info.contains("master_link_status:up"),
+    );
+    // Refused (NOGOODSLAVE) until Sentinel has seen the rejoined replica healthy.
+    set.sentinel.wait_for_cli(
+        &["sentinel", "failover", &set.name],
+        Duration::from_secs(30),
+        "Sentinel started a failover",
+        |reply| reply.trim() == "OK",
+    );
+    let failing_over = Instant::now();
+    // Until Sentinel switches (`+switch-master`) the old primary still takes
+    // writes, and for seconds after it too, until Sentinel demotes it (those
+    // writes are lost when it resyncs). The store leaves it when the switch
+    // is announced: wait for the switch, then write until a write lands on
+    // the new primary; only the few the announcement was still on its way
+    // for may land on the old one.
+    set.wait_for_primary(set.primary.port, Duration::from_secs(30));
+    let switched = Instant::now();
+    let mut astray = Vec::new();
+    loop {
+        let device = did(&format!("written-after-the-switch-{}", astray.len()));
+        let claimed = through_a_failover(failing_over, "SENTINEL FAILOVER", || {
+            store.claim(&device, &s1, Duration::from_secs(600))
+        })
+        .await;
+        assert_eq!(claimed, Claim::Acquired);
+        let key = format!("{prefix}device:{{{device}}}:supervisor");
+        if set.primary.cli(&["get", &key]).trim() == s1.as_str() {
+            break;
+        }
+        astray.push(device);
+        assert!(
+            switched.elapsed() < Duration::from_secs(2),
+            "2 s after the switch the store still writes to the demoted node ({} writes, which says it is {:?})",
+            astray.len(),
+            set.replica.cli(&["role"]).lines().next(),
+        );
+    }
+    eprintln!(
+        "{} writes went to the demoted node after the switch, {:?} after it",
+        astray.len(),
+        switched.elapsed()
+    );
+    assert_eq!(
+        store.lookup(&after).await.unwrap(),
+        Some(s1),
+        "the rejoined replica had the lease written after the first failover"
+    );
+}
+
+/// Calls `call` until it succeeds (within 30 s of `started`), each failure
+/// on the way being `Unavailable` or `Timeout`; prints how long it took.
+async fn through_a_failover<T, F, Fut>(started: Instant, since: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = opamp_core::Result<T>>,
+{
+    let mut failures = 0;
+    loop {
+        match call().await {
+            Ok(answer) => {
+                eprintln!(
+                    "the store answered {:?} after {since} ({failures} calls failed before)",
+                    started.elapsed()
+                );
+                return answer;
+            }
+            Err(err) => {
+                assert!(
+                    matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }),
+                    "during the failover: {err:?}"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no answer 30 s after {since}: {err}"
+                );
+                failures += 1;
+                // Each failed call already waited through the store's retries; this only paces the loop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Redis restarts empty: the supervisor finds its leases gone at its next

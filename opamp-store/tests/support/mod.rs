@@ -231,14 +231,20 @@ impl OwnSentinelSet {
         );
     }
 
-    /// Waits until the Sentinel names the replica as the primary.
-    pub(crate) fn wait_for_promotion(&self, within: Duration) {
-        let replica_port = format!("{}", self.replica.port);
+    /// Waits until the Sentinel has switched to the server on `port` as the
+    /// primary (`SENTINEL MASTER`, what clients ask; `get-master-addr-by-name`
+    /// names the new one earlier, while the failover is still in progress).
+    pub(crate) fn wait_for_primary(&self, port: u16, within: Duration) {
+        let port = port.to_string();
         self.sentinel.wait_for_cli(
-            &["sentinel", "get-master-addr-by-name", &self.name],
+            &["sentinel", "master", &self.name],
             within,
-            "the Sentinel promoted the replica",
-            |address| address.lines().any(|line| line.trim() == replica_port),
+            &format!("the Sentinel switched to port {port} as the primary"),
+            |fields| {
+                // Field names and values on alternate lines.
+                let lines: Vec<&str> = fields.lines().map(str::trim).collect();
+                lines.chunks(2).any(|pair| pair == ["port", port.as_str()])
+            },
         );
     }
 }
