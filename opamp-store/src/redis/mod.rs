@@ -57,8 +57,10 @@
 //!
 //! With [`RedisStoreConfig::sentinel`] the store asks the Sentinels where the
 //! primary is, and asks again whenever its connection drops, times out or
-//! meets a replica (`READONLY`): after a failover, calls reach the promoted
-//! replica without a restart. While Sentinel has not promoted one yet, calls
+//! meets a replica (`READONLY`), or a Sentinel announces it switched to
+//! another primary (`+switch-master`, which a planned failover needs: the
+//! old primary stays up and takes writes for seconds after the switch):
+//! after a failover, calls reach the promoted replica without a restart. While Sentinel has not promoted one yet, calls
 //! fail with [`Error::Unavailable`] or [`Error::Timeout`] (both retryable).
 //! Replication is asynchronous: a write the old primary acknowledged but had
 //! not yet passed to the replica is lost with it.
