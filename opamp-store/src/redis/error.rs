@@ -78,12 +78,15 @@ impl RedisError {
 
 /// Whether reconnecting (to wherever the primary is now) is the remedy: the
 /// command never reached Redis or its answer was lost, the node answered as
-/// a replica (`READONLY`: a failover demoted it), or the Sentinels named no
-/// primary that answers as one (they have not promoted a replica yet).
+/// a replica (`READONLY`: a failover demoted it), a primary set to write only
+/// with replicas had none (`NOREPLICAS`: its replica was just promoted, or
+/// is away), or the Sentinels named no primary that answers as one (they
+/// have not promoted a replica yet).
 fn is_connection(err: &ClientError) -> bool {
     err.is_io_error()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
+        || err.code() == Some("NOREPLICAS")
         || matches!(
             err.kind(),
             ErrorKind::Server(redis::ServerErrorKind::ReadOnly) | ErrorKind::MasterNameNotFoundBySentinel
@@ -167,6 +170,15 @@ mod tests {
         let err = RedisError::command("SET device:{d1}:supervisor", read_only.into());
         assert!(err.is_connection(), "a demoted primary is reconnected to: {err:?}");
         assert!(Error::from(err).is_retryable());
+        let reply = redis::parse_redis_value(b"-NOREPLICAS Not enough good replicas to write.\r\n");
+        let Ok(redis::Value::ServerError(no_replicas)) = reply else {
+            panic!("an error reply: {reply:?}")
+        };
+        let err = RedisError::command("SET device:{d1}:supervisor", no_replicas.into());
+        assert!(
+            err.is_connection(),
+            "a primary without its replica is asked for again: {err:?}"
+        );
 
         let garbled = Error::from(RedisError::garbled(
             "device:{d1}",

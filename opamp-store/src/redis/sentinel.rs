@@ -216,9 +216,11 @@ async fn watch_switches(link: Weak<SentinelLink>) {
     }
 }
 
-/// Whether a node answered as a replica: the primary it was has been demoted.
+/// Whether a node answered as a replica (the primary it was has been
+/// demoted), or as a primary without the replicas it needs to take writes.
 fn replied_read_only(value: &Value) -> bool {
-    matches!(value, Value::ServerError(err) if err.kind() == Some(ServerErrorKind::ReadOnly))
+    matches!(value, Value::ServerError(err)
+        if err.kind() == Some(ServerErrorKind::ReadOnly) || err.code() == "NOREPLICAS")
 }
 
 /// `work`, or a timeout error after `timeout` (asking a silent Sentinel must not hang a call).
