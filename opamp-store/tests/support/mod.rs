@@ -15,6 +15,8 @@ pub(crate) struct OwnRedis {
     pub(crate) port: u16,
     dir: PathBuf,
     role: Role,
+    /// More `redis-server` settings, e.g. `--min-replicas-to-write 1`.
+    settings: Vec<String>,
 }
 
 /// What an [`OwnRedis`] is started as.
@@ -28,13 +30,19 @@ enum Role {
 
 impl OwnRedis {
     pub(crate) fn start(port: u16) -> Self {
-        Self::start_as(port, Role::Primary)
+        Self::start_as(port, Role::Primary, &[])
     }
 
-    fn start_as(port: u16, role: Role) -> Self {
+    fn start_as(port: u16, role: Role, settings: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("opamp-own-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis { port, dir, role };
+        let settings = settings.iter().map(|setting| (*setting).to_owned()).collect();
+        let redis = OwnRedis {
+            port,
+            dir,
+            role,
+            settings,
+        };
         redis.launch();
         redis
     }
@@ -82,6 +90,7 @@ impl OwnRedis {
                 if let Role::Replica(primary) = role {
                     command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
                 }
+                command.args(&self.settings);
                 command
             }
         };
@@ -191,16 +200,21 @@ impl OwnSentinelSet {
     /// Starts them, and returns once the replica has caught up and the
     /// Sentinel knows it (else it could not promote it).
     pub(crate) fn start(primary: u16, replica: u16, sentinel: u16, name: &str) -> Self {
+        Self::start_with(primary, replica, sentinel, name, &[])
+    }
+
+    /// The same, both servers started with `settings` as well.
+    pub(crate) fn start_with(primary: u16, replica: u16, sentinel: u16, name: &str, settings: &[&str]) -> Self {
         let primary_port = primary;
-        let primary = OwnRedis::start(primary);
-        let replica = OwnRedis::start_as(replica, Role::Replica(primary_port));
+        let primary = OwnRedis::start_as(primary, Role::Primary, settings);
+        let replica = OwnRedis::start_as(replica, Role::Replica(primary_port), settings);
         replica.wait_for_cli(
             &["info", "replication"],
             Duration::from_secs(20),
             "the replica caught up",
             |info| info.contains("master_link_status:up"),
         );
-        let sentinel = OwnRedis::start_as(sentinel, Role::Sentinel(name.to_owned(), primary_port));
+        let sentinel = OwnRedis::start_as(sentinel, Role::Sentinel(name.to_owned(), primary_port), &[]);
         let replica_port = format!("{}", replica.port);
         sentinel.wait_for_cli(
             &["sentinel", "replicas", name],
