@@ -36,6 +36,8 @@ use opamp_store::memory::MemoryStore;
 
 /// The default port of a Redis node.
 pub const REDIS_PORT: u16 = 6379;
+/// The default port of a Redis Sentinel.
+pub const SENTINEL_PORT: u16 = 26379;
 /// The default port of a Kafka broker.
 pub const KAFKA_PORT: u16 = 9092;
 
@@ -46,10 +48,12 @@ pub const KAFKA_PORT: u16 = 9092;
 /// | `memory://` | in this process (lost on exit; other processes cannot see it) |
 /// | `redis://[user[:password]@]host[:port][/db][?prefix=P&response_timeout=5s]` | one Redis server |
 /// | `redis+cluster://[user[:password]@]host[:port],host[:port]…[?prefix=P&response_timeout=5s]` | a Redis Cluster, reached through some of its nodes |
+/// | `redis+sentinel://[user[:password]@]host[:port],host[:port]…/master-name[/db][?prefix=P&response_timeout=5s&sentinel_username=U&sentinel_password=S]` | the primary the Sentinels at those hosts (port 26379 by default) know as `master-name`, followed across failovers; the user and password are the primary's, `sentinel_…` the Sentinels' own |
 /// | `postgres://user[:password]@host[:port]/database[?schema=S&max_connections=N&…]` | PostgreSQL (also `postgresql://`); its tables are made or migrated when opened |
 ///
 /// `prefix` goes before every Redis key, so several fleets (or tests) share
-/// one Redis. PostgreSQL parameters other than `schema` and `max_connections`
+/// one Redis. Passwords, in the user part or in a `…password` parameter, are
+/// shown as `***` in errors and `Debug`. PostgreSQL parameters other than `schema` and `max_connections`
 /// (`sslmode`, …) go to the driver as they are.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -67,6 +71,8 @@ pub enum StoreUrl {
         /// How long to wait for an answer, when not the store's default.
         response_timeout: Option<Duration>,
     },
+    /// `redis+sentinel://`.
+    RedisSentinel(RedisSentinelUrl),
     /// `postgres://` or `postgresql://`.
     Postgres {
         /// The driver's URL: the one given without the store's own parameters.
@@ -78,12 +84,49 @@ pub enum StoreUrl {
     },
 }
 
+/// A `redis+sentinel://` store URL, taken apart.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisSentinelUrl {
+    /// One `redis://…` URL per Sentinel, with the Sentinels' credentials, if any.
+    pub sentinels: Vec<String>,
+    /// The name the Sentinels know the primary by.
+    pub master_name: String,
+    /// The user on the primary and its replicas.
+    pub username: Option<String>,
+    /// Their password.
+    pub password: Option<String>,
+    /// The database on them.
+    pub db: u32,
+    /// Put before every key.
+    pub key_prefix: String,
+    /// How long to wait for an answer, when not the store's default.
+    pub response_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for RedisSentinelUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSentinelUrl")
+            .field(
+                "sentinels",
+                &self.sentinels.iter().map(|url| redact(url)).collect::<Vec<_>>(),
+            )
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .field("key_prefix", &self.key_prefix)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
 impl StoreUrl {
     /// The URL scheme's backend: `memory`, `redis` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self {
             StoreUrl::Memory => "memory",
-            StoreUrl::Redis { .. } => "redis",
+            StoreUrl::Redis { .. } | StoreUrl::RedisSentinel(_) => "redis",
             StoreUrl::Postgres { .. } => "postgres",
         }
     }
@@ -108,12 +151,7 @@ impl FromStr for StoreUrl {
                         "names several hosts: a redis:// URL is one server; use redis+cluster:// for a Redis Cluster",
                     ));
                 }
-                let db = match url.path.trim_start_matches('/') {
-                    "" => 0,
-                    db => db
-                        .parse::<u32>()
-                        .map_err(|_| url.invalid(&format!("has database {db:?}: it must be a number")))?,
-                };
+                let db = parse_db(&url, url.path.trim_start_matches('/'))?;
                 if cluster && db != 0 {
                     return Err(url.invalid(&format!("names database {db}: a Redis Cluster has only database 0")));
                 }
@@ -132,6 +170,55 @@ impl FromStr for StoreUrl {
                     key_prefix,
                     response_timeout,
                 })
+            }
+            "redis+sentinel" => {
+                let (user_info, hosts) = url.user_info_and_hosts();
+                let hosts = parse_hosts(&url, hosts, SENTINEL_PORT)?;
+                let mut path = url.path.trim_start_matches('/').split('/');
+                let master_name = match path.next() {
+                    Some(name) if !name.is_empty() => name.to_owned(),
+                    _ => {
+                        return Err(
+                            url.invalid("names no primary: write redis+sentinel://host:port,host:port/master-name")
+                        );
+                    }
+                };
+                let db = parse_db(&url, path.next().unwrap_or_default())?;
+                if path.next().is_some() {
+                    return Err(url.invalid("has more in its path than the primary's name and a database"));
+                }
+                let mut params = url.params();
+                let key_prefix = params.take("prefix")?.unwrap_or_default();
+                let response_timeout = params.take_with("response_timeout", duration_text::parse)?;
+                let sentinel_username = params.take("sentinel_username")?;
+                let sentinel_password = params.take("sentinel_password")?;
+                params.finish()?;
+                let sentinel_user_info = match (&sentinel_username, &sentinel_password) {
+                    (None, None) => String::new(),
+                    (user, None) => format!("{}@", encode(user.as_deref().unwrap_or_default())),
+                    (user, Some(password)) => {
+                        format!("{}:{}@", encode(user.as_deref().unwrap_or_default()), encode(password))
+                    }
+                };
+                let (username, password) = match user_info {
+                    None => (None, None),
+                    Some(info) => {
+                        let (user, password) = info.split_once(':').map_or((info, None), |(u, p)| (u, Some(p)));
+                        (Some(decode(user)).filter(|user| !user.is_empty()), password.map(decode))
+                    }
+                };
+                Ok(StoreUrl::RedisSentinel(RedisSentinelUrl {
+                    sentinels: hosts
+                        .iter()
+                        .map(|host| format!("redis://{sentinel_user_info}{host}/"))
+                        .collect(),
+                    master_name,
+                    username,
+                    password,
+                    db,
+                    key_prefix,
+                    response_timeout,
+                }))
             }
             "postgres" | "postgresql" => {
                 if url.authority.is_empty() {
@@ -155,7 +242,7 @@ impl FromStr for StoreUrl {
                 })
             }
             other => Err(Error::invalid_input(format!(
-                "store URL {}: unknown scheme `{other}`; expected memory://, redis://, redis+cluster:// or postgres://",
+                "store URL {}: unknown scheme `{other}`; expected memory://, redis://, redis+cluster://, redis+sentinel:// or postgres://",
                 url.redacted
             ))),
         }
@@ -178,6 +265,7 @@ impl fmt::Debug for StoreUrl {
                 .field("key_prefix", key_prefix)
                 .field("response_timeout", response_timeout)
                 .finish(),
+            StoreUrl::RedisSentinel(url) => f.debug_tuple("RedisSentinel").field(url).finish(),
             StoreUrl::Postgres {
                 url,
                 schema,
@@ -322,12 +410,7 @@ impl FromStr for BusUrl {
 pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     match url {
         StoreUrl::Memory => Ok(Arc::new(MemoryStore::new())),
-        StoreUrl::Redis {
-            nodes,
-            cluster,
-            key_prefix,
-            response_timeout,
-        } => open_redis(nodes, *cluster, key_prefix, *response_timeout).await,
+        StoreUrl::Redis { .. } | StoreUrl::RedisSentinel(_) => open_redis(url).await,
         StoreUrl::Postgres {
             url,
             schema,
@@ -336,28 +419,42 @@ pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     }
 }
 
+/// Opens a `redis://`, `redis+cluster://` or `redis+sentinel://` store.
 #[cfg(feature = "redis")]
-async fn open_redis(
-    nodes: &[String],
-    cluster: bool,
-    key_prefix: &str,
-    response_timeout: Option<Duration>,
-) -> Result<Arc<dyn Store>> {
-    use opamp_store::redis::{RedisStore, RedisStoreConfig};
-    let mut config = if cluster {
-        RedisStoreConfig::cluster(nodes.iter().cloned())
-    } else {
-        RedisStoreConfig::standalone(nodes.first().cloned().unwrap_or_default())
-    }
-    .key_prefix(key_prefix);
+async fn open_redis(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+    use opamp_store::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
+    let (config, key_prefix, response_timeout) = match url {
+        StoreUrl::Redis {
+            nodes,
+            cluster,
+            key_prefix,
+            response_timeout,
+        } => {
+            let config = if *cluster {
+                RedisStoreConfig::cluster(nodes.iter().cloned())
+            } else {
+                RedisStoreConfig::standalone(nodes.first().cloned().unwrap_or_default())
+            };
+            (config, key_prefix, response_timeout)
+        }
+        StoreUrl::RedisSentinel(url) => {
+            let mut sentinel = RedisSentinelConfig::new(&url.master_name).db(i64::from(url.db));
+            sentinel.username = url.username.clone();
+            sentinel.password = url.password.clone();
+            let config = RedisStoreConfig::sentinel(url.sentinels.iter().cloned(), sentinel);
+            (config, &url.key_prefix, &url.response_timeout)
+        }
+        other => return Err(Error::invalid_input(format!("{other:?} is not a Redis store URL"))),
+    };
+    let mut config = config.key_prefix(key_prefix);
     if let Some(timeout) = response_timeout {
-        config = config.response_timeout(timeout);
+        config = config.response_timeout(*timeout);
     }
     Ok(Arc::new(RedisStore::connect(config).await?))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis(_: &[String], _: bool, _: &str, _: Option<Duration>) -> Result<Arc<dyn Store>> {
+async fn open_redis(_: &StoreUrl) -> Result<Arc<dyn Store>> {
     Err(not_built("redis", "redis:// store URLs"))
 }
 
@@ -614,6 +711,28 @@ impl Params<'_> {
     }
 }
 
+/// A Redis database number from a URL's path (`""` is 0).
+fn parse_db(url: &UrlParts, text: &str) -> Result<u32> {
+    match text {
+        "" => Ok(0),
+        db => db
+            .parse::<u32>()
+            .map_err(|_| url.invalid(&format!("has database {db:?}: it must be a number"))),
+    }
+}
+
+/// `text` percent-encoded for the user part of a URL.
+fn encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The user part of a URL, percent-decoded.
+fn decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 fn positive<T: FromStr + Default + PartialOrd>(text: &str) -> Result<T> {
     text.parse::<T>()
         .ok()
@@ -629,19 +748,35 @@ fn boolean(text: &str) -> Result<bool> {
     }
 }
 
-/// `scheme://user:secret@host…` → `scheme://user:***@host…`.
+/// `scheme://user:secret@host…?x_password=secret` → `scheme://user:***@host…?x_password=***`.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((user_info, hosts)) => {
-            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
-            format!("{scheme}://{user}:***@{hosts}{}", &rest[authority_end..])
-        }
+    let (url, query) = url
+        .split_once('?')
+        .map_or((url, None), |(url, query)| (url, Some(query)));
+    let mut redacted = match url.split_once("://") {
         None => url.to_owned(),
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rsplit_once('@') {
+                Some((user_info, hosts)) => {
+                    let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
+                    format!("{scheme}://{user}:***@{hosts}{}", &rest[authority_end..])
+                }
+                None => url.to_owned(),
+            }
+        }
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.ends_with("password") => format!("{name}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted = format!("{redacted}?{}", pairs.join("&"));
     }
+    redacted
 }
 
 #[cfg(test)]
@@ -691,6 +826,44 @@ mod tests {
         };
         assert!(cluster);
         assert_eq!(nodes, ["redis://a:6379/0", "redis://b:7302/0", "redis://[::1]:7303/0"]);
+    }
+
+    #[test]
+    fn redis_sentinel_urls() {
+        let url: StoreUrl = "redis+sentinel://op%40s:pw@s1,s2:26380/fleet/2?prefix=f:&sentinel_password=sp%2F1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            url,
+            StoreUrl::RedisSentinel(RedisSentinelUrl {
+                sentinels: vec!["redis://:sp%2F1@s1:26379/".into(), "redis://:sp%2F1@s2:26380/".into()],
+                master_name: "fleet".into(),
+                username: Some("op@s".into()),
+                password: Some("pw".into()),
+                db: 2,
+                key_prefix: "f:".into(),
+                response_timeout: None,
+            })
+        );
+        assert_eq!(url.backend(), "redis");
+        let debug = format!("{url:?}");
+        assert!(!debug.contains("pw") && !debug.contains("sp%2F1"), "{debug}");
+
+        let plain: StoreUrl = "redis+sentinel://10.0.0.7/fleet".parse().unwrap();
+        let StoreUrl::RedisSentinel(plain) = plain else {
+            panic!("a sentinel url")
+        };
+        assert_eq!(plain.sentinels, ["redis://10.0.0.7:26379/"]);
+        assert_eq!((plain.username, plain.password), (None, None));
+
+        assert!(store_error("redis+sentinel://s1").contains("names no primary"));
+        assert!(store_error("redis+sentinel://s1/fleet/x").contains("database \"x\""));
+        assert!(store_error("redis+sentinel://s1/fleet/0/more").contains("more in its path"));
+        let err = store_error("redis+sentinel://u:hunter2@s1/fleet?sentinel_password=hunter3&bad=1");
+        assert!(err.contains("unknown parameter `bad`"), "{err}");
+        assert!(!err.contains("hunter2") && !err.contains("hunter3"), "{err}");
+        let err = bus_error("kafka://k1?sasl.password=hunter4&bad=1");
+        assert!(!err.contains("hunter4") && err.contains("sasl.password=***"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! | module       | what it holds |
 //! |--------------|---------------|
-//! | [`backend`]  | [`StoreUrl`] and [`BusUrl`], parsed from `memory://`, `redis://`, `redis+cluster://`, `postgres://` and `kafka://` URLs, and opened into trait objects |
+//! | [`backend`]  | [`StoreUrl`] and [`BusUrl`], parsed from `memory://`, `redis://`, `redis+cluster://`, `redis+sentinel://`, `postgres://` and `kafka://` URLs, and opened into trait objects |
 //! | [`logging`]  | `--log` / `RUST_LOG` and `--log-format text\|json` for `tracing` |
 //! | [`cli`]      | flag parsers (durations, labels), PEM files, the fleet key from `OPAMP_FLEET_KEY`, Ctrl-C / SIGTERM |
 //! | [`rest`]     | a client of `opamp-server`'s REST API |
@@ -16,7 +16,7 @@
 //!
 //! | feature    | URLs it opens |
 //! |------------|---------------|
-//! | `redis`    | `redis://…`, `redis+cluster://…` (the Redis store) |
+//! | `redis`    | `redis://…`, `redis+cluster://…`, `redis+sentinel://…` (the Redis store) |
 //! | `postgres` | `postgres://…`, `postgresql://…` (the PostgreSQL store) |
 //! | `kafka`    | `kafka://…` (the Kafka bus; builds the bundled librdkafka) |
 
@@ -26,4 +26,4 @@ pub mod deployment;
 pub mod logging;
 pub mod rest;
 
-pub use backend::{BusUrl, KafkaUrl, OpenBus, StoreUrl, open_bus, open_store};
+pub use backend::{BusUrl, KafkaUrl, OpenBus, RedisSentinelUrl, StoreUrl, open_bus, open_store};

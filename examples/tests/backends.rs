@@ -2,9 +2,10 @@
 //! they give: a lease claimed through one URL is seen through the same URL
 //! and not through one with another prefix or schema.
 //!
-//! Services: `scripts/services/redis` (standalone and cluster) and
+//! Services: `scripts/services/redis` (standalone, cluster and Sentinel) and
 //! `scripts/services/postgres`, or `OPAMP_TEST_REDIS_URL`,
-//! `OPAMP_TEST_REDIS_CLUSTER_URLS` and `OPAMP_TEST_POSTGRES_URL`.
+//! `OPAMP_TEST_REDIS_CLUSTER_URLS`, `OPAMP_TEST_REDIS_SENTINEL_URLS` (with
+//! `OPAMP_TEST_REDIS_SENTINEL_MASTER`) and `OPAMP_TEST_POSTGRES_URL`.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use opamp_core::{DeviceId, SupervisorId};
 use opamp_examples::{StoreUrl, open_store};
 
 mod common;
-use common::{postgres_url, redis_cluster_urls, redis_url, services_present};
+use common::{postgres_url, redis_cluster_urls, redis_sentinel, redis_url, services_present};
 
 /// `base` with one more query parameter.
 fn with_param(base: &str, param: &str) -> String {
@@ -63,6 +64,22 @@ async fn redis_urls_open_a_server_and_a_cluster_with_their_prefix() {
     claim_is_seen_only_through_the_same_url(
         &with_param(&cluster, &format!("prefix=a{run}:")),
         &with_param(&cluster, &format!("prefix=b{run}:")),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_urls_open_the_primary_with_their_prefix() {
+    let (sentinels, master) = redis_sentinel();
+    if !services_present(&[("Redis Sentinel", sentinels.clone())]) {
+        return;
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let hosts: Vec<String> = sentinels.split(',').map(common::first_address).collect();
+    let url = format!("redis+sentinel://{}/{master}", hosts.join(","));
+    claim_is_seen_only_through_the_same_url(
+        &with_param(&url, &format!("prefix=a{run}:&response_timeout=3s")),
+        &with_param(&url, &format!("prefix=b{run}:")),
     )
     .await;
 }

@@ -10,7 +10,7 @@
 //! | module     | feature    | what it is |
 //! |------------|------------|------------|
 //! | [`memory`] | always on  | sharded maps in this process; for tests, a single server, and as the reference |
-//! | `redis`    | `redis`    | the design's Redis data model (§4.3): leases, status, indexes and templates, on one Redis or a Redis Cluster |
+//! | `redis`    | `redis`    | the design's Redis data model (§4.3): leases, status, indexes and templates, on one Redis, a Redis Cluster, or a primary with replicas under Sentinel |
 //! | `postgres` | `postgres` | the design's Appendix C schema in PostgreSQL (sqlx, tokio, rustls): leases, status, templates, desired configuration, and the command audit log |
 //! | `testkit`  | `testkit`  | the checks behind the fuzz targets (`fuzz/`), for the corpus replay |
 //!
@@ -36,5 +36,5 @@ pub mod testkit;
 pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{RedisStore, RedisStoreConfig};
+pub use self::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
 pub use memory::MemoryStore;

@@ -1,13 +1,17 @@
-//! The Redis store against a real Redis and a real three-master Redis Cluster
-//! on loopback (`scripts/services/redis start DIR` starts both): the store
+//! The Redis store against a real Redis, a real three-master Redis Cluster
+//! and a real primary with a replica under Sentinel, on loopback
+//! (`scripts/services/redis start DIR` starts them all): the store
 //! conformance suite on each, and what only this backend has: the design's
-//! keys as `redis-cli` sees them, bad data, pipelining, reconciliation, and
-//! recovery after Redis restarts empty.
+//! keys as `redis-cli` sees them, bad data, pipelining, reconciliation,
+//! recovery after Redis restarts empty, and following a Sentinel failover.
 //!
 //! Where the servers are: `OPAMP_TEST_REDIS_URL` (default
-//! `redis://127.0.0.1:6390/`) and `OPAMP_TEST_REDIS_CLUSTER_URLS`
-//! (comma-separated, default ports 7301–7303). A test that cannot reach them
-//! fails, saying how to start them.
+//! `redis://127.0.0.1:6390/`), `OPAMP_TEST_REDIS_CLUSTER_URLS`
+//! (comma-separated, default ports 7301–7303) and
+//! `OPAMP_TEST_REDIS_SENTINEL_URLS` (comma-separated, default
+//! `redis://127.0.0.1:26410/`) with `OPAMP_TEST_REDIS_SENTINEL_MASTER`
+//! (default `opamp-test`). A test that cannot reach them fails, saying how
+//! to start them.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -25,24 +29,37 @@ use opamp_core::{
     ConfigVersion, DeviceId, Error, ManualClock, PageRequest, RoutingStore, StatusPatch, StatusStore, Store,
     SupervisorId, Timestamp,
 };
-use opamp_store::redis::{RedisStore, RedisStoreConfig};
-use support::OwnRedis;
+use opamp_store::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
+use support::{OwnRedis, OwnSentinelSet};
 
 mod support;
 
 const HOW_TO_START: &str = "start the test servers with `scripts/services/redis start /tmp/opamp-redis` \
-     (or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_REDIS_CLUSTER_URLS at running ones)";
+     (or point OPAMP_TEST_REDIS_URL / OPAMP_TEST_REDIS_CLUSTER_URLS / OPAMP_TEST_REDIS_SENTINEL_URLS at running ones)";
 
 fn standalone_url() -> String {
     std::env::var("OPAMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/".to_owned())
 }
 
 fn cluster_urls() -> Vec<String> {
-    std::env::var("OPAMP_TEST_REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| "redis://127.0.0.1:7301/,redis://127.0.0.1:7302/,redis://127.0.0.1:7303/".to_owned())
-        .split(',')
-        .map(str::to_owned)
-        .collect()
+    urls_from_env(
+        "OPAMP_TEST_REDIS_CLUSTER_URLS",
+        "redis://127.0.0.1:7301/,redis://127.0.0.1:7302/,redis://127.0.0.1:7303/",
+    )
+}
+
+fn sentinel_urls() -> Vec<String> {
+    urls_from_env("OPAMP_TEST_REDIS_SENTINEL_URLS", "redis://127.0.0.1:26410/")
+}
+
+/// The comma-separated URLs in the variable `name`, or in `default`.
+fn urls_from_env(name: &str, default: &str) -> Vec<String> {
+    let urls = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    urls.split(',').map(str::to_owned).collect()
+}
+
+fn sentinel_master() -> String {
+    std::env::var("OPAMP_TEST_REDIS_SENTINEL_MASTER").unwrap_or_else(|_| "opamp-test".to_owned())
 }
 
 /// A key prefix no other test (or earlier run) uses.
@@ -78,8 +95,12 @@ async fn connect(config: RedisStoreConfig, clock: Option<Arc<ManualClock>>) -> R
 }
 
 async fn fixture_on(cluster: bool) -> StoreFixture {
+    fixture_with(config(cluster, "conformance")).await
+}
+
+async fn fixture_with(config: RedisStoreConfig) -> StoreFixture {
     let clock = Arc::new(ManualClock::starting_now());
-    let store = connect(config(cluster, "conformance"), Some(clock.clone())).await;
+    let store = connect(config, Some(clock.clone())).await;
     StoreFixture::new(Arc::new(store), clock)
 }
 
@@ -110,6 +131,20 @@ mod cluster {
     opamp_core::store_conformance!(fixture);
     opamp_core::rollout_scenarios!(fixture, memory_bus);
     opamp_core::runtime_scenarios!(fixture, memory_bus);
+}
+
+/// The primary the shared Sentinel watches (the conformance suite never kills
+/// it: the failover test below has a set of its own).
+mod sentinel {
+    use super::*;
+
+    async fn fixture() -> StoreFixture {
+        let config = RedisStoreConfig::sentinel(sentinel_urls(), RedisSentinelConfig::new(sentinel_master()));
+        fixture_with(config.key_prefix(unique_prefix("conformance"))).await
+    }
+
+    opamp_core::store_conformance!(fixture);
+    opamp_core::rollout_scenarios!(fixture, memory_bus);
 }
 
 /// Runs the case `$case(cluster: bool)` as two tests, `$case::standalone` and `$case::cluster`.
@@ -534,6 +569,169 @@ async fn an_unreachable_redis_is_unavailable() {
     assert!(text.contains("127.0.0.1:1") && !text.contains("secret"), "{text}");
     let bad = RedisStore::connect(RedisStoreConfig::standalone(standalone_url()).key_prefix("a{b")).await;
     assert!(matches!(bad, Err(Error::InvalidInput { .. })), "{bad:?}");
+}
+
+#[tokio::test]
+async fn unreachable_sentinels_are_unavailable_and_keep_their_secrets() {
+    let sentinel = RedisSentinelConfig::new("fleet").credentials(Some("opamp"), "hunter2");
+    let config = RedisStoreConfig::sentinel(["redis://:secret@127.0.0.1:1/"], sentinel);
+    assert!(!format!("{config:?}").contains("hunter2") && !format!("{config:?}").contains("secret"));
+    let err = RedisStore::connect(config)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_retryable(), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("127.0.0.1:1") && text.contains("fleet"), "{text}");
+    assert!(!text.contains("secret") && !text.contains("hunter2"), "{text}");
+
+    let mut both = RedisStoreConfig::cluster(cluster_urls());
+    both.sentinel = Some(RedisSentinelConfig::new(sentinel_master()));
+    let both = RedisStore::connect(both).await;
+    assert!(matches!(both, Err(Error::InvalidInput { .. })), "{both:?}");
+    let unknown = RedisStoreConfig::sentinel(sentinel_urls(), RedisSentinelConfig::new("no-such-primary"));
+    let unknown = RedisStore::connect(unknown).await;
+    assert!(matches!(&unknown, Err(err) if err.is_retryable()), "{unknown:?}");
+}
+
+/// The primary is killed (SIGKILL) and Sentinel promotes the replica: the
+/// same store object, never reconnected by hand, answers again once the
+/// replica is promoted, with what was written before, and takes writes
+/// again. Until then every call fails as unavailable or timed out, both
+/// retryable. On a set of the test's own: killing the shared primary would
+/// break the conformance tests running beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_follows_a_sentinel_failover_without_a_restart() {
+    let set = OwnSentinelSet::start(6415, 6416, 26415, "opamp-failover");
+    let config = RedisStoreConfig::sentinel([set.sentinel_url()], RedisSentinelConfig::new(&set.name))
+        .key_prefix(unique_prefix("failover"))
+        .response_timeout(Duration::from_secs(1));
+    let prefix = config.key_prefix.clone();
+    let store = connect(config, None).await;
+    let (before, after, s1) = (did("written-before"), did("written-after"), sid("s1"));
+    assert_eq!(
+        store.claim(&before, &s1, Duration::from_secs(600)).await.unwrap(),
+        Claim::Acquired
+    );
+    store.put_template(&template(fluentbit("1.0"), "before")).await.unwrap();
+    // Replication is asynchronous: only what the replica has survives the kill.
+    set.wait_replicated();
+
+    set.primary.kill();
+    let killed = Instant::now();
+    let found = through_a_failover(killed, "the primary was killed", || store.lookup(&before)).await;
+    assert_eq!(found, Some(s1), "the replica had the lease");
+    set.wait_for_primary(set.replica.port, Duration::ZERO);
+    let kept = store.template(&fluentbit("1.0")).await.unwrap();
+    assert!(
+        kept.is_some_and(|kept| kept.same_content(&template(fluentbit("1.0"), "before"))),
+        "the replica had the template"
+    );
+    assert_eq!(
+        store.claim(&after, &s1, Duration::from_secs(600)).await.unwrap(),
+        Claim::Acquired,
+        "the promoted replica takes writes"
+    );
+    assert_eq!(
+        store
+            .renew(&s1, &[before, after], Duration::from_secs(600))
+            .await
+            .unwrap(),
+        Vec::<DeviceId>::new(),
+        "a batch reaches the new primary too"
+    );
+    assert_eq!(set.replica.cli(&["role"]).lines().next(), Some("master"));
+
+    // A planned failover back: the old primary, started again (empty),
+    // becomes a replica of the new one and catches up; SENTINEL FAILOVER then
+    // promotes it and demotes the node the store is connected to, which stays
+    // up. The store leaves it all the same.
+    set.primary.launch();
+    set.primary.wait_for_cli(
+        &["info", "replication"],
+        Duration::from_secs(30),
+        "the old primary rejoined as a replica and caught up",
+        |info| info.contains("role:slave") && info.contains("master_link_status:up"),
+    );
+    // Refused (NOGOODSLAVE) until Sentinel has seen the rejoined replica healthy.
+    set.sentinel.wait_for_cli(
+        &["sentinel", "failover", &set.name],
+        Duration::from_secs(30),
+        "Sentinel started a failover",
+        |reply| reply.trim() == "OK",
+    );
+    let failing_over = Instant::now();
+    // Until Sentinel switches (`+switch-master`) the old primary still takes
+    // writes, and for seconds after it too, until Sentinel demotes it (those
+    // writes are lost when it resyncs). The store leaves it when the switch
+    // is announced: wait for the switch, then write until a write lands on
+    // the new primary; only the few the announcement was still on its way
+    // for may land on the old one.
+    set.wait_for_primary(set.primary.port, Duration::from_secs(30));
+    let switched = Instant::now();
+    let mut astray = Vec::new();
+    loop {
+        let device = did(&format!("written-after-the-switch-{}", astray.len()));
+        let claimed = through_a_failover(failing_over, "SENTINEL FAILOVER", || {
+            store.claim(&device, &s1, Duration::from_secs(600))
+        })
+        .await;
+        assert_eq!(claimed, Claim::Acquired);
+        let key = format!("{prefix}device:{{{device}}}:supervisor");
+        if set.primary.cli(&["get", &key]).trim() == s1.as_str() {
+            break;
+        }
+        astray.push(device);
+        assert!(
+            switched.elapsed() < Duration::from_secs(2),
+            "2 s after the switch the store still writes to the demoted node ({} writes, which says it is {:?})",
+            astray.len(),
+            set.replica.cli(&["role"]).lines().next(),
+        );
+    }
+    eprintln!(
+        "{} writes went to the demoted node after the switch, {:?} after it",
+        astray.len(),
+        switched.elapsed()
+    );
+    assert_eq!(
+        store.lookup(&after).await.unwrap(),
+        Some(s1),
+        "the rejoined replica had the lease written after the first failover"
+    );
+}
+
+/// Calls `call` until it succeeds (within 30 s of `started`), each failure
+/// on the way being `Unavailable` or `Timeout`; prints how long it took.
+async fn through_a_failover<T, F, Fut>(started: Instant, since: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = opamp_core::Result<T>>,
+{
+    let mut failures = 0;
+    loop {
+        match call().await {
+            Ok(answer) => {
+                eprintln!(
+                    "the store answered {:?} after {since} ({failures} calls failed before)",
+                    started.elapsed()
+                );
+                return answer;
+            }
+            Err(err) => {
+                assert!(
+                    matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }),
+                    "during the failover: {err:?}"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no answer 30 s after {since}: {err}"
+                );
+                failures += 1;
+                // Each failed call already waited through the store's retries; this only paces the loop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Redis restarts empty: the supervisor finds its leases gone at its next

@@ -42,7 +42,7 @@ struct Args {
     /// Where the REST API, the dashboard, `/health/*` and `/metrics` listen.
     #[arg(long, env = "OPAMP_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…` or `postgres://…`.
+    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…`, `redis+sentinel://host:port,…/master-name` or `postgres://…`.
     #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
     store: String,
     /// The bus: `memory://` or `kafka://host:port[,host:port][?…]`.

@@ -60,7 +60,7 @@ struct Args {
         default_value = "service-instance-id"
     )]
     opamp_device_id: OpampDeviceId,
-    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…` or `postgres://…`.
+    /// The store: `memory://`, `redis://host:port[/db]`, `redis+cluster://host:port,…`, `redis+sentinel://host:port,…/master-name` or `postgres://…`.
     // Parsed after clap, whose errors would echo the URL with its password.
     #[arg(long, env = "OPAMP_STORE", hide_env_values = true, default_value = "memory://")]
     store: String,

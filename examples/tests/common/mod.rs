@@ -25,6 +25,15 @@ pub(crate) fn redis_cluster_urls() -> String {
         .unwrap_or_else(|_| "redis://127.0.0.1:7301/,redis://127.0.0.1:7302/,redis://127.0.0.1:7303/".to_owned())
 }
 
+/// The Redis Sentinels, `redis://…` URLs separated by commas (`OPAMP_TEST_REDIS_SENTINEL_URLS`),
+/// and the name they know the primary by (`OPAMP_TEST_REDIS_SENTINEL_MASTER`).
+pub(crate) fn redis_sentinel() -> (String, String) {
+    let urls =
+        std::env::var("OPAMP_TEST_REDIS_SENTINEL_URLS").unwrap_or_else(|_| "redis://127.0.0.1:26410/".to_owned());
+    let master = std::env::var("OPAMP_TEST_REDIS_SENTINEL_MASTER").unwrap_or_else(|_| "opamp-test".to_owned());
+    (urls, master)
+}
+
 /// The PostgreSQL server (`OPAMP_TEST_POSTGRES_URL`).
 pub(crate) fn postgres_url() -> String {
     std::env::var("OPAMP_TEST_POSTGRES_URL")

@@ -1,6 +1,7 @@
-//! One shared connection to a standalone Redis or a Redis Cluster, with
-//! batches grouped by node, scripts reloaded when Redis forgot them, and a
-//! few retries when a connection drops.
+//! One shared connection to a standalone Redis, a Redis Cluster or the
+//! primary Sentinel names, with batches grouped by node, scripts reloaded
+//! when Redis forgot them, and a few retries when a connection drops (or the
+//! primary moved).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +18,12 @@ use tokio::task::JoinSet;
 use super::RedisStoreConfig;
 use super::error::RedisError;
 use super::scripts::Scripts;
+use super::sentinel::SentinelLink;
 
 /// How often a request is tried when its connection drops, and how long to
 /// wait before each retry: enough to ride out a Redis restart's reconnect.
+/// A Sentinel failover takes longer (Sentinel waits `down-after-milliseconds`
+/// before it acts): calls in between fail as unavailable, for the caller to retry.
 const RETRY_DELAYS: [Duration; 4] = [
     Duration::from_millis(20),
     Duration::from_millis(100),
@@ -43,11 +47,32 @@ pub(super) struct Request {
 enum Link {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelLink>),
+}
+
+/// Where a pub/sub connection goes: any node of a cluster (it forwards every
+/// publication to all of them), the one server, or the primary Sentinel
+/// names at the time (a replica hears what its primary publishes, but the
+/// primary may be a different node after a failover).
+#[derive(Clone)]
+pub(super) enum PubSubNode {
+    Url(String),
+    Sentinel(Arc<SentinelLink>),
+}
+
+impl PubSubNode {
+    pub(super) async fn client(&self) -> Result<redis::Client, ClientError> {
+        match self {
+            PubSubNode::Url(url) => redis::Client::open(url.as_str()),
+            PubSubNode::Sentinel(link) => link.primary().await,
+        }
+    }
 }
 
 /// The connection the store shares among all its calls.
 pub(super) struct Connection {
     link: Link,
+    pubsub: PubSubNode,
     scripts: Scripts,
     /// Slot ranges to node numbers, for grouping a batch by node (cluster only).
     slots: RwLock<Arc<SlotMap>>,
@@ -56,8 +81,24 @@ pub(super) struct Connection {
 
 impl Connection {
     pub(super) async fn open(config: &RedisStoreConfig, scripts: Scripts) -> Result<Self, RedisError> {
-        let connect = |err| RedisError::command(format!("connecting to {}", config.redacted_urls()), err);
-        let link = if config.cluster {
+        let connect = |err| RedisError::command(format!("connecting to {}", config.redacted_target()), err);
+        let link = if let Some(sentinel) = &config.sentinel {
+            if config.cluster {
+                return Err(RedisError::Config(
+                    "Sentinel watches a primary and its replicas, not a Redis Cluster: set `cluster` or `sentinel`, not both".into(),
+                ));
+            }
+            if config.urls.is_empty() {
+                return Err(RedisError::Config(
+                    "Sentinel mode needs the URL of at least one Sentinel".into(),
+                ));
+            }
+            let link = SentinelLink::new(&config.urls, sentinel, config.connect_timeout, config.response_timeout)
+                .map_err(connect)?;
+            let link = Arc::new(link);
+            link.watch_switches();
+            Link::Sentinel(link)
+        } else if config.cluster {
             let client = ClusterClient::builder(config.urls.iter().map(String::as_str))
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.response_timeout)
@@ -85,13 +126,21 @@ impl Connection {
                     .map_err(connect)?,
             )
         };
+        let pubsub = match &link {
+            Link::Sentinel(link) => PubSubNode::Sentinel(Arc::clone(link)),
+            _ => PubSubNode::Url(config.urls.first().cloned().unwrap_or_default()),
+        };
         let connection = Connection {
             link,
+            pubsub,
             scripts,
             slots: RwLock::new(Arc::new(SlotMap::default())),
             requests: AtomicU64::new(0),
         };
-        connection.load_scripts().await?;
+        connection.load_scripts().await.map_err(|err| match err {
+            RedisError::Command { source, .. } => connect(source),
+            other => other,
+        })?;
         connection.refresh_slots().await?;
         Ok(connection)
     }
@@ -99,6 +148,11 @@ impl Connection {
     /// Requests sent so far: each one a round trip to one node.
     pub(super) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Where `watch_endings` subscribes.
+    pub(super) fn pubsub_node(&self) -> PubSubNode {
+        self.pubsub.clone()
     }
 
     pub(super) fn scripts(&self) -> &Scripts {
@@ -118,6 +172,7 @@ impl Connection {
             let result = match self.link.clone() {
                 Link::Standalone(mut conn) => conn.req_packed_command(cmd).await,
                 Link::Cluster(mut conn) => conn.req_packed_command(cmd).await,
+                Link::Sentinel(link) => link.command(cmd).await,
             };
             let err = match result.and_then(server_error) {
                 Ok(value) => return Ok(value),
@@ -159,12 +214,20 @@ impl Connection {
                 groups.push((pipe, route, indexes));
             }
             let (mut stale, mut forgotten, mut dropped) = (false, false, None);
+            let mut demoted = None;
             for (result, indexes) in self.send_all(groups).await? {
                 match result {
                     Ok(values) if values.len() == indexes.len() => {
                         for (index, value) in indexes.into_iter().zip(values) {
                             if let Value::ServerError(err) = &value {
-                                let err = RedisError::command("", ClientError::from(err.clone()));
+                                let err = RedisError::command("a pipelined batch", ClientError::from(err.clone()));
+                                // A replica's READONLY: the primary moved (the
+                                // link asks Sentinel again), so send it anew.
+                                if err.is_connection() {
+                                    pending.push(index);
+                                    demoted = Some(err);
+                                    continue;
+                                }
                                 if err.is_redirect() || err.is_no_script() {
                                     stale |= err.is_redirect();
                                     forgotten |= err.is_no_script();
@@ -185,8 +248,10 @@ impl Connection {
             if pending.is_empty() {
                 break;
             }
-            if let Some(err) = dropped {
-                let err = RedisError::command("a pipelined batch", err);
+            if let Some(err) = dropped
+                .map(|err| RedisError::command("a pipelined batch", err))
+                .or(demoted)
+            {
                 match retries.next() {
                     Some(delay) if err.is_connection() || err.is_redirect() => tokio::time::sleep(*delay).await,
                     _ => return Err(err),
@@ -245,6 +310,7 @@ impl Connection {
             let result = match self.link.clone() {
                 Link::Standalone(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
                 Link::Cluster(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
+                Link::Sentinel(link) => link.load(script).await,
             };
             result.map_err(|err| RedisError::command("SCRIPT LOAD", err))?;
         }
@@ -278,6 +344,7 @@ async fn send_pipeline(link: Link, pipe: Pipeline, route: SingleNodeRoutingInfo)
     match link {
         Link::Standalone(mut conn) => conn.req_packed_commands(&pipe, 0, count).await,
         Link::Cluster(mut conn) => conn.route_pipeline(pipe, 0, count, route).await,
+        Link::Sentinel(link) => link.pipeline(&pipe).await,
     }
 }
 

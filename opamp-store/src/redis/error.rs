@@ -51,8 +51,7 @@ impl RedisError {
         }
     }
 
-    /// Whether the command never reached Redis or its answer was lost, so
-    /// trying again (on a fresh connection) is the remedy.
+    /// Whether trying again on a fresh connection is the remedy (see [`is_connection`]).
     pub(super) fn is_connection(&self) -> bool {
         matches!(self, RedisError::Command { source, .. } if is_connection(source))
     }
@@ -77,8 +76,28 @@ impl RedisError {
     }
 }
 
+/// Whether reconnecting (to wherever the primary is now) is the remedy: the
+/// command never reached Redis or its answer was lost, the node answered as
+/// a replica (`READONLY`: a failover demoted it), a primary set to write only
+/// with replicas had none (`NOREPLICAS`: its replica was just promoted, or
+/// is away), or the Sentinels named no primary that answers as one (they
+/// have not promoted a replica yet).
 fn is_connection(err: &ClientError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.code() == Some("NOREPLICAS")
+        || matches!(
+            err.kind(),
+            ErrorKind::Server(redis::ServerErrorKind::ReadOnly) | ErrorKind::MasterNameNotFoundBySentinel
+        )
+}
+
+/// Whether a connection to a primary found through Sentinel should be
+/// dropped and the Sentinels asked again: as [`is_connection`], or no answer
+/// in time (a primary cut off from the network is replaced too).
+pub(super) fn is_failover(err: &ClientError) -> bool {
+    is_connection(err) || err.is_timeout()
 }
 
 impl fmt::Display for RedisError {
@@ -143,6 +162,23 @@ mod tests {
         let err = Error::from(RedisError::command("GET device:{d1}:supervisor", io));
         assert!(err.is_retryable(), "{err:?}");
         assert!(err.to_string().contains("device:{d1}:supervisor"), "{err}");
+
+        let reply = redis::parse_redis_value(b"-READONLY You can't write against a read only replica.\r\n");
+        let Ok(redis::Value::ServerError(read_only)) = reply else {
+            panic!("an error reply: {reply:?}")
+        };
+        let err = RedisError::command("SET device:{d1}:supervisor", read_only.into());
+        assert!(err.is_connection(), "a demoted primary is reconnected to: {err:?}");
+        assert!(Error::from(err).is_retryable());
+        let reply = redis::parse_redis_value(b"-NOREPLICAS Not enough good replicas to write.\r\n");
+        let Ok(redis::Value::ServerError(no_replicas)) = reply else {
+            panic!("an error reply: {reply:?}")
+        };
+        let err = RedisError::command("SET device:{d1}:supervisor", no_replicas.into());
+        assert!(
+            err.is_connection(),
+            "a primary without its replica is asked for again: {err:?}"
+        );
 
         let garbled = Error::from(RedisError::garbled(
             "device:{d1}",

@@ -1,4 +1,5 @@
-//! A store in Redis, standalone or Redis Cluster: the design's data model (§4.3).
+//! A store in Redis, standalone, Redis Cluster or a primary with replicas
+//! under Sentinel: the design's data model (§4.3).
 //!
 //! [`RedisStore`] implements every store trait over the design's keys, so
 //! operators can read and repair the fleet with `redis-cli`:
@@ -52,6 +53,18 @@
 //! reconnects by itself, and a call that meets a dropped connection is tried
 //! again. Scripts are reloaded when Redis restarted and forgot them.
 //!
+//! # Sentinel
+//!
+//! With [`RedisStoreConfig::sentinel`] the store asks the Sentinels where the
+//! primary is, and asks again whenever its connection drops, times out or
+//! meets a replica (`READONLY`), or a Sentinel announces it switched to
+//! another primary (`+switch-master`, which a planned failover needs: the
+//! old primary stays up and takes writes for seconds after the switch):
+//! after a failover, calls reach the promoted replica without a restart. While Sentinel has not promoted one yet, calls
+//! fail with [`Error::Unavailable`] or [`Error::Timeout`] (both retryable).
+//! Replication is asynchronous: a write the old primary acknowledged but had
+//! not yet passed to the replica is lost with it.
+//!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> opamp_core::Result<()> {
@@ -74,6 +87,7 @@ mod error;
 pub(crate) mod fuzz;
 mod keys;
 mod scripts;
+mod sentinel;
 mod tracking;
 
 use std::collections::hash_map::RandomState;
@@ -119,11 +133,16 @@ use self::scripts::{Scripts, eval};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStoreConfig {
     /// `redis://[user][:password@]host:port[/db]` of a standalone server
-    /// (exactly one), or of some nodes of a cluster (the rest are found).
+    /// (exactly one), of some nodes of a cluster (the rest are found), or of
+    /// the Sentinels (with their own credentials, if any) when `sentinel` is set.
     pub urls: Vec<String>,
     /// Whether `urls` are Redis Cluster nodes.
     #[serde(default)]
     pub cluster: bool,
+    /// When set, `urls` are Redis Sentinels and this says which primary they
+    /// watch and how to log in to it: the store follows it across failovers.
+    #[serde(default)]
+    pub sentinel: Option<RedisSentinelConfig>,
     /// Put before every key, e.g. `fleet-a:`, so several deployments (or
     /// tests) share one Redis; printable ASCII without spaces or braces.
     #[serde(default)]
@@ -180,10 +199,19 @@ impl RedisStoreConfig {
         Self::with_urls(urls.into_iter().map(Into::into).collect(), true)
     }
 
+    /// The primary `sentinel` names, found through the Sentinels at `urls`
+    /// (`redis://[user:password@]host:port/`), and found again after a failover.
+    pub fn sentinel(urls: impl IntoIterator<Item = impl Into<String>>, sentinel: RedisSentinelConfig) -> Self {
+        let mut config = Self::with_urls(urls.into_iter().map(Into::into).collect(), false);
+        config.sentinel = Some(sentinel);
+        config
+    }
+
     fn with_urls(urls: Vec<String>, cluster: bool) -> Self {
         RedisStoreConfig {
             urls,
             cluster,
+            sentinel: None,
             key_prefix: String::new(),
             connect_timeout: defaults::connect_timeout(),
             response_timeout: defaults::response_timeout(),
@@ -209,6 +237,18 @@ impl RedisStoreConfig {
     fn redacted_urls(&self) -> String {
         self.urls.iter().map(|url| redact(url)).collect::<Vec<_>>().join(", ")
     }
+
+    /// What the store connects to, for errors: the URLs, or the primary and its Sentinels.
+    fn redacted_target(&self) -> String {
+        match &self.sentinel {
+            Some(sentinel) => format!(
+                "the primary {:?} through the Sentinels at {}",
+                sentinel.master_name,
+                self.redacted_urls()
+            ),
+            None => self.redacted_urls(),
+        }
+    }
 }
 
 impl fmt::Debug for RedisStoreConfig {
@@ -216,11 +256,79 @@ impl fmt::Debug for RedisStoreConfig {
         f.debug_struct("RedisStoreConfig")
             .field("urls", &self.redacted_urls())
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel)
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("custom_clock_margin", &self.custom_clock_margin)
             .field("index_lock_ttl", &self.index_lock_ttl)
+            .finish()
+    }
+}
+
+/// The primary a Redis Sentinel deployment watches, and how to log in to it
+/// and its replicas (the Sentinels' own credentials go in their URLs).
+///
+/// ```
+/// use opamp_store::redis::{RedisSentinelConfig, RedisStoreConfig};
+///
+/// let config = RedisStoreConfig::sentinel(
+///     ["redis://10.0.0.7:26379/", "redis://10.0.0.8:26379/"],
+///     RedisSentinelConfig::new("fleet").credentials(Some("opamp"), "hunter2"),
+/// );
+/// assert!(!format!("{config:?}").contains("hunter2"), "Debug hides the password");
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub struct RedisSentinelConfig {
+    /// The name the Sentinels know the primary by (`sentinel monitor NAME …`).
+    pub master_name: String,
+    /// The user on the primary and its replicas, if they use ACL users.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Their password, if they ask for one.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The database number on them.
+    #[serde(default)]
+    pub db: i64,
+}
+
+impl RedisSentinelConfig {
+    /// The primary the Sentinels call `master_name`, no credentials, database 0.
+    pub fn new(master_name: impl Into<String>) -> Self {
+        RedisSentinelConfig {
+            master_name: master_name.into(),
+            username: None,
+            password: None,
+            db: 0,
+        }
+    }
+
+    /// Logs in to the primary and replicas as `username` (the default user
+    /// if `None`) with `password`.
+    pub fn credentials(mut self, username: Option<&str>, password: impl Into<String>) -> Self {
+        self.username = username.map(str::to_owned);
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Uses database `db` on the primary.
+    pub fn db(mut self, db: i64) -> Self {
+        self.db = db;
+        self
+    }
+}
+
+impl fmt::Debug for RedisSentinelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSentinelConfig")
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
             .finish()
     }
 }
@@ -274,9 +382,7 @@ pub struct RedisStore {
     retention_ms: u64,
     token_base: u64,
     tokens: AtomicU64,
-    /// Where `watch_endings` subscribes (any node: a cluster forwards every
-    /// publication to all of them), and how long it may take to connect.
-    pubsub_url: String,
+    /// How long `watch_endings` may take to subscribe.
     connect_timeout: Duration,
 }
 
@@ -317,7 +423,6 @@ impl RedisStore {
             retention_ms: millis(config.command_retention).max(1) as u64,
             token_base: RandomState::new().hash_one(std::process::id()),
             tokens: AtomicU64::new(0),
-            pubsub_url: config.urls.first().cloned().unwrap_or_default(),
             connect_timeout: config.connect_timeout,
         })
     }

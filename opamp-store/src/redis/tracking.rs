@@ -21,7 +21,7 @@ use opamp_core::{
 use redis::Value;
 use redis::aio::PubSub;
 
-use super::conn::Request;
+use super::conn::{PubSubNode, Request};
 use super::error::RedisError;
 use super::keys::slot;
 use super::scripts::eval;
@@ -91,13 +91,12 @@ impl TrackingStore for RedisStore {
     }
 
     async fn watch_endings(&self) -> Result<Endings> {
-        let client = redis::Client::open(self.pubsub_url.as_str())
-            .map_err(|err| RedisError::command("opening a pub/sub connection", err))?;
+        let node = self.conn.pubsub_node();
         let channel = self.keys.ended_commands();
         // Subscribed before returning: every end announced from now on is heard.
-        let subscribed = subscribe(&client, &channel, self.connect_timeout).await?;
+        let subscribed = subscribe(&node, &channel, self.connect_timeout).await?;
         let (sender, endings) = Endings::channel();
-        tokio::spawn(relay_endings(client, channel, subscribed, sender, self.connect_timeout));
+        tokio::spawn(relay_endings(node, channel, subscribed, sender, self.connect_timeout));
         Ok(endings)
     }
 
@@ -286,10 +285,10 @@ impl RedisStore {
 }
 
 /// A pub/sub connection subscribed to `channel`.
-async fn subscribe(client: &redis::Client, channel: &str, timeout: Duration) -> Result<PubSub> {
+async fn subscribe(node: &PubSubNode, channel: &str, timeout: Duration) -> Result<PubSub> {
     let what = || format!("subscribing to {channel}");
     let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = node.client().await?.get_async_pubsub().await?;
         pubsub.subscribe(channel).await?;
         Ok(pubsub)
     };
@@ -305,15 +304,9 @@ async fn subscribe(client: &redis::Client, channel: &str, timeout: Duration) -> 
 
 /// Passes each id announced on `channel` to the watch until it is dropped,
 /// subscribing again (after 0.1 s, doubling up to 5 s) whenever the
-/// connection drops. Ends announced while it is down are missed: the watch
-/// is best effort.
-async fn relay_endings(
-    client: redis::Client,
-    channel: String,
-    mut pubsub: PubSub,
-    watch: EndingsSender,
-    timeout: Duration,
-) {
+/// connection drops (under Sentinel, to the primary it names then). Ends
+/// announced while it is down are missed: the watch is best effort.
+async fn relay_endings(node: PubSubNode, channel: String, mut pubsub: PubSub, watch: EndingsSender, timeout: Duration) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     const LONGEST_RETRY: Duration = Duration::from_secs(5);
     loop {
@@ -339,7 +332,7 @@ async fn relay_endings(
                 _ = watch.closed() => return,
                 _ = tokio::time::sleep(retry) => {}
             }
-            match subscribe(&client, &channel, timeout).await {
+            match subscribe(&node, &channel, timeout).await {
                 Ok(pubsub) => break pubsub,
                 Err(err) => {
                     tracing::warn!(%channel, error = %err, "subscribing to command endings failed; trying again");
