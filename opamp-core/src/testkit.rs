@@ -83,3 +83,18 @@ pub fn spawn_agent(
     });
     (agent, stop)
 }
+
+/// A Fluent Bit configuration template of one file, `fluent-bit.conf`, whose
+/// text names `version` (so that each version hashes apart), made `at`: the
+/// template the runtime and rollout scenarios push.
+pub fn fluent_bit_template(version: &str, at: crate::Timestamp) -> crate::ConfigTemplate {
+    let agent_type = crate::AgentType::new("fluentbit").expect("a valid literal agent type");
+    let version_id = crate::ConfigVersion::new(version).expect("a valid version for a test template");
+    let bundle = crate::ConfigBundle::new()
+        .with_file(
+            "fluent-bit.conf",
+            crate::ConfigFile::new("text/plain", format!("[SERVICE]\n    # {version}\n")),
+        )
+        .expect("a valid file name");
+    crate::ConfigTemplate::new(crate::ConfigRef::new(agent_type, version_id), bundle, "test", at)
+}

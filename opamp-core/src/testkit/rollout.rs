@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
 use crate::command::CommandOutcome;
-use crate::config::{ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate};
-use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
+use crate::config::ConfigRef;
+use crate::id::{AgentType, DeviceId, SupervisorId};
 use crate::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use crate::status::{Labels, StatusPatch};
 use crate::store::DEFAULT_LEASE_TTL;
@@ -121,16 +121,9 @@ async fn online(f: &StoreFixture, devices: &[(DeviceId, Labels)]) {
 }
 
 async fn template(f: &StoreFixture, version: &str) -> ConfigRef {
-    let config = ConfigRef::new(fluentbit(), ConfigVersion::new(version).unwrap());
-    let bundle = ConfigBundle::new()
-        .with_file(
-            "fluent-bit.conf",
-            ConfigFile::new("text/plain", format!("# {version}\n")),
-        )
-        .unwrap();
-    let made = ConfigTemplate::new(config, bundle, "rollout scenario", f.clock.now());
+    let made = crate::testkit::fluent_bit_template(version, f.clock.now());
     f.store.put_template(&made).await.unwrap();
-    config
+    made.reference()
 }
 
 /// A stand-in for [`supervisor`]: it acknowledges every command it is sent,

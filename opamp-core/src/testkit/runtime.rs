@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use crate::bus::Bus;
 use crate::command::{CommandOutcome, CorrelationId};
-use crate::config::{ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate};
-use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
+use crate::id::{AgentType, DeviceId, SupervisorId};
 use crate::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use crate::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
 use crate::store::Store;
@@ -212,11 +211,8 @@ pub async fn a_command_and_a_config_push_reach_the_device(f: &StoreFixture, bus:
     answer(&mut session, toggle).await;
     assert_eq!(rig.ended(toggle).await, CommandState::Acked);
 
-    let config = ConfigRef::new(fluentbit(), ConfigVersion::new("v1").unwrap());
-    let bundle = ConfigBundle::new()
-        .with_file("fluent-bit.conf", ConfigFile::new("text/plain", "[SERVICE]\n"))
-        .unwrap();
-    let template = ConfigTemplate::new(config, bundle.clone(), "runtime scenario", rig.clock.now());
+    let template = crate::testkit::fluent_bit_template("v1", rig.clock.now());
+    let (config, bundle) = (template.reference(), template.bundle.clone());
     rig.control
         .create_template(&template)
         .await
