@@ -65,6 +65,10 @@ pub struct DeploymentConfig {
     pub command_timeout: Duration,
     /// Seconds between a simulated device's heartbeats.
     pub heartbeat: Duration,
+    /// How long a simulated device waits on a supervisor that does not
+    /// answer before moving to another (`opamp-loadgen fleet --patience`),
+    /// when not the gRPC connector's own limits.
+    pub patience: Option<Duration>,
     /// The `redis-server` program.
     pub redis_server: PathBuf,
     /// The tansu broker program.
@@ -145,6 +149,7 @@ impl DeploymentConfig {
             lease_ttl: Duration::from_secs(30),
             command_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(30),
+            patience: None,
             redis_server: PathBuf::from("redis-server"),
             tansu,
             broker_storage: BrokerStorage::default(),
@@ -206,6 +211,12 @@ impl DeploymentConfig {
         self.supervisors = supervisors.max(1);
         self.devices = devices;
         self.simulators = simulators.max(1);
+        self
+    }
+
+    /// With simulated devices that wait `patience` on a silent supervisor.
+    pub fn patience(mut self, patience: Duration) -> Self {
+        self.patience = Some(patience);
         self
     }
 
@@ -302,15 +313,25 @@ impl Member {
 
     /// SIGTERM, then SIGKILL if it is still there after `grace`.
     async fn terminate(&mut self, grace: Duration) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
-                return;
-            }
+        if self.signal("-TERM").is_ok() && tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+            return;
         }
         self.kill().await;
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-TERM`) with `kill`.
+    fn signal(&self, signal: &str) -> Result<()> {
+        let Some(pid) = self.child.id() else {
+            return fail(format!("{} has exited", self.name));
+        };
+        match std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+        {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => fail(format!("kill {signal} {} ({}): {status}", pid, self.name)),
+            Err(err) => fail(format!("running kill {signal} for {}: {err}", self.name)),
+        }
     }
 }
 
@@ -599,7 +620,7 @@ impl Deployment {
         let mut first = 0;
         for n in 0..self.config.simulators {
             let these = per.min(count - first);
-            let args = [
+            let mut args = vec![
                 "fleet".to_owned(),
                 "--supervisors".to_owned(),
                 urls.join(","),
@@ -610,6 +631,9 @@ impl Deployment {
                 "--heartbeat".to_owned(),
                 self.config.heartbeat.as_secs_f64().to_string(),
             ];
+            if let Some(patience) = self.config.patience {
+                args.extend(["--patience".to_owned(), patience.as_secs_f64().to_string()]);
+            }
             self.simulators.push(Member::spawn(
                 &format!("simulator-{n}"),
                 &self.config.bin_dir.join("opamp-loadgen"),
@@ -692,6 +716,25 @@ impl Deployment {
     /// `kill -9` of supervisor `n`.
     pub async fn kill_supervisor(&mut self, n: usize) -> Result<()> {
         kill_one(&mut self.supervisors, n, || Self::supervisor_id(n)).await
+    }
+
+    /// Pauses supervisor `n` (SIGSTOP): its connections stay open, nothing
+    /// answers on them, and its timers stand still until
+    /// [`resume_supervisor`](Self::resume_supervisor).
+    pub fn pause_supervisor(&self, n: usize) -> Result<()> {
+        self.running_supervisor(n)?.signal("-STOP")
+    }
+
+    /// Resumes supervisor `n` after [`pause_supervisor`](Self::pause_supervisor) (SIGCONT).
+    pub fn resume_supervisor(&self, n: usize) -> Result<()> {
+        self.running_supervisor(n)?.signal("-CONT")
+    }
+
+    fn running_supervisor(&self, n: usize) -> Result<&Member> {
+        match self.supervisors.get(n) {
+            Some(Some((member, _))) => Ok(member),
+            _ => fail(format!("no running {}", Self::supervisor_id(n))),
+        }
     }
 
     /// Kills the Redis and starts it again, empty, on the same port.

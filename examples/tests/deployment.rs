@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opamp_core::{DeviceId, Store};
+use opamp_core::{DeviceId, Store, SupervisorId};
 use opamp_examples::StoreUrl;
 use opamp_examples::deployment::{BrokerStorage, Deployment, DeploymentConfig, parse_fleet_report};
 use opamp_examples::rest::RestClient;
@@ -32,21 +32,22 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A fresh deployment in a folder of its own, or `None` (locally, loudly) when
 /// Redis or the broker is not installed. Under CI a missing one fails.
 async fn deploy(name: &str) -> Option<Deployment> {
-    deploy_with(name, COMMAND_TIMEOUT, BrokerStorage::Sqlite).await
+    deploy_with(name, |config| config).await
 }
 
-/// [`deploy`], with another command timeout and broker storage.
-async fn deploy_with(name: &str, command_timeout: Duration, storage: BrokerStorage) -> Option<Deployment> {
+/// [`deploy`], with the test's settings changed by `configure`.
+async fn deploy_with(name: &str, configure: impl FnOnce(DeploymentConfig) -> DeploymentConfig) -> Option<Deployment> {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_opamp-server"))
         .parent()
         .expect("binaries live in a folder")
         .to_path_buf();
     let dir = std::env::temp_dir().join(format!("opamp-deployment-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config = DeploymentConfig::new(&dir, bin_dir)
-        .size(SERVERS, SUPERVISORS, DEVICES, 1)
-        .timings(LEASE, command_timeout)
-        .broker_storage(storage);
+    let config = configure(
+        DeploymentConfig::new(&dir, bin_dir)
+            .size(SERVERS, SUPERVISORS, DEVICES, 1)
+            .timings(LEASE, COMMAND_TIMEOUT),
+    );
     let missing: Vec<String> = [&config.tansu, &config.redis_server]
         .into_iter()
         .filter(|program| which(program).is_none())
@@ -153,6 +154,37 @@ async fn outcomes_within(server: &RestClient, ids: &[String], wait: &str) -> Vec
     records
 }
 
+/// Sends `device` (the `n`th) the config `fluentbit/v1` and a toggle, through
+/// two servers in turn; the commands' ids.
+async fn config_and_toggle(servers: &[RestClient], n: usize, device: &str) -> (String, String) {
+    let config = servers[n % SERVERS]
+        .apply_config(device, "fluentbit", "v1")
+        .await
+        .unwrap();
+    let toggle = servers[(n + 1) % SERVERS].toggle(device, true).await.unwrap();
+    (config, toggle)
+}
+
+/// Every record ended with a definite outcome: acked, or a failure that says what happened.
+fn assert_all_definite(records: &[Value]) {
+    for record in records {
+        let state = record["state"].as_str().unwrap();
+        assert!(
+            ["acked", "failed", "timed_out", "device_offline"].contains(&state),
+            "{record}"
+        );
+    }
+}
+
+/// No device applied its config twice, whatever was retried: at most one
+/// application per device, and at least one per acknowledged push.
+fn assert_applied_once(applied: usize, acked_configs: usize, repeats: usize) {
+    assert!(
+        (acked_configs..=DEVICES).contains(&applied),
+        "applied {applied}, acked {acked_configs} (repeats answered {repeats})"
+    );
+}
+
 fn count(records: &[Value], state: &str) -> usize {
     records.iter().filter(|record| record["state"] == state).count()
 }
@@ -238,13 +270,9 @@ async fn a_supervisor_killed_under_load_loses_no_command_and_applies_none_twice(
         if n == DEVICES / 3 {
             deployment.kill_supervisor(0).await.unwrap();
         }
-        configs.push(
-            servers[n % SERVERS]
-                .apply_config(device, "fluentbit", "v1")
-                .await
-                .unwrap(),
-        );
-        toggles.push(servers[(n + 1) % SERVERS].toggle(device, true).await.unwrap());
+        let (config, toggle) = config_and_toggle(&servers, n, device).await;
+        configs.push(config);
+        toggles.push(toggle);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let moved = every_device_routable(&deployment, Duration::from_secs(30)).await;
@@ -252,23 +280,12 @@ async fn a_supervisor_killed_under_load_loses_no_command_and_applies_none_twice(
 
     let toggled = outcomes(&servers[1], &toggles).await;
     let configured = outcomes(&servers[2], &configs).await;
-    // Every command ended; each either acked or with a definite failure.
-    for record in toggled.iter().chain(&configured) {
-        let state = record["state"].as_str().unwrap();
-        assert!(
-            ["acked", "failed", "timed_out", "device_offline"].contains(&state),
-            "{record}"
-        );
-    }
+    assert_all_definite(&toggled);
+    assert_all_definite(&configured);
     let acked_configs = count(&configured, "acked");
     assert!(acked_configs > DEVICES * 2 / 3, "most configs acked: {acked_configs}");
     let (applied, repeats) = stop(deployment).await;
-    // No device applied its config twice, whatever was retried: at most one
-    // application per device, and at least one per acknowledged push.
-    assert!(
-        (acked_configs..=DEVICES).contains(&applied),
-        "applied {applied}, acked {acked_configs} (repeats answered {repeats})"
-    );
+    assert_applied_once(applied, acked_configs, repeats);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,6 +327,88 @@ async fn a_server_killed_leaves_its_commands_queryable_from_the_others() {
     stop(deployment).await;
 }
 
+/// A supervisor paused (SIGSTOP, as by a stalled VM or a long GC pause) for
+/// more than twice its lease: its devices notice the silence (a 1 s HTTP/2
+/// ping), move to the others, which take their leases over; when it wakes it
+/// is a zombie, its timers and queues running on state that is no longer
+/// true. It must not write: no lease or status of a device that moved names
+/// it afterwards, the devices stay where they went, and every command ends
+/// with a definite outcome, none applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_paused_past_its_lease_writes_nothing_when_it_wakes() {
+    let _turn = TURN.lock().await;
+    let Some(deployment) = deploy_with("pause-supervisor", |config| config.patience(Duration::from_secs(1))).await
+    else {
+        return;
+    };
+    let servers = ready_with_template(&deployment).await;
+    let (store, devices) = (store(&deployment).await, ids(&deployment));
+    let paused = SupervisorId::new(Deployment::supervisor_id(0)).unwrap();
+    let owners = store.lookup_many(&devices).await.unwrap();
+    let held: Vec<DeviceId> = devices
+        .iter()
+        .zip(&owners)
+        .filter(|(_, owner)| owner.as_ref() == Some(&paused))
+        .map(|(device, _)| *device)
+        .collect();
+    assert!(!held.is_empty(), "supervisor 0 holds devices: {owners:?}");
+
+    // Every device gets a config and a toggle while it sleeps, spread over
+    // the pause (commands to its devices first meet it asleep, then, once
+    // they moved, their new supervisor).
+    deployment.pause_supervisor(0).unwrap();
+    let paused_at = Instant::now();
+    let (mut toggles, mut configs) = (Vec::new(), Vec::new());
+    for (n, device) in deployment.devices().iter().enumerate() {
+        let (config, toggle) = config_and_toggle(&servers, n, device).await;
+        configs.push(config);
+        toggles.push(toggle);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let pause = LEASE * 2 + Duration::from_secs(2);
+    tokio::time::sleep(pause.saturating_sub(paused_at.elapsed())).await;
+    let moved = store.lookup_many(&held).await.unwrap();
+    assert!(
+        moved
+            .iter()
+            .all(|owner| owner.as_ref().is_some_and(|owner| *owner != paused)),
+        "every device of the paused supervisor moved while it slept: {moved:?}"
+    );
+    deployment.resume_supervisor(0).unwrap();
+    eprintln!("supervisor 0 paused {:?}, then resumed", paused_at.elapsed());
+
+    // Give the zombie its renewals, heartbeats and queued work, then look:
+    // the devices that moved are still where they went, and what the store
+    // says of each is what its lease says.
+    tokio::time::sleep(LEASE).await;
+    let after = store.lookup_many(&held).await.unwrap();
+    assert_eq!(after, moved, "the woken supervisor took no device back");
+    for device in &devices {
+        let owner = store.lookup(device).await.unwrap();
+        let status = store.status(device).await.unwrap().expect("every device has a status");
+        assert!(status.is_online(), "{device} online: {status:?}");
+        assert_eq!(status.supervisor, owner, "{device}'s status names its lease's holder");
+    }
+
+    let configured = outcomes(&servers[1], &configs).await;
+    let toggled = outcomes(&servers[2], &toggles).await;
+    assert_all_definite(&configured);
+    assert_all_definite(&toggled);
+    // Not wedged: the woken supervisor and the others take commands.
+    for (n, device) in deployment.devices().iter().enumerate().take(30) {
+        let record = servers[n % SERVERS].toggle_and_wait(device, false).await.unwrap();
+        assert_eq!(record["state"], "acked", "{record}");
+    }
+    let acked_configs = count(&configured, "acked");
+    let (applied, repeats) = stop(deployment).await;
+    eprintln!(
+        "{} devices moved off the paused supervisor; configs acked {acked_configs}, applied {applied}, toggles acked {}",
+        held.len(),
+        count(&toggled, "acked")
+    );
+    assert_applied_once(applied, acked_configs, repeats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_rebuilt_within_one_renew_period() {
     let _turn = TURN.lock().await;
@@ -336,7 +435,10 @@ async fn redis_restarted_empty_is_rebuilt_within_one_renew_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_acknowledged_command() {
     let _turn = TURN.lock().await;
-    let Some(mut deployment) = deploy_with("restart-broker", Duration::from_secs(20), BrokerStorage::Sqlite).await
+    let Some(mut deployment) = deploy_with("restart-broker", |config| {
+        config.timings(LEASE, Duration::from_secs(20))
+    })
+    .await
     else {
         return;
     };
@@ -382,7 +484,9 @@ async fn a_broker_restart_loses_no_acknowledged_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_with_its_log_in_memory_carries_commands_and_refuses_a_restart() {
     let _turn = TURN.lock().await;
-    let Some(mut deployment) = deploy_with("memory-broker", COMMAND_TIMEOUT, BrokerStorage::Memory).await else {
+    let Some(mut deployment) =
+        deploy_with("memory-broker", |config| config.broker_storage(BrokerStorage::Memory)).await
+    else {
         return;
     };
     every_device_routable(&deployment, Duration::from_secs(30)).await;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opamp_bus::memory::MemoryBus;
-use opamp_core::testkit::faults::{FaultRig, NetworkFault};
+use opamp_core::testkit::faults::{FaultRig, FaultSystem, NetworkFault};
 use opamp_core::testkit::proxy::FaultProxy;
 use opamp_core::{Bus, Store};
 use opamp_store::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
@@ -36,10 +36,15 @@ async fn start(port: u16) -> (OwnRedis, FaultProxy, FaultRig) {
     (redis, proxy, rig)
 }
 
+/// The Redis store `config` reaches, as every scenario sets it up.
+async fn store_on(config: RedisStoreConfig) -> Arc<dyn Store> {
+    let config = config.key_prefix("faults:").response_timeout(RESPONSE_TIMEOUT);
+    Arc::new(RedisStore::connect(config).await.expect("the scenario's Redis answers"))
+}
+
 /// The rig over the Redis store `config` reaches.
 async fn rig_on(config: RedisStoreConfig) -> FaultRig {
-    let config = config.key_prefix("faults:").response_timeout(RESPONSE_TIMEOUT);
-    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(config).await.expect("the scenario's Redis answers"));
+    let store = store_on(config).await;
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     FaultRig::start(store, bus.clone(), bus).await
 }
@@ -93,6 +98,35 @@ async fn redis_restarted_empty() {
         || redis.stop(),
         || redis.launch(),
         true,
+    )
+    .await;
+}
+
+/// Only the supervisor loses Redis, for twice its lease: its devices stay
+/// connected to it, the control plane sees their leases lapse (commands to
+/// them meanwhile end `device_offline` at once), and once the network heals
+/// the supervisor finds its leases gone and claims every device again
+/// without closing a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_cut_off_from_redis_past_its_lease() {
+    support::init_tracing();
+    let redis = OwnRedis::start(6406);
+    let proxy = FaultProxy::start(redis.addr()).await.unwrap();
+    let lease = Duration::from_secs(3);
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let rig = FaultRig::start_with(FaultSystem {
+        lease_ttl: lease,
+        supervisor_store: store_on(RedisStoreConfig::standalone(format!("redis://{}/", proxy.addr()))).await,
+        control_store: store_on(RedisStoreConfig::standalone(format!("redis://{}/", redis.addr()))).await,
+        supervisor_bus: bus.clone(),
+        control_bus: bus,
+    })
+    .await
+    .lasting(lease * 2);
+    rig.survive(
+        "supervisor cut off from Redis 6 s, past its 3 s leases; devices stay connected",
+        || proxy.blackhole(true),
+        || proxy.blackhole(false),
     )
     .await;
 }

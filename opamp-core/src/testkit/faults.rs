@@ -66,6 +66,23 @@ pub enum NetworkFault {
     Latency(Duration),
 }
 
+/// The parts of a [`FaultRig`], when the supervisor and the control plane
+/// reach the store differently (a fault between the supervisor and the store
+/// only) or the supervisor holds short leases (a fault that outlasts them).
+#[derive(Debug, Clone)]
+pub struct FaultSystem {
+    /// The supervisor's leases.
+    pub lease_ttl: Duration,
+    /// The store as the supervisor reaches it.
+    pub supervisor_store: Arc<dyn Store>,
+    /// The store as the control plane (and the rig's checks) reach it.
+    pub control_store: Arc<dyn Store>,
+    /// The supervisor's bus.
+    pub supervisor_bus: Arc<dyn Bus>,
+    /// The control plane's bus.
+    pub control_bus: Arc<dyn Bus>,
+}
+
 /// What the devices saw.
 #[derive(Debug, Default)]
 struct Tally {
@@ -84,6 +101,8 @@ pub struct FaultRig {
     devices: Vec<DeviceId>,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
+    /// How long each fault lasts.
+    fault: Duration,
 }
 
 impl std::fmt::Debug for FaultRig {
@@ -101,11 +120,34 @@ impl FaultRig {
     /// fault is between one of them and the broker), both over `store`, and
     /// [`DEVICES`] devices; returns once every device is routable.
     pub async fn start(store: Arc<dyn Store>, supervisor_bus: Arc<dyn Bus>, control_bus: Arc<dyn Bus>) -> FaultRig {
+        FaultRig::start_with(FaultSystem {
+            lease_ttl: crate::store::DEFAULT_LEASE_TTL,
+            supervisor_store: store.clone(),
+            control_store: store,
+            supervisor_bus,
+            control_bus,
+        })
+        .await
+    }
+
+    /// Starts the rig over `system`'s parts; returns once every device is routable.
+    pub async fn start_with(system: FaultSystem) -> FaultRig {
+        let FaultSystem {
+            lease_ttl,
+            supervisor_store,
+            control_store: store,
+            supervisor_bus,
+            control_bus,
+        } = system;
         let (transport, connector) = channel::pair(ChannelConfig::default());
-        let supervisor = Supervisor::new(SupervisorConfig::new(sid()), store.clone(), supervisor_bus)
-            .start(vec![Arc::new(transport)])
-            .await
-            .expect("the supervisor starts");
+        let supervisor = Supervisor::new(
+            SupervisorConfig::new(sid()).lease_ttl(lease_ttl),
+            supervisor_store,
+            supervisor_bus,
+        )
+        .start(vec![Arc::new(transport)])
+        .await
+        .expect("the supervisor starts");
         let control_config = ControlPlaneConfig {
             command_timeout: COMMAND_TIMEOUT,
             ..ControlPlaneConfig::default()
@@ -128,11 +170,17 @@ impl FaultRig {
             devices,
             tally,
             stop,
+            fault: FAULT,
         };
         rig.all_routable(Duration::from_secs(10))
             .await
             .expect("every device registers");
         rig
+    }
+
+    /// The same rig, its faults lasting `fault` instead of [`FAULT`].
+    pub fn lasting(self, fault: Duration) -> FaultRig {
+        FaultRig { fault, ..self }
     }
 
     /// Waits until every device's lease names the supervisor; how long that took.
@@ -193,7 +241,7 @@ impl FaultRig {
         (accepted, refused)
     }
 
-    /// Runs `fault` for [`FAULT`] while commands are issued, then `heal`,
+    /// Runs `fault` for [`FAULT`] (or as long as [`lasting`](Self::lasting) says) while commands are issued, then `heal`,
     /// and checks every promise; prints the scenario's row and panics,
     /// naming the scenario, on the first promise broken.
     pub async fn survive(self, scenario: &str, fault: impl FnOnce(), heal: impl FnOnce()) {
@@ -201,9 +249,9 @@ impl FaultRig {
     }
 
     /// [`survive`](Self::survive) `fault` injected by `proxy` in front of
-    /// `backend` (its name in the scenario's row) for [`FAULT`].
+    /// `backend` (its name in the scenario's row), for as long as the rig's faults last.
     pub async fn survive_network(self, backend: &str, proxy: &FaultProxy, fault: NetworkFault) {
-        let seconds = FAULT.as_secs();
+        let seconds = self.fault.as_secs();
         match fault {
             NetworkFault::Blackhole => {
                 let scenario = format!("network blackhole to {backend} {seconds} s");
@@ -234,7 +282,7 @@ impl FaultRig {
         let start = Instant::now();
         let (mut accepted, mut refused) = self.issue(start + Duration::from_millis(500)).await;
         fault();
-        let (during, refused_during) = self.issue(Instant::now() + FAULT).await;
+        let (during, refused_during) = self.issue(Instant::now() + self.fault).await;
         heal();
         let healed = Instant::now();
         accepted.extend(during);

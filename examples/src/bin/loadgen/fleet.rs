@@ -33,6 +33,13 @@ pub(crate) struct FleetArgs {
     /// Seconds between a device's heartbeats.
     #[arg(long, value_parser = parse_seconds, default_value = "30")]
     heartbeat: Duration,
+    /// Seconds a device waits on a supervisor that does not answer before
+    /// moving to the next: the interval of HTTP/2 pings on its connection
+    /// and their timeout, and the limit on connecting and on registering
+    /// (by default the gRPC connector's own: 30 s pings answered within
+    /// 10 s, 5 s to connect, 10 s to register).
+    #[arg(long, value_parser = parse_seconds)]
+    patience: Option<Duration>,
     /// Seconds before a device's first reconnect attempt (doubling, with jitter).
     #[arg(long, value_parser = parse_seconds, default_value = "0.2")]
     backoff_min: Duration,
@@ -59,6 +66,12 @@ pub(crate) async fn run(args: FleetArgs) -> Result<(), Box<dyn std::error::Error
         let mut connectors: Vec<Arc<dyn AgentConnector>> = Vec::with_capacity(args.supervisors.len());
         for url in &args.supervisors {
             let mut config = GrpcConnectorConfig::new(url.as_str()).token(key.token(&device));
+            if let Some(patience) = args.patience {
+                config.keepalive_interval = patience;
+                config.keepalive_timeout = patience;
+                config.connect_timeout = patience;
+                config.register_timeout = patience;
+            }
             if let Some(source) = args.source {
                 config = config.local_address(source);
             }
