@@ -12,9 +12,9 @@ use base64::Engine as _;
 use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::testkit::fluent_bit::ReloadStandIn;
 use opamp_core::{
-    AgentType, Bus, CommandState, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate, ConfigUpdate,
-    ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store, Subscription, SupervisorId,
-    Target, Timestamp,
+    AgentType, Bus, Command, CommandKind, CommandState, ConfigApplyState, ConfigBundle, ConfigFile, ConfigRef,
+    ConfigTemplate, ConfigUpdate, ConfigVersion, DeviceEvent, DeviceId, EventKind, GroupName, Labels, Presence, Store,
+    Subscription, SupervisorId, Target, Timestamp,
 };
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use tokio::time::{Instant, timeout};
@@ -58,10 +58,11 @@ async fn next_event<T>(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_config_reach_it() {
+/// A run id, and store and bus URLs of the run's own (a fresh key prefix and
+/// topic prefix) on the live Redis and broker; `None` if they are not there.
+fn fresh_urls() -> Option<(String, String, String)> {
     if !services_present(&[("Redis", redis_url()), ("Kafka-protocol broker", kafka_brokers())]) {
-        return;
+        return None;
     }
     let run = uuid::Uuid::new_v4().simple().to_string();
     let redis = redis_url();
@@ -71,6 +72,14 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
         "kafka://{}?topic_prefix=t{run}.&replication=1&commands_partitions=2&events_partitions=2",
         kafka_brokers()
     );
+    Some((run, store_url, bus_url))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_config_reach_it() {
+    let Some((run, store_url, bus_url)) = fresh_urls() else {
+        return;
+    };
     // The control side opens the same URLs the processes are given; this makes the topics.
     let store: std::sync::Arc<dyn Store> = open_store(&store_url.parse::<StoreUrl>().unwrap()).await.unwrap();
     let open = open_bus(&bus_url.parse::<BusUrl>().unwrap()).await.unwrap();
@@ -241,4 +250,68 @@ async fn agent_registers_through_the_supervisor_and_a_toggle_and_a_fluent_bit_co
     open.shutdown(DEADLINE).await.unwrap();
     control.shutdown().await;
     std::fs::remove_dir_all(&config_dir).unwrap();
+}
+
+/// An operator starts `opamp-server` on a store that lost its data (its
+/// generation is gone; here a fresh prefix stands for a Redis restarted
+/// empty) while the broker still holds commands sent before: the server
+/// refuses to start, saying what was lost and how to go on; started once
+/// with `--accept-store-loss` it begins a new generation, and starts plainly
+/// from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_server_refuses_a_store_that_lost_its_data_until_the_loss_is_accepted() {
+    let Some((_, store_url, bus_url)) = fresh_urls() else {
+        return;
+    };
+    // What the fleet sent before the store lost its data.
+    let open = open_bus(&bus_url.parse::<BusUrl>().unwrap()).await.unwrap();
+    let earlier = Command::new(
+        DeviceId::new("device-1").unwrap(),
+        CommandKind::SetEmission { state: true },
+        Timestamp::now(),
+        std::time::Duration::from_secs(30),
+    );
+    open.bus()
+        .send(&SupervisorId::new("s1").unwrap(), &earlier)
+        .await
+        .unwrap();
+    open.shutdown(DEADLINE).await.unwrap();
+
+    let server = |extra: &[&str]| {
+        // A token of its own: a made-up one is printed after the first line.
+        let tokens = "test:operator:0123456789abcdef0123";
+        let fixed = [
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store_url,
+            "--bus",
+            &bus_url,
+            "--tokens",
+            tokens,
+        ];
+        let mut args: Vec<String> = fixed.iter().map(|arg| arg.to_string()).collect();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        Proc::spawn("opamp-server", env!("CARGO_BIN_EXE_opamp-server"), &args, None)
+    };
+    let mut refused = server(&[]);
+    let status = refused.exited().await;
+    let said = refused.logs();
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("data loss"), "{said}");
+    assert!(said.contains("--accept-store-loss"), "{said}");
+
+    let store = open_store(&store_url.parse::<StoreUrl>().unwrap()).await.unwrap();
+    assert_eq!(store.generation().await.unwrap(), None, "a refusal marks nothing");
+    let mut accepted = server(&["--accept-store-loss"]);
+    let line = accepted.first_line().await;
+    assert!(line.starts_with("listening "), "{line}");
+    accepted.terminate().await;
+    let generation = store.generation().await.unwrap().expect("a generation begun");
+
+    let mut again = server(&[]);
+    let line = again.first_line().await;
+    assert!(line.starts_with("listening "), "{line}");
+    again.terminate().await;
+    assert_eq!(store.generation().await.unwrap(), Some(generation), "kept");
 }

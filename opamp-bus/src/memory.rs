@@ -166,6 +166,8 @@ pub struct MemoryBus {
 
 struct Inner {
     config: MemoryBusConfig,
+    /// Whether any command was ever sent (for `holds_history`).
+    sent: std::sync::atomic::AtomicBool,
     dead_letters: Arc<DeadLetters>,
     commands: RwLock<HashMap<SupervisorId, Arc<Group<Command>>, BuildHasherDefault<WordHash>>>,
     broadcasts: RwLock<BTreeMap<SupervisorId, Arc<Group<ConfigUpdate>>>>,
@@ -188,6 +190,7 @@ impl MemoryBus {
         MemoryBus {
             inner: Arc::new(Inner {
                 config,
+                sent: std::sync::atomic::AtomicBool::new(false),
                 dead_letters: Arc::default(),
                 commands: RwLock::default(),
                 broadcasts: RwLock::default(),
@@ -268,6 +271,10 @@ impl CommandBus for MemoryBus {
         // Like tokio's own channels, a task that never has to wait still
         // yields now and then, so that it cannot starve the others.
         coop::consume_budget().await;
+        // Read first: after the first send the flag's cache line stays shared.
+        if !self.inner.sent.load(std::sync::atomic::Ordering::Relaxed) {
+            self.inner.sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // Most sends find room at once: those need neither a wait nor a
         // reference of their own to the supervisor's queue.
         if let Some(inbox) = read(&self.inner.commands)
@@ -306,6 +313,10 @@ impl CommandBus for MemoryBus {
             .or_insert_with(|| Group::new(format!("broadcasts for {supervisor}"), Mode::Exclusive, 1, &self.inner))
             .clone();
         Ok(Group::subscribe(group))
+    }
+
+    async fn holds_history(&self) -> Result<bool> {
+        Ok(self.inner.sent.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

@@ -329,6 +329,13 @@ pub trait CommandBus: Send + Sync + Debug + 'static {
     /// The broadcasts for `supervisor`, from the time it first subscribed.
     /// As with [`subscribe`](Self::subscribe), a newer subscription takes the stream over.
     async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>>;
+
+    /// Whether the bus still holds commands sent before now, acknowledged
+    /// or not (a broker's retained log; for a bus in memory, whether any
+    /// command was ever sent on it). Their records were written to a store:
+    /// a store that has no [`StoreGeneration`](crate::StoreGeneration)
+    /// while this is true lost them, with whatever else it held.
+    async fn holds_history(&self) -> Result<bool>;
 }
 
 /// Device events, keyed by device, shared out among the members of consumer groups.

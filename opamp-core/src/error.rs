@@ -81,6 +81,16 @@ pub enum Error {
         what: String,
     },
 
+    /// A store lost data it held and no one can give back (it came back
+    /// empty, or from an older backup): templates, desired configs, command
+    /// records, rollouts. Not retryable: an operator restores the store or
+    /// accepts the loss.
+    #[error("data loss: {message}")]
+    DataLoss {
+        /// What was lost, how it was told, and how to go on.
+        message: String,
+    },
+
     /// A backend failed in a way that does not fit the other kinds.
     #[error("{backend} backend error: {message}")]
     Backend {
@@ -173,6 +183,13 @@ impl Error {
     /// An [`Error::Unsupported`] naming what is not supported.
     pub fn unsupported(what: impl Into<String>) -> Self {
         Error::Unsupported { what: what.into() }
+    }
+
+    /// An [`Error::DataLoss`] saying what was lost and how to go on.
+    pub fn data_loss(message: impl Into<String>) -> Self {
+        Error::DataLoss {
+            message: message.into(),
+        }
     }
 
     /// An [`Error::Backend`] wrapping a backend's own error.

@@ -69,6 +69,6 @@ pub use store::{
 pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use tracking::{
     CommandRecord, CommandState, Endings, EndingsSender, Issued, MAX_ATTEMPTS, Rollout, RolloutId, RolloutSpec,
-    RolloutState, Target,
+    RolloutState, StoreGeneration, Target,
 };
 pub use transport::{AgentConnector, DeviceTransport};

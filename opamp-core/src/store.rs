@@ -25,7 +25,7 @@ use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
 use crate::status::{DeviceStatus, StatusPatch};
-use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId};
+use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId, StoreGeneration};
 
 /// How long a lease lasts without renewal unless configured otherwise (the design's `EXPIRE … 300`).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(300);
@@ -390,6 +390,14 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
     /// Drops the lease on driving rollout `id` if `driver` holds it (and it
     /// has not lapsed); returns whether it did.
     async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool>;
+
+    /// The store's [`StoreGeneration`], if it has one. Kept for ever: it
+    /// goes only with everything else the store held.
+    async fn generation(&self) -> Result<Option<StoreGeneration>>;
+
+    /// Marks the store with `generation` if it has none yet; returns the one
+    /// it has afterwards (`generation`, or the one another writer put first).
+    async fn begin_generation(&self, generation: &StoreGeneration) -> Result<StoreGeneration>;
 }
 
 /// A complete store: routing, status, configuration and tracking.

@@ -342,6 +342,65 @@ pub struct Issued {
     pub correlation_id: CorrelationId,
 }
 
+/// The mark a store keeps of its own beginning: made once, by the first
+/// control plane to use the store, and never changed after. A store that
+/// has none, or another one than a running control plane read at its start,
+/// lost what it held (a Redis restarted without persistence, a database
+/// restored from an older backup or replaced): templates, desired configs,
+/// command records and rollouts, which no device can give back.
+///
+/// ```
+/// use opamp_core::StoreGeneration;
+///
+/// let generation = StoreGeneration::new();
+/// let json = generation.to_json();
+/// assert_eq!(StoreGeneration::from_json(&json)?, generation);
+/// assert!(StoreGeneration::from_json(b"{}").is_err());
+/// # Ok::<(), opamp_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StoreGeneration {
+    /// Unique to this generation (a UUID v7, so also time-ordered).
+    pub id: Uuid,
+    /// When it began.
+    pub began_at: Timestamp,
+}
+
+impl StoreGeneration {
+    /// A new generation, beginning now.
+    pub fn new() -> Self {
+        StoreGeneration {
+            id: Uuid::now_v7(),
+            began_at: Timestamp::now(),
+        }
+    }
+
+    /// The generation as JSON, as stores keep it.
+    pub fn to_json(&self) -> Vec<u8> {
+        // A UUID and a timestamp serialise infallibly.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads [`to_json`](Self::to_json)'s output; errors name what was wrong.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|err| Error::invalid_input(format!("store generation JSON: {err}")))
+    }
+}
+
+impl Default for StoreGeneration {
+    fn default() -> Self {
+        StoreGeneration::new()
+    }
+}
+
+impl fmt::Display for StoreGeneration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (begun {})", self.id, self.began_at)
+    }
+}
+
 /// Identifies a rollout. Time-ordered (UUID v7): newer rollouts sort after older ones.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RolloutId(Uuid);

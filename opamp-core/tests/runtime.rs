@@ -1390,6 +1390,12 @@ impl TrackingStore for Gated {
     async fn release_rollout_driver(&self, id: &opamp_core::RolloutId, driver: &str) -> Result<bool> {
         self.store.release_rollout_driver(id, driver).await
     }
+    async fn generation(&self) -> Result<Option<opamp_core::StoreGeneration>> {
+        self.store.generation().await
+    }
+    async fn begin_generation(&self, generation: &opamp_core::StoreGeneration) -> Result<opamp_core::StoreGeneration> {
+        self.store.begin_generation(generation).await
+    }
 }
 
 /// One device registers on s1 and s2 at once, and s1's status write lands

@@ -23,8 +23,8 @@ use opamp_core::store::validate_ttl;
 use opamp_core::{
     AgentType, Claim, Clock, CommandRecord, CommandState, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
     CorrelationId, Cursor, DeviceId, DeviceStatus, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
-    RolloutId, RoutingStore, StatusPatch, StatusStore, SupervisorId, SupervisorLoad, SystemClock, Timestamp,
-    TrackingStore,
+    RolloutId, RoutingStore, StatusPatch, StatusStore, StoreGeneration, SupervisorId, SupervisorLoad, SystemClock,
+    Timestamp, TrackingStore,
 };
 
 /// How many shards each per-device map is split into: enough that two cores
@@ -655,6 +655,7 @@ struct Tracking {
     rollouts: BTreeMap<RolloutId, Rollout>,
     /// Who drives each rollout, and until when.
     drivers: HashMap<RolloutId, Lease<String>>,
+    generation: Option<StoreGeneration>,
 }
 
 impl Tracking {
@@ -665,6 +666,7 @@ impl Tracking {
             pending: BTreeSet::new(),
             rollouts: BTreeMap::new(),
             drivers: HashMap::new(),
+            generation: None,
         }
     }
 
@@ -821,6 +823,17 @@ impl TrackingStore for MemoryStore {
         // A lapsed lease goes too, whoever held it: nobody holds it any more.
         tracking.drivers.remove(id);
         Ok(live)
+    }
+
+    async fn generation(&self) -> Result<Option<StoreGeneration>> {
+        Ok(read(&self.tracking).generation.clone())
+    }
+
+    async fn begin_generation(&self, generation: &StoreGeneration) -> Result<StoreGeneration> {
+        Ok(write(&self.tracking)
+            .generation
+            .get_or_insert_with(|| generation.clone())
+            .clone())
     }
 
     async fn rollouts(&self, page: &PageRequest) -> Result<Page<RolloutId>> {

@@ -70,6 +70,11 @@ struct Args {
     /// The id of that supervisor.
     #[arg(long, env = "OPAMP_SUPERVISOR_ID", default_value = "server-supervisor")]
     supervisor_id: SupervisorId,
+    /// Start even if the store lost its data (it has no generation while the
+    /// bus holds commands sent before): what it held is given up, and a new
+    /// generation begins. Without it the server refuses to start, saying so.
+    #[arg(long, env = "OPAMP_ACCEPT_STORE_LOSS")]
+    accept_store_loss: bool,
     /// How long a graceful shutdown waits for each part.
     #[arg(long, env = "OPAMP_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -100,7 +105,9 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     info!(store = ?store_url, bus = ?bus_url, "opening the store and the bus");
     let store = open_store(&store_url).await?;
     let bus = open_bus(&bus_url).await?;
-    let config = ControlPlaneConfig::default().command_timeout(args.command_timeout);
+    let config = ControlPlaneConfig::default()
+        .command_timeout(args.command_timeout)
+        .accept_store_loss(args.accept_store_loss);
     let control = ControlPlane::start(config, store.clone(), bus.bus()).await?;
 
     let supervisor = match args.grpc_listen {

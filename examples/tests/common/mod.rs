@@ -169,6 +169,14 @@ impl Proc {
         .await;
     }
 
+    /// Waits for it to exit by itself; how it did.
+    pub(crate) async fn exited(&mut self) -> std::process::ExitStatus {
+        match timeout(DEADLINE, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            other => panic!("{} did not exit: {other:?}\n{}", self.name, self.logs()),
+        }
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub(crate) async fn terminate(&mut self) {
         let pid = self.child.id().expect("still running");

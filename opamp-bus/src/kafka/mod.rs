@@ -430,6 +430,20 @@ impl CommandBus for KafkaBus {
             .await
     }
 
+    /// Whether any partition of the commands topic holds a message (its
+    /// high watermark above its low one): one metadata request and one
+    /// offsets request per partition.
+    async fn holds_history(&self) -> Result<bool> {
+        let producer = self.inner.env.producer.clone();
+        let (topic, timeout) = (
+            self.inner.config.commands_topic.clone(),
+            self.inner.config.request_timeout,
+        );
+        tokio::task::spawn_blocking(move || topic_holds_messages(producer.client(), &topic, timeout))
+            .await
+            .map_err(|err| Error::backend("kafka", "reading the commands topic's offsets", err))?
+    }
+
     async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>> {
         let spec = Spec {
             what: format!("config updates for {supervisor}"),
@@ -482,6 +496,32 @@ fn decode_json<T>(value: Option<&[u8]>, parse: fn(&[u8]) -> Result<T>) -> Decode
         Some(Err(err)) => Decoded::Poison(err.to_string()),
         None => Decoded::Poison("the message has no value".into()),
     }
+}
+
+/// Whether any partition of `topic` holds a message.
+fn topic_holds_messages<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|err| client_error(format!("reading the metadata of topic {topic}"), err))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|found| found.name() == topic && found.error().is_none())
+        .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+        .collect();
+    for partition in partitions {
+        let (low, high) = client
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|err| client_error(format!("reading the offsets of {topic}/{partition}"), err))?;
+        if high > low {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Waits until the broker's metadata shows every topic of `names` with partitions.

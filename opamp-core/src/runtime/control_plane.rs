@@ -46,7 +46,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::count_outcome;
+use super::generation::Generation;
+use super::{count_outcome, lock};
 use crate::bus::{Bus, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId, DEFAULT_COMMAND_TIMEOUT};
 use crate::config::{ConfigRef, ConfigTemplate};
@@ -109,6 +110,12 @@ pub struct ControlPlaneConfig {
     /// before another takes it over.
     #[serde(default = "defaults::rollout_lease", with = "duration_text")]
     pub rollout_lease: Duration,
+    /// Start on a store that lost its data (it has no generation, and the
+    /// bus holds commands sent before), beginning a new generation, instead
+    /// of refusing with [`Error::DataLoss`]. Off by default: an operator
+    /// says so once, after choosing not to restore the store.
+    #[serde(default)]
+    pub accept_store_loss: bool,
 }
 
 mod defaults {
@@ -149,6 +156,7 @@ impl Default for ControlPlaneConfig {
             max_template_bytes: defaults::max_template_bytes(),
             rollout_poll: defaults::rollout_poll(),
             rollout_lease: defaults::rollout_lease(),
+            accept_store_loss: false,
         }
     }
 }
@@ -187,6 +195,12 @@ impl ControlPlaneConfig {
     /// With another lease on driving a rollout.
     pub fn rollout_lease(mut self, ttl: Duration) -> Self {
         self.rollout_lease = ttl;
+        self
+    }
+
+    /// Starting on a store that lost its data, or refusing to (the default).
+    pub fn accept_store_loss(mut self, accept: bool) -> Self {
+        self.accept_store_loss = accept;
         self
     }
 
@@ -277,6 +291,8 @@ struct Inner {
     next_driver: AtomicU64,
     /// The rollouts this instance drives, a task each.
     drivers: Mutex<JoinSet<()>>,
+    /// The store's generation, watched for a loss of its data.
+    generation: Generation,
 }
 
 impl fmt::Debug for ControlPlane {
@@ -303,6 +319,7 @@ impl ControlPlane {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         config.validate()?;
+        let generation = Generation::open(store.as_ref(), bus.as_ref(), config.accept_store_loss).await?;
         let events = bus.subscribe_events(&config.event_group).await?;
         let endings = store.watch_endings().await?;
         let (sweeps, sweep_queue) = mpsc::unbounded_channel();
@@ -321,6 +338,7 @@ impl ControlPlane {
             instance: uuid::Uuid::now_v7().simple().to_string(),
             next_driver: AtomicU64::new(1),
             drivers: Mutex::new(JoinSet::new()),
+            generation,
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(Arc::clone(&inner).event_loop(events));
@@ -580,6 +598,19 @@ impl ControlPlane {
             .await
     }
 
+    /// The store's generation this control plane works in (see
+    /// [`StoreGeneration`](crate::StoreGeneration)): the one it found or
+    /// began at start, or the next one after a loss it noticed.
+    pub fn store_generation(&self) -> crate::StoreGeneration {
+        self.inner().generation.current()
+    }
+
+    /// How many times this control plane found that the store had lost its
+    /// data while it ran (also counted as `opamp_store_losses_total`).
+    pub fn store_losses(&self) -> u64 {
+        self.inner().generation.losses()
+    }
+
     /// Checks that the store answers and the event stream is healthy (for readiness probes).
     pub async fn check(&self) -> Result<()> {
         let inner = self.inner();
@@ -825,6 +856,9 @@ impl Inner {
                     None => return,
                 },
                 _ = orphans.tick() => {
+                    if let Err(err) = self.generation.check(self.store.as_ref()).await {
+                        debug!(error = %err, "reading the store's generation failed");
+                    }
                     self.sweep_orphans().await;
                     self.adopt_rollouts().await;
                 }
@@ -1279,10 +1313,6 @@ impl Drop for Watch<'_> {
             waiters.remove(&self.id);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

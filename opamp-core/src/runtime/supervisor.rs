@@ -74,7 +74,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::count_outcome;
+use super::{count_outcome, lock};
 use crate::bus::{Acker, Bus, ConfigUpdate, Delivery, Subscription};
 use crate::command::{Command, CommandKind, CommandOutcome, CorrelationId};
 use crate::config::{ConfigHash, ConfigRef};
@@ -433,11 +433,6 @@ impl Drop for RunningSupervisor {
             listed.0.abandon();
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks leaves the maps consistent (single inserts/removes).
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Inner {

@@ -577,6 +577,19 @@ pub async fn handed_back_too_often_is_dead_lettered(f: &BusFixture) {
     expect_in_order(&mut stream, &[second], "a second marker", why).await;
 }
 
+/// A new bus holds no history; once a command was sent it does, also after
+/// the command was acknowledged (the records of those commands are in a
+/// store, which must still have them).
+pub async fn commands_sent_are_history(f: &BusFixture) {
+    assert!(!call("asking a new bus for history", f.bus.holds_history()).await);
+    let supervisor = fresh_supervisor("history");
+    let mut stream = call("subscribe", f.bus.subscribe(&supervisor)).await;
+    let command = numbered_commands(DeviceId::new("device-5").unwrap(), 1).remove(0);
+    call("send", f.bus.send(&supervisor, &command)).await;
+    ack(next(&mut stream, "the command").await).await;
+    assert!(call("asking for history after a send", f.bus.holds_history()).await);
+}
+
 /// An event handed back comes again to the same member of its group.
 pub async fn handed_back_events_come_again(f: &BusFixture) {
     let group = fresh_group("events-handed-back");
@@ -799,6 +812,7 @@ macro_rules! bus_conformance {
             handed_back_commands_come_again,
             handed_back_too_often_is_dead_lettered,
             handed_back_events_come_again,
+            commands_sent_are_history,
         );
     };
     (@cases $fixture:path; $($case:ident),* $(,)?) => {

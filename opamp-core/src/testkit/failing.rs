@@ -24,7 +24,7 @@ use crate::store::{
     Claim, ConfigStore, Page, PageRequest, RoutingStore, StatusStore, Store, SupervisorLoad, TrackingStore,
 };
 use crate::time::Timestamp;
-use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId};
+use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId, StoreGeneration};
 
 /// On or off, shared with the streams a failing bus hands out, which it
 /// wakes; counts the calls it refused.
@@ -192,6 +192,12 @@ impl TrackingStore for FailingStore {
     async fn release_rollout_driver(&self, id: &RolloutId, driver: &str) -> Result<bool> {
         guarded!(self, "store", release_rollout_driver(id, driver))
     }
+    async fn generation(&self) -> Result<Option<StoreGeneration>> {
+        guarded!(self, "store", generation())
+    }
+    async fn begin_generation(&self, generation: &StoreGeneration) -> Result<StoreGeneration> {
+        guarded!(self, "store", begin_generation(generation))
+    }
 }
 
 /// A bus that fails every call while switched off; its event
@@ -236,6 +242,9 @@ impl CommandBus for FailingBus {
     }
     async fn subscribe_broadcasts(&self, supervisor: &SupervisorId) -> Result<Subscription<ConfigUpdate>> {
         guarded!(self, "bus", subscribe_broadcasts(supervisor))
+    }
+    async fn holds_history(&self) -> Result<bool> {
+        guarded!(self, "bus", holds_history())
     }
 }
 

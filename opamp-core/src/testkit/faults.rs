@@ -276,8 +276,9 @@ impl FaultRig {
 
     /// The same; with `loses_records`, the store comes back empty, so the
     /// records of commands accepted before it went are gone with it: those
-    /// are counted apart (the recovery of what an empty store lost is not
-    /// built yet), and the rest must hold all the same.
+    /// are counted apart, the rest must hold all the same, and the control
+    /// plane must have told the loss (see
+    /// [`ControlPlane::store_losses`]) within a look at the store's generation.
     pub async fn survive_losing(self, scenario: &str, fault: impl FnOnce(), heal: impl FnOnce(), loses_records: bool) {
         let start = Instant::now();
         let (mut accepted, mut refused) = self.issue(start + Duration::from_millis(500)).await;
@@ -311,6 +312,19 @@ impl FaultRig {
             }
         }
         let ended = healed.elapsed();
+        if loses_records {
+            // The control plane looks at the store's generation every retry grace.
+            let told_within = ControlPlaneConfig::default().retry_grace + Duration::from_secs(2);
+            let since = Instant::now();
+            while self.control.store_losses() == 0 && since.elapsed() < told_within {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                self.control.store_losses(),
+                1,
+                "{scenario}: the control plane told the store's loss once, within {told_within:?}"
+            );
+        }
         // Not wedged: a toggle to every device now is acked.
         let mut wedged = 0;
         for device in &self.devices {

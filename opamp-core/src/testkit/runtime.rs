@@ -61,6 +61,7 @@ macro_rules! runtime_scenarios {
             a_command_delivered_again_runs_once,
             a_device_that_moves_is_taken_over_and_fenced,
             a_device_gone_ends_its_commands_offline,
+            a_store_that_lost_its_data_is_refused_until_the_loss_is_accepted,
         );
     };
     (@cases $fixture:path, $bus:path; $($case:ident),+ $(,)?) => {
@@ -313,4 +314,41 @@ pub async fn a_device_gone_ends_its_commands_offline(f: &StoreFixture, bus: Arc<
     let id = rig.control.set_emission(&device, true).await.unwrap();
     assert_eq!(rig.ended(id).await, CommandState::DeviceOffline);
     rig.stop(vec![s1]).await;
+}
+
+/// A store with no generation on a bus that holds commands sent before (as
+/// after the store came back empty) makes a control plane refuse to start,
+/// with [`Error::DataLoss`](crate::Error::DataLoss), until it is told to
+/// accept the loss; it then begins a generation, which later starts keep.
+pub async fn a_store_that_lost_its_data_is_refused_until_the_loss_is_accepted(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let start = |accept: bool| {
+        let config = ControlPlaneConfig::default().accept_store_loss(accept);
+        ControlPlane::start_with_clock(config, f.store.clone(), bus.clone(), f.clock.clone())
+    };
+    // What an earlier generation of the system sent.
+    let earlier = crate::Command::new(
+        did("device-1"),
+        crate::CommandKind::SetEmission { state: true },
+        f.clock.now(),
+        Duration::from_secs(30),
+    );
+    bus.send(&sid("s1"), &earlier).await.expect("sending a command");
+
+    let err = start(false).await.expect_err("a store that lost its data is refused");
+    assert!(matches!(err, crate::Error::DataLoss { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("--accept-store-loss"),
+        "says how to go on: {err}"
+    );
+    assert_eq!(f.store.generation().await.unwrap(), None, "a refusal marks nothing");
+
+    let accepted = start(true).await.expect("starting, the loss accepted");
+    let generation = accepted.store_generation();
+    assert_eq!(f.store.generation().await.unwrap(), Some(generation.clone()));
+    accepted.shutdown().await;
+
+    let again = start(false).await.expect("the next start finds the generation");
+    assert_eq!(again.store_generation(), generation);
+    assert_eq!(again.store_losses(), 0);
+    again.shutdown().await;
 }

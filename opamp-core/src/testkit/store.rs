@@ -122,6 +122,8 @@ macro_rules! store_conformance {
             listing_cursors_from_elsewhere_are_refused,
             rollout_driver_leases_have_one_holder,
             concurrent_rollout_driver_claims_have_one_winner,
+            the_first_generation_begun_stays,
+            concurrent_generations_have_one_winner,
         );
     };
     (@cases $fixture:path; $($case:ident),+ $(,)?) => {
@@ -2067,6 +2069,41 @@ pub async fn concurrent_rollout_driver_claims_have_one_winner(f: &StoreFixture) 
     }
     let winners: Vec<usize> = racers.join_all().await.into_iter().filter_map(Result::unwrap).collect();
     assert_eq!(winners.len(), 1, "winners: {winners:?}");
+}
+
+/// An empty store has no generation; the first one begun is kept, and every
+/// later attempt answers with it.
+pub async fn the_first_generation_begun_stays(f: &StoreFixture) {
+    assert_eq!(f.store.generation().await.unwrap(), None, "an empty store has none");
+    let first = crate::StoreGeneration::new();
+    assert_eq!(f.store.begin_generation(&first).await.unwrap(), first);
+    assert_eq!(f.store.generation().await.unwrap(), Some(first.clone()));
+    let second = crate::StoreGeneration::new();
+    assert_ne!(first, second);
+    assert_eq!(
+        f.store.begin_generation(&second).await.unwrap(),
+        first,
+        "a second generation does not replace the first"
+    );
+    assert_eq!(f.store.generation().await.unwrap(), Some(first));
+}
+
+/// Control planes starting at once on an empty store agree on one generation.
+pub async fn concurrent_generations_have_one_winner(f: &StoreFixture) {
+    const RACERS: usize = 8;
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for _ in 0..RACERS {
+        let (store, barrier) = (f.store.clone(), barrier.clone());
+        racers.spawn(async move {
+            let mine = crate::StoreGeneration::new();
+            barrier.wait().await;
+            store.begin_generation(&mine).await
+        });
+    }
+    let kept: Vec<_> = racers.join_all().await.into_iter().map(Result::unwrap).collect();
+    assert!(kept.iter().all(|generation| *generation == kept[0]), "{kept:?}");
+    assert_eq!(f.store.generation().await.unwrap(), Some(kept[0].clone()));
 }
 
 /// A cursor the store did not make is `InvalidInput`, naming it.

@@ -12,7 +12,7 @@ use opamp_core::store::validate_ttl;
 use opamp_core::tracking::CommandState;
 use opamp_core::{
     Command, CommandRecord, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
-    RolloutId, SupervisorId, Timestamp, TrackingStore,
+    RolloutId, StoreGeneration, SupervisorId, Timestamp, TrackingStore,
 };
 use sqlx::postgres::PgListener;
 
@@ -71,6 +71,11 @@ RETURNING 1";
 
 const RELEASE_DRIVER: &str = "\
 DELETE FROM rollout_driver WHERE rollout_id = $1::uuid AND driver = $2 AND expires_at > $3";
+
+const GENERATION: &str = "SELECT body::text FROM store_generation";
+
+const BEGIN_GENERATION: &str = "\
+INSERT INTO store_generation (body) VALUES ($1::jsonb) ON CONFLICT (singleton) DO NOTHING";
 
 /// The columns that vary with a record: payload, status, error message, completion time.
 struct Columns {
@@ -274,6 +279,31 @@ impl TrackingStore for PostgresStore {
             .await
             .map_err(PgError::query(|| format!("releasing the driver lease of rollout {id}")))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn generation(&self) -> Result<Option<StoreGeneration>> {
+        let body: Option<String> = sqlx::query_scalar(GENERATION)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(PgError::query(|| "reading the store's generation"))?;
+        body.map(|body| {
+            StoreGeneration::from_json(body.as_bytes())
+                .map_err(|err| Error::invalid_input(format!("store_generation row: {err}")))
+        })
+        .transpose()
+    }
+
+    async fn begin_generation(&self, generation: &StoreGeneration) -> Result<StoreGeneration> {
+        let body = String::from_utf8_lossy(&generation.to_json()).into_owned();
+        sqlx::query(BEGIN_GENERATION)
+            .bind(body)
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::query(|| "marking the store's generation"))?;
+        // Written now or by another control plane first: either way, what is there.
+        self.generation()
+            .await?
+            .ok_or_else(|| Error::unavailable("the store_generation row was gone right after it was written"))
     }
 }
 

@@ -122,6 +122,11 @@ impl Keys {
         self.key(&["rollout:{", &id.to_string(), "}:driver"])
     }
 
+    /// `store:generation`: the store's [`StoreGeneration`](opamp_core::StoreGeneration) (JSON), never expiring.
+    pub(super) fn generation(&self) -> String {
+        self.key(&["store:generation"])
+    }
+
     /// `supervisors`: the set of supervisors that have held devices (for `device_counts`).
     pub(super) fn supervisors(&self) -> String {
         self.key(&["supervisors"])

@@ -7,7 +7,8 @@
 //! writes a rollout and its index entry together). Each command that ends
 //! is announced on the pub/sub channel `commands:ended`. Who drives a rollout
 //! is a lease, a string naming the driver that expires as a routing lease
-//! does.
+//! does. The store's generation is a JSON string under `store:generation`,
+//! written once (`SET NX`) and never expiring.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use futures_util::StreamExt as _;
 use opamp_core::store::validate_ttl;
 use opamp_core::{
     CommandRecord, CommandState, CorrelationId, Cursor, Endings, EndingsSender, Error, Page, PageRequest, Result,
-    Rollout, RolloutId, Timestamp, TrackingStore,
+    Rollout, RolloutId, StoreGeneration, Timestamp, TrackingStore,
 };
 use redis::Value;
 use redis::aio::PubSub;
@@ -227,6 +228,22 @@ impl TrackingStore for RedisStore {
         );
         let reply = checked(&key, self.one(|| format!("releasing {key}"), &release).await?)?;
         Ok(as_int(&reply, &key)? == 1)
+    }
+
+    async fn generation(&self) -> Result<Option<StoreGeneration>> {
+        self.get_json(&self.keys.generation(), StoreGeneration::from_json).await
+    }
+
+    async fn begin_generation(&self, generation: &StoreGeneration) -> Result<StoreGeneration> {
+        let key = self.keys.generation();
+        let set = redis::cmd("SET").arg(&key).arg(generation.to_json()).arg("NX").clone();
+        checked(&key, self.one(|| format!("SET {key} NX"), &set).await?)?;
+        // Written now or by another control plane first: either way, what is there.
+        self.generation().await?.ok_or_else(|| {
+            Error::unavailable(format!(
+                "{key} was gone again right after it was written: is something deleting this store's keys?"
+            ))
+        })
     }
 }
 

@@ -149,6 +149,7 @@ impl From<Error> for ApiError {
             Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Error::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+            Error::DataLoss { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "data_loss"),
             Error::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "backend"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
