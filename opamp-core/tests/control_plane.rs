@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opamp_bus::memory::MemoryBus;
-use opamp_core::runtime::agent::{ConfigApplier, MemoryApplier};
+use opamp_core::runtime::agent::MemoryApplier;
 use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
 use opamp_core::testkit::{eventually, spawn_agent};
@@ -13,9 +13,9 @@ use opamp_core::tracking::{CommandState, RolloutState};
 use opamp_core::transport::channel::{self, ChannelConnector};
 use opamp_core::transport::{AgentConnector, Capabilities, DeviceHello};
 use opamp_core::{
-    AgentType, Bus, Clock, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigStore, ConfigTemplate,
-    ConfigVersion, CorrelationId, DeviceId, Error, Labels, ManualClock, PageRequest, RolloutSpec, RoutingStore,
-    StatusPatch, StatusStore, Store, SupervisorId, SystemClock, Target, Timestamp, TrackingStore,
+    AgentType, Bus, Clock, CommandOutcome, ConfigBundle, ConfigFile, ConfigRef, ConfigTemplate, ConfigVersion,
+    CorrelationId, DeviceId, Error, Labels, PageRequest, RolloutSpec, RoutingStore, StatusStore, Store, SupervisorId,
+    SystemClock, Target, Timestamp, TrackingStore,
 };
 use opamp_store::memory::MemoryStore;
 
@@ -30,10 +30,7 @@ struct Fleet {
 
 impl Fleet {
     async fn new(config: ControlPlaneConfig) -> Self {
-        Self::with_clock(config, Arc::new(SystemClock)).await
-    }
-
-    async fn with_clock(config: ControlPlaneConfig, clock: Arc<dyn Clock>) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store = Arc::new(MemoryStore::with_clock(clock.clone()));
         let bus = Arc::new(MemoryBus::new());
         let control = ControlPlane::start_with_clock(config, store.clone(), bus.clone(), clock.clone())
@@ -157,109 +154,6 @@ async fn a_toggle_is_tracked_to_its_acknowledgement() {
     fleet.control.check().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_and_unknown_devices_lose_nothing() {
-    let fleet = Fleet::new(ControlPlaneConfig::default()).await;
-    let (d_off, s9) = (did("d-off"), sid("s9"));
-    fleet
-        .store
-        .update_status(&d_off, &StatusPatch::new().online(s9, Timestamp::now()))
-        .await
-        .unwrap();
-    fleet
-        .store
-        .update_status(&d_off, &StatusPatch::new().offline())
-        .await
-        .unwrap();
-
-    let id = fleet.control.set_emission(&d_off, true).await.unwrap();
-    let record = fleet.control.command(&id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.state, record.supervisor, record.attempts),
-        (CommandState::DeviceOffline, None, 0)
-    );
-
-    let err = fleet.control.set_emission(&did("never-seen"), true).await.unwrap_err();
-    assert!(
-        matches!(err, Error::NotFound { .. }) && err.to_string().contains("never-seen"),
-        "{err}"
-    );
-
-    // A config for a device nobody holds becomes its desired config, pushed when it connects.
-    let v1 = fleet.template("v1").await;
-    let issued = fleet
-        .control
-        .apply_config(&Target::Device(did("d-new")), &v1)
-        .await
-        .unwrap();
-    assert_eq!(issued.len(), 1);
-    let record = fleet.control.command(&issued[0].correlation_id).await.unwrap().unwrap();
-    assert_eq!(record.state, CommandState::Deferred);
-    assert_eq!(fleet.store.desired(&did("d-new")).await.unwrap(), Some(v1));
-
-    let (_s1, connector) = fleet.supervisor("s1").await;
-    let applier = Arc::new(MemoryApplier::new());
-    fleet.device(&connector, hello("d-new", &[]), applier.clone()).await;
-    eventually("the desired config reached d-new", WAIT, || {
-        let applier = applier.clone();
-        async move { applier.current().map(|applied| applied.config) == Some(v1) }
-    })
-    .await;
-
-    let missing = ConfigRef::new(fluentbit(), ConfigVersion::new("v404").unwrap());
-    let err = fleet
-        .control
-        .apply_config(&Target::Device(did("d-new")), &missing)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::NotFound { .. }) && err.to_string().contains("fluentbit/v404"),
-        "{err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unanswered_command_is_retried_at_the_devices_new_owner() {
-    let clock = Arc::new(ManualClock::starting_now());
-    let config = ControlPlaneConfig::default()
-        .command_timeout(Duration::from_millis(300))
-        .retry_grace(Duration::from_millis(100));
-    let fleet = Fleet::with_clock(config, clock.clone()).await;
-    // A supervisor that died holding d1: its lease is live, nobody reads its commands.
-    let d1 = did("d1");
-    fleet
-        .store
-        .claim(&d1, &sid("ghost"), Duration::from_secs(600))
-        .await
-        .unwrap();
-    fleet
-        .store
-        .update_status(&d1, &StatusPatch::new().online(sid("ghost"), clock.now()))
-        .await
-        .unwrap();
-    let id = fleet.control.set_emission(&d1, true).await.unwrap();
-    assert_eq!(
-        fleet.control.command(&id).await.unwrap().unwrap().supervisor,
-        Some(sid("ghost"))
-    );
-
-    // The device re-homes to s2 (taking the lease over); then the deadline passes.
-    let (_s2, connector) = fleet.supervisor("s2").await;
-    fleet
-        .device(&connector, hello("d1", &[]), Arc::new(MemoryApplier::new()))
-        .await;
-    eventually("d1 owned by s2", WAIT, || {
-        let store = fleet.store.clone();
-        async move { store.lookup(&did("d1")).await.unwrap() == Some(sid("s2")) }
-    })
-    .await;
-    clock.advance(Duration::from_millis(500));
-
-    assert_eq!(fleet.ended(id).await, CommandState::Acked);
-    let record = fleet.control.command(&id).await.unwrap().unwrap();
-    assert_eq!((record.supervisor, record.attempts), (Some(sid("s2")), 2));
-}
-
 /// An outcome another instance records (here written straight into the
 /// shared store) ends a `wait` at once, through the store's notice, not
 /// when the wait next reads the record (100 ms after its first look). Time
@@ -293,47 +187,6 @@ async fn a_wait_hears_at_once_of_an_outcome_another_instance_records() {
         Duration::ZERO,
         "the wait read the record again on its own"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_whose_sender_died_is_swept_by_another_instance() {
-    let clock = Arc::new(ManualClock::starting_now());
-    let config = ControlPlaneConfig::default()
-        .command_timeout(Duration::from_millis(300))
-        .retry_grace(Duration::from_millis(100));
-    let fleet = Fleet::with_clock(config.clone(), clock.clone()).await;
-    // d1's supervisor died: nobody answers what is sent to it.
-    let d1 = did("d1");
-    fleet
-        .store
-        .claim(&d1, &sid("ghost"), Duration::from_secs(600))
-        .await
-        .unwrap();
-    let id = fleet.control.set_emission(&d1, true).await.unwrap();
-    // And the instance that sent the command dies before its deadline.
-    fleet.control.shutdown().await;
-    let other = ControlPlane::start_with_clock(config, fleet.store.clone(), fleet.bus.clone(), clock.clone())
-        .await
-        .unwrap();
-
-    let (_s2, connector) = fleet.supervisor("s2").await;
-    fleet
-        .device(&connector, hello("d1", &[]), Arc::new(MemoryApplier::new()))
-        .await;
-    eventually("d1 owned by s2", WAIT, || {
-        let store = fleet.store.clone();
-        async move { store.lookup(&did("d1")).await.unwrap() == Some(sid("s2")) }
-    })
-    .await;
-    // Past the deadline and twice the grace: the other instance's sweep finds it.
-    clock.advance(Duration::from_millis(600));
-    eventually(&format!("command {id} acked"), WAIT, || {
-        let other = other.clone();
-        async move { other.command(&id).await.unwrap().unwrap().state == CommandState::Acked }
-    })
-    .await;
-    let record = other.command(&id).await.unwrap().unwrap();
-    assert_eq!((record.supervisor, record.attempts), (Some(sid("s2")), 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

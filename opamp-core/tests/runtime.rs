@@ -645,23 +645,6 @@ async fn lapsed_leases_of_connected_devices_are_reasserted() {
     s1.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_releases_and_marks_offline() {
-    let mut fleet = Fleet::new().await;
-    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
-    let _device = silent_device(&connector, "d1").await;
-    fleet.owner_is("d1", Some("s1")).await;
-    s1.shutdown().await;
-    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
-    assert_eq!(
-        fleet.store.status(&did("d1")).await.unwrap().unwrap().status,
-        Presence::Offline
-    );
-    fleet
-        .event(|e| matches!(e.kind, EventKind::Disconnected { .. }).then_some(()))
-        .await;
-}
-
 /// A transport whose sessions send garbage after registering.
 #[derive(Debug)]
 struct Garbage {
@@ -844,73 +827,6 @@ async fn dropping_a_running_supervisor_is_a_crash() {
     assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), Some(sid("s1")));
     fleet.clock.advance(opamp_core::DEFAULT_LEASE_TTL);
     assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_converge_on_their_desired_config() {
-    let fleet = Fleet::new().await;
-    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
-    let (v1, bundle1) = template(&fleet.store, "v1").await;
-    let (v2, bundle2) = template(&fleet.store, "v2").await;
-    fleet.store.set_desired(&did("behind"), &v1).await.unwrap();
-    fleet.store.set_desired(&did("current"), &v1).await.unwrap();
-
-    // On register: a device that runs something else is sent its desired config...
-    let behind = Arc::new(MemoryApplier::new());
-    let (_a1, _stop1) = spawn_agent(Arc::new(connector.clone()), hello("behind"), behind.clone());
-    let applied = |applier: Arc<MemoryApplier>, hash| {
-        let name = format!("config {hash} applied");
-        async move {
-            eventually(&name, WAIT, || {
-                let applier = applier.clone();
-                async move { applier.current().map(|a| a.hash) == Some(hash) }
-            })
-            .await
-        }
-    };
-    applied(behind.clone(), bundle1.hash()).await;
-    let status_of = |device: &str| {
-        let (store, device) = (fleet.store.clone(), did(device));
-        async move { store.status(&device).await.unwrap().unwrap() }
-    };
-    let store = fleet.store.clone();
-    let hash1 = bundle1.hash();
-    eventually("status records v1", WAIT, || {
-        let store = store.clone();
-        async move {
-            let status = store.status(&did("behind")).await.unwrap().unwrap();
-            status.config_version == Some(v1.version) && status.config_hash == Some(hash1)
-        }
-    })
-    .await;
-
-    // ...and one that already runs it is left alone.
-    let mut runs_v1 = hello("current");
-    runs_v1.config_hash = Some(bundle1.hash());
-    let current = Arc::new(MemoryApplier::new());
-    let (_a2, _stop2) = spawn_agent(Arc::new(connector.clone()), runs_v1, current.clone());
-    let mut other_type = hello("other");
-    other_type.agent_type = Some(AgentType::new("otelcol").unwrap());
-    let other = Arc::new(MemoryApplier::new());
-    let (_a3, _stop3) = spawn_agent(Arc::new(connector), other_type, other.clone());
-    fleet.owner_is("current", Some("s1")).await;
-    fleet.owner_is("other", Some("s1")).await;
-
-    // A broadcast update selects by agent type (and labels), and becomes the desired config.
-    let update = opamp_core::ConfigUpdate::new(v2, opamp_core::Labels::new(), fleet.clock.now());
-    fleet.bus.broadcast(&update).await.unwrap();
-    applied(behind.clone(), bundle2.hash()).await;
-    applied(current.clone(), bundle2.hash()).await;
-    assert_eq!(fleet.store.desired(&did("current")).await.unwrap(), Some(v2));
-    assert_eq!(fleet.store.desired(&did("other")).await.unwrap(), None);
-    assert_eq!(
-        current.applied_count(),
-        1,
-        "only v2 was pushed to the device that ran v1"
-    );
-    assert_eq!(other.applied_count(), 0);
-    assert_eq!(status_of("current").await.last_error, None);
-    s1.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,8 +38,23 @@ use crate::transport::channel::{self, ChannelConfig, ChannelConnector};
 use crate::transport::{AgentConnector, Capabilities, CommandAck, DeviceHello, FromDevice, ToDevice};
 use crate::{Bus, CommandOutcome, CommandState, CorrelationId, DeviceId, Store, SupervisorId};
 
-/// Devices in the small fleet of the test command; the bench runs more.
+/// Devices in the small fleet of the test command; the bench runs the
+/// design's full fleet per supervisor by setting [`DEVICES_ENV`].
 pub const DEVICES: usize = 20;
+/// The environment variable that sets the fleet's size instead of [`DEVICES`]
+/// (`OPAMP_FAULT_DEVICES=20000` for the bench).
+pub const DEVICES_ENV: &str = "OPAMP_FAULT_DEVICES";
+
+/// The fleet's size: [`DEVICES_ENV`] if set (a positive number), else [`DEVICES`].
+pub fn fleet_size() -> usize {
+    match std::env::var(DEVICES_ENV) {
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(devices) if devices > 0 => devices,
+            _ => panic!("{DEVICES_ENV}={text:?} is not a positive number of devices"),
+        },
+        Err(_) => DEVICES,
+    }
+}
 /// How long each fault lasts.
 pub const FAULT: Duration = Duration::from_secs(3);
 /// The promise: every device routable again this soon after the fault ends.
@@ -118,7 +133,7 @@ impl FaultRig {
     /// Starts a supervisor on `supervisor_bus` and a control plane on
     /// `control_bus` (the same bus, or two clients of one broker when the
     /// fault is between one of them and the broker), both over `store`, and
-    /// [`DEVICES`] devices; returns once every device is routable.
+    /// [`fleet_size`] devices; returns once every device is routable.
     pub async fn start(store: Arc<dyn Store>, supervisor_bus: Arc<dyn Bus>, control_bus: Arc<dyn Bus>) -> FaultRig {
         FaultRig::start_with(FaultSystem {
             lease_ttl: crate::store::DEFAULT_LEASE_TTL,
@@ -155,7 +170,7 @@ impl FaultRig {
         let control = ControlPlane::start(control_config, store.clone(), control_bus)
             .await
             .expect("the control plane starts");
-        let devices: Vec<DeviceId> = (0..DEVICES)
+        let devices: Vec<DeviceId> = (0..fleet_size())
             .map(|n| DeviceId::new(format!("device-{n}")).expect("a valid device id"))
             .collect();
         let tally = Arc::new(Tally::default());
@@ -172,7 +187,9 @@ impl FaultRig {
             stop,
             fault: FAULT,
         };
-        rig.all_routable(Duration::from_secs(10))
+        // Registration takes a few store writes per device: a full fleet takes seconds.
+        let registered_within = Duration::from_secs(10) + Duration::from_millis(rig.devices.len() as u64);
+        rig.all_routable(registered_within)
             .await
             .expect("every device registers");
         rig
@@ -325,17 +342,22 @@ impl FaultRig {
                 "{scenario}: the control plane told the store's loss once, within {told_within:?}"
             );
         }
-        // Not wedged: a toggle to every device now is acked.
-        let mut wedged = 0;
+        // Not wedged: a toggle to every device now is acked (all sent, then
+        // all awaited, so that a full fleet takes one command's time).
+        let mut toggles = Vec::with_capacity(self.devices.len());
         for device in &self.devices {
             let id = self
                 .control
                 .set_emission(device, true)
                 .await
                 .unwrap_or_else(|err| panic!("{scenario}: issuing after the fault: {err}"));
+            toggles.push(id);
+        }
+        let mut wedged = 0;
+        for id in &toggles {
             let record = self
                 .control
-                .wait(&id, Duration::from_secs(10))
+                .wait(id, ENDS_WITHIN)
                 .await
                 .unwrap_or_else(|err| panic!("{scenario}: the toggle after the fault: {err}"));
             if record.state != CommandState::Acked {
@@ -396,7 +418,7 @@ impl FaultRig {
         routable.unwrap_or_else(|err| panic!("{scenario}: {err}"));
         assert_eq!(
             self.supervisor.connected_devices(),
-            DEVICES,
+            self.devices.len(),
             "{scenario}: every device still connected"
         );
         self.stop.store(true, Ordering::Relaxed);

@@ -18,6 +18,7 @@ use crate::command::{CommandOutcome, CorrelationId};
 use crate::id::{AgentType, DeviceId, SupervisorId};
 use crate::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use crate::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
+use crate::status::StatusPatch;
 use crate::store::Store;
 use crate::testkit::eventually;
 use crate::testkit::store::StoreFixture;
@@ -62,6 +63,11 @@ macro_rules! runtime_scenarios {
             a_device_that_moves_is_taken_over_and_fenced,
             a_device_gone_ends_its_commands_offline,
             a_store_that_lost_its_data_is_refused_until_the_loss_is_accepted,
+            a_config_for_a_device_nobody_holds_reaches_it_when_it_registers,
+            an_unanswered_command_is_retried_at_the_devices_new_owner,
+            a_command_whose_sender_died_is_swept_by_another_instance,
+            devices_converge_on_their_desired_config,
+            a_supervisor_shut_down_releases_its_devices_and_marks_them_offline,
         );
     };
     (@cases $fixture:path, $bus:path; $($case:ident),+ $(,)?) => {
@@ -95,14 +101,13 @@ struct Rig {
 
 impl Rig {
     async fn start(f: &StoreFixture, bus: Arc<dyn Bus>) -> Rig {
-        let control = ControlPlane::start_with_clock(
-            ControlPlaneConfig::default(),
-            f.store.clone(),
-            bus.clone(),
-            f.clock.clone(),
-        )
-        .await
-        .expect("starting a control plane");
+        Rig::start_with(f, bus, ControlPlaneConfig::default()).await
+    }
+
+    async fn start_with(f: &StoreFixture, bus: Arc<dyn Bus>, config: ControlPlaneConfig) -> Rig {
+        let control = ControlPlane::start_with_clock(config, f.store.clone(), bus.clone(), f.clock.clone())
+            .await
+            .expect("starting a control plane");
         Rig {
             store: f.store.clone(),
             bus,
@@ -120,6 +125,14 @@ impl Rig {
             .await
             .expect("starting a supervisor");
         (supervisor, connector)
+    }
+
+    /// `device` connects to a new supervisor `id`, which takes it over.
+    async fn moved_to(&self, device: DeviceId, id: &str) -> (RunningSupervisor, AgentSession) {
+        let (supervisor, connector) = self.supervisor(id).await;
+        let session = connect(&connector, device).await;
+        self.owner_is(device, id).await;
+        (supervisor, session)
     }
 
     async fn owner_is(&self, device: DeviceId, owner: &str) {
@@ -161,11 +174,22 @@ fn fluentbit() -> AgentType {
     AgentType::new("fluentbit").expect("a valid literal agent type")
 }
 
-/// Connects `device` and waits for its registration.
-async fn connect(connector: &ChannelConnector, device: DeviceId) -> AgentSession {
+/// What a Fluent Bit device says when it connects.
+fn hello(device: DeviceId) -> DeviceHello {
     let mut hello = DeviceHello::new(device);
     hello.capabilities = Capabilities::all_builtin();
     hello.agent_type = Some(fluentbit());
+    hello
+}
+
+/// Connects `device` and waits for its registration.
+async fn connect(connector: &ChannelConnector, device: DeviceId) -> AgentSession {
+    connect_as(connector, hello(device)).await
+}
+
+/// Connects saying `hello` and waits for the registration.
+async fn connect_as(connector: &ChannelConnector, hello: DeviceHello) -> AgentSession {
+    let device = hello.device;
     let mut session = connector.connect(&hello).await.expect("connecting a device");
     let first = tokio::time::timeout(WAIT, session.inbound.recv()).await;
     assert!(
@@ -198,6 +222,22 @@ async fn answer(device: &mut AgentSession, id: CorrelationId) {
     }
 }
 
+/// Expects the next message to be a push of `bundle`'s configuration, and
+/// acknowledges it as applied.
+async fn apply_push(device: &mut AgentSession, bundle: &crate::ConfigBundle) {
+    let push = match next_message(device, "a config push").await {
+        Some(ToDevice::ConfigPush(push)) => push,
+        other => panic!("expected a config push, got {other:?}"),
+    };
+    assert_eq!(push.hash, bundle.hash(), "the push carries the configuration expected");
+    let ack = ConfigAck::new(push.correlation_id, push.hash, crate::ConfigApplyState::Applied, None);
+    device
+        .outbound
+        .send(FromDevice::ConfigAck(Box::new(ack)))
+        .await
+        .expect("answering");
+}
+
 /// A toggle and a configuration push, each issued through the control
 /// plane, reach the device through its supervisor and end acked, and the
 /// device's status says what it now runs.
@@ -223,17 +263,7 @@ pub async fn a_command_and_a_config_push_reach_the_device(f: &StoreFixture, bus:
         .apply_config(&Target::Device(device), &config)
         .await
         .expect("pushing a config");
-    let push = match next_message(&mut session, "the config push").await {
-        Some(ToDevice::ConfigPush(push)) => push,
-        other => panic!("expected a config push, got {other:?}"),
-    };
-    assert_eq!(push.hash, bundle.hash());
-    let ack = ConfigAck::new(push.correlation_id, push.hash, crate::ConfigApplyState::Applied, None);
-    session
-        .outbound
-        .send(FromDevice::ConfigAck(Box::new(ack)))
-        .await
-        .expect("answering");
+    apply_push(&mut session, &bundle).await;
     assert_eq!(rig.ended(issued[0].correlation_id).await, CommandState::Acked);
     let status = rig.store.status(&device).await.unwrap().expect("a status");
     assert_eq!(
@@ -351,4 +381,213 @@ pub async fn a_store_that_lost_its_data_is_refused_until_the_loss_is_accepted(f:
     assert_eq!(again.store_generation(), generation);
     assert_eq!(again.store_losses(), 0);
     again.shutdown().await;
+}
+
+/// Short deadlines, so that the sweep of unanswered commands runs within a
+/// scenario (the store's clock is moved past them by hand).
+fn quick_retries() -> ControlPlaneConfig {
+    ControlPlaneConfig::default()
+        .command_timeout(Duration::from_millis(300))
+        .retry_grace(Duration::from_millis(100))
+}
+
+/// Makes `device` look held by a supervisor that died: a live lease and an
+/// online status, and nobody reading what is sent to it.
+async fn held_by_a_dead_supervisor(rig: &Rig, device: DeviceId) {
+    let ghost = sid("ghost");
+    rig.store
+        .claim(&device, &ghost, Duration::from_secs(600))
+        .await
+        .expect("claiming for the ghost");
+    rig.store
+        .update_status(&device, &StatusPatch::new().online(ghost, rig.clock.now()))
+        .await
+        .expect("writing the ghost's status");
+}
+
+/// Nothing is lost for a device no supervisor holds: a toggle to one seen
+/// before ends `device_offline` at once, sent to no one; one to a device
+/// never seen is `NotFound`, naming it; a config for a device nobody holds
+/// ends `deferred` and becomes its desired config, pushed by the supervisor
+/// it registers with.
+pub async fn a_config_for_a_device_nobody_holds_reaches_it_when_it_registers(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let gone = did("device-gone");
+    let patches = [
+        StatusPatch::new().online(sid("s9"), rig.clock.now()),
+        StatusPatch::new().offline(),
+    ];
+    for patch in &patches {
+        rig.store.update_status(&gone, patch).await.expect("writing a status");
+    }
+    let id = rig
+        .control
+        .set_emission(&gone, true)
+        .await
+        .expect("issuing to an offline device");
+    let record = rig.control.command(&id).await.unwrap().expect("a record");
+    assert_eq!(
+        (record.state, record.supervisor, record.attempts),
+        (CommandState::DeviceOffline, None, 0)
+    );
+    let err = rig
+        .control
+        .set_emission(&did("never-seen"), true)
+        .await
+        .expect_err("a device never seen");
+    assert!(
+        matches!(err, crate::Error::NotFound { .. }) && err.to_string().contains("never-seen"),
+        "{err}"
+    );
+
+    let template = crate::testkit::fluent_bit_template("v1", rig.clock.now());
+    let config = template.reference();
+    rig.control
+        .create_template(&template)
+        .await
+        .expect("storing a template");
+    let device = did("device-new");
+    let issued = rig
+        .control
+        .apply_config(&Target::Device(device), &config)
+        .await
+        .expect("a config for a device nobody holds");
+    let record = rig
+        .control
+        .command(&issued[0].correlation_id)
+        .await
+        .unwrap()
+        .expect("a record");
+    assert_eq!(record.state, CommandState::Deferred);
+    assert_eq!(rig.store.desired(&device).await.unwrap(), Some(config));
+
+    let (s1, connector) = rig.supervisor("s1").await;
+    let mut session = connect(&connector, device).await;
+    apply_push(&mut session, &template.bundle).await;
+    let store = rig.store.clone();
+    let hash = template.bundle.hash();
+    eventually("the status says what the device runs", WAIT, || {
+        let store = store.clone();
+        async move {
+            let status = store.status(&device).await.ok().flatten();
+            status.is_some_and(|status| status.config_hash == Some(hash))
+        }
+    })
+    .await;
+
+    let missing = crate::ConfigRef::new(fluentbit(), crate::ConfigVersion::new("v404").unwrap());
+    let err = rig
+        .control
+        .apply_config(&Target::Device(device), &missing)
+        .await
+        .expect_err("a template never stored");
+    assert!(
+        matches!(err, crate::Error::NotFound { .. }) && err.to_string().contains("fluentbit/v404"),
+        "{err}"
+    );
+    rig.stop(vec![s1]).await;
+}
+
+/// A command sent to a supervisor that died is not answered; once its
+/// deadline and the grace passed, the control plane looks the device up
+/// again and sends it to the supervisor the device moved to, where it ends
+/// acked on its second attempt.
+pub async fn an_unanswered_command_is_retried_at_the_devices_new_owner(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start_with(f, bus, quick_retries()).await;
+    let device = did("device-1");
+    held_by_a_dead_supervisor(&rig, device).await;
+    let id = rig.control.set_emission(&device, true).await.expect("issuing");
+    let record = rig.control.command(&id).await.unwrap().expect("a record");
+    assert_eq!(record.supervisor, Some(sid("ghost")));
+
+    let (s2, mut session) = rig.moved_to(device, "s2").await;
+    rig.clock.advance(Duration::from_millis(500));
+    answer(&mut session, id).await;
+    assert_eq!(rig.ended(id).await, CommandState::Acked);
+    let record = rig.control.command(&id).await.unwrap().expect("a record");
+    assert_eq!((record.supervisor, record.attempts), (Some(sid("s2")), 2));
+    rig.stop(vec![s2]).await;
+}
+
+/// The same, when the control plane that sent the command died too: any
+/// other finds it among the store's overdue commands and retries it.
+pub async fn a_command_whose_sender_died_is_swept_by_another_instance(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start_with(f, bus, quick_retries()).await;
+    let device = did("device-1");
+    held_by_a_dead_supervisor(&rig, device).await;
+    let id = rig.control.set_emission(&device, true).await.expect("issuing");
+    rig.control.shutdown().await;
+    let other = ControlPlane::start_with_clock(quick_retries(), rig.store.clone(), rig.bus.clone(), rig.clock.clone())
+        .await
+        .expect("starting another control plane");
+
+    let (s2, mut session) = rig.moved_to(device, "s2").await;
+    // Past the deadline and twice the grace: the other instance's sweep finds it.
+    rig.clock.advance(Duration::from_millis(600));
+    answer(&mut session, id).await;
+    let record = other.wait(&id, WAIT).await.expect("the record");
+    assert_eq!(
+        (record.state, record.supervisor, record.attempts),
+        (CommandState::Acked, Some(sid("s2")), 2)
+    );
+    other.shutdown().await;
+    s2.shutdown().await;
+}
+
+/// A device is pushed its desired configuration when it registers, unless
+/// it runs it already; a broadcast update reaches the devices of its agent
+/// type (and labels), becomes their desired configuration, and is pushed
+/// once to each.
+pub async fn devices_converge_on_their_desired_config(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let v1 = crate::testkit::fluent_bit_template("v1", rig.clock.now());
+    let v2 = crate::testkit::fluent_bit_template("v2", rig.clock.now());
+    for template in [&v1, &v2] {
+        rig.control.create_template(template).await.expect("storing a template");
+    }
+    let (behind, current, other) = (did("behind"), did("current"), did("other"));
+    for device in [behind, current] {
+        rig.store
+            .set_desired(&device, &v1.reference())
+            .await
+            .expect("a desired config");
+    }
+
+    let mut behind_session = connect(&connector, behind).await;
+    apply_push(&mut behind_session, &v1.bundle).await;
+    let mut runs_v1 = hello(current);
+    runs_v1.config_hash = Some(v1.bundle.hash());
+    let mut current_session = connect_as(&connector, runs_v1).await;
+    let mut otelcol = hello(other);
+    otelcol.agent_type = Some(AgentType::new("otelcol").unwrap());
+    let _other_session = connect_as(&connector, otelcol).await;
+    rig.owner_is(other, "s1").await;
+
+    let update = crate::ConfigUpdate::new(v2.reference(), crate::Labels::new(), rig.clock.now());
+    rig.bus.broadcast(&update).await.expect("broadcasting");
+    apply_push(&mut behind_session, &v2.bundle).await;
+    // Its next message is v2: v1, which it ran, was never pushed to it.
+    apply_push(&mut current_session, &v2.bundle).await;
+    assert_eq!(rig.store.desired(&current).await.unwrap(), Some(v2.reference()));
+    assert_eq!(rig.store.desired(&other).await.unwrap(), None, "another agent type");
+    rig.stop(vec![s1]).await;
+}
+
+/// A supervisor shut down gracefully lets its devices go: no lease names
+/// it, their statuses say offline, and a command to one ends
+/// `device_offline` at once.
+pub async fn a_supervisor_shut_down_releases_its_devices_and_marks_them_offline(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let _session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+    s1.shutdown().await;
+    assert_eq!(rig.store.lookup(&device).await.unwrap(), None);
+    let status = rig.store.status(&device).await.unwrap().expect("a status");
+    assert!(!status.is_online(), "{status:?}");
+    let id = rig.control.set_emission(&device, true).await.expect("issuing");
+    assert_eq!(rig.ended(id).await, CommandState::DeviceOffline);
+    rig.stop(vec![]).await;
 }
