@@ -630,21 +630,6 @@ async fn a_dead_supervisors_leases_lapse_and_devices_rehome() {
     s2.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lapsed_leases_of_connected_devices_are_reasserted() {
-    let fleet = Fleet::new().await;
-    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
-    let _device = silent_device(&connector, "d1").await;
-    fleet.owner_is("d1", Some("s1")).await;
-    fleet
-        .clock
-        .advance(opamp_core::DEFAULT_LEASE_TTL + Duration::from_secs(1));
-    assert_eq!(fleet.store.lookup(&did("d1")).await.unwrap(), None);
-    s1.renew_leases().await;
-    fleet.owner_is("d1", Some("s1")).await;
-    s1.shutdown().await;
-}
-
 /// A transport whose sessions send garbage after registering.
 #[derive(Debug)]
 struct Garbage {

@@ -68,6 +68,8 @@ macro_rules! runtime_scenarios {
             a_command_whose_sender_died_is_swept_by_another_instance,
             devices_converge_on_their_desired_config,
             a_supervisor_shut_down_releases_its_devices_and_marks_them_offline,
+            a_command_left_by_a_crashed_supervisor_ends_when_it_restarts,
+            lapsed_leases_of_connected_devices_are_claimed_again,
         );
     };
     (@cases $fixture:path, $bus:path; $($case:ident),+ $(,)?) => {
@@ -590,4 +592,42 @@ pub async fn a_supervisor_shut_down_releases_its_devices_and_marks_them_offline(
     let id = rig.control.set_emission(&device, true).await.expect("issuing");
     assert_eq!(rig.ended(id).await, CommandState::DeviceOffline);
     rig.stop(vec![]).await;
+}
+
+/// A supervisor that crashes (aborted, nothing acknowledged or released)
+/// after pushing a command its device never answered gets the command again
+/// when it restarts, from the bus; the device is gone, so it ends
+/// `device_offline` instead of being lost.
+pub async fn a_command_left_by_a_crashed_supervisor_ends_when_it_restarts(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-9");
+    let mut stuck = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+    let id = rig.control.set_emission(&device, true).await.expect("issuing");
+    match next_message(&mut stuck, "the command").await {
+        Some(ToDevice::Command(command)) if command.correlation_id == id => {}
+        other => panic!("expected command {id}, got {other:?}"),
+    }
+    s1.abort();
+    drop(stuck);
+
+    let (s1, _connector) = rig.supervisor("s1").await;
+    assert_eq!(rig.ended(id).await, CommandState::DeviceOffline);
+    rig.stop(vec![s1]).await;
+}
+
+/// A connected device whose lease lapsed (a renewal that came too late) is
+/// claimed again by its supervisor's next renewal, without a word to it.
+pub async fn lapsed_leases_of_connected_devices_are_claimed_again(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let _session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+    rig.clock.advance(crate::DEFAULT_LEASE_TTL + Duration::from_secs(1));
+    assert_eq!(rig.store.lookup(&device).await.unwrap(), None, "the lease lapsed");
+    s1.renew_leases().await;
+    rig.owner_is(device, "s1").await;
+    rig.stop(vec![s1]).await;
 }
