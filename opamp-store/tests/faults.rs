@@ -84,6 +84,12 @@ async fn redis_connections_reset_and_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_left_half_open() {
+    let (_redis, proxy, rig) = start(6407).await;
+    rig.survive_network("Redis", &proxy, NetworkFault::HalfOpen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_latency_on_every_store_call() {
     let (_redis, proxy, rig) = start(6404).await;
     rig.survive_network("Redis", &proxy, NetworkFault::Latency(Duration::from_millis(200)))

@@ -79,6 +79,10 @@ pub enum NetworkFault {
     ResetAndRefused,
     /// This much added before every read is forwarded.
     Latency(Duration),
+    /// Every connection open when the fault begins left half-open: nothing
+    /// passes on it again, and neither end is told. New connections go
+    /// through; the clients must notice the silence and connect again.
+    HalfOpen,
 }
 
 /// The parts of a [`FaultRig`], when the supervisor and the control plane
@@ -282,6 +286,10 @@ impl FaultRig {
                     proxy.reset();
                 };
                 self.survive(&scenario, cut, || proxy.refuse(false)).await;
+            }
+            NetworkFault::HalfOpen => {
+                let scenario = format!("connections to {backend} left half-open (no byte, no FIN, no reset)");
+                self.survive(&scenario, || proxy.half_open(), || {}).await;
             }
             NetworkFault::Latency(added) => {
                 let scenario = format!("{} ms added to every {backend} reply {seconds} s", added.as_millis());

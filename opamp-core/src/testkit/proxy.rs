@@ -1,7 +1,10 @@
 //! A TCP fault proxy for tests: it stands between a client and a real server
 //! on loopback and injects what networks do to connections: added latency,
 //! a blackhole (bytes are held, as by a partition that TCP retransmits
-//! across once it heals), connection resets, and refused connections.
+//! across once it heals), connection resets, refused connections, and
+//! connections left half-open (the far side gone without a FIN or a reset,
+//! as after a NAT forgot the connection or its host died: no byte passes
+//! again, and nothing says so).
 //!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
@@ -39,6 +42,9 @@ struct Faults {
     latency: Duration,
     /// Bumped by [`FaultProxy::reset`]: connections older than it are cut.
     resets: u64,
+    /// Bumped by [`FaultProxy::half_open`]: connections older than it pass
+    /// nothing more and stay open.
+    strandings: u64,
 }
 
 /// A running proxy; dropping it stops it and cuts every connection.
@@ -96,6 +102,13 @@ impl FaultProxy {
     pub fn reset(&self) {
         self.faults.send_modify(|faults| faults.resets += 1);
     }
+
+    /// Leaves every connection open now half-open: no byte passes either way
+    /// again, and neither end is closed or told (until the proxy is
+    /// dropped); new connections go through.
+    pub fn half_open(&self) {
+        self.faults.send_modify(|faults| faults.strandings += 1);
+    }
 }
 
 async fn accept(
@@ -121,28 +134,38 @@ async fn accept(
     }
 }
 
-/// Forwards one connection until either side closes it or a reset cuts it.
+/// Forwards one connection until either side closes it or a reset cuts it;
+/// one left half-open holds both sockets, silent, until the proxy stops.
 async fn connect(client: TcpStream, upstream: SocketAddr, faults: watch::Receiver<Faults>) {
-    let born = faults.borrow().resets;
+    let (born, stranding) = {
+        let now = faults.borrow();
+        (now.resets, now.strandings)
+    };
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    let mut cut = faults.clone();
-    tokio::select! {
-        _ = pump(client_read, server_write, faults.clone()) => {}
-        _ = pump(server_read, client_write, faults.clone()) => {}
-        _ = cut.wait_for(|faults| faults.resets != born) => {}
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (mut cut, mut stranded) = (faults.clone(), faults.clone());
+    let half_open = tokio::select! {
+        _ = pump(&mut client_read, &mut server_write, faults.clone()) => false,
+        _ = pump(&mut server_read, &mut client_write, faults.clone()) => false,
+        _ = cut.wait_for(|faults| faults.resets != born) => false,
+        _ = stranded.wait_for(|faults| faults.strandings != stranding) => true,
+    };
+    if half_open {
+        // Keep every half: dropping one would send a FIN.
+        let _held = (client_read, client_write, server_read, server_write);
+        std::future::pending::<()>().await;
     }
     // Dropping both halves of both sockets closes them.
 }
 
 /// Copies `from` to `to`, holding bytes while blackholed and delaying them by the latency.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut faults: watch::Receiver<Faults>,
 ) {
     let mut buffer = vec![0; 16 * 1024];

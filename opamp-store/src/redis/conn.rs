@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, Pipeline, RedisError as ClientError, Value};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError as ClientError, Script, Value};
 use tokio::task::JoinSet;
 
 use super::RedisStoreConfig;
 use super::error::RedisError;
+use super::node::NodeLink;
 use super::scripts::Scripts;
 use super::sentinel::SentinelLink;
 
@@ -45,9 +46,36 @@ pub(super) struct Request {
 
 #[derive(Clone)]
 enum Link {
-    Standalone(ConnectionManager),
+    Standalone(Arc<StandaloneLink>),
     Cluster(ClusterConnection),
     Sentinel(Arc<SentinelLink>),
+}
+
+/// The connection to a standalone Redis, made again after it failed or went silent.
+struct StandaloneLink {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    node: NodeLink,
+}
+
+impl StandaloneLink {
+    async fn connect(&self) -> Result<MultiplexedConnection, ClientError> {
+        self.client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+    }
+
+    async fn command(&self, cmd: &Cmd) -> Result<Value, ClientError> {
+        self.node.command(|| self.connect(), cmd).await
+    }
+
+    async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, ClientError> {
+        self.node.pipeline(|| self.connect(), pipe).await
+    }
+
+    async fn load(&self, script: &Script) -> Result<String, ClientError> {
+        self.node.load(|| self.connect(), script).await
+    }
 }
 
 /// Where a pub/sub connection goes: any node of a cluster (it forwards every
@@ -115,16 +143,16 @@ impl Connection {
                     )));
                 }
             };
-            let client = redis::Client::open(url.as_str()).map_err(connect)?;
-            let manager = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.response_timeout))
-                .set_number_of_retries(3);
-            Link::Standalone(
-                ConnectionManager::new_with_config(client, manager)
-                    .await
-                    .map_err(connect)?,
-            )
+            let link = StandaloneLink {
+                client: redis::Client::open(url.as_str()).map_err(connect)?,
+                config: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.response_timeout)),
+                node: NodeLink::default(),
+            };
+            // Connect now, so that a wrong address is told at once.
+            link.command(&redis::cmd("PING")).await.map_err(connect)?;
+            Link::Standalone(Arc::new(link))
         };
         let pubsub = match &link {
             Link::Sentinel(link) => PubSubNode::Sentinel(Arc::clone(link)),
@@ -170,7 +198,7 @@ impl Connection {
         loop {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let result = match self.link.clone() {
-                Link::Standalone(mut conn) => conn.req_packed_command(cmd).await,
+                Link::Standalone(link) => link.command(cmd).await,
                 Link::Cluster(mut conn) => conn.req_packed_command(cmd).await,
                 Link::Sentinel(link) => link.command(cmd).await,
             };
@@ -308,7 +336,7 @@ impl Connection {
         for script in self.scripts.all() {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let result = match self.link.clone() {
-                Link::Standalone(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
+                Link::Standalone(link) => link.load(script).await,
                 Link::Cluster(mut conn) => script.prepare_invoke().load_async(&mut conn).await,
                 Link::Sentinel(link) => link.load(script).await,
             };
@@ -342,7 +370,7 @@ impl Connection {
 async fn send_pipeline(link: Link, pipe: Pipeline, route: SingleNodeRoutingInfo) -> Result<Vec<Value>, ClientError> {
     let count = pipe.len();
     match link {
-        Link::Standalone(mut conn) => conn.req_packed_commands(&pipe, 0, count).await,
+        Link::Standalone(link) => link.pipeline(&pipe).await,
         Link::Cluster(mut conn) => conn.route_pipeline(pipe, 0, count, route).await,
         Link::Sentinel(link) => link.pipeline(&pipe).await,
     }

@@ -86,6 +86,7 @@ mod error;
 #[cfg(feature = "testkit")]
 pub(crate) mod fuzz;
 mod keys;
+mod node;
 mod scripts;
 mod sentinel;
 mod tracking;

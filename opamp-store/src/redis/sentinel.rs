@@ -3,29 +3,23 @@
 //! explains (the primary gone, silent, or now a replica), or when the
 //! Sentinels announce they switched to another primary.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
+use redis::aio::{MultiplexedConnection, PubSub};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{
-    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, Script, ServerErrorKind,
-    Value,
-};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError as ClientError, Script, Value};
 
 use super::RedisSentinelConfig;
-use super::error::is_failover;
+use super::node::NodeLink;
 
 /// The Sentinels, and the connection to the primary they named last.
 pub(super) struct SentinelLink {
-    /// Held while asking, so that the calls that all found the primary gone
-    /// ask the Sentinels once between them, not once each.
     sentinels: tokio::sync::Mutex<SentinelClient>,
-    /// The connection in use and its number; `None` once it failed.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
-    connections: AtomicU64,
+    /// The connection to the primary, let go when it fails, goes silent or
+    /// answers as a replica.
+    node: NodeLink,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
     master_name: String,
@@ -64,8 +58,7 @@ impl SentinelLink {
         )?;
         Ok(SentinelLink {
             sentinels: tokio::sync::Mutex::new(client),
-            current: Mutex::new(None),
-            connections: AtomicU64::new(0),
+            node: NodeLink::default(),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(response_timeout)),
@@ -109,75 +102,33 @@ impl SentinelLink {
 
     /// Sends one command to the primary.
     pub(super) async fn command(&self, cmd: &Cmd) -> Result<Value, ClientError> {
-        let (number, mut conn) = self.connection().await?;
-        let result = conn.req_packed_command(cmd).await;
-        if result.as_ref().map_or_else(is_failover, replied_read_only) {
-            self.forget(number);
-        }
-        result
+        self.node.command(|| self.connect(), cmd).await
     }
 
     /// Sends a pipeline to the primary.
     pub(super) async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, ClientError> {
-        let (number, mut conn) = self.connection().await?;
-        let result = conn.req_packed_commands(pipe, 0, pipe.len()).await;
-        let moved = match &result {
-            Ok(values) => values.iter().any(replied_read_only),
-            Err(err) => is_failover(err),
-        };
-        if moved {
-            self.forget(number);
-        }
-        result
+        self.node.pipeline(|| self.connect(), pipe).await
     }
 
     /// Loads `script` into the primary's script cache; its SHA1.
     pub(super) async fn load(&self, script: &Script) -> Result<String, ClientError> {
-        let (number, mut conn) = self.connection().await?;
-        let result = script.prepare_invoke().load_async(&mut conn).await;
-        if result.as_ref().err().is_some_and(is_failover) {
-            self.forget(number);
-        }
-        result
+        self.node.load(|| self.connect(), script).await
     }
 
-    /// The connection in use, or a new one to the primary the Sentinels name.
-    async fn connection(&self) -> Result<(u64, MultiplexedConnection), ClientError> {
-        if let Some(current) = self.current() {
-            return Ok(current);
-        }
+    /// A new connection to the primary the Sentinels name now.
+    async fn connect(&self) -> Result<MultiplexedConnection, ClientError> {
         let mut sentinels = self.sentinels.lock().await;
-        // Another call may have connected while this one waited for the lock.
-        if let Some(current) = self.current() {
-            return Ok(current);
-        }
         // Boxed: the redis crate's Sentinel lookup nests deep enough that
         // every future awaiting it inline overflows rustc's query depth limit
         // in the host's `main`.
-        let conn = within(
+        within(
             self.connect_timeout,
             Box::pin(async {
                 let client = sentinels.async_get_client().await?;
                 client.get_multiplexed_async_connection_with_config(&self.config).await
             }),
         )
-        .await?;
-        let number = self.connections.fetch_add(1, Ordering::Relaxed);
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((number, conn.clone()));
-        Ok((number, conn))
-    }
-
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Drops connection `number`, unless another already replaced it.
-    fn forget(&self, number: u64) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.as_ref().is_some_and(|(current, _)| *current == number) {
-            tracing::info!("the connection to the Redis primary failed; asking the Sentinels where it is");
-            *current = None;
-        }
+        .await
     }
 }
 
@@ -204,7 +155,7 @@ async fn watch_switches(link: Weak<SentinelLink>) {
                     if text.split(' ').next() == Some(master.as_str()) {
                         let Some(link) = link.upgrade() else { return };
                         tracing::info!(switch = %text, "Sentinel switched the Redis primary; connecting to the new one");
-                        *link.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        link.node.forget_current();
                     }
                 }
                 tracing::warn!("the subscription to Sentinel's +switch-master dropped; subscribing again");
@@ -214,13 +165,6 @@ async fn watch_switches(link: Weak<SentinelLink>) {
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(LONGEST_RETRY);
     }
-}
-
-/// Whether a node answered as a replica (the primary it was has been
-/// demoted), or as a primary without the replicas it needs to take writes.
-fn replied_read_only(value: &Value) -> bool {
-    matches!(value, Value::ServerError(err)
-        if err.kind() == Some(ServerErrorKind::ReadOnly) || err.code() == "NOREPLICAS")
 }
 
 /// `work`, or a timeout error after `timeout` (asking a silent Sentinel must not hang a call).
