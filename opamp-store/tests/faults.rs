@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opamp_bus::memory::MemoryBus;
-use opamp_core::testkit::faults::{FaultRig, FaultSystem, NetworkFault};
+use opamp_core::testkit::faults::{FaultRig, FaultSystem, Losing, NetworkFault};
 use opamp_core::testkit::proxy::FaultProxy;
 use opamp_core::{Bus, Store};
 use opamp_store::redis::{RedisSentinelConfig, RedisStore, RedisStoreConfig};
@@ -103,7 +103,7 @@ async fn redis_restarted_empty() {
         "Redis restarted empty (down 3 s)",
         || redis.stop(),
         || redis.launch(),
-        true,
+        Losing::TheStore,
     )
     .await;
 }
@@ -182,13 +182,19 @@ async fn redis_primary_killed_replica_promoted_by_sentinel() {
 /// ~1,300, and 40 commands applied twice). With `min-replicas-to-write 1`
 /// the old primary refuses writes (`NOREPLICAS`) from the moment its replica
 /// leaves to be promoted; the store takes that as "ask Sentinel again", and
-/// every promise holds.
+/// every promise holds, but for a window the guard cannot close: a write the
+/// old primary applied and sent on after its replica had stopped reading
+/// (promoted between the two) is acknowledged and lost. One run in about
+/// seven here lost a few command records that way (3 of 244): they are
+/// counted apart in the row ([`Losing::InTheFailoverWindow`]), not hidden.
+/// Redis's `WAIT` after each record write would close the window, at a
+/// round trip and a replication delay per write; it is not built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_primary_failed_over_by_sentinel_on_request() {
     let guarded = ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"];
     let set = OwnSentinelSet::start_with(6412, 6413, 26412, "opamp-planned", &guarded);
     let rig = under_sentinel(&set).await;
-    rig.survive(
+    rig.survive_losing(
         "Redis primary failed over on request (SENTINEL FAILOVER, min-replicas-to-write 1)",
         || {
             set.sentinel.wait_for_cli(
@@ -199,6 +205,7 @@ async fn redis_primary_failed_over_by_sentinel_on_request() {
             );
         },
         || set.wait_for_primary(set.replica.port, Duration::from_secs(30)),
+        Losing::InTheFailoverWindow,
     )
     .await;
 }

@@ -102,6 +102,31 @@ pub struct FaultSystem {
     pub control_bus: Arc<dyn Bus>,
 }
 
+/// Which records of accepted commands a fault may lose (a command whose
+/// record is gone cannot be asked after: it is counted apart, not as lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Losing {
+    /// None: every accepted command must end.
+    Nothing,
+    /// Those written in a failover's replication window: acknowledged by the
+    /// old primary, never passed on to the new one. The store keeps its
+    /// generation, so no loss is told.
+    InTheFailoverWindow,
+    /// Everything the store held: it came back empty, and the control plane
+    /// must tell the loss (see [`ControlPlane::store_losses`]).
+    TheStore,
+}
+
+impl Losing {
+    fn what(self) -> &'static str {
+        match self {
+            Losing::Nothing => "lost",
+            Losing::InTheFailoverWindow => "lost in the failover's replication window",
+            Losing::TheStore => "gone with the store",
+        }
+    }
+}
+
 /// What the devices saw.
 #[derive(Debug, Default)]
 struct Tally {
@@ -273,7 +298,7 @@ impl FaultRig {
     /// and checks every promise; prints the scenario's row and panics,
     /// naming the scenario, on the first promise broken.
     pub async fn survive(self, scenario: &str, fault: impl FnOnce(), heal: impl FnOnce()) {
-        self.survive_losing(scenario, fault, heal, false).await;
+        self.survive_losing(scenario, fault, heal, Losing::Nothing).await;
     }
 
     /// [`survive`](Self::survive) `fault` injected by `proxy` in front of
@@ -306,12 +331,10 @@ impl FaultRig {
         }
     }
 
-    /// The same; with `loses_records`, the store comes back empty, so the
-    /// records of commands accepted before it went are gone with it: those
-    /// are counted apart, the rest must hold all the same, and the control
-    /// plane must have told the loss (see
-    /// [`ControlPlane::store_losses`]) within a look at the store's generation.
-    pub async fn survive_losing(self, scenario: &str, fault: impl FnOnce(), heal: impl FnOnce(), loses_records: bool) {
+    /// The same, for a fault that loses records of commands accepted before
+    /// or during it (see [`Losing`]): those are counted apart, and the rest
+    /// must hold all the same.
+    pub async fn survive_losing(self, scenario: &str, fault: impl FnOnce(), heal: impl FnOnce(), losing: Losing) {
         let start = Instant::now();
         let (mut accepted, mut refused) = self.issue(start + Duration::from_millis(500)).await;
         fault();
@@ -339,12 +362,12 @@ impl FaultRig {
                     definite += 1;
                     *outcomes.entry(record.state.as_str()).or_default() += 1;
                 }
-                Err(crate::Error::NotFound { .. }) if loses_records => gone_with_the_store += 1,
+                Err(crate::Error::NotFound { .. }) if losing != Losing::Nothing => gone_with_the_store += 1,
                 other => lost.push((*id, format!("{other:?}"))),
             }
         }
         let ended = healed.elapsed();
-        if loses_records {
+        if losing == Losing::TheStore {
             // The control plane looks at the store's generation every retry grace.
             let told_within = ControlPlaneConfig::default().retry_grace + Duration::from_secs(2);
             let since = Instant::now();
@@ -406,7 +429,7 @@ impl FaultRig {
             },
             lost.len(),
             if gone_with_the_store > 0 {
-                format!(" ({gone_with_the_store} records gone with the store)")
+                format!(" ({gone_with_the_store} records {})", losing.what())
             } else {
                 String::new()
             },
