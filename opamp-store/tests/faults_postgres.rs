@@ -6,7 +6,7 @@
 //! `docs/operations.md`; run with `--nocapture`).
 //!
 //! Needs PostgreSQL 15 in `/usr/lib/postgresql/15/bin`
-//! (`scripts/services/postgres` installs it); ports 5450–5454.
+//! (`scripts/services/postgres` installs it); ports 5450–5455.
 #![cfg(feature = "postgres")]
 
 use std::sync::Arc;
@@ -21,9 +21,9 @@ use support::postgres::OwnPostgres;
 
 mod support;
 
-/// The store's wait for a connection: a server that accepts none shows as
-/// unavailable this soon.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The store's wait for a connection, and for an answer: a server that
+/// accepts none, or a connection gone silent, shows as unavailable this soon.
+const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A PostgreSQL of the scenario's own on `port`, the proxy in front of it,
 /// and the rig over the PostgreSQL store reached through the proxy.
@@ -34,7 +34,8 @@ async fn start(port: u16) -> (OwnPostgres, FaultProxy, FaultRig) {
     let config = PostgresConfig::new(OwnPostgres::url_via(proxy.addr()))
         .with_schema("faults")
         .with_max_connections(8)
-        .with_acquire_timeout(ACQUIRE_TIMEOUT);
+        .with_acquire_timeout(TIMEOUT)
+        .with_response_timeout(TIMEOUT);
     let store = PostgresStore::connect(&config)
         .await
         .expect("the scenario's PostgreSQL answers");
@@ -67,6 +68,12 @@ async fn postgres_connections_reset_and_refused() {
     let (_postgres, proxy, rig) = start(5452).await;
     rig.survive_network("PostgreSQL", &proxy, NetworkFault::ResetAndRefused)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_left_half_open() {
+    let (_postgres, proxy, rig) = start(5455).await;
+    rig.survive_network("PostgreSQL", &proxy, NetworkFault::HalfOpen).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -355,8 +355,16 @@ impl FaultRig {
         let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
         let mut lost = Vec::new();
         let mut gone_with_the_store = 0;
+        // One deadline for them all: a store that stays wedged fails the
+        // scenario in ENDS_WITHIN, not in a wait per command.
+        let ends_by = Instant::now() + ENDS_WITHIN;
         for id in &accepted {
-            match self.control.wait(id, ENDS_WITHIN).await {
+            let left = ends_by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                lost.push((*id, format!("still not ended {ENDS_WITHIN:?} after the fault")));
+                continue;
+            }
+            match self.control.wait(id, left).await {
                 Ok(record) if record.state == CommandState::Acked => acked += 1,
                 Ok(record) if record.state.is_final() => {
                     definite += 1;

@@ -234,7 +234,7 @@ impl PostgresStore {
             .bind(id.to_string())
             .bind(initiated_by)
             .bind(sql_time(command.issued_at)?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("recording command {id} for device {}", command.device)
@@ -254,7 +254,7 @@ impl PostgresStore {
             .bind(status)
             .bind(error)
             .bind(sql_time(self.clock.now())?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(doing))?;
         self.changed_if_recorded(done.rows_affected(), correlation_id, doing)
@@ -275,7 +275,7 @@ impl PostgresStore {
         }
         let recorded: bool = sqlx::query_scalar(EXISTS)
             .bind(id.to_string())
-            .fetch_one(&self.pool)
+            .fetch_one(&self.db)
             .await
             .map_err(PgError::query(doing))?;
         if recorded {
@@ -289,7 +289,7 @@ impl PostgresStore {
     pub async fn audit_entry(&self, correlation_id: &CorrelationId) -> Result<Option<AuditEntry>> {
         let row = sqlx::query(BY_CORRELATION_ID)
             .bind(correlation_id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("reading the audit entry of command {correlation_id}")
@@ -305,7 +305,7 @@ impl PostgresStore {
             .bind(start.after.0)
             .bind(start.after.1)
             .bind(start.fetch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading the audit log of device {device}")))?;
         entry_page(&rows, start.limit)
@@ -321,7 +321,7 @@ impl PostgresStore {
             .bind(start.after.1)
             .bind(start.fetch)
             .bind(from_sql)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading the audit log from {from} to {to}")))?;
         entry_page(&rows, start.limit)

@@ -81,7 +81,7 @@ impl ConfigStore for PostgresStore {
             .bind(&hash)
             .bind(&template.created_by)
             .bind(sql_time(template.created_at)?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("storing config template {config}")))?
             .rows_affected();
@@ -92,7 +92,7 @@ impl ConfigStore for PostgresStore {
         let stored_hash: Option<String> = sqlx::query_scalar(STORED_HASH)
             .bind(config.agent_type.as_str())
             .bind(config.version.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("reading the hash of config template {config}")
@@ -120,7 +120,7 @@ impl ConfigStore for PostgresStore {
         let Some(row) = sqlx::query(TEMPLATE)
             .bind(config.agent_type.as_str())
             .bind(config.version.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading config template {config}")))?
         else {
@@ -154,7 +154,7 @@ impl ConfigStore for PostgresStore {
     async fn template_versions(&self, agent_type: &AgentType) -> Result<Vec<ConfigVersion>> {
         let versions: Vec<String> = sqlx::query_scalar(VERSIONS)
             .bind(agent_type.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("listing the template versions of {agent_type}")
@@ -173,7 +173,7 @@ impl ConfigStore for PostgresStore {
             .bind(config.agent_type.as_str())
             .bind(config.version.as_str())
             .bind(sql_time(self.clock.now())?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await;
         naming_a_stored_template(
             result,
@@ -185,7 +185,7 @@ impl ConfigStore for PostgresStore {
     async fn latest(&self, agent_type: &AgentType) -> Result<Option<ConfigVersion>> {
         let version: Option<String> = sqlx::query_scalar(LATEST)
             .bind(agent_type.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading latest of {agent_type}")))?;
         version
@@ -202,7 +202,7 @@ impl ConfigStore for PostgresStore {
             .bind(config.agent_type.as_str())
             .bind(config.version.as_str())
             .bind(sql_time(self.clock.now())?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await;
         naming_a_stored_template(
             result,
@@ -214,7 +214,7 @@ impl ConfigStore for PostgresStore {
     async fn desired(&self, device: &DeviceId) -> Result<Option<ConfigRef>> {
         let Some(row) = sqlx::query(DESIRED)
             .bind(device.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("reading the desired config of device {device}")
@@ -233,7 +233,7 @@ impl ConfigStore for PostgresStore {
     async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
         let done = sqlx::query(CLEAR_DESIRED)
             .bind(device.as_str())
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("clearing the desired config of device {device}")

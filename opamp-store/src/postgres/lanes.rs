@@ -15,11 +15,13 @@
 //! one lookup at a time keeps one lane connection. A lookup cancelled
 //! mid-statement leaves its lane's connection with an answer still to read;
 //! sqlx reads it off before the connection's next statement. If a lane's
-//! statement fails, its connection is closed (the lane takes a fresh one
-//! next time) and the lookup runs through the pool instead, which reports
-//! its own error. The store can be dropped anywhere, in a runtime or not.
+//! statement fails, or goes unanswered for the store's response timeout (a
+//! connection gone silent), its connection is closed (the lane takes a
+//! fresh one next time) and the lookup runs through the pool instead, which
+//! reports its own error. The store can be dropped anywhere, in a runtime or not.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use opamp_core::{DeviceId, Result, SupervisorId, Timestamp};
 use sqlx::PgConnection;
@@ -39,15 +41,18 @@ type Lane = Mutex<Option<PgConnection>>;
 /// The lookup lanes of one store.
 pub(super) struct LookupLanes {
     pool: PgPool,
+    /// How long a lookup may wait for its answer.
+    deadline: Duration,
     lanes: Vec<Lane>,
     next: AtomicUsize,
 }
 
 impl LookupLanes {
     /// `count` lanes, each taking a connection from `pool` when it first needs one.
-    pub(super) fn start(pool: &PgPool, count: usize) -> Self {
+    pub(super) fn start(pool: &PgPool, count: usize, deadline: Duration) -> Self {
         LookupLanes {
             pool: pool.clone(),
+            deadline,
             lanes: (0..count).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         }
@@ -65,18 +70,21 @@ impl LookupLanes {
             *lane = self.pool.acquire().await.ok().map(|pooled| pooled.detach());
         }
         let conn = lane.as_mut()?;
-        let owner: std::result::Result<Option<String>, _> = sqlx::query_scalar(LOOKUP)
+        let statement = sqlx::query_scalar(LOOKUP)
             .bind(device.as_str())
             .bind(sql_time(now).ok()?)
-            .fetch_optional(conn)
-            .await;
+            .fetch_optional(conn);
+        let owner: Option<Option<String>> = tokio::time::timeout(self.deadline, statement)
+            .await
+            .ok()
+            .and_then(|answer| answer.ok());
         match owner {
-            Ok(owner) => Some(
+            Some(owner) => Some(
                 owner
                     .map(|owner| stored_supervisor(device.as_str(), "supervisor_id", &owner))
                     .transpose(),
             ),
-            Err(_) => {
+            None => {
                 // The connection may be broken: close it; the lane opens another next time.
                 *lane = None;
                 None

@@ -52,6 +52,18 @@
 //! A lookup neither can answer goes through the pool, which reports any
 //! error in full.
 //!
+//! # Connections that go silent
+//!
+//! A connection a firewall forgot, or one to a host that vanished, neither
+//! answers nor closes. Every statement, on the pool, a lane or a pipelined
+//! connection, therefore has [`PostgresConfig::response_timeout`] to be
+//! answered; past it the call fails as [`Error::Unavailable`] and the
+//! connection is closed instead of going back to the pool, so the pool
+//! opens fresh ones and never runs dry. Notices of commands ending
+//! (`LISTEN`) arrive on a connection of their own that no deadline can
+//! cover; should it go silent, waits for an outcome fall back to reading
+//! the record every second.
+//!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> opamp_core::Result<()> {
@@ -71,6 +83,7 @@
 
 mod audit;
 mod config;
+mod deadline;
 mod error;
 mod lanes;
 mod pipeline;
@@ -92,6 +105,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use audit::AuditEntry;
+use deadline::Deadlined;
 use error::PgError;
 use lanes::LookupLanes;
 use pipeline::{Pipes, Target};
@@ -132,6 +146,12 @@ pub struct PostgresConfig {
     /// unavailable. Default `10s`.
     #[serde(default = "default_acquire_timeout", with = "duration_text")]
     pub acquire_timeout: Duration,
+    /// How long a statement may wait for its answer before the call fails
+    /// as unavailable and its connection is closed (see [connections that
+    /// go silent](self#connections-that-go-silent)). Longer than any
+    /// statement the store runs takes on a healthy server. Default `5s`.
+    #[serde(default = "default_response_timeout", with = "duration_text")]
+    pub response_timeout: Duration,
     /// How many connections at most are kept out of the pool for
     /// single-device lookups, on top of the pool's `max_connections` (at most
     /// half as many; 0 sends each lookup through the pool). They open as
@@ -170,6 +190,10 @@ fn default_acquire_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
 impl PostgresConfig {
     /// The defaults, for the database at `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -178,6 +202,7 @@ impl PostgresConfig {
             schema: default_schema(),
             max_connections: default_max_connections(),
             acquire_timeout: default_acquire_timeout(),
+            response_timeout: default_response_timeout(),
             lookup_connections: default_lookup_connections(),
             pipelined_lookups: default_pipelined_lookups(),
         }
@@ -213,6 +238,12 @@ impl PostgresConfig {
         self
     }
 
+    /// Gives each statement at most `timeout` to answer.
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
     /// Checks the schema name and the pool size; errors name the field.
     fn validate(&self) -> Result<()> {
         if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
@@ -225,6 +256,9 @@ impl PostgresConfig {
         if self.max_connections == 0 {
             return Err(Error::invalid_input("postgres max_connections must be at least 1"));
         }
+        if self.response_timeout.is_zero() {
+            return Err(Error::invalid_input("postgres response_timeout must be more than 0s"));
+        }
         Ok(())
     }
 }
@@ -236,6 +270,7 @@ impl fmt::Debug for PostgresConfig {
             .field("schema", &self.schema)
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("response_timeout", &self.response_timeout)
             .field("lookup_connections", &self.lookup_connections)
             .field("pipelined_lookups", &self.pipelined_lookups)
             .finish()
@@ -291,7 +326,8 @@ fn redact_url(url: &str) -> String {
 /// it out as `Arc<dyn Store>`. Run [`migrate`](Self::migrate) once before use
 /// (it is idempotent).
 pub struct PostgresStore {
-    pool: PgPool,
+    /// The pool, each statement on it given the response timeout.
+    db: Deadlined,
     /// Pipelined lookup connections, unless the URL wants TLS.
     pipes: Option<Pipes>,
     /// Lookup connections through sqlx, for when pipelining cannot be used.
@@ -317,7 +353,7 @@ impl PostgresStore {
             // A startup parameter: no extra round trip per connection.
             .options([("search_path", config.schema.as_str())]);
         let target = (config.pipelined_lookups)
-            .then(|| Target::of(&options, config.acquire_timeout))
+            .then(|| Target::of(&options, config.acquire_timeout, config.response_timeout))
             .flatten();
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
@@ -335,8 +371,8 @@ impl PostgresStore {
         let lanes = config.lookup_connections.min(config.max_connections / 2) as usize;
         Ok(PostgresStore {
             pipes: target.filter(|_| lanes > 0).map(|target| Pipes::new(target, lanes)),
-            lanes: LookupLanes::start(&pool, lanes),
-            pool,
+            lanes: LookupLanes::start(&pool, lanes, config.response_timeout),
+            db: Deadlined::new(pool, config.response_timeout),
             clock,
             schema: config.schema.clone(),
         })
@@ -350,10 +386,10 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<()> {
         // The name was validated: it needs no quoting, and quoting keeps it so.
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("creating schema {}", self.schema)))?;
-        MIGRATOR.run(&self.pool).await.map_err(|source| {
+        MIGRATOR.run(self.db.pool()).await.map_err(|source| {
             Error::from(PgError::Migrate {
                 schema: self.schema.clone(),
                 source,
@@ -368,7 +404,7 @@ impl PostgresStore {
 
     /// The connection pool, for queries of the host's own against the same tables.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.db.pool()
     }
 }
 
@@ -377,7 +413,7 @@ impl fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("schema", &self.schema)
             .field("clock", &self.clock)
-            .field("connections", &self.pool.size())
+            .field("connections", &self.db.pool().size())
             .field(
                 "pipelined_lookups",
                 &match &self.pipes {
@@ -433,6 +469,10 @@ mod tests {
             .with_max_connections(0)
             .validate();
         assert!(err.unwrap_err().to_string().contains("max_connections"));
+        let err = PostgresConfig::new("postgres://h/db")
+            .with_response_timeout(Duration::ZERO)
+            .validate();
+        assert!(err.unwrap_err().to_string().contains("response_timeout"));
         let err = serde_json::from_str::<PostgresConfig>(r#"{"url": "x", "acquire_timeout": "soon"}"#);
         assert!(err.unwrap_err().to_string().contains("duration"));
     }

@@ -17,7 +17,9 @@
 //! sqlx connections instead.
 //!
 //! Any other failure answers [`Answer::Failed`] and the lookup goes through
-//! the pool, which reports the error in full. A connection that could not
+//! the pool, which reports the error in full. So does a connection gone
+//! silent: once its oldest lookup has waited the store's deadline for an
+//! answer, the connection is closed and every lookup on it fails over. A connection that could not
 //! be opened is not tried again for a second; one whose statement failed
 //! (the table altered under it, say) is closed once its other answers are
 //! in, and the next lookup opens a fresh one.
@@ -71,7 +73,10 @@ pub(super) struct Target {
     /// Ask for TLS first (`sslmode=prefer`): if the server offers it, a
     /// lookup connection would have to use it, which it cannot.
     ask_tls: bool,
+    /// How long opening a connection may take.
     timeout: Duration,
+    /// How long a lookup may wait for its answer.
+    deadline: Duration,
 }
 
 #[derive(Clone)]
@@ -83,7 +88,7 @@ enum Address {
 
 impl Target {
     /// The target of the pool's `options`, or `None` when they need TLS.
-    pub(super) fn of(options: &PgConnectOptions, timeout: Duration) -> Option<Target> {
+    pub(super) fn of(options: &PgConnectOptions, timeout: Duration, deadline: Duration) -> Option<Target> {
         let ask_tls = match options.get_ssl_mode() {
             PgSslMode::Disable | PgSslMode::Allow => false,
             PgSslMode::Prefer => true,
@@ -111,6 +116,7 @@ impl Target {
             options: options.get_options().map(str::to_owned),
             ask_tls,
             timeout,
+            deadline,
         })
     }
 }
@@ -288,12 +294,12 @@ async fn run(target: Target, shared: Weak<Shared>, slot: usize, requests: mpsc::
     let failure = match opened {
         Ok(Opened::Tcp(stream)) => {
             let (reader, writer) = stream.into_split();
-            serve(reader, writer, requests).await.err()
+            serve(reader, writer, requests, target.deadline).await.err()
         }
         #[cfg(unix)]
         Ok(Opened::Unix(stream)) => {
             let (reader, writer) = stream.into_split();
-            serve(reader, writer, requests).await.err()
+            serve(reader, writer, requests, target.deadline).await.err()
         }
         Err(Setup::Unsupported(why)) => {
             if let Some(shared) = shared.upgrade() {
@@ -490,14 +496,22 @@ fn nonce() -> String {
 /// A lookup written and not yet answered.
 struct InFlight {
     reply: oneshot::Sender<Reply>,
+    /// When it was written: its answer is due within the deadline.
+    written: tokio::time::Instant,
     owner: Option<String>,
     error: Option<WireError>,
 }
 
 /// Writes queued lookups as they come and answers them as their results
 /// arrive, until the queue closes (the store is gone) and every answer is
-/// in, or a statement failed and every answer is in, or the connection fails.
-async fn serve<R, W>(mut reader: R, mut writer: W, mut requests: mpsc::Receiver<Request>) -> Result<(), WireError>
+/// in, or a statement failed and every answer is in, or the connection fails
+/// or leaves its oldest lookup unanswered for `deadline`.
+async fn serve<R, W>(
+    mut reader: R,
+    mut writer: W,
+    mut requests: mpsc::Receiver<Request>,
+    deadline: Duration,
+) -> Result<(), WireError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -508,11 +522,19 @@ where
     let mut batch = Vec::with_capacity(64);
     let mut taking = true;
     let mut retiring = false;
+    // Reset only when the oldest lookup changes, not on every turn.
+    let silence = tokio::time::sleep(deadline);
+    tokio::pin!(silence);
     let result = loop {
         if (!taking || retiring) && in_flight.is_empty() {
             break Ok(());
         }
         let room = MAX_IN_FLIGHT - in_flight.len();
+        // A connection gone silent (no byte, no reset) would hold its lookups for ever.
+        let due = in_flight.front().map(|oldest| oldest.written + deadline);
+        if let Some(due) = due.filter(|&due| due != silence.deadline()) {
+            silence.as_mut().reset(due);
+        }
         tokio::select! {
             biased;
             read = reader.read_buf(&mut input) => {
@@ -530,14 +552,18 @@ where
                     taking = false;
                     continue;
                 }
+                let written = tokio::time::Instant::now();
                 for request in batch.drain(..) {
                     wire::bind_execute_sync(&mut out, STATEMENT, request.device.as_str(), request.micros);
-                    in_flight.push_back(InFlight { reply: request.reply, owner: None, error: None });
+                    in_flight.push_back(InFlight { reply: request.reply, written, owner: None, error: None });
                 }
                 if let Err(err) = writer.write_all(&out).await {
                     break Err(err.into());
                 }
                 out.clear();
+            }
+            () = &mut silence, if due.is_some() => {
+                break Err(WireError(format!("no answer from PostgreSQL within {deadline:?}")));
             }
         }
     };
@@ -591,7 +617,11 @@ mod tests {
     use super::*;
 
     fn target(url: &str) -> Option<Target> {
-        Target::of(&PgConnectOptions::from_str(url).unwrap(), Duration::from_secs(1))
+        Target::of(
+            &PgConnectOptions::from_str(url).unwrap(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl PostgresStore {
         let owner: Option<String> = sqlx::query_scalar(LOOKUP)
             .bind(device.as_str())
             .bind(sql_time(now)?)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("lookup of device {device}")))?;
         owner
@@ -89,7 +89,7 @@ impl PostgresStore {
         let now = sql_time(self.clock.now())?;
         let done = sqlx::query(PURGE)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| "purging lapsed leases"))?;
         Ok(done.rows_affected())
@@ -106,7 +106,7 @@ impl RoutingStore for PostgresStore {
             .bind(supervisor.as_str())
             .bind(sql_time(now.saturating_add(ttl))?)
             .bind(sql_time(now)?)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.db)
             .await
             .map_err(PgError::query(|| format!("claim of device {device} by {supervisor}")))?;
         Ok(match previous {
@@ -130,7 +130,7 @@ impl RoutingStore for PostgresStore {
             .bind(&ids)
             .bind(sql_time(now.saturating_add(ttl))?)
             .bind(sql_time(now)?)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("renewal of {} leases by {supervisor}", devices.len())
@@ -148,7 +148,7 @@ impl RoutingStore for PostgresStore {
             .bind(device.as_str())
             .bind(supervisor.as_str())
             .bind(sql_time(self.clock.now())?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("release of device {device} by {supervisor}")))?;
         Ok(done.rows_affected() > 0)
@@ -181,7 +181,7 @@ impl RoutingStore for PostgresStore {
         let owners: Vec<(i64, String)> = sqlx::query_as(LOOKUP_MANY)
             .bind(&ids)
             .bind(sql_time(self.clock.now())?)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| format!("lookup of {} devices", devices.len())))?;
         place_owners(&ids, owners).into_iter().collect()

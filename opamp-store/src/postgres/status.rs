@@ -259,7 +259,7 @@ impl StatusStore for PostgresStore {
                 .bind(device, sqlx::query(LEASED))
                 .bind(holder.as_str())
                 .bind(sql_time(self.clock.now())?)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.db)
                 .await
                 .map_err(PgError::query(|| {
                     format!("{} conditional on the lease of {holder}", doing())
@@ -275,7 +275,7 @@ impl StatusStore for PostgresStore {
         let Some(fence) = patch.fence else {
             params
                 .bind(device, sqlx::query(UPSERT))
-                .execute(&self.pool)
+                .execute(&self.db)
                 .await
                 .map_err(PgError::query(doing))?;
             return Ok(());
@@ -283,7 +283,7 @@ impl StatusStore for PostgresStore {
         let row = params
             .bind(device, sqlx::query(FENCED))
             .bind(fence.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&self.db)
             .await
             .map_err(PgError::query(|| format!("{} fenced by {fence}", doing())))?;
         let name = || row_name("device_registry", "device_id", device.as_str());
@@ -301,7 +301,7 @@ impl StatusStore for PostgresStore {
     async fn status(&self, device: &DeviceId) -> Result<Option<DeviceStatus>> {
         let row = sqlx::query(STATUS)
             .bind(device.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("status of device {device}")))?;
         row.map(|row| read_status(device, &row)).transpose()
@@ -312,7 +312,7 @@ impl StatusStore for PostgresStore {
         let rows: Vec<String> = sqlx::query_scalar(ONLINE)
             .bind(&after)
             .bind(fetch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| format!("listing online devices after {after:?}")))?;
         device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
@@ -323,7 +323,7 @@ impl StatusStore for PostgresStore {
         let rows: Vec<String> = sqlx::query_scalar(ALL)
             .bind(&after)
             .bind(fetch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| format!("listing devices after {after:?}")))?;
         device_page(rows, page.limit.clamp(1, PageRequest::MAX_LIMIT))
@@ -335,7 +335,7 @@ impl StatusStore for PostgresStore {
             .bind(&after)
             .bind(supervisor.as_str())
             .bind(fetch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| {
                 format!("listing devices online under {supervisor} after {after:?}")
@@ -345,7 +345,7 @@ impl StatusStore for PostgresStore {
 
     async fn device_counts(&self) -> Result<Vec<SupervisorLoad>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(COUNTS)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| "counting online devices per supervisor"))?;
         rows.into_iter()

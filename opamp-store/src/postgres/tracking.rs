@@ -118,7 +118,7 @@ impl TrackingStore for PostgresStore {
             .bind(attempts(record))
             .bind(record.initiated_by.as_deref())
             .bind(sql_time(record.command.deadline)?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("recording command {id}")))?;
         if done.rows_affected() == 1 {
@@ -143,14 +143,14 @@ impl TrackingStore for PostgresStore {
             .bind(sql_time(record.command.deadline)?)
             .bind(format!("{} {id}", self.schema))
             .bind(ENDED)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.db)
             .await
             .map_err(PgError::query(doing))?;
         self.changed_if_recorded(updated.unsigned_abs(), &id, doing).await
     }
 
     async fn watch_endings(&self) -> Result<Endings> {
-        let mut listener = PgListener::connect_with(&self.pool)
+        let mut listener = PgListener::connect_with(self.db.pool())
             .await
             .map_err(PgError::query(|| "connecting to listen for command endings".to_owned()))?;
         listener
@@ -166,7 +166,7 @@ impl TrackingStore for PostgresStore {
         let rows = sqlx::query(OVERDUE)
             .bind(sql_time(before)?)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| "listing overdue commands".to_owned()))?;
         rows.iter()
@@ -180,7 +180,7 @@ impl TrackingStore for PostgresStore {
     async fn command_record(&self, id: &CorrelationId) -> Result<Option<CommandRecord>> {
         let row = sqlx::query(RECORD)
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading the record of command {id}")))?;
         let Some(row) = row else { return Ok(None) };
@@ -214,7 +214,7 @@ impl TrackingStore for PostgresStore {
             .bind(revision)
             .bind(body)
             .bind(sql_time(rollout.created_at)?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("writing rollout {id}")))?;
         Ok(done.rows_affected() == 1)
@@ -223,7 +223,7 @@ impl TrackingStore for PostgresStore {
     async fn rollout(&self, id: &RolloutId) -> Result<Option<Rollout>> {
         let body: Option<String> = sqlx::query_scalar(ROLLOUT)
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("reading rollout {id}")))?;
         body.map(|body| {
@@ -243,7 +243,7 @@ impl TrackingStore for PostgresStore {
         let rows: Vec<String> = sqlx::query_scalar(ROLLOUTS)
             .bind(before.map(|id| id.to_string()))
             .bind(limit as i64 + 1)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await
             .map_err(PgError::query(|| "listing rollouts".to_owned()))?;
         let items = rows
@@ -264,7 +264,7 @@ impl TrackingStore for PostgresStore {
             .bind(driver)
             .bind(sql_time(now.saturating_add(ttl))?)
             .bind(sql_time(now)?)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| format!("claiming the driver lease of rollout {id}")))?;
         Ok(held.is_some())
@@ -275,7 +275,7 @@ impl TrackingStore for PostgresStore {
             .bind(id.to_string())
             .bind(driver)
             .bind(sql_time(self.clock.now())?)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| format!("releasing the driver lease of rollout {id}")))?;
         Ok(done.rows_affected() == 1)
@@ -283,7 +283,7 @@ impl TrackingStore for PostgresStore {
 
     async fn generation(&self) -> Result<Option<StoreGeneration>> {
         let body: Option<String> = sqlx::query_scalar(GENERATION)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await
             .map_err(PgError::query(|| "reading the store's generation"))?;
         body.map(|body| {
@@ -297,7 +297,7 @@ impl TrackingStore for PostgresStore {
         let body = String::from_utf8_lossy(&generation.to_json()).into_owned();
         sqlx::query(BEGIN_GENERATION)
             .bind(body)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await
             .map_err(PgError::query(|| "marking the store's generation"))?;
         // Written now or by another control plane first: either way, what is there.
