@@ -42,11 +42,13 @@ impl Inline {
                 text.len()
             )));
         }
-        if let Some(bad) = text.bytes().find(|b| !allowed(*b)) {
+        if let Some(at) = text.bytes().position(|b| !allowed(b)) {
+            // Every byte before `at` is ASCII, so `at` starts a character: name
+            // it whole, not its first byte ('Ã' for 'é').
+            let bad = text[at..].chars().next().unwrap_or_default();
             return Err(Error::invalid_input(format!(
-                "{kind} {} contains {:?}; only {allowed_desc} are allowed",
+                "{kind} {} contains {bad:?}; only {allowed_desc} are allowed",
                 excerpt(text),
-                char::from(bad)
             )));
         }
         let mut bytes = [0; CAPACITY];
@@ -257,6 +259,14 @@ mod tests {
         assert!(err.contains("agent type"), "{err}");
         assert!(AgentType::new("x".repeat(33)).is_err());
         assert!(DeviceId::new("dévice").is_err());
+    }
+
+    #[test]
+    fn a_character_beyond_ascii_is_named_whole() {
+        let err = DeviceId::new("dévice").unwrap_err().to_string();
+        assert!(err.contains("contains 'é'"), "{err}");
+        let err = DeviceId::new("a\u{1F600}").unwrap_err().to_string();
+        assert!(err.contains("contains '\u{1F600}'"), "{err}");
     }
 
     #[test]

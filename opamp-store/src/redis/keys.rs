@@ -32,13 +32,9 @@ impl Keys {
                 prefix.len()
             )));
         }
-        if let Some(bad) = prefix
-            .bytes()
-            .find(|b| !b.is_ascii_graphic() || matches!(b, b'{' | b'}'))
-        {
+        if let Some(bad) = prefix.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}')) {
             return Err(Error::invalid_input(format!(
-                "redis key prefix {prefix:?} contains {:?}; only printable ASCII without spaces, `{{` or `}}` is allowed",
-                char::from(bad)
+                "redis key prefix {prefix:?} contains {bad:?}; only printable ASCII without spaces, `{{` or `}}` is allowed"
             )));
         }
         Ok(Keys {
@@ -224,6 +220,8 @@ mod tests {
             assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err}");
         }
         assert!(Keys::new(&"x".repeat(65)).is_err());
+        let err = Keys::new("fleet-é:").unwrap_err().to_string();
+        assert!(err.contains("contains 'é'"), "{err}");
         assert_eq!(Keys::new("").unwrap().online(), "devices:online");
     }
 }
