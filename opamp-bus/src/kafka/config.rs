@@ -100,7 +100,9 @@ pub struct KafkaBusConfig {
     /// (`message.timeout.ms`), retries included. Default 30 s.
     #[serde(with = "duration_text")]
     pub send_timeout: Duration,
-    /// How long one request to the broker may take (metadata, offsets, topic creation). Default 10 s.
+    /// How long one request to the broker may take (metadata, offsets, topic
+    /// creation; librdkafka's `socket.timeout.ms` for every request, after
+    /// which the connection is closed and made again). Default 10 s.
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
     /// How long a fetch of the consumers no command waits on (device events
@@ -299,11 +301,17 @@ impl KafkaBusConfig {
         ]
     }
 
-    /// What every client shares (the brokers), then `settings`, then the user's properties.
+    /// What every client shares (the brokers, the request deadline), then
+    /// `settings`, then the user's properties.
     fn client_properties(&self, settings: Vec<(&str, String)>) -> Vec<(String, String)> {
         [
             ("bootstrap.servers", self.brokers.clone()),
             ("client.id", "opamp-bus".into()),
+            // librdkafka's own deadline on a request (60 s by default); one
+            // that passes it closes the connection (`socket.max.fails`), so a
+            // connection gone silent is replaced this soon, not after a
+            // minute, well within a send's `message.timeout.ms`.
+            ("socket.timeout.ms", self.request_timeout.as_millis().to_string()),
         ]
         .into_iter()
         .chain(settings)

@@ -708,6 +708,9 @@ impl<T: Send + 'static> Worker<T> {
         config.set("group.id", &self.spec.group);
         if let Some(wait) = self.spec.fetch_wait {
             config.set("fetch.wait.max.ms", wait.as_millis().to_string());
+            // librdkafka wants its request deadline a second above the fetch wait.
+            let deadline = self.env.request_timeout.max(wait + Duration::from_secs(1));
+            config.set("socket.timeout.ms", deadline.as_millis().to_string());
         }
         let consumer: BaseConsumer<Context> = config
             .create_with_context(context)

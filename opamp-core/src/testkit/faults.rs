@@ -392,11 +392,10 @@ impl FaultRig {
         // all awaited, so that a full fleet takes one command's time).
         let mut toggles = Vec::with_capacity(self.devices.len());
         for device in &self.devices {
-            let id = self
-                .control
-                .set_emission(device, true)
-                .await
-                .unwrap_or_else(|err| panic!("{scenario}: issuing after the fault: {err}"));
+            let id = self.control.set_emission(device, true).await.unwrap_or_else(|err| {
+                let source = std::error::Error::source(&err);
+                panic!("{scenario}: issuing after the fault: {err} ({source:?})")
+            });
             toggles.push(id);
         }
         let mut wedged = 0;
