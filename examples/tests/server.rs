@@ -50,6 +50,15 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
         ["listening", http, "grpc", grpc, "opamp", opamp] => (http.to_string(), grpc.to_string(), opamp.to_string()),
         _ => panic!("expected `listening ADDR grpc ADDR opamp ADDR`, got {line:?}"),
     };
+    // A client that connects and sends nothing, and one that stops halfway
+    // through a header: the API closes both (ServeConfig's 10 s header deadline).
+    let silent_since = std::time::Instant::now();
+    let mut silent = TcpStream::connect(&http_address).await.unwrap();
+    let mut half_header = TcpStream::connect(&http_address).await.unwrap();
+    half_header
+        .write_all(b"GET /api/v1/devices HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
 
     let _agent = Proc::spawn(
         "opamp-agent",
@@ -127,6 +136,15 @@ async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+
+    for (what, stream) in [("silent", &mut silent), ("half a header", &mut half_header)] {
+        let left = std::time::Duration::from_secs(20).saturating_sub(silent_since.elapsed());
+        let mut rest = Vec::new();
+        tokio::time::timeout(left, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("a {what} connection still open 20 s after it connected"))
+            .unwrap();
+    }
 
     server.terminate().await;
 }

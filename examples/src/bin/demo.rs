@@ -38,7 +38,7 @@ use opamp_core::{
 };
 use opamp_store::memory::MemoryStore;
 use opamp_transport::channel;
-use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
+use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role, ServeConfig};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -347,11 +347,10 @@ async fn serve(control: &ControlPlane, listen: std::net::SocketAddr) -> Result<(
         "\nThe dashboard: http://{} (token {secret}); Ctrl-C to stop.",
         listener.local_addr()?
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    http_api::serve(listener, app, ServeConfig::default(), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
     Ok(())
 }
 

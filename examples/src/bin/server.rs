@@ -20,7 +20,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
 use clap::Parser;
@@ -31,7 +30,7 @@ use opamp_examples::cli::{FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_du
 use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
 use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport};
-use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
+use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role, ServeConfig};
 use opamp_transport::websocket::{OpampAuth, OpampServerConfig, OpampTransport};
 use tracing::{info, warn};
 
@@ -168,17 +167,9 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     }
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        // Small responses go out at once rather than waiting on Nagle's algorithm.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
-    });
+    let http = tokio::spawn(http_api::serve(listener, app, ServeConfig::default(), async {
+        let _ = http_stopped.await;
+    }));
     let signal = shutdown_signal().await;
     info!(
         signal,
@@ -186,8 +177,7 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     );
     let _ = stop_http.send(());
     match tokio::time::timeout(args.shutdown_grace, http).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(err))) => warn!(error = %err, "the HTTP server stopped with an error"),
+        Ok(Ok(())) => {}
         Ok(Err(err)) => warn!(error = %err, "the HTTP server task failed"),
         Err(_) => warn!("requests still open after the shutdown grace; dropping them"),
     }

@@ -233,11 +233,13 @@ async fn serve_metrics(listen: SocketAddr) -> opamp_core::Result<(SocketAddr, to
         .local_addr()
         .map_err(|err| Error::unavailable(format!("--metrics-listen {listen}: {err}")))?;
     info!(listen = %address, "serving /metrics and /health/live");
-    let server = tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            warn!(error = %err, "the metrics endpoint stopped");
-        }
-    });
+    // Served for as long as the process runs; idle and slow scrapers are cut off.
+    let server = tokio::spawn(opamp_transport::http_api::serve(
+        listener,
+        app,
+        opamp_transport::http_api::ServeConfig::default(),
+        std::future::pending(),
+    ));
     Ok((address, server))
 }
 

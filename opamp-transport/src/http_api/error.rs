@@ -165,6 +165,13 @@ impl From<Error> for ApiError {
 pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
 fn from_bytes_rejection(rejection: &BytesRejection) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(err) = cause {
+        if let Some(late) = err.downcast_ref::<super::serve::BodyTimedOut>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", late.to_string());
+        }
+        cause = err.source();
+    }
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

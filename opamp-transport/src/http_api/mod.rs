@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # async fn run(control: opamp_core::runtime::control_plane::ControlPlane) -> Result<(), Box<dyn std::error::Error>> {
-//! use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role};
+//! use opamp_transport::http_api::{self, ApiConfig, ApiToken, RateLimit, Role, ServeConfig};
 //!
 //! // The host installs the Prometheus recorder itself; the API only renders it.
 //! let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
@@ -13,8 +13,14 @@
 //!     .rate_limit(RateLimit::new(20.0, 40)?)
 //!     .metrics(metrics);
 //! let app = http_api::router(control, config)?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! axum::serve(listener, app).await?;
+//! let listener = http_api::listen("127.0.0.1:8080".parse()?, http_api::DEFAULT_BACKLOG).await?;
+//! // Idle and slow clients are cut off (see `ServeConfig`); serves until `stop` is sent on.
+//! let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+//! # drop(stop);
+//! http_api::serve(listener, app, ServeConfig::default(), async {
+//!     let _ = stopping.await;
+//! })
+//! .await;
 //! # Ok(()) }
 //! ```
 //!
@@ -45,6 +51,7 @@ pub(crate) mod fuzz;
 mod openapi;
 mod ops;
 mod rollouts;
+mod serve;
 mod templates;
 
 use std::fmt;
@@ -61,6 +68,7 @@ use opamp_core::runtime::control_plane::ControlPlane;
 use tokio::net::TcpListener;
 
 pub use auth::{ApiToken, RateLimit, Role};
+pub use serve::{ServeConfig, serve};
 
 /// What the API serves with: tokens, rate limit, body size limit, metrics.
 ///

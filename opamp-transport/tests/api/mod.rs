@@ -19,7 +19,7 @@ use opamp_core::transport::channel::{self, ChannelConnector};
 use opamp_core::transport::{Capabilities, DeviceHello};
 use opamp_core::{AgentType, Bus, DeviceId, Labels, Store, SupervisorId};
 use opamp_store::memory::MemoryStore;
-use opamp_transport::http_api::{self, ApiConfig, ApiToken, Role};
+use opamp_transport::http_api::{self, ApiConfig, ApiToken, Role, ServeConfig};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 pub(crate) const OPERATOR: &str = "operator-secret-for-tests-0001";
@@ -108,10 +108,15 @@ impl Fleet {
 
     /// Serves the API with `config` on a free loopback port.
     pub(crate) async fn serve(&self, config: ApiConfig) -> SocketAddr {
+        self.serve_with(config, ServeConfig::default()).await
+    }
+
+    /// The API served with `serve` settings until the test ends.
+    pub(crate) async fn serve_with(&self, config: ApiConfig, serve: ServeConfig) -> SocketAddr {
         let app = http_api::router(self.control.clone(), config).expect("router");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(http_api::serve(listener, app, serve, std::future::pending()));
         addr
     }
 }
