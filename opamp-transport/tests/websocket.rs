@@ -1026,3 +1026,67 @@ async fn send_fragment(ws: &mut Raw, payload: &[u8], opcode: OpCode, fin: bool) 
     let frame = Frame::message(Bytes::copy_from_slice(payload), opcode, fin);
     ws.send(Message::Frame(frame)).await.unwrap();
 }
+
+/// Raw HTTP/1.1 bytes to the server, and what it answers within `within`.
+async fn raw_http(addr: std::net::SocketAddr, bytes: &[u8], within: Duration) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(within, stream.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_are_cut_off_at_the_message_deadline() {
+    const TIMEOUT: Duration = Duration::from_millis(600);
+    let fleet = Fleet::new().await;
+    let transport = bind(|c| c.message_timeout(TIMEOUT).max_message_size(1 << 20)).await;
+    let addr = transport.local_addr();
+    let url = format!("ws://{addr}/v1/opamp");
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    // An agent that keeps talking is never cut off, however long it lives.
+    let mut good = raw_ws(&url, Some(&bearer("good"))).await.unwrap();
+    send(&mut good, &report([7; 16], 1, "good")).await;
+    assert_eq!(recv(&mut good).await.error_response, None);
+
+    // A WebSocket that never sends its first message, with a token that
+    // nothing can check before that message: closed at the deadline.
+    let started = std::time::Instant::now();
+    let mut silent = raw_ws(&url, Some("Bearer x")).await.unwrap();
+    assert_eq!(close_code(&mut silent).await, CloseCode::Policy);
+    assert!(started.elapsed() >= TIMEOUT, "closed after {:?}", started.elapsed());
+
+    // One that begins a message and stalls, holding its buffer: the same.
+    let mut stalled = raw_ws(&url, Some("Bearer x")).await.unwrap();
+    send_fragment(&mut stalled, &[0; 512], OpCode::Data(Data::Binary), false).await;
+    assert_eq!(close_code(&mut stalled).await, CloseCode::Policy);
+
+    // Over HTTP: a declared body over the limit is refused before it is sent…
+    let head = |length: usize| {
+        format!(
+            "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer x\r\n\
+             Content-Type: application/x-protobuf\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let started = std::time::Instant::now();
+    let answer = raw_http(addr, head(2 << 20).as_bytes(), WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(started.elapsed() < TIMEOUT, "refused after {:?}", started.elapsed());
+    // …and one that stalls halfway is answered 408 at the deadline.
+    let started = std::time::Instant::now();
+    let answer = raw_http(addr, format!("{}{}", head(100), "x".repeat(10)).as_bytes(), WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive whole within 600ms"), "{answer}");
+    assert!(started.elapsed() >= TIMEOUT, "answered after {:?}", started.elapsed());
+
+    // The good agent, idle past the deadline all along, is still served.
+    send(&mut good, &report([7; 16], 2, "good")).await;
+    assert_eq!(recv(&mut good).await.error_response, None);
+    s1.shutdown().await;
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, StatusCode};
 use opamp_core::transport::{FromDevice, Receiver, ToDevice};
@@ -98,6 +98,29 @@ pub(super) fn read_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Re
         .map_err(|err| BodyProblem::Message(format!("the body is not a valid AgentToServer: {err}")))
 }
 
+/// Compressed bodies larger than this are decompressed on the blocking
+/// pool: up to `max_message_size` of output is milliseconds of CPU that
+/// would otherwise hold a runtime worker and every connection on it.
+const INLINE_GZIP: usize = 16 * 1024;
+
+/// [`read_body`], off the runtime's workers when it decompresses much.
+async fn read_body_off_the_workers(
+    encoding: Option<String>,
+    body: Bytes,
+    limit: usize,
+) -> Result<AgentToServer, BodyProblem> {
+    if encoding.as_deref() != Some("gzip") || body.len() <= INLINE_GZIP {
+        return read_body(encoding.as_deref(), body, limit);
+    }
+    tokio::task::spawn_blocking(move || read_body(encoding.as_deref(), body, limit))
+        .await
+        .unwrap_or_else(|err| {
+            Err(BodyProblem::Compression(format!(
+                "decompressing the body failed: {err}"
+            )))
+        })
+}
+
 pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT_ENCODING)
@@ -146,13 +169,24 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             format!("the body is larger than the limit of {} bytes", config.max_message_size),
         )
     };
-    let body = match Limited::new(request.into_body(), config.max_message_size)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
-        Err(err) => return server::reply(StatusCode::BAD_REQUEST, format!("reading the body: {err}")),
+    // A declared length over the limit is refused before a byte of it is read.
+    if request.body().size_hint().lower() > config.max_message_size as u64 {
+        return too_large();
+    }
+    let read = Limited::new(request.into_body(), config.max_message_size).collect();
+    let body = match tokio::time::timeout(config.message_timeout, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
+        Ok(Err(err)) => return server::reply(StatusCode::BAD_REQUEST, format!("reading the body: {err}")),
+        Err(_) => {
+            return server::reply(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive whole within {} (message_timeout)",
+                    opamp_core::time::duration_text::format(config.message_timeout)
+                ),
+            );
+        }
     };
     let bad_request = |uid: &[u8], problem: String| {
         protobuf(
@@ -161,7 +195,7 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             gzip_response,
         )
     };
-    let message = match read_body(encoding.as_deref(), body, config.max_message_size) {
+    let message = match read_body_off_the_workers(encoding, body, config.max_message_size).await {
         Ok(message) => message,
         Err(BodyProblem::TooLarge) => return too_large(),
         Err(BodyProblem::Encoding(problem)) => return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem),

@@ -138,6 +138,8 @@ pub const DEFAULT_WRITE_BUFFER_SIZE: usize = 0;
 pub const DEFAULT_READ_CHUNK: usize = 4096;
 /// The default time an agent has to be registered by the supervisor.
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default time a message has to arrive whole (see [`OpampServerConfig::message_timeout`]).
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default polling interval of a plain HTTP agent (the spec's 30 s).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 /// The default time after its last request that a plain HTTP agent counts as gone.
@@ -237,6 +239,12 @@ pub struct OpampServerConfig {
     pub read_chunk: usize,
     /// How long the supervisor may take to register an agent.
     pub register_timeout: Duration,
+    /// How long a message may take to arrive whole: a plain HTTP body from
+    /// its head (`408` past it), and over a WebSocket the first message
+    /// from the upgrade and any other from its first byte (the connection
+    /// is closed past it, `1008`). A client that stalls thus holds neither
+    /// its buffer nor its connection for long.
+    pub message_timeout: Duration,
     /// A plain HTTP agent that has not polled for this long is disconnected.
     pub http_session_timeout: Duration,
     /// WebSocket connections open at once; more are refused with `503`.
@@ -265,6 +273,7 @@ impl OpampServerConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             read_chunk: DEFAULT_READ_CHUNK,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             http_session_timeout: DEFAULT_HTTP_SESSION_TIMEOUT,
             max_connections: 50_000,
             max_pending_registrations: 1024,
@@ -302,6 +311,12 @@ impl OpampServerConfig {
     /// With another register deadline.
     pub fn register_timeout(mut self, timeout: Duration) -> Self {
         self.register_timeout = timeout;
+        self
+    }
+
+    /// Giving each message `timeout` to arrive whole.
+    pub fn message_timeout(mut self, timeout: Duration) -> Self {
+        self.message_timeout = timeout;
         self
     }
 
@@ -345,9 +360,9 @@ impl OpampServerConfig {
                 self.read_chunk
             )));
         }
-        if self.register_timeout.is_zero() || self.http_session_timeout.is_zero() {
+        if self.register_timeout.is_zero() || self.http_session_timeout.is_zero() || self.message_timeout.is_zero() {
             return Err(Error::invalid_input(
-                "opamp register_timeout and http_session_timeout must be more than zero",
+                "opamp register_timeout, message_timeout and http_session_timeout must be more than zero",
             ));
         }
         if self.device_queue == 0

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -344,7 +345,7 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
     let shared = shared.clone();
-    let active = Active::new(&shared);
+    let counted = Counted::new(slot);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -366,7 +367,8 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
                     owner,
                     credential,
                     agents: Vec::new(),
-                    _counted: (active, slot),
+                    due_by: None,
+                    _counted: counted,
                 };
                 // Its own task, holding only the connection, while it has
                 // something to do: this one, with the upgrade's state, ends here.
@@ -391,6 +393,24 @@ struct ConnectionSlot(Arc<Shared>);
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A served WebSocket connection's counts while it lives: its slot, and
+/// [`Active`]'s count for [`OpampTransport::shutdown`], in one handle (one
+/// `Arc`, not two) to keep an idle connection small.
+struct Counted(ConnectionSlot);
+
+impl Counted {
+    fn new(slot: ConnectionSlot) -> Self {
+        slot.0.active.send_modify(|n| *n += 1);
+        Counted(slot)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.0.active.send_modify(|n| *n -= 1);
     }
 }
 
@@ -761,8 +781,11 @@ struct Connection {
     owner: u64,
     credential: Credential,
     agents: Vec<Agent>,
+    /// When the message awaited must have arrived whole: armed while the
+    /// connection has no agent yet or a message partway, none otherwise.
+    due_by: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Counts it for [`OpampTransport::shutdown`] and against `max_connections` while it lives.
-    _counted: (Active, ConnectionSlot),
+    _counted: Counted,
 }
 
 /// Where a [`Connection`] rests between its tasks.
@@ -909,6 +932,8 @@ enum Due {
     Readable,
     /// The agent at this index has a message, or its session was closed (`None`).
     Queued(usize, Option<ToDevice>),
+    /// The message awaited did not arrive whole in time.
+    Late,
     Stop,
 }
 
@@ -936,6 +961,15 @@ impl Connection {
                 return Poll::Ready(Due::Queued(at, message));
             }
         }
+        if self.agents.is_empty() || self.reader.is_partway() {
+            let timeout = self.shared.config.message_timeout;
+            let due_by = self.due_by.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            if due_by.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Due::Late);
+            }
+        } else {
+            self.due_by = None;
+        }
         Poll::Pending
     }
 
@@ -953,6 +987,14 @@ impl Connection {
                 } else {
                     true
                 }
+            }
+            Due::Late => {
+                let problem = format!(
+                    "no whole message within {} (message_timeout)",
+                    opamp_core::time::duration_text::format(self.shared.config.message_timeout)
+                );
+                self.refuse(frames::close::POLICY, &problem).await;
+                false
             }
             Due::Stop => {
                 self.close(frames::close::GOING_AWAY, "the server is shutting down")
@@ -983,6 +1025,8 @@ impl Connection {
             loop {
                 match self.reader.next() {
                     Ok(Some(incoming)) => {
+                        // A whole message: the next has its own time.
+                        self.due_by = None;
                         // Boxed: a registration's state is large, and a storm of them is all in flight at once.
                         if !Box::pin(self.on_incoming(incoming)).await {
                             return false;
@@ -1209,7 +1253,8 @@ mod tests {
             owner: 1,
             credential: Credential::Fleet,
             agents: Vec::new(),
-            _counted: (Active::new(&shared), ConnectionSlot(shared.clone())),
+            due_by: None,
+            _counted: Counted::new(ConnectionSlot(shared.clone())),
         };
         let socket = Socket {
             phase: Mutex::new(Phase::Resting(connection)),
