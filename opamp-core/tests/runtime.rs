@@ -14,8 +14,8 @@ use opamp_core::testkit::failing::FailingStore;
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::channel::{self, ChannelConnector, ChannelTransport};
 use opamp_core::transport::{
-    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceSession, DeviceTransport, FailoverConnector,
-    FromDevice, Inbound, StatusReport, ToDevice,
+    AgentConnector, Capabilities, CommandAck, DeviceHello, DeviceLimits, DeviceSession, DeviceTransport,
+    FailoverConnector, FromDevice, Inbound, StatusReport, ToDevice,
 };
 use opamp_core::{
     AgentType, Bus, Clock, Command, CommandBus, CommandKind, CommandOutcome, CommandRecord, CommandState, ConfigBundle,
@@ -686,6 +686,44 @@ async fn bad_input_closes_only_that_session() {
 
     fleet.toggle_acked("s1", "good").await;
     assert!(*agent.emission().borrow());
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_device_says_about_itself_is_bounded() {
+    let fleet = Fleet::new().await;
+    let limits = DeviceLimits::default();
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+
+    // A hello with a label too long is refused: not registered, not routable.
+    let mut bloated = hello("bloated");
+    bloated
+        .labels
+        .insert("site".into(), "x".repeat(limits.max_label_value_bytes + 1));
+    let mut refused = connector.connect(&bloated).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, refused.inbound.recv())
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(ended, None, "the bloated hello's session is closed");
+    fleet.owner_is("bloated", None).await;
+    assert!(fleet.store.status(&did("bloated")).await.unwrap().is_none());
+
+    // An error of a megabyte is stored cut to the limit, and says so.
+    let device = silent_device(&connector, "chatty").await;
+    let huge = "e".repeat(1 << 20);
+    device.outbound.send(report(None, Some(&huge))).await.unwrap();
+    let store = fleet.store.clone();
+    eventually("the cut error recorded", WAIT, || {
+        let store = store.clone();
+        async move {
+            let status = store.status(&did("chatty")).await.unwrap().unwrap();
+            status
+                .last_error
+                .is_some_and(|error| error.len() <= 4096 && error.ends_with("… (cut from 1048576 bytes)"))
+        }
+    })
+    .await;
     s1.shutdown().await;
 }
 

@@ -231,6 +231,20 @@ async fn bad_input_closes_only_the_offending_stream() {
         "{status:?}"
     );
 
+    // A register whose labels are over the limits: refused, naming the label.
+    let mut bloated = proto::Envelope::decode(register_frame("bad", &token).as_slice()).unwrap();
+    if let Some(Body::Register(identity)) = &mut bloated.body {
+        identity.labels.insert("site".into(), "x".repeat(2000));
+    }
+    let status = raw::call(&url, vec![bloated.encode_to_vec()]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("register: invalid input: device bad: label \"site\": its value is 2000 bytes"),
+        "{status:?}"
+    );
+
     // Nothing at all before the deadline.
     let status = raw::call(&url, Vec::new()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");

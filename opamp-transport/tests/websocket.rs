@@ -1090,3 +1090,34 @@ async fn clients_that_stall_are_cut_off_at_the_message_deadline() {
     assert_eq!(recv(&mut good).await.error_response, None);
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_describing_itself_past_the_limits_is_refused_naming_the_field() {
+    let fleet = Fleet::new().await;
+    let transport = bind(|c| c).await;
+    let url = format!("ws://{}/v1/opamp", transport.local_addr());
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    let mut ws = raw_ws(&url, Some(&bearer("bloated"))).await.unwrap();
+    let mut bloated = report([9; 16], 1, "bloated");
+    let description = bloated.agent_description.as_mut().unwrap();
+    description
+        .non_identifying_attributes
+        .push(text("site", &"x".repeat(2000)));
+    send(&mut ws, &bloated).await;
+    let (kind, message) = error_of(&recv(&mut ws).await);
+    assert_eq!(kind, ServerErrorResponseType::BadRequest);
+    assert!(
+        message.contains("label \"site\": its value is 2000 bytes; the limit is 1024"),
+        "{message}"
+    );
+    fleet.owner_is("bloated", None).await;
+
+    // Within the limits, the same agent registers.
+    let mut ws = raw_ws(&url, Some(&bearer("bloated"))).await.unwrap();
+    send(&mut ws, &report([9; 16], 1, "bloated")).await;
+    assert_eq!(recv(&mut ws).await.error_response, None);
+    fleet.owner_is("bloated", Some("s1")).await;
+    s1.shutdown().await;
+}

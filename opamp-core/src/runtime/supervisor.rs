@@ -86,8 +86,8 @@ use crate::store::{Claim, ConfigStoreExt, StatusStoreExt, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::CommandRecord;
 use crate::transport::{
-    Capabilities, ConfigPush, DeviceHello, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, StatusReport,
-    ToDevice, TrySendError,
+    Capabilities, ConfigPush, DeviceHello, DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound,
+    StatusReport, ToDevice, TrySendError,
 };
 
 /// How a supervisor runs.
@@ -129,6 +129,10 @@ pub struct SupervisorConfig {
     /// Which command outcomes are published as `CommandCompleted` events.
     #[serde(default)]
     pub outcome_events: OutcomeEvents,
+    /// What a device may report about itself: a hello over these is refused,
+    /// errors longer than allowed are cut.
+    #[serde(default)]
+    pub device_limits: DeviceLimits,
 }
 
 /// Which command outcomes a supervisor publishes as `CommandCompleted` events.
@@ -211,6 +215,7 @@ impl SupervisorConfig {
             max_in_flight: defaults::max_in_flight(),
             shutdown_grace: defaults::shutdown_grace(),
             outcome_events: OutcomeEvents::default(),
+            device_limits: DeviceLimits::default(),
         }
     }
 
@@ -241,6 +246,12 @@ impl SupervisorConfig {
     /// With `events` choosing which command outcomes are published as events.
     pub fn outcome_events(mut self, events: OutcomeEvents) -> Self {
         self.outcome_events = events;
+        self
+    }
+
+    /// With other bounds on what a device may report about itself.
+    pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
+        self.device_limits = limits;
         self
     }
 
@@ -1022,6 +1033,8 @@ impl Inner {
     /// claim came last writes the status, and the other fails here
     /// (`NotOwner`) and closes its session. Returns when the session began.
     async fn register(&self, hello: &DeviceHello) -> Result<Timestamp> {
+        // Transports check too, to tell the device why; this holds for any transport.
+        self.config.device_limits.check_hello(hello)?;
         let me = self.config.id;
         let device = hello.device;
         let claim = self.store.claim(&device, &me, self.config.lease_ttl).await?;
@@ -1731,9 +1744,20 @@ impl Runner {
         }
     }
 
-    async fn on_message(&mut self, message: FromDevice) {
+    async fn on_message(&mut self, mut message: FromDevice) {
         let inner = Arc::clone(&self.inner);
         let device = self.session.device;
+        // Free text from the device is stored and published: bounded first.
+        let limits = &inner.config.device_limits;
+        match &mut message {
+            FromDevice::CommandAck(ack) => match &mut ack.outcome {
+                CommandOutcome::Failed { reason } | CommandOutcome::Unsupported { reason } => limits.cut_error(reason),
+                _ => {}
+            },
+            FromDevice::ConfigAck(ack) => limits.cut_optional_error(&mut ack.error),
+            FromDevice::Status(report) => limits.cut_optional_error(&mut report.last_error),
+            _ => {}
+        }
         match message {
             FromDevice::CommandAck(ack) => match self.peer.current.as_deref() {
                 Some(InFlight {

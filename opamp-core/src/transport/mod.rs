@@ -21,8 +21,10 @@
 //! fills its own queue and nobody else's.
 
 pub mod channel;
+pub mod limits;
 pub mod queue;
 
+pub use limits::DeviceLimits;
 pub use queue::{Receiver, TryRecvError};
 
 use std::fmt::{self, Debug};

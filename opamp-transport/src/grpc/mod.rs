@@ -80,6 +80,8 @@ pub use client::{GrpcConnector, GrpcConnectorConfig};
 pub use server::GrpcTransport;
 pub use tls::{ClientTls, ServerTls};
 
+use opamp_core::transport::DeviceLimits;
+
 use crate::auth::FleetKey;
 
 /// The generated protocol types and tonic service (`opamp.control.v1`).
@@ -143,6 +145,9 @@ pub struct GrpcServerConfig {
     pub accept_queue: usize,
     /// The listen backlog (capped by the kernel's `somaxconn`).
     pub backlog: u32,
+    /// What a device may say about itself: a register message over these
+    /// is refused `INVALID_ARGUMENT`, naming the field.
+    pub device_limits: DeviceLimits,
 }
 
 impl GrpcServerConfig {
@@ -159,7 +164,14 @@ impl GrpcServerConfig {
             device_queue: 16,
             accept_queue: 1024,
             backlog: 4096,
+            device_limits: DeviceLimits::default(),
         }
+    }
+
+    /// With other bounds on what a device may say about itself.
+    pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
+        self.device_limits = limits;
+        self
     }
 
     /// With TLS.

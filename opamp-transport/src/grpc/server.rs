@@ -8,7 +8,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice};
+use opamp_core::transport::{
+    DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice,
+};
 use opamp_core::{DeviceId, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -54,6 +56,7 @@ impl GrpcTransport {
                 register_timeout: config.register_timeout,
                 device_queue: config.device_queue,
                 max_message_size: config.max_message_size,
+                device_limits: config.device_limits.clone(),
                 sessions,
             }),
         };
@@ -129,6 +132,7 @@ struct Shared {
     register_timeout: Duration,
     device_queue: usize,
     max_message_size: usize,
+    device_limits: DeviceLimits,
     sessions: mpsc::Sender<DeviceSession>,
 }
 
@@ -173,6 +177,10 @@ impl ControlService for Handler {
         let claimed = convert::claimed_device(&identity).map_err(Status::invalid_argument)?;
         let device = authenticate(&shared.auth, claimed, certified, &identity.token)?;
         let hello = convert::hello(device, identity).map_err(Status::invalid_argument)?;
+        shared
+            .device_limits
+            .check_hello(&hello)
+            .map_err(|err| Status::invalid_argument(format!("register: {err}")))?;
 
         let (outbound, queue) = Outbound::channel(shared.device_queue);
         let (abort, aborted) = oneshot::channel();

@@ -105,6 +105,8 @@ use std::time::Duration;
 pub use client::{ClientAuth, ClientTransport, OpampConnector, OpampConnectorConfig};
 pub use server::OpampTransport;
 
+use opamp_core::transport::DeviceLimits;
+
 use crate::auth::FleetKey;
 
 /// The generated protocol types (`opamp.proto.v1`), from
@@ -259,6 +261,10 @@ pub struct OpampServerConfig {
     pub accept_queue: usize,
     /// The listen backlog (capped by the kernel's `somaxconn`).
     pub backlog: u32,
+    /// What an agent may say about itself: a description over these (too
+    /// many or too long attributes, custom capabilities) is refused
+    /// `BAD_REQUEST`, naming the field.
+    pub device_limits: DeviceLimits,
 }
 
 impl OpampServerConfig {
@@ -281,7 +287,14 @@ impl OpampServerConfig {
             device_queue: 16,
             accept_queue: 1024,
             backlog: 4096,
+            device_limits: DeviceLimits::default(),
         }
+    }
+
+    /// With other bounds on what an agent may say about itself.
+    pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
+        self.device_limits = limits;
+        self
     }
 
     /// At another URL path.

@@ -687,6 +687,10 @@ pub(super) async fn register(
         });
     }
     let hello = convert::hello(device, message);
+    config
+        .device_limits
+        .check_hello(&hello)
+        .map_err(|err| Refusal::BadRequest(err.to_string()))?;
     let fleet = convert::speaks_fleet(&hello);
     let (outbound, mut queue) = Outbound::channel(config.device_queue);
     let (inbound, received) = Outbound::channel(config.device_queue);
