@@ -1121,3 +1121,46 @@ async fn an_agent_describing_itself_past_the_limits_is_refused_naming_the_field(
     fleet.owner_is("bloated", Some("s1")).await;
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchecked_bearer_token_buys_only_a_small_first_message() {
+    const UNVERIFIED: usize = 64 * 1024;
+    let fleet = Fleet::new().await;
+    let transport = bind(|c| c.max_unverified_message_size(UNVERIFIED)).await;
+    let ws_url = format!("ws://{}/v1/opamp", transport.local_addr());
+    let http_url = format!("http://{}/v1/opamp", transport.local_addr());
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    let big = |uid: [u8; 16], sequence: u64, device: &str| {
+        let mut big = report(uid, sequence, device);
+        big.health = Some(proto::ComponentHealth {
+            last_error: "x".repeat(2 * UNVERIFIED),
+            ..Default::default()
+        });
+        big
+    };
+
+    // Over a WebSocket, before the token is checked: closed as too big…
+    let mut ws = raw_ws(&ws_url, Some("Bearer not-a-token")).await.unwrap();
+    let _ = ws.send(framed(&big([5; 16], 1, "w1"))).await;
+    assert_eq!(close_code(&mut ws).await, CloseCode::Size);
+    // …and once its first message proved the token, large messages pass.
+    let mut ws = raw_ws(&ws_url, Some(&bearer("w1"))).await.unwrap();
+    send(&mut ws, &report([5; 16], 1, "w1")).await;
+    assert_eq!(recv(&mut ws).await.error_response, None);
+    send(&mut ws, &big([5; 16], 2, "w1")).await;
+    assert_eq!(recv(&mut ws).await.error_response, None);
+
+    // Over plain HTTP a bearer token is never checked before the body: 413,
+    // saying how to be allowed more; Basic device:token is checked first.
+    let body = big([6; 16], 1, "h1").encode_to_vec();
+    let refused = post(&http_url, &protobuf_headers(&bearer("h1")), body.clone()).await;
+    assert_eq!(refused.status, 413);
+    let text = String::from_utf8_lossy(&refused.body);
+    assert!(text.contains("bearer token is not yet checked"), "{text}");
+    let token = key().token(&did("h1"));
+    let accepted = post(&http_url, &protobuf_headers(&basic("h1", token.as_str())), body).await;
+    assert_eq!(accepted.status, 200, "{:?}", accepted.body);
+    s1.shutdown().await;
+}

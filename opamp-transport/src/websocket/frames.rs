@@ -135,6 +135,11 @@ impl Reader {
         }
     }
 
+    /// Reads messages up to `limit` bytes from now on.
+    pub(super) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// Takes bytes read from the socket. The buffer grows by exactly their
     /// size: a connection's reads come through a scratch buffer on the
     /// stack, so the heap holds only bytes that have arrived.

@@ -163,17 +163,25 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
+    // A bearer token is checked only once the message names its device:
+    // until then the body may cost only so much.
+    let limit = config.message_limit(&credential);
     let too_large = || {
+        let unverified = if limit < config.max_message_size {
+            " for a client whose bearer token is not yet checked (send Basic device:token to be allowed more)"
+        } else {
+            ""
+        };
         server::reply(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than the limit of {} bytes", config.max_message_size),
+            format!("the body is larger than the limit of {limit} bytes{unverified}"),
         )
     };
     // A declared length over the limit is refused before a byte of it is read.
-    if request.body().size_hint().lower() > config.max_message_size as u64 {
+    if request.body().size_hint().lower() > limit as u64 {
         return too_large();
     }
-    let read = Limited::new(request.into_body(), config.max_message_size).collect();
+    let read = Limited::new(request.into_body(), limit).collect();
     let body = match tokio::time::timeout(config.message_timeout, read).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
@@ -195,7 +203,7 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             gzip_response,
         )
     };
-    let message = match read_body_off_the_workers(encoding, body, config.max_message_size).await {
+    let message = match read_body_off_the_workers(encoding, body, limit).await {
         Ok(message) => message,
         Err(BodyProblem::TooLarge) => return too_large(),
         Err(BodyProblem::Encoding(problem)) => return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem),

@@ -140,6 +140,8 @@ pub const DEFAULT_WRITE_BUFFER_SIZE: usize = 0;
 pub const DEFAULT_READ_CHUNK: usize = 4096;
 /// The default time an agent has to be registered by the supervisor.
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default largest message from a client not yet checked (see [`OpampServerConfig::max_unverified_message_size`]).
+pub const DEFAULT_MAX_UNVERIFIED_MESSAGE_SIZE: usize = 1024 * 1024;
 /// The default time a message has to arrive whole (see [`OpampServerConfig::message_timeout`]).
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default polling interval of a plain HTTP agent (the spec's 30 s).
@@ -235,6 +237,13 @@ pub struct OpampServerConfig {
     pub device_id: DeviceIdSource,
     /// The largest message accepted or sent, in bytes, header included (after gzip, over HTTP).
     pub max_message_size: usize,
+    /// The largest message from a client whose credential names no device
+    /// (a bearer fleet token, which can only be checked against the device
+    /// its first message reports), until it is checked: so an unchecked
+    /// token costs the server at most this much per connection. Agents that
+    /// send larger messages authenticate with Basic `device:token` or a
+    /// client certificate, or this is raised. Default 1 MiB.
+    pub max_unverified_message_size: usize,
     /// How many bytes one read from a WebSocket asks for. No buffer is held
     /// while a connection idles, and none for writing: each message is
     /// framed and written at once (see [`DEFAULT_READ_CHUNK`]).
@@ -277,6 +286,7 @@ impl OpampServerConfig {
             auth,
             device_id: DeviceIdSource::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_unverified_message_size: DEFAULT_MAX_UNVERIFIED_MESSAGE_SIZE,
             read_chunk: DEFAULT_READ_CHUNK,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
@@ -313,6 +323,21 @@ impl OpampServerConfig {
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
+    }
+
+    /// With another limit on messages from clients not yet checked (see
+    /// [`max_unverified_message_size`](Self::max_unverified_message_size)).
+    pub fn max_unverified_message_size(mut self, bytes: usize) -> Self {
+        self.max_unverified_message_size = bytes;
+        self
+    }
+
+    /// The largest message a client with `credential` may send now.
+    fn message_limit(&self, credential: &server::Credential) -> usize {
+        match credential {
+            server::Credential::Token(_) => self.max_unverified_message_size.min(self.max_message_size),
+            server::Credential::Device(_) | server::Credential::Fleet => self.max_message_size,
+        }
     }
 
     /// Reading WebSockets `bytes` at a time.

@@ -354,7 +354,7 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
                     warn!(%peer, "an upgraded OpAMP connection is not a TCP stream; closing it");
                     return;
                 };
-                let mut reader = frames::Reader::new(shared.config.max_message_size);
+                let mut reader = frames::Reader::new(shared.config.message_limit(&credential));
                 // Bytes the client sent right after its upgrade request. Copied
                 // out: they share hyper's 8 KiB read buffer, which goes with them.
                 reader.extend(&read_buf);
@@ -1142,6 +1142,8 @@ impl Connection {
                 // that instead of the token (its heap text goes).
                 if let Credential::Token(_) = self.credential {
                     self.credential = Credential::Device(link.device);
+                    // Checked now: the connection may send messages of any size allowed.
+                    self.reader.set_limit(self.shared.config.max_message_size);
                 }
                 // Most connections carry one agent: no room is kept for more.
                 self.agents.reserve_exact(1);
