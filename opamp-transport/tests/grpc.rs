@@ -127,11 +127,23 @@ mod raw {
     /// Opens `Control` and sends `frames` (and then holds the stream open);
     /// the response stream, or the status the call was refused with.
     pub(super) async fn call(url: &str, frames: Vec<Vec<u8>>) -> Result<tonic::Streaming<Vec<u8>>, tonic::Status> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        call_on(connect(url).await, frames).await
+    }
+
+    /// One HTTP/2 connection to `url`; its clones share it.
+    pub(super) async fn connect(url: &str) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(url.to_owned())
             .unwrap()
             .connect()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// [`call`] on `channel`'s connection.
+    pub(super) async fn call_on(
+        channel: tonic::transport::Channel,
+        frames: Vec<Vec<u8>>,
+    ) -> Result<tonic::Streaming<Vec<u8>>, tonic::Status> {
         let mut client = tonic::client::Grpc::new(channel);
         client.ready().await.unwrap();
         let held_open = tokio_stream::iter(frames).chain(tokio_stream::pending());
@@ -410,4 +422,52 @@ async fn tls_with_tokens_and_mtls_with_the_device_id_from_the_certificate() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("needs TLS with a client_ca_pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_has_at_most_its_streams_open_at_once() {
+    let fleet = Fleet::new().await;
+    let (s1, _transport, url) = supervisor(&fleet, "s1", |c| c.max_streams_per_connection(2), |c| c).await;
+    let channel = raw::connect(&url).await;
+    let open = |device: &str| {
+        let token = key().token(&did(device)).as_str().to_owned();
+        raw::call_on(channel.clone(), vec![register_frame(device, &token)])
+    };
+    let first = open("c1").await.unwrap();
+    let _second = open("c2").await.unwrap();
+    fleet.owner_is("c2", Some("s1")).await;
+
+    // The third waits for a stream of the connection to end…
+    let third = tokio::spawn(open("c3"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "a third stream was opened on a connection allowed two"
+    );
+    fleet.owner_is("c3", None).await;
+    // …and opens once one ends: c1 registering over another connection
+    // takes its session over, and the server ends c1's stream here.
+    let token = key().token(&did("c1")).as_str().to_owned();
+    let _c1_again = raw::call(&url, vec![register_frame("c1", &token)]).await.unwrap();
+    let _ended = closing_or_end(first).await;
+    let _third = tokio::time::timeout(WAIT, third)
+        .await
+        .expect("opened once a stream ended")
+        .unwrap()
+        .unwrap();
+    fleet.owner_is("c3", Some("s1")).await;
+    s1.shutdown().await;
+}
+
+/// Reads `stream` until the server ends it, with a status or without.
+async fn closing_or_end(mut stream: tonic::Streaming<Vec<u8>>) {
+    loop {
+        match tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("ended in time")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return,
+        }
+    }
 }

@@ -145,6 +145,11 @@ pub struct GrpcServerConfig {
     pub accept_queue: usize,
     /// The listen backlog (capped by the kernel's `somaxconn`).
     pub backlog: u32,
+    /// Streams one connection may have open at once (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`); a client's further streams wait
+    /// for one to end. A device uses one; a few allow a reconnect to
+    /// overlap the stream it replaces. Default 4.
+    pub max_streams_per_connection: u32,
     /// What a device may say about itself: a register message over these
     /// is refused `INVALID_ARGUMENT`, naming the field.
     pub device_limits: DeviceLimits,
@@ -164,6 +169,7 @@ impl GrpcServerConfig {
             device_queue: 16,
             accept_queue: 1024,
             backlog: 4096,
+            max_streams_per_connection: 4,
             device_limits: DeviceLimits::default(),
         }
     }
@@ -171,6 +177,12 @@ impl GrpcServerConfig {
     /// With other bounds on what a device may say about itself.
     pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
         self.device_limits = limits;
+        self
+    }
+
+    /// Letting one connection have `streams` open at once (at least 1).
+    pub fn max_streams_per_connection(mut self, streams: u32) -> Self {
+        self.max_streams_per_connection = streams.max(1);
         self
     }
 

@@ -64,6 +64,9 @@ impl GrpcTransport {
             .max_decoding_message_size(config.max_message_size)
             .max_encoding_message_size(config.max_message_size);
         let mut builder = tonic::transport::Server::builder()
+            // A device needs one stream; without a bound a connection could
+            // open hundreds, each buffering up to a message before it registers.
+            .max_concurrent_streams(config.max_streams_per_connection)
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_nodelay(true);
