@@ -27,29 +27,12 @@ fn json(body: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_serves_the_api_and_a_supervisor_in_one_process() {
     let key = base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
-    let mut server = Proc::spawn(
-        "opamp-server",
-        env!("CARGO_BIN_EXE_opamp-server"),
-        &[
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--opamp-listen".into(),
-            "127.0.0.1:0".into(),
-            "--tokens".into(),
-            TOKEN.into(),
-            "--command-timeout".into(),
-            "5s".into(),
-        ],
-        Some(&key),
-    );
-    let line = server.first_line().await;
-    let parts: Vec<&str> = line.split(' ').collect();
-    let (http_address, grpc_address, opamp_address) = match parts.as_slice() {
-        ["listening", http, "grpc", grpc, "opamp", opamp] => (http.to_string(), grpc.to_string(), opamp.to_string()),
-        _ => panic!("expected `listening ADDR grpc ADDR opamp ADDR`, got {line:?}"),
-    };
+    let common::OneProcess {
+        proc: mut server,
+        api: http_address,
+        grpc: grpc_address,
+        opamp: opamp_address,
+    } = common::one_process(TOKEN, &key, &["--command-timeout", "5s"]).await;
     // A client that connects and sends nothing, and one that stops halfway
     // through a header: the API closes both (ServeConfig's 10 s header deadline).
     let silent_since = std::time::Instant::now();

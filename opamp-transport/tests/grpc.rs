@@ -471,3 +471,59 @@ async fn closing_or_end(mut stream: tonic::Streaming<Vec<u8>>) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_no_more_than_the_cap_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::new().await;
+    let (s1, transport, url) = supervisor(
+        &fleet,
+        "s1",
+        |c| c.register_timeout(Duration::from_secs(1)).max_connections(2),
+        |c| c,
+    )
+    .await;
+    let address = transport.local_addr();
+    // Two connections take both slots: one silent, one dribbling its
+    // preface a byte at a time, too slowly.
+    let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut dribbling = tokio::net::TcpStream::connect(address).await.unwrap();
+    let opened = std::time::Instant::now();
+    let dribble = tokio::spawn(async move {
+        for byte in b"PRI * HTTP/2.0\r\n" {
+            if dribbling.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        dribbling
+    });
+    // A device waits in the backlog while they hold the slots…
+    let device = tokio::spawn({
+        let url = url.clone();
+        async move { raw_device(&url, "d1").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.owner_is("d1", None).await;
+
+    // …both are closed at the deadline…
+    // (The server speaks first, its SETTINGS: read past them.)
+    let mut scratch = [0; 256];
+    for stream in [&mut silent, &mut dribble.await.unwrap()] {
+        loop {
+            match tokio::time::timeout(WAIT, stream.read(&mut scratch))
+                .await
+                .expect("closed in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+    let closed_after = opened.elapsed();
+    assert!(closed_after < Duration::from_secs(3), "closed after {closed_after:?}");
+    // …and the device is served in a slot they left.
+    let _device = tokio::time::timeout(WAIT, device).await.expect("registered").unwrap();
+    fleet.owner_is("d1", Some("s1")).await;
+    s1.shutdown().await;
+}

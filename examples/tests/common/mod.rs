@@ -112,6 +112,41 @@ pub(crate) fn services_present(services: &[(&str, String)]) -> bool {
     false
 }
 
+/// `opamp-server` on in-memory backends with a supervisor in the process,
+/// its REST, gRPC and OpAMP listeners each on a free port.
+pub(crate) struct OneProcess {
+    pub(crate) proc: Proc,
+    pub(crate) api: String,
+    pub(crate) grpc: String,
+    pub(crate) opamp: String,
+}
+
+/// Starts [`OneProcess`] accepting the operator `token`, with `extra` arguments.
+pub(crate) async fn one_process(token: &str, fleet_key: &str, extra: &[&str]) -> OneProcess {
+    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]
+        .into_iter()
+        .chain(["--opamp-listen", "127.0.0.1:0", "--tokens", token])
+        .chain(extra.iter().copied())
+        .map(String::from)
+        .collect();
+    let mut proc = Proc::spawn(
+        "opamp-server",
+        env!("CARGO_BIN_EXE_opamp-server"),
+        &args,
+        Some(fleet_key),
+    );
+    let line = proc.first_line().await;
+    match line.split(' ').collect::<Vec<_>>().as_slice() {
+        ["listening", api, "grpc", grpc, "opamp", opamp] => OneProcess {
+            api: api.to_string(),
+            grpc: grpc.to_string(),
+            opamp: opamp.to_string(),
+            proc,
+        },
+        _ => panic!("expected `listening ADDR grpc ADDR opamp ADDR`, got {line:?}"),
+    }
+}
+
 /// How long anything expected may take (a loaded machine, a broker joining groups).
 pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -141,6 +176,11 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|err| panic!("starting {binary}: {err}"));
         Proc { name, child, log }
+    }
+
+    /// Its process id, while it runs.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
     }
 
     pub(crate) fn logs(&self) -> String {

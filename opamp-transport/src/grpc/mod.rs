@@ -69,6 +69,7 @@ mod codec;
 mod convert;
 #[cfg(feature = "testkit")]
 pub(crate) mod fuzz;
+mod incoming;
 mod server;
 mod tls;
 
@@ -133,7 +134,9 @@ pub struct GrpcServerConfig {
     pub tls: Option<ServerTls>,
     /// The largest message accepted or sent, in bytes.
     pub max_message_size: usize,
-    /// How long a device has to send `register` after opening its stream.
+    /// How long a device has to send `register` after opening its stream;
+    /// also how long a connection has to begin its handshake (HTTP/2
+    /// preface or TLS hello) before it is closed.
     pub register_timeout: Duration,
     /// HTTP/2 keepalive pings on every connection at this interval.
     pub keepalive_interval: Duration,
@@ -150,6 +153,9 @@ pub struct GrpcServerConfig {
     /// for one to end. A device uses one; a few allow a reconnect to
     /// overlap the stream it replaces. Default 4.
     pub max_streams_per_connection: u32,
+    /// Connections served at once; more wait in the listen backlog until
+    /// one closes. Default 50,000.
+    pub max_connections: usize,
     /// What a device may say about itself: a register message over these
     /// is refused `INVALID_ARGUMENT`, naming the field.
     pub device_limits: DeviceLimits,
@@ -170,6 +176,7 @@ impl GrpcServerConfig {
             accept_queue: 1024,
             backlog: 4096,
             max_streams_per_connection: 4,
+            max_connections: 50_000,
             device_limits: DeviceLimits::default(),
         }
     }
@@ -183,6 +190,12 @@ impl GrpcServerConfig {
     /// Letting one connection have `streams` open at once (at least 1).
     pub fn max_streams_per_connection(mut self, streams: u32) -> Self {
         self.max_streams_per_connection = streams.max(1);
+        self
+    }
+
+    /// Serving at most `connections` at once (at least 1).
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
         self
     }
 

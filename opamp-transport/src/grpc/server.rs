@@ -15,7 +15,6 @@ use opamp_core::{DeviceId, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
@@ -47,7 +46,9 @@ impl GrpcTransport {
         config.validate()?;
         let listener = crate::net::listen(config.listen, config.backlog)?;
         let local_addr = crate::net::local_addr(&listener, config.listen)?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // A connection must begin its handshake within the time a device
+        // has to register: silent ones are closed rather than held.
+        let incoming = super::incoming::incoming(listener, config.max_connections, config.register_timeout);
 
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
         let handler = Handler {

@@ -1,0 +1,145 @@
+//! The connections the gRPC server takes: at most so many at once, and each
+//! must begin to speak within a deadline.
+//!
+//! tonic has no deadline for a connection's first bytes: one that never sends
+//! the HTTP/2 preface (or TLS hello) is held for ever, so silent
+//! connections by the thousand would cost a supervisor its file
+//! descriptors. Here each accepted socket must deliver its first
+//! [`OPENING_BYTES`] within the deadline or its reads fail, which ends the
+//! connection; and no more than `max_connections` are served at once (the
+//! rest wait in the listen backlog, as a flood should).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Sleep;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::debug;
+
+/// The HTTP/2 client preface is 24 bytes, and a TLS ClientHello is longer:
+/// a client that has sent this much has begun its handshake for real.
+const OPENING_BYTES: usize = 24;
+
+/// The accepted connections of `listener`, each [`Opening`] within `deadline`,
+/// at most `max_connections` open at once.
+pub(super) fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+    deadline: Duration,
+) -> ReceiverStream<io::Result<Opening>> {
+    let (connections, incoming) = mpsc::channel(1);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    tokio::spawn(async move {
+        loop {
+            // Waiting for a slot before accepting leaves the surplus in the
+            // kernel's backlog rather than in this process.
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                _ = connections.closed() => return,
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = connections.closed() => return,
+            };
+            let connection = match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    Ok(Opening::new(stream, slot, deadline))
+                }
+                Err(err) => {
+                    // Out of file descriptors, mostly: pause rather than spin.
+                    debug!(error = %err, "accepting a gRPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if connections.send(connection).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(incoming)
+}
+
+/// An accepted socket whose reads fail once its deadline passes before it
+/// sent [`OPENING_BYTES`]; it holds its slot among the connections served.
+pub(super) struct Opening {
+    stream: TcpStream,
+    /// Until the opening bytes arrive.
+    deadline: Option<Pin<Box<Sleep>>>,
+    heard: usize,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Opening {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, deadline: Duration) -> Self {
+        Opening {
+            stream,
+            deadline: Some(Box::pin(tokio::time::sleep(deadline))),
+            heard: 0,
+            _slot: slot,
+        }
+    }
+}
+
+impl AsyncRead for Opening {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if this.deadline.is_some() {
+            this.heard += buf.filled().len() - before;
+            if this.heard >= OPENING_BYTES {
+                this.deadline = None;
+            } else if read.is_pending() && this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection sent no handshake within its deadline",
+                )));
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Opening {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Opening {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
