@@ -90,6 +90,30 @@ pub fn exit_code(binary: &str, result: Result<()>) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Each SIGHUP the process receives (never, where there are no such
+/// signals): operators send it to have renewed certificates read again.
+pub fn reload_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        // One reload pending covers any number of signals.
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot listen for SIGHUP"),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
+
 /// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM; returns which came.
 ///
 /// If a handler cannot be installed, only the other one is waited for (and

@@ -134,3 +134,74 @@ async fn agent_connects_over_mtls_as_the_device_its_certificate_names() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_agents_connect_over_wss_and_a_renewed_certificate_is_served_after_sighup() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "supervisor");
+    let fleet_key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let args = strings(&[
+        "--id",
+        "s-tls",
+        "--listen",
+        "127.0.0.1:0",
+        "--opamp-listen",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "100ms",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let mut supervisor = Proc::spawn(
+        "opamp-supervisor",
+        env!("CARGO_BIN_EXE_opamp-supervisor"),
+        &args,
+        Some(fleet_key),
+    );
+    let line = supervisor.first_line().await;
+    let (grpc_port, opamp_port) = match line.split(' ').collect::<Vec<_>>().as_slice() {
+        ["listening", grpc, "opamp", opamp, ..] => (
+            grpc.rsplit_once(':').unwrap().1.to_owned(),
+            opamp.rsplit_once(':').unwrap().1.to_owned(),
+        ),
+        _ => panic!("expected `listening ADDR opamp ADDR`, got {line:?}"),
+    };
+    let agent = |device: &str, url: String, ca: String| {
+        let args = strings(&[
+            "--server",
+            &url,
+            "--device",
+            device,
+            "--applier",
+            "memory",
+            "--tls-ca",
+            &ca,
+        ]);
+        Proc::spawn("opamp-agent", env!("CARGO_BIN_EXE_opamp-agent"), &args, Some(fleet_key))
+    };
+    let wss = format!("wss://localhost:{opamp_port}/v1/opamp");
+    let first = agent("w1", wss.clone(), pki.ca());
+    first.wait_for_log("connected=true").await;
+    supervisor.wait_for_log("connected_devices=1").await;
+
+    // The operator renews the certificate (another CA here, so that only
+    // the renewed one satisfies the next agents) and sends SIGHUP.
+    let renewed = Pki::new();
+    let (new_cert, new_key) = renewed.issue("server", "supervisor");
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &supervisor.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    supervisor.wait_for_log("TLS certificate reloaded").await;
+    let second = agent("w2", wss, renewed.ca());
+    second.wait_for_log("connected=true").await;
+    let third = agent("g3", format!("https://localhost:{grpc_port}"), renewed.ca());
+    third.wait_for_log("connected=true").await;
+    supervisor.wait_for_log("connected_devices=3").await;
+    supervisor.terminate().await;
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Fleet, WAIT, Wire, did, hello, key, loopback};
+use common::{Fleet, Pki, WAIT, Wire, did, hello, key, loopback};
 use opamp_core::runtime::agent::MemoryApplier;
 use opamp_core::runtime::supervisor::{RunningSupervisor, SupervisorConfig};
 use opamp_core::testkit::spawn_agent;
@@ -334,37 +334,6 @@ async fn commands_to_a_device_with_a_full_queue_fail_at_once() {
     s1.abort();
 }
 
-/// A CA, a server certificate for `localhost`, and client certificates by Common Name.
-struct Pki {
-    ca_pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "opamp test CA");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Pki {
-            ca_pem,
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate and key (PEM) for `common_name`, valid for the host `localhost`.
-    fn issue(&self, common_name: &str) -> (String, String) {
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 async fn tls_supervisor(fleet: &Fleet, auth: DeviceAuth, tls: ServerTls) -> (RunningSupervisor, String) {
     let transport = Arc::new(
         GrpcTransport::bind(GrpcServerConfig::new(loopback(), auth).tls(tls))
@@ -525,5 +494,46 @@ async fn silent_connections_are_closed_and_no_more_than_the_cap_are_served() {
     // …and the device is served in a slot they left.
     let _device = tokio::time::timeout(WAIT, device).await.expect("registered").unwrap();
     fleet.owner_is("d1", Some("s1")).await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_certificate_serves_the_connections_that_follow() {
+    let fleet = Fleet::new().await;
+    let pki = Pki::new();
+    let (cert, cert_key) = pki.issue("supervisor");
+    let transport = Arc::new(
+        GrpcTransport::bind(
+            GrpcServerConfig::new(loopback(), DeviceAuth::FleetToken(key())).tls(ServerTls::new(cert, cert_key)),
+        )
+        .await
+        .unwrap(),
+    );
+    let url = format!("https://localhost:{}", transport.local_addr().port());
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    let renewed = Pki::new();
+    let connect = |ca: &str, device: &str| {
+        let config = GrpcConnectorConfig::new(&url)
+            .token(key().token(&did(device)))
+            .tls(ClientTls::new(ca.to_owned()));
+        let connector = GrpcConnector::new(config).unwrap();
+        let device = device.to_owned();
+        async move { connector.connect(&hello(&device)).await }
+    };
+    let _old = connect(&pki.ca_pem, "r0").await.unwrap();
+    assert!(
+        connect(&renewed.ca_pem, "r1").await.is_err(),
+        "a client trusting another CA is refused the first certificate"
+    );
+
+    let (cert, cert_key) = renewed.issue("supervisor");
+    transport.reload_tls(&ServerTls::new(cert, cert_key)).unwrap();
+    let _new = connect(&renewed.ca_pem, "r1").await.unwrap();
+    fleet.owner_is("r1", Some("s1")).await;
+    fleet.owner_is("r0", Some("s1")).await;
+    let err = transport.reload_tls(&ServerTls::new("garbage", "garbage")).unwrap_err();
+    assert!(err.to_string().contains("certificate chain"), "{err}");
     s1.shutdown().await;
 }

@@ -19,6 +19,7 @@ use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::{AgentConnector, DeviceTransport, ToDevice};
 use opamp_core::{CommandKind, CommandOutcome, Error, RoutingStore};
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
+use opamp_transport::tls::{ClientTls, ServerTls};
 use opamp_transport::websocket::proto::{
     self, AgentToServer, AnyValue, KeyValue, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags, any_value,
 };
@@ -36,11 +37,42 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-/// OpAMP over WebSocket with bearer fleet tokens.
-struct Ws;
+/// OpAMP over WebSocket with bearer fleet tokens; `wss://` when `tls`.
+struct Ws {
+    tls: bool,
+}
 
-/// OpAMP over plain HTTP, polling every 50 ms, with Basic `device:token`.
-struct Http;
+/// OpAMP over plain HTTP, polling every 50 ms, with Basic `device:token`; `https://` when `tls`.
+struct Http {
+    tls: bool,
+}
+
+const WS: Ws = Ws { tls: false };
+const HTTP: Http = Http { tls: false };
+
+/// The server's TLS: a `localhost` certificate from the shared test CA.
+fn server_tls() -> ServerTls {
+    let (_, (cert, key)) = common::shared_pki();
+    ServerTls::new(cert.clone(), key.clone())
+}
+
+/// A transport, with TLS when `tls`, and its URL for `scheme` (or its secure twin).
+async fn bind_with(tls: bool, scheme: &str) -> (Arc<OpampTransport>, String) {
+    let transport = bind(|c| if tls { c.tls(server_tls()) } else { c }).await;
+    let url = match tls {
+        true => format!("{scheme}s://localhost:{}/v1/opamp", transport.local_addr().port()),
+        false => format!("{scheme}://{}/v1/opamp", transport.local_addr()),
+    };
+    (transport, url)
+}
+
+/// `config`, trusting the shared test CA when `tls`.
+fn trusting(config: OpampConnectorConfig, tls: bool) -> OpampConnectorConfig {
+    match tls {
+        true => config.tls(ClientTls::new(common::shared_pki().0.ca_pem.clone())),
+        false => config,
+    }
+}
 
 async fn bind(config: impl FnOnce(OpampServerConfig) -> OpampServerConfig) -> Arc<OpampTransport> {
     let config = config(OpampServerConfig::new(loopback(), OpampAuth::FleetToken(key())));
@@ -52,9 +84,7 @@ impl Wire for Ws {
     type Transport = OpampTransport;
 
     async fn bind(&self) -> (Arc<OpampTransport>, String) {
-        let transport = bind(|c| c).await;
-        let url = format!("ws://{}/v1/opamp", transport.local_addr());
-        (transport, url)
+        bind_with(self.tls, "ws").await
     }
 
     async fn stop(transport: &OpampTransport) {
@@ -62,7 +92,8 @@ impl Wire for Ws {
     }
 
     fn connector(&self, url: &str, device: &str) -> Arc<dyn AgentConnector> {
-        Arc::new(ws_connector(url, device))
+        let config = OpampConnectorConfig::new(url).token(key().token(&did(device)));
+        Arc::new(OpampConnector::new(trusting(config, self.tls)).unwrap())
     }
 }
 
@@ -71,9 +102,7 @@ impl Wire for Http {
     type Transport = OpampTransport;
 
     async fn bind(&self) -> (Arc<OpampTransport>, String) {
-        let transport = bind(|c| c).await;
-        let url = format!("http://{}/v1/opamp", transport.local_addr());
-        (transport, url)
+        bind_with(self.tls, "http").await
     }
 
     async fn stop(transport: &OpampTransport) {
@@ -86,7 +115,7 @@ impl Wire for Http {
             .http(Duration::from_millis(50))
             .basic(device, token.as_str())
             .gzip(true);
-        Arc::new(OpampConnector::new(config).unwrap())
+        Arc::new(OpampConnector::new(trusting(config, self.tls)).unwrap())
     }
 }
 
@@ -96,32 +125,47 @@ fn ws_connector(url: &str, device: &str) -> OpampConnector {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emission_and_config_reach_a_fluent_bit_agent_over_websocket() {
-    common::emission_and_config_reach_a_fluent_bit_agent(&Ws).await;
+    common::emission_and_config_reach_a_fluent_bit_agent(&WS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emission_and_config_reach_a_fluent_bit_agent_over_http_polling() {
-    common::emission_and_config_reach_a_fluent_bit_agent(&Http).await;
+    common::emission_and_config_reach_a_fluent_bit_agent(&HTTP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emission_and_config_reach_a_fluent_bit_agent_over_websocket_with_tls() {
+    common::emission_and_config_reach_a_fluent_bit_agent(&Ws { tls: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emission_and_config_reach_a_fluent_bit_agent_over_http_polling_with_tls() {
+    common::emission_and_config_reach_a_fluent_bit_agent(&Http { tls: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_closes_the_stale_websocket_session_over_tls() {
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Ws { tls: true }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_closes_the_stale_websocket_session() {
-    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Ws).await;
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&WS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_ends_the_stale_http_session() {
-    common::a_takeover_closes_the_stale_session_and_fences_its_release(&Http).await;
+    common::a_takeover_closes_the_stale_session_and_fences_its_release(&HTTP).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_device_rehomes_when_its_supervisor_dies() {
-    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&Ws).await;
+    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&WS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_device_rehomes_when_its_supervisor_dies() {
-    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&Http).await;
+    common::a_dead_supervisors_leases_lapse_and_the_device_rehomes(&HTTP).await;
 }
 
 // ---- a raw OpAMP client, to send what a real client would not ----
@@ -936,7 +980,7 @@ async fn one_supervisor_serves_grpc_and_opamp_devices_at_once() {
         Arc::new(MemoryApplier::new()),
     );
     let (http_agent, _c) = spawn_agent(
-        Http.connector(&http_url, "via-http"),
+        HTTP.connector(&http_url, "via-http"),
         hello("via-http"),
         Arc::new(MemoryApplier::new()),
     );
@@ -1162,5 +1206,110 @@ async fn an_unchecked_bearer_token_buys_only_a_small_first_message() {
     let token = key().token(&did("h1"));
     let accepted = post(&http_url, &protobuf_headers(&basic("h1", token.as_str())), body).await;
     assert_eq!(accepted.status, 200, "{:?}", accepted.body);
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_name_the_device_over_tls() {
+    let fleet = Fleet::new().await;
+    let (pki, (cert, cert_key)) = common::shared_pki();
+    let tls = ServerTls::new(cert.clone(), cert_key.clone()).client_ca(pki.ca_pem.clone());
+    let transport = Arc::new(
+        OpampTransport::bind(OpampServerConfig::new(loopback(), OpampAuth::ClientCertificate).tls(tls))
+            .await
+            .unwrap(),
+    );
+    let port = transport.local_addr().port();
+    let s1 = fleet
+        .start("s1", vec![transport as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    let (device_cert, device_key) = pki.issue("m1");
+    let with_certificate = || ClientTls::new(pki.ca_pem.clone()).identity(device_cert.clone(), device_key.clone());
+
+    // The certificate's Common Name is the device, over wss:// and https://.
+    let wss = format!("wss://localhost:{port}/v1/opamp");
+    let config = OpampConnectorConfig::new(&wss).tls(with_certificate());
+    let session = OpampConnector::new(config)
+        .unwrap()
+        .connect(&hello("m1"))
+        .await
+        .unwrap();
+    fleet.owner_is("m1", Some("s1")).await;
+    drop(session);
+    let https = format!("https://localhost:{port}/v1/opamp");
+    let config = OpampConnectorConfig::new(&https)
+        .http(Duration::from_millis(50))
+        .tls(with_certificate());
+    let _polling = OpampConnector::new(config)
+        .unwrap()
+        .connect(&hello("m1"))
+        .await
+        .unwrap();
+
+    // It proves that device and no other…
+    let config = OpampConnectorConfig::new(&wss).tls(with_certificate());
+    let err = OpampConnector::new(config)
+        .unwrap()
+        .connect(&hello("m2"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the credential is for device m1, but the agent reports device m2"),
+        "{err}"
+    );
+    // …and without one the handshake fails.
+    let config = OpampConnectorConfig::new(&wss).tls(ClientTls::new(pki.ca_pem.clone()));
+    let err = OpampConnector::new(config)
+        .unwrap()
+        .connect(&hello("m3"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    fleet.owner_is("m3", None).await;
+
+    // Client certificates without TLS to check them are refused up front.
+    let err = OpampTransport::bind(OpampServerConfig::new(loopback(), OpampAuth::ClientCertificate))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs TLS with a client CA"), "{err}");
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_certificate_serves_the_connections_that_follow() {
+    let fleet = Fleet::new().await;
+    let (transport, url) = bind_with(true, "ws").await;
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    // A client trusting another CA is refused the first certificate…
+    let renewed = common::Pki::new();
+    let (cert, cert_key) = renewed.issue("supervisor");
+    let trusting_renewed = |device: &str| {
+        let config = OpampConnectorConfig::new(&url)
+            .token(key().token(&did(device)))
+            .tls(ClientTls::new(renewed.ca_pem.clone()));
+        OpampConnector::new(config).unwrap()
+    };
+    let err = trusting_renewed("r1").connect(&hello("r1")).await.unwrap_err();
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
+    // …and served once the listener is given the renewed one, without a restart.
+    let open = Ws { tls: true }.connector(&url, "r0").connect(&hello("r0")).await;
+    assert!(open.is_ok(), "the old CA's client connects before the reload");
+    transport.reload_tls(&ServerTls::new(cert, cert_key)).unwrap();
+    let _session = trusting_renewed("r1").connect(&hello("r1")).await.unwrap();
+    fleet.owner_is("r1", Some("s1")).await;
+    fleet.owner_is("r0", Some("s1")).await;
+
+    // Material that does not load leaves the certificate served as it was.
+    let err = transport
+        .reload_tls(&ServerTls::new("not a certificate", "nor a key"))
+        .unwrap_err();
+    assert!(err.to_string().contains("certificate chain"), "{err}");
+    let _again = trusting_renewed("r2").connect(&hello("r2")).await.unwrap();
+    // A plain listener cannot take TLS while it serves.
+    let (plain, _) = bind_with(false, "ws").await;
+    assert!(plain.reload_tls(&server_tls()).is_err());
     s1.shutdown().await;
 }

@@ -36,7 +36,8 @@ use tracing::info;
 struct Args {
     /// A supervisor's URL: gRPC as http://host:port (https:// with --tls-ca), or
     /// OpAMP as ws://host:port/v1/opamp (WebSocket) or opamp+http://host:port/v1/opamp
-    /// (plain HTTP polling). Repeat it for failover: the agent tries them in turn
+    /// (plain HTTP polling), over TLS as wss:// and opamp+https:// (trusting
+    /// --tls-ca, or the public roots without it). Repeat it for failover: the agent tries them in turn
     /// when a connection is lost.
     #[arg(
         long = "server",
@@ -164,33 +165,42 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     Ok(())
 }
 
-/// An OpAMP connector for a `ws://` or `opamp+http://` URL; none for other URLs.
+/// An OpAMP connector for a `ws://`, `wss://`, `opamp+http://` or
+/// `opamp+https://` URL; none for other URLs.
 fn opamp_connector(
     url: &str,
     device: &DeviceId,
     token: Option<&DeviceToken>,
-    tls: bool,
+    tls: Option<&ClientTls>,
     poll_interval: Duration,
 ) -> opamp_core::Result<Option<Arc<dyn AgentConnector>>> {
-    let config = if url.starts_with("ws://") {
+    let mut config = if url.starts_with("ws://") || url.starts_with("wss://") {
         OpampConnectorConfig::new(url)
-    } else if let Some(rest) = url.strip_prefix("opamp+http://") {
-        OpampConnectorConfig::new(format!("http://{rest}")).http(poll_interval)
+    } else if let Some(rest) = url.strip_prefix("opamp+") {
+        OpampConnectorConfig::new(rest).http(poll_interval)
     } else {
         return Ok(None);
     };
-    if tls {
+    let secure = url.starts_with("wss://") || url.starts_with("opamp+https://");
+    match (tls, secure) {
+        (Some(tls), true) => config = config.tls(tls.clone()),
+        (Some(_), false) => {
+            return Err(Error::invalid_input(format!(
+                "--server {url}: --tls-ca is given, so use wss:// or opamp+https://"
+            )));
+        }
+        // The public roots vouch for the server.
+        (None, _) => {}
+    }
+    // Basic `<device>:<token>` proves the device on every request, polls
+    // included; a client certificate (--tls-cert) proves it on its own.
+    if let Some(token) = token {
+        config = config.basic(device.as_str(), token.as_str());
+    } else if tls.is_none_or(|tls| tls.identity.is_none()) {
         return Err(Error::invalid_input(format!(
-            "--server {url}: OpAMP connections here are without TLS"
+            "--server {url}: OpAMP agents need a fleet token ({FLEET_KEY_ENV} or --token) or a client certificate"
         )));
     }
-    let token = token.ok_or_else(|| {
-        Error::invalid_input(format!(
-            "--server {url}: OpAMP agents need a fleet token ({FLEET_KEY_ENV} or --token)"
-        ))
-    })?;
-    // Basic `<device>:<token>` proves the device on every request, polls included.
-    let config = config.basic(device.as_str(), token.as_str());
     Ok(Some(Arc::new(OpampConnector::new(config)?)))
 }
 
@@ -224,8 +234,7 @@ fn connector(args: &Args) -> opamp_core::Result<Arc<dyn AgentConnector>> {
         .servers
         .iter()
         .map(|url| {
-            if let Some(opamp) = opamp_connector(url, &args.device, token.as_ref(), tls.is_some(), args.poll_interval)?
-            {
+            if let Some(opamp) = opamp_connector(url, &args.device, token.as_ref(), tls.as_ref(), args.poll_interval)? {
                 return Ok(opamp);
             }
             let mut config = GrpcConnectorConfig::new(url.clone());

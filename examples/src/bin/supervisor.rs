@@ -187,12 +187,14 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     println!("{line}");
 
     let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut reloads = opamp_examples::cli::reload_signals();
     // interval() refuses zero; the guard below keeps a zero interval from ticking.
     let mut stats = tokio::time::interval(args.stats_interval.max(Duration::from_millis(1)));
     stats.tick().await;
     let signal = loop {
         tokio::select! {
             signal = &mut shutdown => break signal,
+            Some(()) = reloads.recv() => reload_tls(&args, &transport, opamp.as_deref()),
             _ = stats.tick(), if !args.stats_interval.is_zero() => {
                 info!(connected_devices = running.connected_devices(), "stats");
             }
@@ -243,32 +245,63 @@ async fn serve_metrics(listen: SocketAddr) -> opamp_core::Result<(SocketAddr, to
     Ok((address, server))
 }
 
+/// Reads --tls-cert, --tls-key and --tls-client-ca again and serves them to
+/// new connections on every listener (SIGHUP); what does not load is logged
+/// and the old settings stay.
+fn reload_tls(args: &Args, grpc: &GrpcTransport, opamp: Option<&OpampTransport>) {
+    let tls = match server_tls(args) {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return info!("SIGHUP: no TLS to reload"),
+        Err(err) => return warn!(error = %err, "SIGHUP: the TLS files do not load; serving the old ones"),
+    };
+    let reloaded = grpc
+        .reload_tls(&tls)
+        .and_then(|()| opamp.map_or(Ok(()), |opamp| opamp.reload_tls(&tls)));
+    match reloaded {
+        Ok(()) => info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+        Err(err) => warn!(error = %err, "SIGHUP: the TLS files do not load; serving the old ones"),
+    }
+}
+
 /// The OpAMP transport's settings, when `--opamp-listen` asks for one.
 fn opamp_config(args: &Args) -> opamp_core::Result<Option<OpampServerConfig>> {
     let Some(listen) = args.opamp_listen else {
         return Ok(None);
     };
-    if args.auth != Auth::FleetToken {
-        return Err(Error::invalid_input(
-            "--opamp-listen needs --auth fleet-token: OpAMP agents prove who they are with fleet tokens",
-        ));
-    }
-    let key = fleet_key_from_env()?.ok_or_else(|| {
-        Error::invalid_input(format!(
-            "--opamp-listen needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
-        ))
-    })?;
+    let auth = match args.auth {
+        Auth::FleetToken => OpampAuth::FleetToken(fleet_key_from_env()?.ok_or_else(|| {
+            Error::invalid_input(format!(
+                "--opamp-listen needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
+            ))
+        })?),
+        Auth::ClientCert => OpampAuth::ClientCertificate,
+    };
     let source = match args.opamp_device_id {
         OpampDeviceId::ServiceInstanceId => DeviceIdSource::ServiceInstanceId,
         OpampDeviceId::InstanceUidHex => DeviceIdSource::InstanceUidHex,
         OpampDeviceId::InstanceUidUuid => DeviceIdSource::InstanceUidUuid,
     };
-    Ok(Some(
-        OpampServerConfig::new(listen, OpampAuth::FleetToken(key))
-            .device_id(source)
-            .register_timeout(args.register_timeout)
-            .device_queue(args.device_queue),
-    ))
+    let mut config = OpampServerConfig::new(listen, auth)
+        .device_id(source)
+        .register_timeout(args.register_timeout)
+        .device_queue(args.device_queue);
+    if let Some(tls) = server_tls(args)? {
+        config = config.tls(tls);
+    }
+    Ok(Some(config))
+}
+
+/// The listeners' TLS from --tls-cert, --tls-key and --tls-client-ca, read
+/// from their files now (at start, and again on SIGHUP).
+fn server_tls(args: &Args) -> opamp_core::Result<Option<ServerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut tls = ServerTls::new(read_pem(cert, "--tls-cert")?, read_pem(key, "--tls-key")?);
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca(read_pem(ca, "--tls-client-ca")?);
+    }
+    Ok(Some(tls))
 }
 
 /// The gRPC transport's settings from the flags and OPAMP_FLEET_KEY.
@@ -292,11 +325,7 @@ fn grpc_config(args: &Args) -> opamp_core::Result<GrpcServerConfig> {
     let mut config = GrpcServerConfig::new(args.listen, auth)
         .register_timeout(args.register_timeout)
         .device_queue(args.device_queue);
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let mut tls = ServerTls::new(read_pem(cert, "--tls-cert")?, read_pem(key, "--tls-key")?);
-        if let Some(ca) = &args.tls_client_ca {
-            tls = tls.client_ca(read_pem(ca, "--tls-client-ca")?);
-        }
+    if let Some(tls) = server_tls(args)? {
         config = config.tls(tls);
     }
     Ok(config)

@@ -121,7 +121,7 @@ impl GrpcConnector {
             .local_address(config.local_address);
         if let Some(tls) = &config.tls {
             endpoint = endpoint
-                .tls_config(tls.to_tonic())
+                .tls_config(super::tls::client(tls))
                 .map_err(|err| invalid("TLS settings", &err))?;
         }
         Ok(GrpcConnector { config, endpoint })

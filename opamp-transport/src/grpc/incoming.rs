@@ -1,5 +1,6 @@
-//! The connections the gRPC server takes: at most so many at once, and each
-//! must begin to speak within a deadline.
+//! The connections the gRPC server takes: at most so many at once, each
+//! with its TLS handshake done here (so that a renewed certificate can be
+//! served without a restart), and each must begin to speak within a deadline.
 //!
 //! tonic has no deadline for a connection's first bytes: one that never sends
 //! the HTTP/2 preface (or TLS hello) is held for ever, so silent
@@ -11,31 +12,36 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tracing::debug;
+
+use crate::tls::{Certified, MaybeTls, Reloadable, ServerStream};
 
 /// The HTTP/2 client preface is 24 bytes, and a TLS ClientHello is longer:
 /// a client that has sent this much has begun its handshake for real.
 const OPENING_BYTES: usize = 24;
 
-/// The accepted connections of `listener`, each [`Opening`] within `deadline`,
-/// at most `max_connections` open at once.
+/// The accepted connections of `listener`, with TLS when `tls`: each
+/// handshake and each [`Opening`] within `deadline`, at most
+/// `max_connections` open at once.
 pub(super) fn incoming(
     listener: TcpListener,
     max_connections: usize,
     deadline: Duration,
+    tls: Option<Arc<Reloadable>>,
 ) -> ReceiverStream<io::Result<Opening>> {
-    let (connections, incoming) = mpsc::channel(1);
+    let (connections, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
         loop {
@@ -49,11 +55,8 @@ pub(super) fn incoming(
                 accepted = listener.accept() => accepted,
                 _ = connections.closed() => return,
             };
-            let connection = match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    Ok(Opening::new(stream, slot, deadline))
-                }
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors, mostly: pause rather than spin.
                     debug!(error = %err, "accepting a gRPC connection failed");
@@ -61,18 +64,43 @@ pub(super) fn incoming(
                     continue;
                 }
             };
-            if connections.send(connection).await.is_err() {
-                return;
-            }
+            let _ = stream.set_nodelay(true);
+            let Some(tls) = &tls else {
+                let opening = Opening::new(MaybeTls::Plain(stream), None, peer, slot, deadline);
+                if connections.send(Ok(opening)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            // Handshakes run side by side: a slow one holds up no other.
+            let (tls, connections) = (Arc::clone(tls), connections.clone());
+            tokio::spawn(async move {
+                match tls.handshake(stream, deadline).await {
+                    Ok((stream, certified)) => {
+                        let opening = Opening::new(stream, certified, peer, slot, deadline);
+                        let _ = connections.send(Ok(opening)).await;
+                    }
+                    Err(err) => debug!(%peer, error = %err, "a gRPC TLS handshake failed"),
+                }
+            });
         }
     });
     ReceiverStream::new(incoming)
 }
 
+/// What the service learns of a connection (in each request's extensions).
+#[derive(Debug, Clone)]
+pub(super) struct ConnectionInfo {
+    pub(super) peer: SocketAddr,
+    /// The device its client certificate names, if it presented one.
+    pub(super) certified: Certified,
+}
+
 /// An accepted socket whose reads fail once its deadline passes before it
 /// sent [`OPENING_BYTES`]; it holds its slot among the connections served.
 pub(super) struct Opening {
-    stream: TcpStream,
+    stream: ServerStream,
+    info: ConnectionInfo,
     /// Until the opening bytes arrive.
     deadline: Option<Pin<Box<Sleep>>>,
     heard: usize,
@@ -80,9 +108,16 @@ pub(super) struct Opening {
 }
 
 impl Opening {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, deadline: Duration) -> Self {
+    fn new(
+        stream: ServerStream,
+        certified: Certified,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        deadline: Duration,
+    ) -> Self {
         Opening {
             stream,
+            info: ConnectionInfo { peer, certified },
             deadline: Some(Box::pin(tokio::time::sleep(deadline))),
             heard: 0,
             _slot: slot,
@@ -137,9 +172,9 @@ impl AsyncWrite for Opening {
 }
 
 impl Connected for Opening {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
     }
 }

@@ -77,9 +77,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::tls::{ClientTls, ServerTls};
 pub use client::{GrpcConnector, GrpcConnectorConfig};
 pub use server::GrpcTransport;
-pub use tls::{ClientTls, ServerTls};
 
 use opamp_core::transport::DeviceLimits;
 

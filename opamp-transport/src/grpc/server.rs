@@ -18,9 +18,10 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
+use super::incoming::ConnectionInfo;
 use super::proto::control_service_server::{ControlService, ControlServiceServer};
 use super::proto::{Envelope, envelope::Body};
-use super::{DeviceAuth, GrpcServerConfig, convert, tls};
+use super::{DeviceAuth, GrpcServerConfig, convert};
 
 /// The gRPC [`DeviceTransport`]: serves `ControlService` and hands each
 /// device that registered with a valid credential to the supervisor.
@@ -35,6 +36,7 @@ pub struct GrpcTransport {
     sessions: crate::net::Accepted,
     stopping: watch::Sender<bool>,
     server: Mutex<Option<JoinHandle<()>>>,
+    tls: Option<Arc<crate::tls::Reloadable>>,
 }
 
 impl GrpcTransport {
@@ -48,7 +50,12 @@ impl GrpcTransport {
         let local_addr = crate::net::local_addr(&listener, config.listen)?;
         // A connection must begin its handshake within the time a device
         // has to register: silent ones are closed rather than held.
-        let incoming = super::incoming::incoming(listener, config.max_connections, config.register_timeout);
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(crate::tls::Reloadable::new(tls, &[b"h2"])?)),
+            None => None,
+        };
+        let incoming =
+            super::incoming::incoming(listener, config.max_connections, config.register_timeout, tls.clone());
 
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
         let handler = Handler {
@@ -71,11 +78,6 @@ impl GrpcTransport {
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_nodelay(true);
-        if let Some(tls) = &config.tls {
-            builder = builder
-                .tls_config(tls.to_tonic())
-                .map_err(|err| Error::invalid_input(format!("grpc TLS settings: {err}")))?;
-        }
 
         let (stopping, mut stop) = watch::channel(false);
         let router = builder.add_service(service);
@@ -93,7 +95,22 @@ impl GrpcTransport {
             sessions: crate::net::Accepted::new(accepted),
             stopping,
             server: Mutex::new(Some(server)),
+            tls,
         })
+    }
+
+    /// Serves `tls` (a renewed certificate, another client CA) to
+    /// connections from now on; open connections keep theirs.
+    ///
+    /// [`Error::InvalidInput`] if it does not load (the old one stays), or
+    /// if the transport was bound without TLS.
+    pub fn reload_tls(&self, tls: &crate::tls::ServerTls) -> Result<()> {
+        match &self.tls {
+            Some(reloadable) => reloadable.reload(tls),
+            None => Err(Error::invalid_input(
+                "the gRPC listener was bound without TLS: TLS cannot be added while it serves",
+            )),
+        }
     }
 
     /// The address it listens on (with the port picked, if 0 was asked for).
@@ -150,11 +167,10 @@ impl ControlService for Handler {
 
     async fn control(&self, request: Request<Streaming<Envelope>>) -> Result<Response<ToDeviceStream>, Status> {
         let shared = &self.shared;
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "grpc".to_owned(), |addr| format!("grpc {addr}"));
+        let connection = request.extensions().get::<ConnectionInfo>();
+        let peer = connection.map_or_else(|| "grpc".to_owned(), |info| format!("grpc {}", info.peer));
         let certified = match shared.auth {
-            DeviceAuth::ClientCertificate => Some(certified_device(&request)?),
+            DeviceAuth::ClientCertificate => Some(certified_device(connection)?),
             DeviceAuth::FleetToken(_) => None,
         };
         let mut stream = request.into_inner();
@@ -208,15 +224,13 @@ impl ControlService for Handler {
     }
 }
 
-/// The device id the verified client certificate names.
-fn certified_device<T>(request: &Request<T>) -> Result<DeviceId, Status> {
-    let certificates = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certificates
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    tls::device_of_certificate(leaf).map_err(Status::unauthenticated)
+/// The device id the connection's verified client certificate names.
+fn certified_device(connection: Option<&ConnectionInfo>) -> Result<DeviceId, Status> {
+    match connection.and_then(|info| info.certified.as_ref()) {
+        Some(Ok(device)) => Ok(*device),
+        Some(Err(problem)) => Err(Status::unauthenticated(problem.clone())),
+        None => Err(Status::unauthenticated("a client certificate is required")),
+    }
 }
 
 /// The device a register message proves, or why it proves nothing.

@@ -18,6 +18,7 @@ use opamp_core::transport::{
 };
 use opamp_core::{CorrelationId, Error, Result, SupervisorId};
 use prost::Message as _;
+use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
@@ -35,6 +36,7 @@ use super::{
     DEFAULT_WRITE_BUFFER_SIZE, lock,
 };
 use crate::auth::DeviceToken;
+use crate::tls::{ClientStream, MaybeTls};
 
 /// Which OpAMP transport a connector speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +96,12 @@ impl ClientAuth {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct OpampConnectorConfig {
-    /// The server's URL: `ws://host:port/v1/opamp` for WebSocket, `http://host:port/v1/opamp` for plain HTTP.
+    /// The server's URL: `ws://host:port/v1/opamp` (`wss://` with TLS) for
+    /// WebSocket, `http://host:port/v1/opamp` (`https://`) for plain HTTP.
     pub url: String,
+    /// What a `wss://` or `https://` server must prove, and the client
+    /// certificate to present; the public roots when `None`.
+    pub tls: Option<crate::tls::ClientTls>,
     /// WebSocket or plain HTTP polling.
     pub transport: ClientTransport,
     /// The credential sent with the upgrade or every request.
@@ -123,6 +129,7 @@ impl OpampConnectorConfig {
     pub fn new(url: impl Into<String>) -> Self {
         OpampConnectorConfig {
             url: url.into(),
+            tls: None,
             transport: ClientTransport::WebSocket,
             auth: None,
             connect_timeout: Duration::from_secs(5),
@@ -159,6 +166,12 @@ impl OpampConnectorConfig {
             username: username.into(),
             password: password.into(),
         });
+        self
+    }
+
+    /// Over TLS (a `wss://` or `https://` URL) with these settings.
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -205,6 +218,9 @@ pub struct OpampConnector {
     config: OpampConnectorConfig,
     uri: Uri,
     address: String,
+    /// For a `wss://` or `https://` URL: how to open TLS, and the name the
+    /// server's certificate must have.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     uid: Arc<Mutex<[u8; 16]>>,
 }
 
@@ -214,26 +230,42 @@ impl OpampConnector {
         let invalid = |why: String| Error::invalid_input(format!("opamp connector url {:?}: {why}", config.url));
         let uri: Uri = config.url.parse().map_err(|err| invalid(format!("{err}")))?;
         let scheme = uri.scheme_str().unwrap_or("");
-        let expected = match config.transport {
-            ClientTransport::WebSocket => "ws",
+        let (plain, secure) = match config.transport {
+            ClientTransport::WebSocket => ("ws", "wss"),
             ClientTransport::Http { poll_interval } => {
                 if poll_interval.is_zero() {
                     return Err(invalid("the poll interval must be more than zero".into()));
                 }
-                "http"
+                ("http", "https")
             }
         };
-        if scheme != expected {
-            return Err(invalid(format!(
-                "the scheme must be {expected}:// for this transport (TLS is not supported yet)"
-            )));
-        }
         let host = uri.host().ok_or_else(|| invalid("it has no host".into()))?;
-        let address = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+        let tls = if scheme == secure {
+            let settings = config.tls.clone().unwrap_or_else(crate::tls::ClientTls::public_roots);
+            let name = settings.domain.as_deref().unwrap_or(host.trim_matches(['[', ']']));
+            let name = ServerName::try_from(name.to_owned())
+                .map_err(|err| invalid(format!("the TLS server name {name:?}: {err}")))?;
+            let rustls = settings.rustls(&[b"http/1.1"])?;
+            Some((Arc::new(rustls), name))
+        } else if scheme == plain {
+            if config.tls.is_some() {
+                return Err(invalid(format!(
+                    "TLS settings are given, but the scheme is {plain}://: use {secure}://"
+                )));
+            }
+            None
+        } else {
+            return Err(invalid(format!(
+                "the scheme must be {plain}:// or {secure}:// for this transport"
+            )));
+        };
+        let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
+        let address = format!("{host}:{port}");
         Ok(OpampConnector {
             config,
             uri,
             address,
+            tls,
             uid: Arc::new(Mutex::new(*uuid::Uuid::now_v7().as_bytes())),
         })
     }
@@ -241,6 +273,24 @@ impl OpampConnector {
     /// The agent's `instance_uid` now.
     pub fn instance_uid(&self) -> [u8; 16] {
         *lock(&self.uid)
+    }
+
+    /// A connection to the server: TCP, with TLS over it for a secure URL.
+    async fn open(&self) -> Result<ClientStream> {
+        let tcp = self.tcp().await?;
+        let Some((tls, name)) = &self.tls else {
+            return Ok(MaybeTls::Plain(tcp));
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
+        let handshake = tokio::time::timeout(self.config.connect_timeout, connector.connect(name.clone(), tcp));
+        match handshake.await {
+            Ok(Ok(stream)) => Ok(MaybeTls::Tls(Box::new(stream))),
+            Ok(Err(err)) => Err(Error::Unavailable {
+                message: format!("the TLS handshake with {}", self.config.url),
+                source: Some(Box::new(err)),
+            }),
+            Err(_) => Err(Error::timeout(format!("the TLS handshake with {}", self.config.url))),
+        }
     }
 
     async fn tcp(&self) -> Result<TcpStream> {
@@ -423,7 +473,7 @@ impl AgentConnector for OpampConnector {
 
 /// The connection a session runs over.
 enum Link {
-    WebSocket(WebSocketStream<TcpStream>, usize),
+    WebSocket(WebSocketStream<ClientStream>, usize),
     Http(Poster, Duration),
 }
 
@@ -444,7 +494,7 @@ impl OpampConnector {
         SupervisorId::new(&self.address).ok()
     }
 
-    async fn open_websocket(&self, state: &AgentState) -> Result<WebSocketStream<TcpStream>> {
+    async fn open_websocket(&self, state: &AgentState) -> Result<WebSocketStream<ClientStream>> {
         let url = &self.config.url;
         let mut request = url
             .as_str()
@@ -459,7 +509,7 @@ impl OpampConnector {
         if let Ok(value) = HeaderValue::from_str(&super::uuid_text(&state.uid)) {
             headers.insert("OpAMP-Instance-UID", value);
         }
-        let stream = self.tcp().await?;
+        let stream = self.open().await?;
         let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(self.ws_config()))
             .await
             .map_err(|err| match err {
@@ -545,7 +595,7 @@ fn annotate(err: Error, doing: &str) -> Error {
 }
 
 async fn exchange_ws(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<ClientStream>,
     message: AgentToServer,
     limit: usize,
 ) -> Result<ServerToAgent> {
@@ -604,7 +654,7 @@ fn closed(frame: Option<CloseFrame>) -> Error {
 
 /// Carries the session over a WebSocket until either side ends it.
 async fn pump_ws(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<ClientStream>,
     mut state: AgentState,
     mut reports: Receiver<FromDevice>,
     inbound: mpsc::Sender<Result<ToDevice>>,
@@ -734,7 +784,7 @@ async fn send_once(
     let url = &config.url;
     let body = message.encode_to_vec();
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        let stream = connector.tcp().await.map_err(Retry::Final)?;
+        let stream = connector.open().await.map_err(Retry::Final)?;
         let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|err| {

@@ -136,7 +136,12 @@ pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// Serves one plain HTTP report.
-pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Request<Incoming>) -> Reply {
+pub(super) async fn post(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    certified: &server::Certified,
+    request: Request<Incoming>,
+) -> Reply {
     let config = &shared.config;
     let is_protobuf = request
         .headers()
@@ -153,7 +158,7 @@ pub(super) async fn post(shared: &Arc<Shared>, peer: SocketAddr, request: Reques
             format!("an OpAMP POST has Content-Type: {PROTOBUF}"),
         );
     }
-    let credential = match server::credential(shared, request.headers()) {
+    let credential = match server::credential(shared, request.headers(), certified) {
         Ok(credential) => credential,
         Err(problem) => return server::unauthorized(problem),
     };

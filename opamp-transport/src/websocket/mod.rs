@@ -97,6 +97,7 @@ mod frames;
 pub(crate) mod fuzz;
 mod http;
 mod server;
+mod wire;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -208,6 +209,11 @@ pub enum OpampAuth {
         /// The password.
         password: String,
     },
+    /// A TLS client certificate, signed by the server's client CA
+    /// ([`ServerTls::client_ca`](crate::tls::ServerTls::client_ca), required):
+    /// its subject's Common Name is the device id, and the agent must report
+    /// that device. The `Authorization` header is not looked at.
+    ClientCertificate,
 }
 
 impl fmt::Debug for OpampAuth {
@@ -219,6 +225,7 @@ impl fmt::Debug for OpampAuth {
                 .field("username", username)
                 .field("password", &"..")
                 .finish(),
+            OpampAuth::ClientCertificate => f.write_str("ClientCertificate"),
         }
     }
 }
@@ -233,6 +240,10 @@ pub struct OpampServerConfig {
     pub path: String,
     /// How agents prove who they are.
     pub auth: OpampAuth,
+    /// TLS (and mTLS with a client CA) on the listener, for WebSocket
+    /// (`wss://`) and plain HTTP (`https://`) alike; plaintext when `None`.
+    /// [`OpampTransport::reload_tls`] replaces it while serving.
+    pub tls: Option<crate::tls::ServerTls>,
     /// How device ids are derived.
     pub device_id: DeviceIdSource,
     /// The largest message accepted or sent, in bytes, header included (after gzip, over HTTP).
@@ -284,6 +295,7 @@ impl OpampServerConfig {
             listen,
             path: DEFAULT_PATH.to_owned(),
             auth,
+            tls: None,
             device_id: DeviceIdSource::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_unverified_message_size: DEFAULT_MAX_UNVERIFIED_MESSAGE_SIZE,
@@ -304,6 +316,12 @@ impl OpampServerConfig {
     /// With other bounds on what an agent may say about itself.
     pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
         self.device_limits = limits;
+        self
+    }
+
+    /// With TLS (see [`tls`](Self::tls)).
+    pub fn tls(mut self, tls: crate::tls::ServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -385,6 +403,13 @@ impl OpampServerConfig {
                 "opamp path must start with '/', got {:?}",
                 self.path
             )));
+        }
+        if matches!(self.auth, OpampAuth::ClientCertificate)
+            && self.tls.as_ref().is_none_or(|tls| tls.client_ca_pem.is_none())
+        {
+            return Err(Error::invalid_input(
+                "opamp client-certificate authentication needs TLS with a client CA",
+            ));
         }
         if self.max_message_size < 1024 {
             return Err(Error::invalid_input(format!(

@@ -19,7 +19,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice};
 use opamp_core::{DeviceId, Error, Result};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -28,7 +27,9 @@ use tracing::{debug, info, warn};
 use super::convert::{self, LastConfigStatus};
 use super::frames::{self, Incoming};
 use super::proto::{AgentToServer, ServerToAgent, ServerToAgentFlags};
+use super::wire::Upgraded;
 use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http, lock};
+use crate::tls::{MaybeTls, ServerStream};
 
 /// The OpAMP [`DeviceTransport`]: serves OpAMP over WebSocket and plain HTTP
 /// on one port, and hands each agent that registered with a valid
@@ -45,22 +46,27 @@ pub struct OpampTransport {
     stopping: watch::Sender<bool>,
     active: watch::Receiver<usize>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    tls: Option<Arc<crate::tls::Reloadable>>,
 }
 
 impl OpampTransport {
     /// Listens on `config.listen` and starts serving.
     ///
-    /// [`Error::InvalidInput`] for a setting out of range;
-    /// [`Error::Unavailable`] if the address cannot be bound.
+    /// [`Error::InvalidInput`] for a setting out of range or TLS material
+    /// that does not load; [`Error::Unavailable`] if the address cannot be bound.
     pub async fn bind(config: OpampServerConfig) -> Result<Self> {
         config.validate()?;
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(crate::tls::Reloadable::new(tls, &[b"http/1.1"])?)),
+            None => None,
+        };
         let listener = crate::net::listen(config.listen, config.backlog)?;
         let local_addr = crate::net::local_addr(&listener, config.listen)?;
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
         let (stopping, stop) = watch::channel(false);
         let (active_tx, active) = watch::channel(0usize);
-        info!(%local_addr, path = %config.path, auth = ?config.auth, device_id = ?config.device_id, "OpAMP device transport listening");
-        let shared = Arc::new(Shared::new(config, sessions, stop, active_tx));
+        info!(%local_addr, path = %config.path, auth = ?config.auth, device_id = ?config.device_id, tls = tls.is_some(), "OpAMP device transport listening");
+        let shared = Arc::new(Shared::new(config, tls.clone(), sessions, stop, active_tx));
         let server = tokio::spawn(accept_loop(shared.clone(), listener));
         let reaper = tokio::spawn(http::reap(shared));
         Ok(OpampTransport {
@@ -69,7 +75,22 @@ impl OpampTransport {
             stopping,
             active,
             tasks: Mutex::new(vec![server, reaper]),
+            tls,
         })
+    }
+
+    /// Serves `tls` (a renewed certificate, another client CA) to
+    /// connections from now on; open connections keep theirs.
+    ///
+    /// [`Error::InvalidInput`] if it does not load (the old one stays), or
+    /// if the transport was bound without TLS.
+    pub fn reload_tls(&self, tls: &crate::tls::ServerTls) -> Result<()> {
+        match &self.tls {
+            Some(reloadable) => reloadable.reload(tls),
+            None => Err(Error::invalid_input(
+                "the OpAMP listener was bound without TLS: TLS cannot be added while it serves",
+            )),
+        }
     }
 
     /// The address it listens on (with the port picked, if 0 was asked for).
@@ -125,6 +146,7 @@ pub(super) const HTTP_OWNER: u64 = 0;
 /// What every connection of one transport shares.
 pub(super) struct Shared {
     pub(super) config: OpampServerConfig,
+    tls: Option<Arc<crate::tls::Reloadable>>,
     sessions: mpsc::Sender<DeviceSession>,
     /// Instance uids with a registered agent, and which connection has each.
     live: Mutex<HashMap<[u8; 16], u64>>,
@@ -143,12 +165,14 @@ pub(super) struct Shared {
 impl Shared {
     fn new(
         config: OpampServerConfig,
+        tls: Option<Arc<crate::tls::Reloadable>>,
         sessions: mpsc::Sender<DeviceSession>,
         stop: watch::Receiver<bool>,
         active: watch::Sender<usize>,
     ) -> Self {
         Shared {
             config,
+            tls,
             sessions,
             live: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
@@ -218,17 +242,22 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let _active = Active::new(&shared);
+            let Some((wire, certified)) = handshake(&shared, stream, peer).await else {
+                return;
+            };
+            let certified = Arc::new(certified);
             let service = hyper::service::service_fn({
                 let shared = shared.clone();
                 move |request| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, peer, request).await) }
+                    let certified = certified.clone();
+                    async move { Ok::<_, Infallible>(route(&shared, peer, &certified, request).await) }
                 }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(shared.config.register_timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(wire), service)
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             let mut stop = shared.stop.clone();
@@ -244,6 +273,24 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             }
         });
+    }
+}
+
+pub(super) use crate::tls::Certified;
+
+/// The connection as hyper is to serve it: for TLS, once the handshake is
+/// done (within `register_timeout`), with the device its client
+/// certificate names. `None` if the handshake failed.
+async fn handshake(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Option<(ServerStream, Certified)> {
+    let Some(tls) = &shared.tls else {
+        return Some((MaybeTls::Plain(stream), None));
+    };
+    match tls.handshake(stream, shared.config.register_timeout).await {
+        Ok(served) => Some(served),
+        Err(err) => {
+            debug!(%peer, error = %err, "an OpAMP TLS handshake failed");
+            None
+        }
     }
 }
 
@@ -273,7 +320,12 @@ pub(super) fn unauthorized(message: String) -> Reply {
     response
 }
 
-async fn route(shared: &Arc<Shared>, peer: SocketAddr, request: Request<hyper::body::Incoming>) -> Reply {
+async fn route(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    certified: &Certified,
+    request: Request<hyper::body::Incoming>,
+) -> Reply {
     if request.uri().path() != shared.config.path {
         return reply(
             StatusCode::NOT_FOUND,
@@ -284,10 +336,10 @@ async fn route(shared: &Arc<Shared>, peer: SocketAddr, request: Request<hyper::b
         if request.method() != Method::GET {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade is a GET");
         }
-        return upgrade(shared, peer, request);
+        return upgrade(shared, peer, certified, request);
     }
     if request.method() == Method::POST {
-        return http::post(shared, peer, request).await;
+        return http::post(shared, peer, certified, request).await;
     }
     reply(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -307,8 +359,13 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
-fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::body::Incoming>) -> Reply {
-    let credential = match credential(shared, request.headers()) {
+fn upgrade(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    certified: &Certified,
+    mut request: Request<hyper::body::Incoming>,
+) -> Reply {
+    let credential = match credential(shared, request.headers(), certified) {
         Ok(credential) => credential,
         Err(problem) => return unauthorized(problem),
     };
@@ -349,9 +406,10 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                // Served as the TCP stream hyper was given: the connection reads its own frames.
-                let Ok(hyper::upgrade::Parts { io, read_buf, .. }) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-                    warn!(%peer, "an upgraded OpAMP connection is not a TCP stream; closing it");
+                // Served as the stream hyper was given: the connection reads its own frames.
+                let Ok(hyper::upgrade::Parts { io, read_buf, .. }) = upgraded.downcast::<TokioIo<ServerStream>>()
+                else {
+                    warn!(%peer, "an upgraded OpAMP connection is not the stream it was served on; closing it");
                     return;
                 };
                 let mut reader = frames::Reader::new(shared.config.message_limit(&credential));
@@ -362,7 +420,7 @@ fn upgrade(shared: &Arc<Shared>, peer: SocketAddr, mut request: Request<hyper::b
                 let owner = shared.next_owner.fetch_add(1, Ordering::Relaxed);
                 let connection = Connection {
                     shared,
-                    stream: io.into_inner(),
+                    stream: super::wire::upgraded(io.into_inner()),
                     reader,
                     owner,
                     credential,
@@ -428,7 +486,18 @@ pub(super) enum Credential {
 }
 
 /// The credential in `headers`, checked as far as it can be before the agent reports.
-pub(super) fn credential(shared: &Shared, headers: &HeaderMap) -> std::result::Result<Credential, String> {
+pub(super) fn credential(
+    shared: &Shared,
+    headers: &HeaderMap,
+    certified: &Certified,
+) -> std::result::Result<Credential, String> {
+    if let OpampAuth::ClientCertificate = shared.config.auth {
+        return match certified {
+            Some(Ok(device)) => Ok(Credential::Device(*device)),
+            Some(Err(problem)) => Err(problem.clone()),
+            None => Err("a client certificate is required".into()),
+        };
+    }
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or("an Authorization header is required")?
@@ -478,6 +547,7 @@ pub(super) fn credential(shared: &Shared, headers: &HeaderMap) -> std::result::R
         (OpampAuth::Basic { .. }, other) => {
             Err(format!("the Authorization scheme {other:?} is not accepted: use Basic"))
         }
+        (OpampAuth::ClientCertificate, _) => unreachable!("answered from the certificate above"),
     }
 }
 
@@ -780,7 +850,7 @@ impl Inbound<FromDevice> for AgentInbound {
 /// no task, buffer or channel slots.
 struct Connection {
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: Upgraded,
     reader: frames::Reader,
     owner: u64,
     credential: Credential,
@@ -1251,10 +1321,10 @@ mod tests {
         let (sessions, _accepted) = mpsc::channel(1);
         let (_stopping, stop) = watch::channel(false);
         let (active, _counted) = watch::channel(0usize);
-        let shared = Arc::new(Shared::new(config, sessions, stop, active));
+        let shared = Arc::new(Shared::new(config, None, sessions, stop, active));
         let connection = Connection {
             shared: shared.clone(),
-            stream,
+            stream: Upgraded::Plain(stream),
             reader: frames::Reader::new(1024),
             owner: 1,
             credential: Credential::Fleet,

@@ -164,6 +164,47 @@ pub(crate) async fn raw_device(connector: &dyn AgentConnector, device: &str) -> 
     session
 }
 
+/// A CA, a server certificate for `localhost`, and client certificates by Common Name.
+pub(crate) struct Pki {
+    pub(crate) ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub(crate) fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "opamp test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki {
+            ca_pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate and key (PEM) for `common_name`, valid for the host `localhost`.
+    pub(crate) fn issue(&self, common_name: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// One [`Pki`] and a `localhost` server certificate for every test of a binary.
+pub(crate) fn shared_pki() -> &'static (Pki, (String, String)) {
+    static PKI: std::sync::OnceLock<(Pki, (String, String))> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let pki = Pki::new();
+        let server = pki.issue("supervisor");
+        (pki, server)
+    })
+}
+
 pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
