@@ -2,7 +2,8 @@
 //! supervisor in the process serving gRPC and OpAMP, one legitimate agent,
 //! and clients that spend the server's resources without credentials —
 //! silent connections by the hundred on every port, messages of 60 MiB
-//! begun with a bogus bearer token and stalled, garbage on every port.
+//! begun with a bogus bearer token and stalled, forged, expired and other
+//! devices' tokens, garbage on every port.
 //! Throughout, the server's memory stays within a stated bound, every
 //! attacking connection is closed within its deadline, and the legitimate
 //! agent stays connected and has a toggle acked.
@@ -10,9 +11,11 @@
 //! A small fleet of attackers here; `scripts/attack/stalled-messages`
 //! measures the stalled-message attack against a build of your choice.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
+use opamp_core::DeviceId;
+use opamp_transport::auth::FleetKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -61,6 +64,23 @@ async fn push(stream: &mut TcpStream, bytes: usize, within: Duration) {
     }
 }
 
+/// The server's answer to a WebSocket upgrade with `token`.
+async fn upgrade(address: &str, token: &str) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "GET /v1/opamp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
 async fn rest(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let headers = format!("Authorization: Bearer {BEARER}\r\nContent-Type: application/json\r\n");
     common::http(address, method, path, &headers, body).await
@@ -107,7 +127,9 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
         }
     }
 
-    // 60 MiB messages begun with a bogus bearer token, then stalled.
+    // 60 MiB messages begun with a bogus bearer token, then stalled: of the
+    // v1 form, which names no device, so that only the first message can
+    // prove it wrong (the costliest case).
     let mut stalled = Vec::new();
     for n in 0..4 {
         let mut stream = TcpStream::connect(opamp.as_str()).await.unwrap();
@@ -116,7 +138,7 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
                 .write_all(
                     b"GET /v1/opamp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-                      Authorization: Bearer bogus\r\n\r\n",
+                      Authorization: Bearer v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n\r\n",
                 )
                 .await
                 .unwrap();
@@ -135,13 +157,53 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
         } else {
             let head = format!(
                 "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
-                 Authorization: Bearer bogus\r\nContent-Length: {STALLED}\r\n\r\n"
+                 Authorization: Bearer v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\nContent-Length: {STALLED}\r\n\r\n"
             );
             stream.write_all(head.as_bytes()).await.unwrap();
         }
         push(&mut stream, STALLED / 2, Duration::from_secs(3)).await;
         stalled.push(stream);
     }
+
+    // Forged, expired and other devices' tokens: refused 401 from the
+    // headers, before the upgrade.
+    let fleet = FleetKey::from_base64(&key).unwrap();
+    let legit = DeviceId::new("legit").unwrap();
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let real = fleet.token(&legit);
+    let forged = real.as_str().replacen(".", ".0", 2);
+    let other_fleet = FleetKey::new([3u8; 32]).unwrap().token(&legit);
+    let expired = fleet.token_expiring(&legit, an_hour_ago);
+    for (what, token) in [
+        ("forged", forged.as_str()),
+        ("another fleet's", other_fleet.as_str()),
+        ("expired", expired.as_str()),
+    ] {
+        let answer = upgrade(&opamp, token).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "a {what} token: {answer}");
+    }
+    // An impersonator with a real token of its own, claiming the
+    // legitimate device, is refused; the legitimate agent keeps its session.
+    let intruder = fleet.token(&DeviceId::new("intruder").unwrap());
+    let mut impersonator = Proc::spawn(
+        "opamp-agent",
+        env!("CARGO_BIN_EXE_opamp-agent"),
+        &[
+            "--server".into(),
+            format!("ws://{opamp}/v1/opamp"),
+            "--device".into(),
+            "legit".into(),
+            "--token".into(),
+            intruder.as_str().into(),
+            "--applier".into(),
+            "memory".into(),
+        ],
+        None,
+    );
+    impersonator
+        .wait_for_log("token for device legit is for device intruder")
+        .await;
+    impersonator.terminate().await;
 
     // Garbage on every port: answered or closed, nothing else.
     for address in [&api, &opamp, &grpc] {

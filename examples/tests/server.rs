@@ -163,3 +163,28 @@ async fn bad_flags_name_what_is_wrong() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("OPAMP_FLEET_KEY"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_token_issues_tokens_that_name_their_device_and_expire() {
+    let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+    let run = |args: &[&str], key: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_opamp-token"));
+        command.args(args).env_remove("OPAMP_FLEET_KEY");
+        if let Some(key) = key {
+            command.env("OPAMP_FLEET_KEY", key);
+        }
+        command.output().unwrap()
+    };
+    let fleet = opamp_transport::auth::FleetKey::from_base64(&key).unwrap();
+    let output = run(&["--device", "d1", "--expires-in", "2h"], Some(&key));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let token = String::from_utf8(output.stdout).unwrap();
+    let now = std::time::SystemTime::now();
+    assert_eq!(fleet.device_of_at(token.trim(), now).unwrap().as_str(), "d1");
+    let later = now + std::time::Duration::from_secs(3 * 3600);
+    assert!(fleet.device_of_at(token.trim(), later).is_err(), "expired by then");
+
+    let output = run(&["--device", "d1"], None);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("OPAMP_FLEET_KEY must hold the fleet key"));
+}

@@ -18,6 +18,7 @@ use opamp_core::runtime::agent::MemoryApplier;
 use opamp_core::testkit::{eventually, spawn_agent};
 use opamp_core::transport::{AgentConnector, DeviceTransport, ToDevice};
 use opamp_core::{CommandKind, CommandOutcome, Error, RoutingStore};
+use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
 use opamp_transport::tls::{ClientTls, ServerTls};
 use opamp_transport::websocket::proto::{
@@ -176,6 +177,10 @@ fn bearer(device: &str) -> String {
     format!("Bearer {}", key().token(&did(device)).as_str())
 }
 
+/// A bearer token of the v1 form, which names no device: the server can
+/// check it only against the device an agent's first message reports.
+const UNCHECKED: &str = "Bearer v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
 fn basic(user: &str, password: &str) -> String {
     format!(
         "Basic {}",
@@ -328,8 +333,22 @@ async fn bad_websocket_input_closes_only_that_connection() {
     assert_eq!(raw_ws(&url, Some(&wrong)).await.unwrap_err().0, 401);
     assert_eq!(raw_ws(&url, Some("Digest x")).await.unwrap_err().0, 401);
 
-    // A bearer token for another device than the agent reports: refused after the first message.
+    // A forged or garbled bearer token: 401 before the upgrade too.
+    let forged = bearer("other").replacen(".", ".0", 2);
+    assert_eq!(raw_ws(&url, Some(&forged)).await.unwrap_err().0, 401);
+    assert_eq!(raw_ws(&url, Some("Bearer x")).await.unwrap_err().0, 401);
+
+    // A bearer token for another device than the agent reports: refused
+    // after the first message, whether the token names its device (v2)…
     let mut ws = raw_ws(&url, Some(&bearer("other"))).await.unwrap();
+    send(&mut ws, &report([1; 16], 1, "bad")).await;
+    let (kind, message) = error_of(&recv(&mut ws).await);
+    assert_eq!(kind, ServerErrorResponseType::BadRequest);
+    assert!(message.contains("the credential is for device other"), "{message}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Policy);
+    // …or not (v1).
+    let v1 = format!("Bearer {}", key().token_v1(&did("other")).as_str());
+    let mut ws = raw_ws(&url, Some(&v1)).await.unwrap();
     send(&mut ws, &report([1; 16], 1, "bad")).await;
     let (kind, message) = error_of(&recv(&mut ws).await);
     assert_eq!(kind, ServerErrorResponseType::BadRequest);
@@ -1102,19 +1121,19 @@ async fn clients_that_stall_are_cut_off_at_the_message_deadline() {
     // A WebSocket that never sends its first message, with a token that
     // nothing can check before that message: closed at the deadline.
     let started = std::time::Instant::now();
-    let mut silent = raw_ws(&url, Some("Bearer x")).await.unwrap();
+    let mut silent = raw_ws(&url, Some(UNCHECKED)).await.unwrap();
     assert_eq!(close_code(&mut silent).await, CloseCode::Policy);
     assert!(started.elapsed() >= TIMEOUT, "closed after {:?}", started.elapsed());
 
     // One that begins a message and stalls, holding its buffer: the same.
-    let mut stalled = raw_ws(&url, Some("Bearer x")).await.unwrap();
+    let mut stalled = raw_ws(&url, Some(UNCHECKED)).await.unwrap();
     send_fragment(&mut stalled, &[0; 512], OpCode::Data(Data::Binary), false).await;
     assert_eq!(close_code(&mut stalled).await, CloseCode::Policy);
 
     // Over HTTP: a declared body over the limit is refused before it is sent…
     let head = |length: usize| {
         format!(
-            "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer x\r\n\
+            "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n\
              Content-Type: application/x-protobuf\r\nContent-Length: {length}\r\n\r\n"
         )
     };
@@ -1186,7 +1205,7 @@ async fn an_unchecked_bearer_token_buys_only_a_small_first_message() {
     };
 
     // Over a WebSocket, before the token is checked: closed as too big…
-    let mut ws = raw_ws(&ws_url, Some("Bearer not-a-token")).await.unwrap();
+    let mut ws = raw_ws(&ws_url, Some(UNCHECKED)).await.unwrap();
     let _ = ws.send(framed(&big([5; 16], 1, "w1"))).await;
     assert_eq!(close_code(&mut ws).await, CloseCode::Size);
     // …and once its first message proved the token, large messages pass.
@@ -1196,13 +1215,17 @@ async fn an_unchecked_bearer_token_buys_only_a_small_first_message() {
     send(&mut ws, &big([5; 16], 2, "w1")).await;
     assert_eq!(recv(&mut ws).await.error_response, None);
 
-    // Over plain HTTP a bearer token is never checked before the body: 413,
-    // saying how to be allowed more; Basic device:token is checked first.
+    // Over plain HTTP a v1 bearer token is never checked before the body:
+    // 413, saying how to be allowed more; a v2 token and Basic
+    // device:token are checked first.
     let body = big([6; 16], 1, "h1").encode_to_vec();
-    let refused = post(&http_url, &protobuf_headers(&bearer("h1")), body.clone()).await;
+    let v1 = format!("Bearer {}", key().token_v1(&did("h1")).as_str());
+    let refused = post(&http_url, &protobuf_headers(&v1), body.clone()).await;
     assert_eq!(refused.status, 413);
     let text = String::from_utf8_lossy(&refused.body);
-    assert!(text.contains("bearer token is not yet checked"), "{text}");
+    assert!(text.contains("v1 bearer token is not yet checked"), "{text}");
+    let accepted = post(&http_url, &protobuf_headers(&bearer("h1")), body.clone()).await;
+    assert_eq!(accepted.status, 200, "{:?}", accepted.body);
     let token = key().token(&did("h1"));
     let accepted = post(&http_url, &protobuf_headers(&basic("h1", token.as_str())), body).await;
     assert_eq!(accepted.status, 200, "{:?}", accepted.body);
@@ -1311,5 +1334,46 @@ async fn a_reloaded_certificate_serves_the_connections_that_follow() {
     // A plain listener cannot take TLS while it serves.
     let (plain, _) = bind_with(false, "ws").await;
     assert!(plain.reload_tls(&server_tls()).is_err());
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_are_refused_and_a_rotated_key_still_accepts_the_old_ones() {
+    use std::time::SystemTime;
+    let fleet = Fleet::new().await;
+    let new_key = FleetKey::new([42u8; 32]).unwrap();
+    let rotating = new_key.clone().accepting(key());
+    let (s1, url, http_url) = opamp_supervisor(&fleet, "s1", |mut c| {
+        c.auth = OpampAuth::FleetToken(rotating);
+        c
+    })
+    .await;
+    let now = SystemTime::now();
+
+    // Expired: 401 before the upgrade or the body, saying so.
+    let expired = new_key.token_expiring(&did("e1"), now - Duration::from_secs(60));
+    let (status, _) = raw_ws(&url, Some(&format!("Bearer {}", expired.as_str())))
+        .await
+        .unwrap_err();
+    assert_eq!(status, 401);
+    let posted = post(
+        &http_url,
+        &protobuf_headers(&basic("e1", expired.as_str())),
+        report([1; 16], 1, "e1").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(posted.status, 401);
+    assert!(String::from_utf8_lossy(&posted.body).contains("expired 60 s ago"));
+
+    // Not yet expired, and under the old key during a rotation: registered.
+    let fresh = new_key.token_expiring(&did("e2"), now + Duration::from_secs(600));
+    let mut ws = raw_ws(&url, Some(&format!("Bearer {}", fresh.as_str()))).await.unwrap();
+    send(&mut ws, &report([2; 16], 1, "e2")).await;
+    assert_eq!(recv(&mut ws).await.error_response, None);
+    let mut old = raw_ws(&url, Some(&bearer("e3"))).await.unwrap();
+    send(&mut old, &report([3; 16], 1, "e3")).await;
+    assert_eq!(recv(&mut old).await.error_response, None);
+    fleet.owner_is("e2", Some("s1")).await;
+    fleet.owner_is("e3", Some("s1")).await;
     s1.shutdown().await;
 }

@@ -260,7 +260,28 @@ impl Answered {
 enum SessionEnd {
     Shutdown,
     Restart,
-    Lost(String),
+    /// `refused` when the supervisor refused the device's credential,
+    /// which retrying will not mend: worth an operator's attention.
+    Lost {
+        why: String,
+        refused: bool,
+    },
+}
+
+impl SessionEnd {
+    fn lost(err: &crate::Error) -> Self {
+        SessionEnd::Lost {
+            why: err.to_string(),
+            refused: matches!(err, crate::Error::Unauthenticated { .. }),
+        }
+    }
+
+    fn closed() -> Self {
+        SessionEnd::Lost {
+            why: "the supervisor closed the session".into(),
+            refused: false,
+        }
+    }
 }
 
 impl Agent {
@@ -312,14 +333,18 @@ impl Agent {
                     failures = 0;
                     self.config.backoff_min
                 }
-                SessionEnd::Lost(why) => {
+                SessionEnd::Lost { why, refused } => {
                     failures = failures.saturating_add(1);
                     let exp = self
                         .config
                         .backoff_min
                         .saturating_mul(1 << failures.min(20).saturating_sub(1));
                     let delay = jitter.spread(exp.min(self.config.backoff_max));
-                    debug!(%device, reason = %why, ?delay, "session lost; reconnecting");
+                    if refused {
+                        warn!(%device, reason = %why, ?delay, "the supervisor refused the device's credential; retrying");
+                    } else {
+                        debug!(%device, reason = %why, ?delay, "session lost; reconnecting");
+                    }
                     delay
                 }
             };
@@ -339,7 +364,7 @@ impl Agent {
         }
         let session = match self.connector.connect(&hello).await {
             Ok(session) => session,
-            Err(err) => return SessionEnd::Lost(err.to_string()),
+            Err(err) => return SessionEnd::lost(&err),
         };
         self.connected.send_replace(true);
         self.serve(session).await
@@ -356,19 +381,19 @@ impl Agent {
                         let (answer, end) = self.handle(message).await;
                         for reply in answer {
                             if session.outbound.send(reply).await.is_err() {
-                                return SessionEnd::Lost("the supervisor closed the session".into());
+                                return SessionEnd::closed();
                             }
                         }
                         if let Some(end) = end {
                             return end;
                         }
                     }
-                    Ok(None) => return SessionEnd::Lost("the supervisor closed the session".into()),
-                    Err(err) => return SessionEnd::Lost(err.to_string()),
+                    Ok(None) => return SessionEnd::closed(),
+                    Err(err) => return SessionEnd::lost(&err),
                 },
                 _ = heartbeat.tick() => {
                     if session.outbound.send(FromDevice::Heartbeat).await.is_err() {
-                        return SessionEnd::Lost("the supervisor closed the session".into());
+                        return SessionEnd::closed();
                     }
                 }
             }

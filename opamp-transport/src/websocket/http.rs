@@ -173,7 +173,7 @@ pub(super) async fn post(
     let limit = config.message_limit(&credential);
     let too_large = || {
         let unverified = if limit < config.max_message_size {
-            " for a client whose bearer token is not yet checked (send Basic device:token to be allowed more)"
+            " for a client whose v1 bearer token is not yet checked (send a v2 token, which names its device, or Basic device:token to be allowed more)"
         } else {
             ""
         };

@@ -192,14 +192,16 @@ pub enum DeviceIdSource {
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum OpampAuth {
-    /// Fleet tokens ([`crate::auth`]), proving one device each:
-    /// `Authorization: Basic base64(<device id>:<token>)` is checked in full
-    /// before the upgrade, and the device id the agent reports must be the
-    /// user name; `Authorization: Bearer <token>` is checked against the
-    /// device id the agent reports in its first message (before the upgrade
-    /// too when the id comes from the `instance_uid`, sent in the
-    /// `OpAMP-Instance-UID` header). Several agents on one socket must all be
-    /// that device.
+    /// Fleet tokens ([`crate::auth`]), proving one device each, checked in
+    /// full from the headers, before the upgrade or the body:
+    /// `Authorization: Bearer <v2 token>` (which names its device) or
+    /// `Authorization: Basic base64(<device id>:<token>)`; the device id the
+    /// agent reports must be that one. An older `v1` bearer token names no
+    /// device: it is checked against the device id the agent reports in its
+    /// first message (before the upgrade too when the id comes from the
+    /// `instance_uid`, sent in the `OpAMP-Instance-UID` header), and until
+    /// then the client may send at most `max_unverified_message_size`.
+    /// Several agents on one socket must all be that device.
     FleetToken(FleetKey),
     /// One user name and password for the whole fleet (`Authorization:
     /// Basic`), as OpenTelemetry's `basicauth` extension sends; any device id.
@@ -249,8 +251,8 @@ pub struct OpampServerConfig {
     /// The largest message accepted or sent, in bytes, header included (after gzip, over HTTP).
     pub max_message_size: usize,
     /// The largest message from a client whose credential names no device
-    /// (a bearer fleet token, which can only be checked against the device
-    /// its first message reports), until it is checked: so an unchecked
+    /// (a `v1` bearer fleet token, which can only be checked against the
+    /// device its first message reports), until it is checked: so an unchecked
     /// token costs the server at most this much per connection. Agents that
     /// send larger messages authenticate with Basic `device:token` or a
     /// client certificate, or this is raised. Default 1 MiB.

@@ -513,7 +513,10 @@ pub(super) fn credential(
             Ok(Credential::Device(device))
         }
         (OpampAuth::FleetToken(key), "bearer") => {
-            // The id comes from the instance uid: it is known now, so check now.
+            if rest.is_empty() {
+                return Err("the bearer token is empty".into());
+            }
+            // When the id comes from the instance uid it is known now.
             let early = match shared.config.device_id {
                 DeviceIdSource::ServiceInstanceId => None,
                 source => headers
@@ -527,7 +530,13 @@ pub(super) fn credential(
                     .verify(&device, rest)
                     .map(|()| Credential::Device(device))
                     .map_err(|err| err.to_string()),
-                None if rest.is_empty() => Err("the bearer token is empty".into()),
+                // A v2 token names its device: checked in full now, before
+                // the upgrade or a byte of the body, so a bad one costs nothing.
+                None if !rest.starts_with("v1.") => key
+                    .device_of(rest)
+                    .map(Credential::Device)
+                    .map_err(|err| err.to_string()),
+                // A v1 token names no device: checked against the first message.
                 None => Ok(Credential::Token(rest.to_owned())),
             }
         }
