@@ -64,6 +64,19 @@ async fn push(stream: &mut TcpStream, bytes: usize, within: Duration) {
     }
 }
 
+/// An `opamp-agent` as device `legit` over OpAMP, its token derived from the
+/// fleet key unless `token` is given.
+fn legit_agent(opamp: &str, fleet_key: &str, token: Option<&str>) -> Proc {
+    let mut args: Vec<String> = ["--device", "legit", "--applier", "memory", "--server"]
+        .map(String::from)
+        .into();
+    args.push(format!("ws://{opamp}/v1/opamp"));
+    if let Some(token) = token {
+        args.extend(["--token".to_owned(), token.to_owned()]);
+    }
+    Proc::spawn("opamp-agent", env!("CARGO_BIN_EXE_opamp-agent"), &args, Some(fleet_key))
+}
+
 /// The server's answer to a WebSocket upgrade with `token`.
 async fn upgrade(address: &str, token: &str) -> String {
     let mut stream = TcpStream::connect(address).await.unwrap();
@@ -101,19 +114,7 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
         grpc,
         opamp,
     } = common::one_process(TOKEN, &key, &[]).await;
-    let _agent = Proc::spawn(
-        "opamp-agent",
-        env!("CARGO_BIN_EXE_opamp-agent"),
-        &[
-            "--server".into(),
-            format!("ws://{opamp}/v1/opamp"),
-            "--device".into(),
-            "legit".into(),
-            "--applier".into(),
-            "memory".into(),
-        ],
-        Some(&key),
-    );
+    let _agent = legit_agent(&opamp, &key, None);
     common::wait_until("the legitimate agent online", || legit_online(&api)).await;
     let pid = server.pid();
     let started = Instant::now();
@@ -185,21 +186,7 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
     // An impersonator with a real token of its own, claiming the
     // legitimate device, is refused; the legitimate agent keeps its session.
     let intruder = fleet.token(&DeviceId::new("intruder").unwrap());
-    let mut impersonator = Proc::spawn(
-        "opamp-agent",
-        env!("CARGO_BIN_EXE_opamp-agent"),
-        &[
-            "--server".into(),
-            format!("ws://{opamp}/v1/opamp"),
-            "--device".into(),
-            "legit".into(),
-            "--token".into(),
-            intruder.as_str().into(),
-            "--applier".into(),
-            "memory".into(),
-        ],
-        None,
-    );
+    let mut impersonator = legit_agent(&opamp, &key, Some(intruder.as_str()));
     impersonator
         .wait_for_log("token for device legit is for device intruder")
         .await;

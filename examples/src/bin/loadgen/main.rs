@@ -54,6 +54,7 @@ use opamp_core::{AgentType, CommandOutcome, DeviceId, Store, SupervisorId};
 use opamp_examples::rest::RestClient;
 use opamp_transport::auth::FleetKey;
 use opamp_transport::grpc::{DeviceAuth, GrpcConnector, GrpcConnectorConfig, GrpcServerConfig, GrpcTransport};
+use opamp_transport::tls::{ClientTls, ServerTls};
 use opamp_transport::websocket::{OpampAuth, OpampConnector, OpampConnectorConfig, OpampServerConfig, OpampTransport};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -134,6 +135,9 @@ enum ServerKind {
     OpampSupervisor,
     /// The OpAMP transport alone: sessions accepted, answered `registered` and held, no runtime.
     OpampTransport,
+    /// The OpAMP transport alone over TLS (`wss://`, a certificate from a CA
+    /// made for the run): what TLS costs against `opamp-transport`.
+    OpampTransportTls,
     /// A Mosquitto broker (Debian's `mosquitto`) holding idle MQTT clients: the baseline of `opamp-idle`.
     Mosquitto,
 }
@@ -146,6 +150,7 @@ impl ServerKind {
             ServerKind::Bare => "bare",
             ServerKind::OpampSupervisor => "opamp-supervisor",
             ServerKind::OpampTransport => "opamp-transport",
+            ServerKind::OpampTransportTls => "opamp-transport-tls",
             ServerKind::Mosquitto => "mosquitto",
         }
     }
@@ -154,7 +159,7 @@ impl ServerKind {
     fn protocol(self) -> Protocol {
         match self {
             ServerKind::Supervisor | ServerKind::Transport | ServerKind::Bare => Protocol::Grpc,
-            ServerKind::OpampSupervisor | ServerKind::OpampTransport => Protocol::Opamp,
+            ServerKind::OpampSupervisor | ServerKind::OpampTransport | ServerKind::OpampTransportTls => Protocol::Opamp,
             ServerKind::Mosquitto => Protocol::Mqtt,
         }
     }
@@ -230,8 +235,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
+    // The servers and clients of a TLS benchmark find its certificates here.
+    let pki = match &args.command {
+        Job::OpampIdle(idle) if idle.servers.contains(&ServerKind::OpampTransportTls) => Some(RunPki::create()?),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match args.command {
             Job::GrpcIdle(idle) => idle_benchmark(idle, Benchmark::Grpc).await,
             Job::OpampIdle(idle) => idle_benchmark(idle, Benchmark::Opamp).await,
@@ -242,7 +252,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Job::Fleet(fleet) => fleet::run(fleet).await,
             Job::Deployment(args) => deployment::run(args).await,
         }
-    })
+    });
+    if let Some(RunPki(dir)) = pki {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
 }
 
 fn fleet_key() -> Result<FleetKey, Box<dyn std::error::Error>> {
@@ -276,6 +290,10 @@ async fn serve_until_stdin_closes(args: ServeArgs) -> Result<(), Box<dyn std::er
         }
         ServerKind::Transport => hold_sessions(&GrpcTransport::bind(grpc()).await?).await?,
         ServerKind::OpampTransport => hold_sessions(&OpampTransport::bind(opamp()).await?).await?,
+        ServerKind::OpampTransportTls => {
+            let tls = RunPki::from_env()?.server()?;
+            hold_sessions(&OpampTransport::bind(opamp().tls(tls)).await?).await?
+        }
         ServerKind::Mosquitto => return Err("mosquitto is its own program: `opamp-idle` starts it".into()),
         ServerKind::Bare => {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -557,6 +575,9 @@ impl Client {
             }
             Protocol::Opamp => {
                 let mut config = OpampConnectorConfig::new(&args.url).token(token()?);
+                if args.url.starts_with("wss://") {
+                    config = config.tls(RunPki::from_env()?.client()?);
+                }
                 if let Some(source) = args.source {
                     config = config.local_address(source);
                 }
@@ -709,6 +730,9 @@ struct Process {
 async fn spawn_self(args: &[String], key: &str) -> Result<Process, Box<dyn std::error::Error>> {
     let mut command = Command::new(std::env::current_exe()?);
     command.args(args).env(FLEET_KEY_ENV, key);
+    if let Some(dir) = RUN_PKI.get() {
+        command.env(RunPki::ENV, dir);
+    }
     Process::spawn(command)
 }
 
@@ -836,6 +860,52 @@ impl Benchmark {
     }
 }
 
+/// Where this process made its run's TLS material, for the processes it starts.
+static RUN_PKI: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The TLS material of a run: a CA and a server certificate it signed,
+/// made by the benchmark and found by its server and client processes
+/// through [`RunPki::ENV`].
+struct RunPki(std::path::PathBuf);
+
+impl RunPki {
+    const ENV: &'static str = "OPAMP_LOADGEN_TLS_DIR";
+
+    /// Makes the CA and the certificate in a directory of its own, for the
+    /// processes this one starts.
+    fn create() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("opamp-loadgen-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate()?;
+        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join("server.pem"), cert.pem())?;
+        std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+        let _ = RUN_PKI.set(dir.clone());
+        Ok(RunPki(dir))
+    }
+
+    fn from_env() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = std::env::var_os(Self::ENV).ok_or_else(|| format!("{} is not set", Self::ENV))?;
+        Ok(RunPki(dir.into()))
+    }
+
+    fn server(&self) -> Result<ServerTls, Box<dyn std::error::Error>> {
+        Ok(ServerTls::new(
+            std::fs::read(self.0.join("server.pem"))?,
+            std::fs::read(self.0.join("server.key"))?,
+        ))
+    }
+
+    fn client(&self) -> Result<ClientTls, Box<dyn std::error::Error>> {
+        Ok(ClientTls::new(std::fs::read(self.0.join("ca.pem"))?).domain("localhost"))
+    }
+}
+
 async fn idle_benchmark(mut args: IdleArgs, benchmark: Benchmark) -> Result<(), Box<dyn std::error::Error>> {
     if args.low == 0 || args.high <= args.low {
         return Err("--high must be more than --low, and --low more than 0".into());
@@ -894,6 +964,7 @@ async fn measure_idle(
             .to_owned();
         served = Some(server);
         match kind.protocol() {
+            Protocol::Opamp if kind == ServerKind::OpampTransportTls => format!("wss://{addr}/v1/opamp"),
             Protocol::Opamp => format!("ws://{addr}/v1/opamp"),
             Protocol::Grpc | Protocol::Mqtt => format!("http://{addr}"),
         }
@@ -1039,6 +1110,7 @@ fn print_idle_table(args: &IdleArgs, benchmark: Benchmark, results: &[(ServerKin
                 ServerKind::OpampSupervisor if in_memory => "supervisor over OpAMP WebSocket (memory store + bus)",
                 ServerKind::OpampSupervisor => "supervisor over OpAMP WebSocket (store elsewhere, memory bus)",
                 ServerKind::OpampTransport => "OpAMP WebSocket transport alone",
+                ServerKind::OpampTransportTls => "OpAMP WebSocket transport alone, over TLS",
                 ServerKind::Mosquitto => "Mosquitto, idle MQTT 3.1.1 clients",
             },
             of(kind, |m| m.rss_low_kib as f64) / 1024.0,
