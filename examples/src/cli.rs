@@ -1,7 +1,7 @@
 //! Flag parsers and the little every binary does around its runtime:
 //! durations, labels, PEM files, the fleet key and the shutdown signal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
@@ -53,6 +53,37 @@ pub fn read_pem(path: &Path, flag: &str) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+/// The TLS flags of the binaries that listen for devices: every listener
+/// of the process serves the same certificate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// The server certificate chain (PEM); serves TLS when given, with
+    /// --tls-key. SIGHUP reads the files again.
+    #[arg(long, env = "OPAMP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "OPAMP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) client certificates must chain to: every client must present one (mTLS).
+    #[arg(long, env = "OPAMP_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings from the files, read now (at start, and again on
+    /// SIGHUP); none without a certificate.
+    pub fn server_tls(&self) -> Result<Option<opamp_transport::tls::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let mut tls = opamp_transport::tls::ServerTls::new(read_pem(cert, "--tls-cert")?, read_pem(key, "--tls-key")?);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca(read_pem(ca, "--tls-client-ca")?);
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// The fleet key from [`FLEET_KEY_ENV`], if it is set and not empty; an

@@ -205,3 +205,104 @@ async fn opamp_agents_connect_over_wss_and_a_renewed_certificate_is_served_after
     supervisor.wait_for_log("connected_devices=3").await;
     supervisor.terminate().await;
 }
+
+/// One HTTPS request to `port` on `localhost`, trusting `ca_pem`: the answer's status line.
+async fn https_status(port: &str, ca_pem: &[u8], path: &str) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    Ok(answer.lines().next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_server_serves_its_api_over_https_and_reloads_on_sighup() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "opamp-server");
+    let fleet_key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let args = strings(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--opamp-listen",
+        "127.0.0.1:0",
+        "--tokens",
+        "ops:operator:an-operator-secret-for-tests",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let mut server = Proc::spawn(
+        "opamp-server",
+        env!("CARGO_BIN_EXE_opamp-server"),
+        &args,
+        Some(fleet_key),
+    );
+    let line = server.first_line().await;
+    let ports: Vec<String> = line
+        .split(' ')
+        .filter_map(|part| part.rsplit_once(':').map(|(_, port)| port.to_owned()))
+        .collect();
+    let [api, _grpc, opamp] = ports.as_slice() else {
+        panic!("expected `listening ADDR grpc ADDR opamp ADDR`, got {line:?}");
+    };
+    let ca = std::fs::read(pki.ca()).unwrap();
+    assert_eq!(https_status(api, &ca, "/health/live").await.unwrap(), "HTTP/1.1 200 OK");
+    // The supervisor in the process serves OpAMP over TLS from the same files.
+    let agent_args = strings(&[
+        "--server",
+        &format!("wss://localhost:{opamp}/v1/opamp"),
+        "--device",
+        "w1",
+        "--applier",
+        "memory",
+        "--tls-ca",
+        &pki.ca(),
+    ]);
+    let agent = Proc::spawn(
+        "opamp-agent",
+        env!("CARGO_BIN_EXE_opamp-agent"),
+        &agent_args,
+        Some(fleet_key),
+    );
+    agent.wait_for_log("connected=true").await;
+
+    // Renewed under another CA, then SIGHUP: the API serves the new one.
+    let renewed = Pki::new();
+    let (new_cert, new_key) = renewed.issue("server", "opamp-server");
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    let renewed_ca = std::fs::read(renewed.ca()).unwrap();
+    assert!(https_status(api, &renewed_ca, "/health/live").await.is_err());
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    server.wait_for_log("TLS certificate reloaded").await;
+    assert_eq!(
+        https_status(api, &renewed_ca, "/health/live").await.unwrap(),
+        "HTTP/1.1 200 OK"
+    );
+    server.terminate().await;
+}

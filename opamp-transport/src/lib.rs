@@ -12,7 +12,7 @@
 //! | `grpc`      | `grpc`      | the design's `ControlService` over gRPC (tonic), with TLS and mTLS (rustls) |
 //! | `http_api`  | `http-api`  | the REST API over the control plane, health, Prometheus metrics, the dashboard (axum) |
 //! | `websocket` | `websocket` | OpAMP over WebSocket and plain HTTP on one port, for any OpAMP agent |
-//! | `tls`       | `grpc` or `websocket` | TLS settings for listeners and connectors (rustls), shared by both transports |
+//! | `tls`       | `grpc`, `websocket` or `http-api` | TLS settings for listeners and connectors (rustls), shared by every listener |
 //! | `testkit`   | `testkit`   | the checks behind the fuzz targets (`fuzz/`), for the corpus replay |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -29,8 +29,8 @@ mod net;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
-#[cfg(any(feature = "grpc", feature = "websocket"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "grpc", feature = "websocket"))))]
+#[cfg(any(feature = "grpc", feature = "websocket", feature = "http-api"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "grpc", feature = "websocket", feature = "http-api"))))]
 pub mod tls;
 #[cfg(feature = "websocket")]
 #[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]

@@ -135,6 +135,8 @@ impl ClientTls {
     /// The rustls configuration, offering `alpn`.
     ///
     /// [`Error::InvalidInput`] naming what does not load.
+    // Only OpAMP's connector builds its own; tonic builds gRPC's.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
     pub(crate) fn rustls(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig> {
         use rustls_pki_types::pem::PemObject as _;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -201,9 +203,11 @@ fn roots(pem: &[u8], what: &str) -> Result<rustls::RootCertStore> {
 
 /// A listener's TLS configuration, which an operator may replace while it
 /// serves (a renewed certificate): connections from then on use the new one,
-/// open ones keep theirs.
+/// open ones keep theirs. The transports hold one each (their `reload_tls`);
+/// [`ServeConfig::tls`](crate::http_api::ServeConfig) hands the REST
+/// listener's out.
 #[derive(Debug)]
-pub(crate) struct Reloadable {
+pub struct Reloadable {
     alpn: Vec<&'static [u8]>,
     config: RwLock<Arc<rustls::ServerConfig>>,
 }
@@ -216,8 +220,9 @@ impl Reloadable {
         })
     }
 
-    /// Serves `tls` to connections from now on; the old settings stay if it does not load.
-    pub(crate) fn reload(&self, tls: &ServerTls) -> Result<()> {
+    /// Serves `tls` to connections from now on; the old settings stay if it
+    /// does not load ([`Error::InvalidInput`] naming what does not).
+    pub fn reload(&self, tls: &ServerTls) -> Result<()> {
         let config = Arc::new(tls.rustls(&self.alpn)?);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
         Ok(())

@@ -26,6 +26,7 @@ use clap::Parser;
 use opamp_core::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use opamp_core::runtime::supervisor::{Supervisor, SupervisorConfig};
 use opamp_core::{DeviceTransport, Error, SupervisorId};
+use opamp_examples::cli::TlsArgs;
 use opamp_examples::cli::{FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, shutdown_signal};
 use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
@@ -66,6 +67,9 @@ struct Args {
     /// supervisor; device ids from `service.instance.id`, fleet tokens as credentials.
     #[arg(long, env = "OPAMP_OPAMP_LISTEN", requires = "grpc_listen")]
     opamp_listen: Option<SocketAddr>,
+    /// A certificate chain (PEM): HTTPS for the API, and TLS on that
+    #[command(flatten)]
+    tls: TlsArgs,
     /// The id of that supervisor.
     #[arg(long, env = "OPAMP_SUPERVISOR_ID", default_value = "server-supervisor")]
     supervisor_id: SupervisorId,
@@ -109,6 +113,7 @@ async fn run(args: Args) -> opamp_core::Result<()> {
         .accept_store_loss(args.accept_store_loss);
     let control = ControlPlane::start(config, store.clone(), bus.bus()).await?;
 
+    let tls = args.tls.server_tls()?;
     let supervisor = match args.grpc_listen {
         None => None,
         Some(listen) => {
@@ -117,12 +122,18 @@ async fn run(args: Args) -> opamp_core::Result<()> {
                     "--grpc-listen needs the fleet key (base64, 16+ bytes) in {FLEET_KEY_ENV}"
                 ))
             })?;
-            let grpc = GrpcServerConfig::new(listen, DeviceAuth::FleetToken(key.clone()));
+            let mut grpc = GrpcServerConfig::new(listen, DeviceAuth::FleetToken(key.clone()));
+            if let Some(tls) = &tls {
+                grpc = grpc.tls(tls.clone());
+            }
             let transport = Arc::new(GrpcTransport::bind(grpc).await?);
             let mut transports = vec![transport.clone() as Arc<dyn DeviceTransport>];
             let opamp = match args.opamp_listen {
                 Some(listen) => {
-                    let config = OpampServerConfig::new(listen, OpampAuth::FleetToken(key));
+                    let mut config = OpampServerConfig::new(listen, OpampAuth::FleetToken(key));
+                    if let Some(tls) = &tls {
+                        config = config.tls(tls.clone());
+                    }
                     let opamp = Arc::new(OpampTransport::bind(config).await?);
                     transports.push(opamp.clone() as Arc<dyn DeviceTransport>);
                     Some(opamp)
@@ -167,10 +178,28 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     }
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(http_api::serve(listener, app, ServeConfig::default(), async {
+    let serve = match &tls {
+        Some(tls) => ServeConfig::default().tls(tls)?,
+        None => ServeConfig::default(),
+    };
+    let api_tls = serve.tls_reloader();
+    let http = tokio::spawn(http_api::serve(listener, app, serve, async {
         let _ = http_stopped.await;
     }));
-    let signal = shutdown_signal().await;
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut reloads = opamp_examples::cli::reload_signals();
+    let signal = loop {
+        tokio::select! {
+            signal = &mut shutdown => break signal,
+            Some(()) = reloads.recv() => {
+                let (grpc, opamp) = match &supervisor {
+                    Some((_, grpc, opamp)) => (Some(grpc.as_ref()), opamp.as_deref()),
+                    None => (None, None),
+                };
+                reload_tls(&args, api_tls.as_deref(), grpc, opamp);
+            }
+        }
+    };
     info!(
         signal,
         "shutting down: HTTP, then the supervisor, the bus and the control plane"
@@ -195,6 +224,29 @@ async fn run(args: Args) -> opamp_core::Result<()> {
     control.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// Reads the TLS files again and serves them to new connections on every
+/// listener (SIGHUP); what does not load is logged and the old ones stay.
+fn reload_tls(
+    args: &Args,
+    api: Option<&opamp_transport::tls::Reloadable>,
+    grpc: Option<&GrpcTransport>,
+    opamp: Option<&OpampTransport>,
+) {
+    let tls = match args.tls.server_tls() {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return info!("SIGHUP: no TLS to reload"),
+        Err(err) => return warn!(error = %err, "SIGHUP: the TLS files do not load; serving the old ones"),
+    };
+    let reloaded = api
+        .map_or(Ok(()), |api| api.reload(&tls))
+        .and_then(|()| grpc.map_or(Ok(()), |grpc| grpc.reload_tls(&tls)))
+        .and_then(|()| opamp.map_or(Ok(()), |opamp| opamp.reload_tls(&tls)));
+    match reloaded {
+        Ok(()) => info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+        Err(err) => warn!(error = %err, "SIGHUP: the TLS files do not load; serving the old ones"),
+    }
 }
 
 /// `NAME:ROLE:SECRET,…`; errors name the entry (never its secret).

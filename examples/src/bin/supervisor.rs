@@ -20,7 +20,6 @@
 //! transport, then the bus).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,12 +27,11 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use opamp_core::runtime::supervisor::{OutcomeEvents, Supervisor, SupervisorConfig};
 use opamp_core::{DeviceTransport, Error, SupervisorId};
-use opamp_examples::cli::{
-    FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, read_pem, shutdown_signal,
-};
+use opamp_examples::cli::TlsArgs;
+use opamp_examples::cli::{FLEET_KEY_ENV, exit_code, fleet_key_from_env, parse_duration, parse_flag, shutdown_signal};
 use opamp_examples::logging::LogArgs;
 use opamp_examples::{BusUrl, StoreUrl, open_bus, open_store};
-use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport, ServerTls};
+use opamp_transport::grpc::{DeviceAuth, GrpcServerConfig, GrpcTransport};
 use opamp_transport::websocket::{DeviceIdSource, OpampAuth, OpampServerConfig, OpampTransport};
 use tracing::{info, warn};
 
@@ -71,15 +69,8 @@ struct Args {
     /// or `client-cert` (mTLS; needs --tls-cert, --tls-key and --tls-client-ca).
     #[arg(long, value_enum, env = "OPAMP_AUTH", default_value = "fleet-token")]
     auth: Auth,
-    /// The server certificate chain (PEM); serves TLS when given, with --tls-key.
-    #[arg(long, env = "OPAMP_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The server's private key (PEM).
-    #[arg(long, env = "OPAMP_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The CA (PEM) device certificates must chain to: every device must present one (mTLS).
-    #[arg(long, env = "OPAMP_TLS_CLIENT_CA", requires = "tls_cert")]
-    tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long a lease lasts without renewal (renewed every third of it).
     #[arg(long, env = "OPAMP_LEASE_TTL", value_parser = parse_duration, default_value = "300s")]
     lease_ttl: Duration,
@@ -249,7 +240,7 @@ async fn serve_metrics(listen: SocketAddr) -> opamp_core::Result<(SocketAddr, to
 /// new connections on every listener (SIGHUP); what does not load is logged
 /// and the old settings stay.
 fn reload_tls(args: &Args, grpc: &GrpcTransport, opamp: Option<&OpampTransport>) {
-    let tls = match server_tls(args) {
+    let tls = match args.tls.server_tls() {
         Ok(Some(tls)) => tls,
         Ok(None) => return info!("SIGHUP: no TLS to reload"),
         Err(err) => return warn!(error = %err, "SIGHUP: the TLS files do not load; serving the old ones"),
@@ -285,23 +276,10 @@ fn opamp_config(args: &Args) -> opamp_core::Result<Option<OpampServerConfig>> {
         .device_id(source)
         .register_timeout(args.register_timeout)
         .device_queue(args.device_queue);
-    if let Some(tls) = server_tls(args)? {
+    if let Some(tls) = args.tls.server_tls()? {
         config = config.tls(tls);
     }
     Ok(Some(config))
-}
-
-/// The listeners' TLS from --tls-cert, --tls-key and --tls-client-ca, read
-/// from their files now (at start, and again on SIGHUP).
-fn server_tls(args: &Args) -> opamp_core::Result<Option<ServerTls>> {
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        return Ok(None);
-    };
-    let mut tls = ServerTls::new(read_pem(cert, "--tls-cert")?, read_pem(key, "--tls-key")?);
-    if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca(read_pem(ca, "--tls-client-ca")?);
-    }
-    Ok(Some(tls))
 }
 
 /// The gRPC transport's settings from the flags and OPAMP_FLEET_KEY.
@@ -315,7 +293,7 @@ fn grpc_config(args: &Args) -> opamp_core::Result<GrpcServerConfig> {
                 )));
             }
         },
-        Auth::ClientCert if args.tls_client_ca.is_none() => {
+        Auth::ClientCert if args.tls.tls_client_ca.is_none() => {
             return Err(Error::invalid_input(
                 "--auth client-cert needs --tls-cert, --tls-key and --tls-client-ca",
             ));
@@ -325,7 +303,7 @@ fn grpc_config(args: &Args) -> opamp_core::Result<GrpcServerConfig> {
     let mut config = GrpcServerConfig::new(args.listen, auth)
         .register_timeout(args.register_timeout)
         .device_queue(args.device_queue);
-    if let Some(tls) = server_tls(args)? {
+    if let Some(tls) = args.tls.server_tls()? {
         config = config.tls(tls);
     }
     Ok(config)

@@ -27,6 +27,8 @@ use tokio::time::{Instant, Sleep};
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
+use crate::tls::{MaybeTls, Reloadable, ServerTls};
+
 /// How [`serve`] treats connections.
 ///
 /// ```
@@ -49,6 +51,10 @@ pub struct ServeConfig {
     /// Connections served at once; more wait in the listen backlog until
     /// one closes. Default 10,000.
     pub max_connections: usize,
+    /// TLS (HTTPS), when set: the handshake must be done within
+    /// `header_timeout`. Replace the certificate while serving with
+    /// [`Reloadable::reload`] on [`tls_reloader`](Self::tls_reloader).
+    pub tls: Option<Arc<Reloadable>>,
 }
 
 impl Default for ServeConfig {
@@ -57,6 +63,7 @@ impl Default for ServeConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            tls: None,
         }
     }
 }
@@ -72,6 +79,18 @@ impl ServeConfig {
     pub fn body_timeout(mut self, timeout: Duration) -> Self {
         self.body_timeout = timeout;
         self
+    }
+
+    /// Serving HTTPS with `tls` (with client certificates required when it
+    /// has a client CA). [`opamp_core::Error::InvalidInput`] if it does not load.
+    pub fn tls(mut self, tls: &ServerTls) -> opamp_core::Result<Self> {
+        self.tls = Some(Arc::new(Reloadable::new(tls, &[b"http/1.1"])?));
+        Ok(self)
+    }
+
+    /// What replaces the certificate served, if serving HTTPS.
+    pub fn tls_reloader(&self) -> Option<Arc<Reloadable>> {
+        self.tls.clone()
     }
 
     /// Serves at most `max` connections at once (at least 1).
@@ -111,8 +130,16 @@ pub async fn serve(listener: TcpListener, app: Router, config: ServeConfig, shut
         let body_timeout = config.body_timeout;
         let mut stopping = stopping.clone();
         let header_timeout = config.header_timeout;
+        let tls = config.tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let stream = match &tls {
+                None => MaybeTls::Plain(stream),
+                Some(tls) => match tls.handshake(stream, header_timeout).await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => return debug!(%peer, error = %err, "an API TLS handshake failed"),
+                },
+            };
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let request = request.map(|body| Body::new(Deadline::new(body, body_timeout)));
                 app.clone().oneshot(request)
