@@ -537,3 +537,38 @@ async fn a_reloaded_certificate_serves_the_connections_that_follow() {
     assert!(err.to_string().contains("certificate chain"), "{err}");
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reporting_too_often_has_its_stream_ended_resource_exhausted() {
+    use opamp_core::transport::DeviceLimits;
+    let fleet = Fleet::new().await;
+    let limits = DeviceLimits::default().report_rate(60, 2);
+    let (s1, _transport, url) = supervisor(&fleet, "s1", |c| c.device_limits(limits), |c| c).await;
+    let mut quiet = raw_device(&url, "quiet").await;
+    let mut chatty = raw_device(&url, "chatty").await;
+    for _ in 0..3 {
+        let _ = chatty.outbound.send(FromDevice::Heartbeat).await;
+    }
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match chatty.inbound.recv().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let err = ended.unwrap_err().to_string();
+    assert!(err.contains("more than 60 messages a minute (bursts of 2)"), "{err}");
+    // Another device is not affected.
+    quiet.outbound.send(FromDevice::Heartbeat).await.unwrap();
+    fleet.owner_is("quiet", Some("s1")).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), quiet.inbound.recv())
+            .await
+            .is_err(),
+        "the quiet device's stream stays open"
+    );
+    s1.shutdown().await;
+}

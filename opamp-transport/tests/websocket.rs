@@ -1377,3 +1377,58 @@ async fn expired_tokens_are_refused_and_a_rotated_key_still_accepts_the_old_ones
     fleet.owner_is("e3", Some("s1")).await;
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reporting_too_often_is_told_to_wait() {
+    use opamp_core::transport::DeviceLimits;
+    let fleet = Fleet::new().await;
+    // One report a second on average, two at once.
+    let limits = DeviceLimits::default().report_rate(60, 2);
+    let (s1, url, http_url) = opamp_supervisor(&fleet, "s1", |c| c.device_limits(limits)).await;
+
+    // Over a WebSocket: the allowance is spent, then UNAVAILABLE with RetryInfo…
+    let mut ws = raw_ws(&url, Some(&bearer("chatty"))).await.unwrap();
+    send(&mut ws, &report([7; 16], 1, "chatty")).await;
+    assert_eq!(recv(&mut ws).await.error_response, None);
+    for sequence in 2..=3 {
+        send(&mut ws, &bare([7; 16], sequence)).await;
+        assert_eq!(recv(&mut ws).await.error_response, None);
+    }
+    send(&mut ws, &bare([7; 16], 4)).await;
+    let throttled = recv(&mut ws).await;
+    let (kind, message) = error_of(&throttled);
+    assert_eq!(kind, ServerErrorResponseType::Unavailable);
+    assert!(
+        message.contains("more than 60 reports a minute (bursts of 2)"),
+        "{message}"
+    );
+    match throttled.error_response.unwrap().details {
+        Some(proto::server_error_response::Details::RetryInfo(info)) => {
+            assert!(info.retry_after_nanoseconds > 0 && info.retry_after_nanoseconds <= 1_000_000_000)
+        }
+        other => panic!("expected RetryInfo, got {other:?}"),
+    }
+    // …the session stays, and once the allowance is back the report it
+    // missed shows as a gap: the agent is asked for its full state.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(&mut ws, &bare([7; 16], 5)).await;
+    let after = recv(&mut ws).await;
+    assert_eq!(after.error_response, None);
+    assert_ne!(after.flags & ServerToAgentFlags::ReportFullState as u64, 0);
+    fleet.owner_is("chatty", Some("s1")).await;
+
+    // Over plain HTTP: 429 with Retry-After.
+    let headers = protobuf_headers(&bearer("polling"));
+    let first = post(&http_url, &headers, report([8; 16], 1, "polling").encode_to_vec()).await;
+    assert_eq!(first.status, 200);
+    let mut statuses = Vec::new();
+    for sequence in 2..=4 {
+        statuses.push(
+            post(&http_url, &headers, bare([8; 16], sequence).encode_to_vec())
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    s1.shutdown().await;
+}

@@ -15,10 +15,19 @@
 //!   not refused: refusing it would hide the device's failure from the
 //!   operator.
 //!
+//! - how *often* a device reports: each session has a [`ReportBucket`] of
+//!   [`max_report_burst`](DeviceLimits::max_report_burst) reports, refilled
+//!   at [`max_reports_per_minute`](DeviceLimits::max_reports_per_minute);
+//!   a report beyond it is not passed on, and the device is told when to
+//!   come back (OpAMP `UNAVAILABLE` with `RetryInfo`; gRPC ends the stream
+//!   `RESOURCE_EXHAUSTED`).
+//!
 //! The transports check hellos with their own limits so that the device is
 //! told why (gRPC `INVALID_ARGUMENT`, an OpAMP `ServerErrorResponse`); the
 //! supervisor checks every hello again and cuts every error, whatever
 //! transport brought it.
+
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +68,13 @@ pub struct DeviceLimits {
     pub max_capability_bytes: usize,
     /// Bytes of an error a device reports; longer ones are cut. Default 4096.
     pub max_error_bytes: usize,
+    /// Reports one session may send per minute, on average; 0 for no
+    /// limit. A report is a message the device sends unasked (status,
+    /// heartbeat); its answers to the server's commands and configurations
+    /// are never held back. Default 600 (10 a second).
+    pub max_reports_per_minute: u32,
+    /// Reports one session may send at once, beyond the average. Default 100.
+    pub max_report_burst: u32,
 }
 
 impl Default for DeviceLimits {
@@ -70,6 +86,8 @@ impl Default for DeviceLimits {
             max_custom_capabilities: 32,
             max_capability_bytes: 128,
             max_error_bytes: 4096,
+            max_reports_per_minute: 600,
+            max_report_burst: 100,
         }
     }
 }
@@ -149,6 +167,58 @@ impl DeviceLimits {
     }
 }
 
+impl DeviceLimits {
+    /// Allowing `per_minute` reports a minute on average (0: no limit), in bursts of `burst`.
+    pub fn report_rate(mut self, per_minute: u32, burst: u32) -> Self {
+        self.max_reports_per_minute = per_minute;
+        self.max_report_burst = burst.max(1);
+        self
+    }
+
+    /// A session's allowance of reports, full.
+    pub fn report_bucket(&self) -> ReportBucket {
+        ReportBucket {
+            millis: self.max_report_burst.max(1).saturating_mul(1000),
+            last: Instant::now(),
+        }
+    }
+}
+
+/// One session's allowance of reports under [`DeviceLimits`]: a token
+/// bucket, in thousandths of a report.
+#[derive(Debug, Clone)]
+pub struct ReportBucket {
+    millis: u32,
+    last: Instant,
+}
+
+impl ReportBucket {
+    /// Takes one report's allowance at `now`; when none is left, how long
+    /// until one is (nothing is taken then).
+    pub fn take(&mut self, limits: &DeviceLimits, now: Instant) -> std::result::Result<(), Duration> {
+        let per_minute = limits.max_reports_per_minute;
+        if per_minute == 0 {
+            return Ok(());
+        }
+        // per_minute reports a minute is per_minute / 60 thousandths a millisecond.
+        let elapsed = now
+            .saturating_duration_since(self.last)
+            .as_millis()
+            .min(u128::from(u32::MAX)) as u64;
+        let full = u64::from(limits.max_report_burst.max(1)) * 1000;
+        let refilled = (u64::from(self.millis) + elapsed * u64::from(per_minute) / 60).min(full);
+        self.last = now;
+        if refilled >= 1000 {
+            self.millis = (refilled - 1000) as u32;
+            Ok(())
+        } else {
+            self.millis = refilled as u32;
+            let wait_ms = ((1000 - refilled) * 60).div_ceil(u64::from(per_minute));
+            Err(Duration::from_millis(wait_ms.max(1)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +283,39 @@ mod tests {
         let mut absent = None;
         limits.cut_optional_error(&mut absent);
         assert_eq!(absent, None);
+    }
+
+    #[test]
+    fn reports_past_the_burst_wait_for_the_refill() {
+        let limits = DeviceLimits {
+            max_reports_per_minute: 600,
+            max_report_burst: 3,
+            ..DeviceLimits::default()
+        };
+        let mut bucket = limits.report_bucket();
+        let start = Instant::now();
+        for _ in 0..3 {
+            bucket.take(&limits, start).unwrap();
+        }
+        // 600 a minute is one per 100 ms.
+        assert_eq!(bucket.take(&limits, start), Err(Duration::from_millis(100)));
+        assert_eq!(
+            bucket.take(&limits, start + Duration::from_millis(40)),
+            Err(Duration::from_millis(60))
+        );
+        bucket.take(&limits, start + Duration::from_millis(100)).unwrap();
+        // Refilled no further than the burst, however long the quiet.
+        let later = start + Duration::from_secs(3600);
+        for _ in 0..3 {
+            bucket.take(&limits, later).unwrap();
+        }
+        assert!(bucket.take(&limits, later).is_err());
+        let unlimited = DeviceLimits {
+            max_reports_per_minute: 0,
+            ..limits
+        };
+        for _ in 0..1000 {
+            bucket.take(&unlimited, later).unwrap();
+        }
     }
 }

@@ -24,7 +24,7 @@ pub mod channel;
 pub mod limits;
 pub mod queue;
 
-pub use limits::DeviceLimits;
+pub use limits::{DeviceLimits, ReportBucket};
 pub use queue::{Receiver, TryRecvError};
 
 use std::fmt::{self, Debug};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use opamp_core::transport::{
-    DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice,
+    DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ReportBucket, ToDevice,
 };
 use opamp_core::{DeviceId, Error, Result};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -64,7 +64,7 @@ impl GrpcTransport {
                 register_timeout: config.register_timeout,
                 device_queue: config.device_queue,
                 max_message_size: config.max_message_size,
-                device_limits: config.device_limits.clone(),
+                device_limits: Arc::new(config.device_limits.clone()),
                 sessions,
             }),
         };
@@ -153,7 +153,8 @@ struct Shared {
     register_timeout: Duration,
     device_queue: usize,
     max_message_size: usize,
-    device_limits: DeviceLimits,
+    /// Shared by every device's inbound half, which checks its report rate.
+    device_limits: Arc<DeviceLimits>,
     sessions: mpsc::Sender<DeviceSession>,
 }
 
@@ -209,6 +210,8 @@ impl ControlService for Handler {
             stream,
             abort: Some(abort),
             max_message_size: shared.max_message_size,
+            allowance: shared.device_limits.report_bucket(),
+            limits: shared.device_limits.clone(),
         };
         let session = DeviceSession::new(hello, peer, Box::new(inbound), outbound);
         debug!(%device, "device authenticated; handing its session to the supervisor");
@@ -274,6 +277,9 @@ struct DeviceInbound {
     stream: Streaming<Envelope>,
     abort: Option<oneshot::Sender<Status>>,
     max_message_size: usize,
+    /// How many more messages the device may send now.
+    allowance: ReportBucket,
+    limits: Arc<DeviceLimits>,
 }
 
 impl std::fmt::Debug for DeviceInbound {
@@ -299,7 +305,19 @@ impl Inbound<FromDevice> for DeviceInbound {
         let next = std::task::ready!(Pin::new(&mut self.stream).poll_next(cx));
         Poll::Ready(match next {
             Some(Ok(envelope)) => match convert::from_device(envelope) {
-                Ok(message) => Ok(Some(message)),
+                // Answers to the server (outcomes) are never held back.
+                Ok(message @ (FromDevice::CommandAck(_) | FromDevice::ConfigAck(_))) => Ok(Some(message)),
+                Ok(message) => match self.allowance.take(&self.limits, std::time::Instant::now()) {
+                    Ok(()) => Ok(Some(message)),
+                    // Over its rate: the stream ends, and the device comes
+                    // back after its backoff (tonic clients retry on it).
+                    Err(wait) => Err(self.close_with(Status::resource_exhausted(format!(
+                        "more than {} messages a minute (bursts of {}): come back in {} ms",
+                        self.limits.max_reports_per_minute,
+                        self.limits.max_report_burst,
+                        wait.as_millis()
+                    )))),
+                },
                 Err(problem) => Err(self.close_with(Status::invalid_argument(problem))),
             },
             None => Ok(None),

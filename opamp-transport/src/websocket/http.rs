@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::proto::{AgentToServer, ServerToAgent};
-use super::server::{self, Credential, HTTP_OWNER, Link, Refusal, Reply, Shared};
+use super::server::{self, Credential, HTTP_OWNER, Link, Refusal, Reply, Reported, Shared};
 use super::{convert, lock};
 
 /// The media type of OpAMP's plain HTTP bodies.
@@ -229,8 +229,11 @@ pub(super) async fn post(
                 return server::unauthorized(problem);
             }
             agent.last_request = Instant::now();
-            let reply = match agent.link.report(&message, true).await {
-                Ok(reply) => reply,
+            let reply = match agent.link.report(&message, Some(&shared.config.device_limits)).await {
+                Ok(Reported::Passed(reply)) => reply,
+                Ok(Reported::Throttled { wait, why }) => {
+                    return server::retry_later(StatusCode::TOO_MANY_REQUESTS, why, wait);
+                }
                 Err(problem) => {
                     agent.link.fail(&problem);
                     drop(agent);
@@ -238,7 +241,7 @@ pub(super) async fn post(
                     return bad_request(&uid, problem);
                 }
             };
-            let reply = respond(shared, &mut agent, reply).await;
+            let reply = respond(shared, &mut agent, *reply).await;
             if message.agent_disconnect.is_some() {
                 drop(agent);
                 forget(shared, &uid);
@@ -269,8 +272,8 @@ async fn register(
 ) -> Reply {
     match server::register(shared, HTTP_OWNER, credential, uid, message, peer).await {
         Ok((mut link, queue, mut first)) => {
-            match link.report(message, false).await {
-                Ok(reply) => first.flags |= reply.flags,
+            match link.report(message, None).await {
+                Ok(reply) => first.flags |= reply.flags(),
                 Err(problem) => {
                     link.fail(&problem);
                     return protobuf(

@@ -17,7 +17,9 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use opamp_core::transport::{DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ToDevice};
+use opamp_core::transport::{
+    DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound, Receiver, ReportBucket, ToDevice,
+};
 use opamp_core::{DeviceId, Error, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -608,12 +610,32 @@ pub(super) enum Refusal {
     Throttled { message: String, too_many: bool },
 }
 
+/// What became of a report.
+pub(super) enum Reported {
+    /// Passed on to the supervisor; the reply (boxed: it is large, the other is not).
+    Passed(Box<ServerToAgent>),
+    /// Held back: the agent sends more than its allowance.
+    Throttled { wait: Duration, why: String },
+}
+
+impl Reported {
+    /// The reply's flags (none when throttled).
+    pub(super) fn flags(&self) -> u64 {
+        match self {
+            Reported::Passed(reply) => reply.flags,
+            Reported::Throttled { .. } => 0,
+        }
+    }
+}
+
 /// A registered agent: its session's sending half towards the supervisor.
 pub(super) struct Link {
     pub(super) device: DeviceId,
     pub(super) fleet: bool,
     inbound: Outbound<Result<FromDevice>>,
     reports: Reports,
+    /// How many more reports it may send now.
+    allowance: ReportBucket,
     /// Its instance uid, held in the live registry while the link lives.
     live: LiveUid,
 }
@@ -661,13 +683,36 @@ impl Link {
     }
 
     /// Hands a report's messages to the supervisor; the reply to send, or
-    /// what was wrong with the report.
+    /// what was wrong with the report. With `limits` (every report after
+    /// the first) its sequence is checked and, unless it answers the
+    /// server (a command's or a configuration's outcome, never held back),
+    /// it takes one of the agent's allowance of reports: with none left it
+    /// is not passed on, and its sequence number is left unseen, so that
+    /// the next report's gap asks the agent for its full state.
     pub(super) async fn report(
         &mut self,
         message: &AgentToServer,
-        check_sequence: bool,
-    ) -> std::result::Result<ServerToAgent, String> {
-        let (flags, reports) = self.reports.read(message, check_sequence)?;
+        limits: Option<&DeviceLimits>,
+    ) -> std::result::Result<Reported, String> {
+        let last_seq = self.reports.last_seq;
+        let (flags, reports) = self.reports.read(message, limits.is_some())?;
+        let answers = reports
+            .iter()
+            .any(|report| matches!(report, FromDevice::CommandAck(_) | FromDevice::ConfigAck(_)));
+        if let (Some(limits), false) = (limits, answers) {
+            if let Err(wait) = self.allowance.take(limits, std::time::Instant::now()) {
+                self.reports.last_seq = last_seq;
+                debug!(device = %self.device, ?wait, "throttling an agent's reports");
+                let why = format!(
+                    "device {} sends more than {} reports a minute (bursts of {}): try again in {} ms",
+                    self.device,
+                    limits.max_reports_per_minute,
+                    limits.max_report_burst,
+                    wait.as_millis()
+                );
+                return Ok(Reported::Throttled { wait, why });
+            }
+        }
         if flags != 0 {
             debug!(device = %self.device, got = message.sequence_num, "sequence gap; asking for the full state");
         }
@@ -682,7 +727,7 @@ impl Link {
                 break;
             }
         }
-        Ok(reply)
+        Ok(Reported::Passed(Box::new(reply)))
     }
 
     /// Tells the supervisor something the transport reports for the device.
@@ -805,6 +850,7 @@ pub(super) async fn register(
         fleet,
         inbound,
         reports: Reports::new(message.sequence_num),
+        allowance: shared.config.device_limits.report_bucket(),
         live,
     };
     Ok((link, queue, first))
@@ -1191,8 +1237,12 @@ impl Connection {
             }
         };
         if let Some(at) = self.agents.iter().position(|agent| *agent.link.uid() == uid) {
-            match self.agents[at].link.report(&message, true).await {
-                Ok(reply) => {
+            let limits = &self.shared.config.device_limits;
+            match self.agents[at].link.report(&message, Some(limits)).await {
+                Ok(Reported::Throttled { wait, why }) => {
+                    return self.send(&convert::error_response(&uid, why, Some(wait))).await;
+                }
+                Ok(Reported::Passed(reply)) => {
                     if message.agent_disconnect.is_some() {
                         self.agents.swap_remove(at);
                     }
@@ -1210,8 +1260,8 @@ impl Connection {
         let registered = register(&self.shared, self.owner, &self.credential, uid, &message, &peer).await;
         match registered {
             Ok((mut link, queue, mut first)) => {
-                match link.report(&message, false).await {
-                    Ok(reply) => first.flags |= reply.flags,
+                match link.report(&message, None).await {
+                    Ok(reply) => first.flags |= reply.flags(),
                     Err(problem) => {
                         link.fail(&problem);
                         return self.send(&convert::error_response(&uid, problem, None)).await;
