@@ -58,3 +58,57 @@ pub(crate) fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<So
         .local_addr()
         .map_err(|err| unavailable(format!("reading the address of {asked}"), err))
 }
+
+/// Connections open per source address, so that one address cannot take
+/// every connection a listener serves: a connection past the cap is closed
+/// as soon as it is accepted, before a byte is read.
+#[derive(Debug)]
+pub(crate) struct PerAddress {
+    cap: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// At most `cap` connections from one address (0: no cap).
+    pub(crate) fn new(cap: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(PerAddress {
+            cap,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A place for a connection from `peer`, held until the guard drops;
+    /// none when the address has its cap open already.
+    pub(crate) fn admit(self: &std::sync::Arc<Self>, peer: SocketAddr) -> Option<AddressSlot> {
+        if self.cap == 0 {
+            return Some(AddressSlot(None));
+        }
+        let address = peer.ip();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(address).or_insert(0);
+        if *count >= self.cap {
+            tracing::debug!(%peer, cap = self.cap, "refusing a connection: its address has its cap open");
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot(Some((std::sync::Arc::clone(self), address))))
+    }
+}
+
+/// A connection's place among its address's; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct AddressSlot(Option<(std::sync::Arc<PerAddress>, std::net::IpAddr)>);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Some((per_address, address)) = self.0.take() {
+            let mut open = per_address.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(address) {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
+            }
+        }
+    }
+}

@@ -572,3 +572,26 @@ async fn a_device_reporting_too_often_has_its_stream_ended_resource_exhausted() 
     );
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_has_at_most_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let fleet = Fleet::new().await;
+    let (s1, transport, url) = supervisor(&fleet, "s1", |c| c.max_connections_per_address(1), |c| c).await;
+    let held = raw_device(&url, "d1").await;
+    // A second connection from the same address is closed as it comes.
+    let mut second = tokio::net::TcpStream::connect(transport.local_addr()).await.unwrap();
+    let mut scratch = [0; 64];
+    let read = tokio::time::timeout(WAIT, second.read(&mut scratch))
+        .await
+        .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Once the first closes, there is room.
+    drop(held);
+    fleet.owner_is("d1", None).await;
+    let _again = tokio::time::timeout(WAIT, raw_device(&url, "d2"))
+        .await
+        .expect("registered");
+    fleet.owner_is("d2", Some("s1")).await;
+    s1.shutdown().await;
+}

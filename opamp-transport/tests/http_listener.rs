@@ -143,3 +143,27 @@ async fn a_shutdown_finishes_the_request_under_way_and_returns_once_all_closed()
         .unwrap();
     assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_has_at_most_its_share_of_connections() {
+    let fleet = fleet().await;
+    let addr = fleet
+        .serve_with(api_config(), ServeConfig::default().max_connections_per_address(2))
+        .await;
+    let first = TcpStream::connect(addr).await.unwrap();
+    let _second = TcpStream::connect(addr).await.unwrap();
+    // The third from the same address is closed before a byte is read…
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let (answer, _) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(answer.is_empty(), "{answer}");
+    // …and once one closes there is room again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(addr).await.unwrap();
+    again
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut again, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -1432,3 +1432,29 @@ async fn an_agent_reporting_too_often_is_told_to_wait() {
     assert_eq!(statuses, [200, 200, 429]);
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_has_at_most_its_share_of_connections() {
+    use tokio::io::AsyncReadExt as _;
+    let fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c.max_connections_per_address(2)).await;
+    let mut first = raw_ws(&url, Some(&bearer("a1"))).await.unwrap();
+    send(&mut first, &report([1; 16], 1, "a1")).await;
+    assert_eq!(recv(&mut first).await.error_response, None);
+    let _second = raw_ws(&url, Some(&bearer("a2"))).await.unwrap();
+    // A third connection from the same address is closed as it comes…
+    let address = url.trim_start_matches("ws://").trim_end_matches("/v1/opamp");
+    let mut third = TcpStream::connect(address).await.unwrap();
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(WAIT, third.read(&mut byte))
+        .await
+        .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // …and a WebSocket that closes gives its place back.
+    drop(first);
+    fleet.owner_is("a1", None).await;
+    let mut again = raw_ws(&url, Some(&bearer("a3"))).await.unwrap();
+    send(&mut again, &report([3; 16], 1, "a3")).await;
+    assert_eq!(recv(&mut again).await.error_response, None);
+    s1.shutdown().await;
+}

@@ -8,7 +8,8 @@
 //! descriptors. Here each accepted socket must deliver its first
 //! [`OPENING_BYTES`] within the deadline or its reads fail, which ends the
 //! connection; and no more than `max_connections` are served at once (the
-//! rest wait in the listen backlog, as a flood should).
+//! rest wait in the listen backlog, as a flood should), nor more than
+//! `max_connections_per_address` from one address (the rest are closed).
 
 use std::future::Future;
 use std::io;
@@ -26,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::debug;
 
+use crate::net::{AddressSlot, PerAddress};
 use crate::tls::{Certified, MaybeTls, Reloadable, ServerStream};
 
 /// The HTTP/2 client preface is 24 bytes, and a TLS ClientHello is longer:
@@ -40,6 +42,7 @@ pub(super) fn incoming(
     max_connections: usize,
     deadline: Duration,
     tls: Option<Arc<Reloadable>>,
+    per_address: Arc<PerAddress>,
 ) -> ReceiverStream<io::Result<Opening>> {
     let (connections, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -64,6 +67,10 @@ pub(super) fn incoming(
                     continue;
                 }
             };
+            let Some(from) = per_address.admit(peer) else {
+                continue;
+            };
+            let slot = (slot, from);
             let _ = stream.set_nodelay(true);
             let Some(tls) = &tls else {
                 let opening = Opening::new(MaybeTls::Plain(stream), None, peer, slot, deadline);
@@ -104,7 +111,8 @@ pub(super) struct Opening {
     /// Until the opening bytes arrive.
     deadline: Option<Pin<Box<Sleep>>>,
     heard: usize,
-    _slot: OwnedSemaphorePermit,
+    /// Its place among the connections served, and among its address's.
+    _slot: (OwnedSemaphorePermit, AddressSlot),
 }
 
 impl Opening {
@@ -112,7 +120,7 @@ impl Opening {
         stream: ServerStream,
         certified: Certified,
         peer: SocketAddr,
-        slot: OwnedSemaphorePermit,
+        slot: (OwnedSemaphorePermit, AddressSlot),
         deadline: Duration,
     ) -> Self {
         Opening {

@@ -156,6 +156,10 @@ pub struct GrpcServerConfig {
     /// Connections served at once; more wait in the listen backlog until
     /// one closes. Default 50,000.
     pub max_connections: usize,
+    /// Connections one source address may have open; more are closed as
+    /// they come. 0 (the default) for no cap: devices behind one NAT share
+    /// an address. Set it where devices have addresses of their own.
+    pub max_connections_per_address: usize,
     /// What a device may say about itself: a register message over these
     /// is refused `INVALID_ARGUMENT`, naming the field.
     pub device_limits: DeviceLimits,
@@ -177,6 +181,7 @@ impl GrpcServerConfig {
             backlog: 4096,
             max_streams_per_connection: 4,
             max_connections: 50_000,
+            max_connections_per_address: 0,
             device_limits: DeviceLimits::default(),
         }
     }
@@ -196,6 +201,12 @@ impl GrpcServerConfig {
     /// Serving at most `connections` at once (at least 1).
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Serving at most `connections` at once from one address (0: no cap).
+    pub fn max_connections_per_address(mut self, connections: usize) -> Self {
+        self.max_connections_per_address = connections;
         self
     }
 

@@ -54,8 +54,13 @@ impl GrpcTransport {
             Some(tls) => Some(Arc::new(crate::tls::Reloadable::new(tls, &[b"h2"])?)),
             None => None,
         };
-        let incoming =
-            super::incoming::incoming(listener, config.max_connections, config.register_timeout, tls.clone());
+        let incoming = super::incoming::incoming(
+            listener,
+            config.max_connections,
+            config.register_timeout,
+            tls.clone(),
+            crate::net::PerAddress::new(config.max_connections_per_address),
+        );
 
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
         let handler = Handler {

@@ -27,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
+use crate::net::PerAddress;
 use crate::tls::{MaybeTls, Reloadable, ServerTls};
 
 /// How [`serve`] treats connections.
@@ -51,6 +52,10 @@ pub struct ServeConfig {
     /// Connections served at once; more wait in the listen backlog until
     /// one closes. Default 10,000.
     pub max_connections: usize,
+    /// Connections one source address may have open; more are closed as
+    /// they come, so that one client cannot take the others' share.
+    /// 0 for no cap. Default 1,000.
+    pub max_connections_per_address: usize,
     /// TLS (HTTPS), when set: the handshake must be done within
     /// `header_timeout`. Replace the certificate while serving with
     /// [`Reloadable::reload`] on [`tls_reloader`](Self::tls_reloader).
@@ -63,6 +68,7 @@ impl Default for ServeConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_connections_per_address: 1_000,
             tls: None,
         }
     }
@@ -93,6 +99,12 @@ impl ServeConfig {
         self.tls.clone()
     }
 
+    /// Serves at most `max` connections at once from one address (0: no cap).
+    pub fn max_connections_per_address(mut self, max: usize) -> Self {
+        self.max_connections_per_address = max;
+        self
+    }
+
     /// Serves at most `max` connections at once (at least 1).
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
@@ -107,6 +119,7 @@ impl ServeConfig {
 pub async fn serve(listener: TcpListener, app: Router, config: ServeConfig, shutdown: impl Future<Output = ()> + Send) {
     let (stop, stopping) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let per_address = PerAddress::new(config.max_connections_per_address);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -125,6 +138,9 @@ pub async fn serve(listener: TcpListener, app: Router, config: ServeConfig, shut
             },
             () = &mut shutdown => break,
         };
+        let Some(from) = per_address.admit(peer) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let body_timeout = config.body_timeout;
@@ -132,7 +148,7 @@ pub async fn serve(listener: TcpListener, app: Router, config: ServeConfig, shut
         let header_timeout = config.header_timeout;
         let tls = config.tls.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, from);
             let stream = match &tls {
                 None => MaybeTls::Plain(stream),
                 Some(tls) => match tls.handshake(stream, header_timeout).await {

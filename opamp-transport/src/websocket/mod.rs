@@ -273,6 +273,11 @@ pub struct OpampServerConfig {
     pub http_session_timeout: Duration,
     /// WebSocket connections open at once; more are refused with `503`.
     pub max_connections: usize,
+    /// Connections (WebSocket or plain HTTP) one source address may have
+    /// open; more are closed as they come. 0 (the default) for no cap:
+    /// agents behind one NAT share an address. Set it where agents have
+    /// addresses of their own.
+    pub max_connections_per_address: usize,
     /// Agents being registered at once; more are refused as throttled.
     pub max_pending_registrations: usize,
     /// What throttled agents are told to wait.
@@ -306,6 +311,7 @@ impl OpampServerConfig {
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             http_session_timeout: DEFAULT_HTTP_SESSION_TIMEOUT,
             max_connections: 50_000,
+            max_connections_per_address: 0,
             max_pending_registrations: 1024,
             retry_after: DEFAULT_RETRY_AFTER,
             device_queue: 16,
@@ -318,6 +324,12 @@ impl OpampServerConfig {
     /// With other bounds on what an agent may say about itself.
     pub fn device_limits(mut self, limits: DeviceLimits) -> Self {
         self.device_limits = limits;
+        self
+    }
+
+    /// Serving at most `connections` at once from one address (0: no cap).
+    pub fn max_connections_per_address(mut self, connections: usize) -> Self {
+        self.max_connections_per_address = connections;
         self
     }
 

@@ -31,6 +31,7 @@ use super::frames::{self, Incoming};
 use super::proto::{AgentToServer, ServerToAgent, ServerToAgentFlags};
 use super::wire::Upgraded;
 use super::{DeviceIdSource, FrameProblem, OpampAuth, OpampServerConfig, SERVER_CAPABILITIES, http, lock};
+use crate::net::{AddressSlot, PerAddress};
 use crate::tls::{MaybeTls, ServerStream};
 
 /// The OpAMP [`DeviceTransport`]: serves OpAMP over WebSocket and plain HTTP
@@ -148,6 +149,10 @@ pub(super) const HTTP_OWNER: u64 = 0;
 /// What every connection of one transport shares.
 pub(super) struct Shared {
     pub(super) config: OpampServerConfig,
+    per_address: Arc<PerAddress>,
+    /// The WebSocket connections' places among their addresses' (with a
+    /// cap), by owner: given back when the connection ends.
+    address_slots: Mutex<HashMap<u64, Arc<AddressSlot>>>,
     tls: Option<Arc<crate::tls::Reloadable>>,
     sessions: mpsc::Sender<DeviceSession>,
     /// Instance uids with a registered agent, and which connection has each.
@@ -173,6 +178,8 @@ impl Shared {
         active: watch::Sender<usize>,
     ) -> Self {
         Shared {
+            per_address: PerAddress::new(config.max_connections_per_address),
+            address_slots: Mutex::new(HashMap::new()),
             config,
             tls,
             sessions,
@@ -233,6 +240,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 return;
             }
         };
+        // Its place among its address's, shared with its WebSocket if it
+        // becomes one (which outlives this task); none without a cap.
+        let from = match shared.per_address.admit(peer) {
+            Some(slot) if shared.config.max_connections_per_address > 0 => Some(Arc::new(slot)),
+            Some(_) => None,
+            None => continue,
+        };
         let _ = stream.set_nodelay(true);
         // The kernel finds dead peers (a half-open connection would keep its
         // agent's lease alive forever), at no memory cost to the process.
@@ -253,7 +267,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 move |request| {
                     let shared = shared.clone();
                     let certified = certified.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, peer, &certified, request).await) }
+                    let from = from.clone();
+                    async move { Ok::<_, Infallible>(route(&shared, peer, &certified, from, request).await) }
                 }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -326,6 +341,7 @@ async fn route(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     certified: &Certified,
+    from: Option<Arc<AddressSlot>>,
     request: Request<hyper::body::Incoming>,
 ) -> Reply {
     if request.uri().path() != shared.config.path {
@@ -338,7 +354,7 @@ async fn route(
         if request.method() != Method::GET {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade is a GET");
         }
-        return upgrade(shared, peer, certified, request);
+        return upgrade(shared, peer, certified, from, request);
     }
     if request.method() == Method::POST {
         return http::post(shared, peer, certified, request).await;
@@ -365,6 +381,7 @@ fn upgrade(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     certified: &Certified,
+    from: Option<Arc<AddressSlot>>,
     mut request: Request<hyper::body::Incoming>,
 ) -> Reply {
     let credential = match credential(shared, request.headers(), certified) {
@@ -430,6 +447,11 @@ fn upgrade(
                     due_by: None,
                     _counted: counted,
                 };
+                // Held beside the connection, not in it (an idle one stays
+                // small), and let go with it.
+                if let Some(from) = from {
+                    lock(&connection.shared.address_slots).insert(owner, from);
+                }
                 // Its own task, holding only the connection, while it has
                 // something to do: this one, with the upgrade's state, ends here.
                 Socket::open(connection);
@@ -1034,6 +1056,7 @@ impl Drop for Ending {
         if let Some(socket) = self.socket.take() {
             *lock(&socket.phase) = Phase::Ended;
             lock(&self.shared.sockets).remove(&self.owner);
+            lock(&self.shared.address_slots).remove(&self.owner);
         }
     }
 }
