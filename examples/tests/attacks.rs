@@ -2,7 +2,7 @@
 //! supervisor in the process serving gRPC and OpAMP, one legitimate agent,
 //! and clients that spend the server's resources without credentials —
 //! silent connections by the hundred on every port, messages of 60 MiB
-//! begun with a bogus bearer token and stalled, forged, expired and other
+//! begun with a bogus bearer token and stalled, a revoked device, forged, expired and other
 //! devices' tokens, garbage on every port.
 //! Throughout, the server's memory stays within a stated bound, every
 //! attacking connection is closed within its deadline, and the legitimate
@@ -67,7 +67,13 @@ async fn push(stream: &mut TcpStream, bytes: usize, within: Duration) {
 /// An `opamp-agent` as device `legit` over OpAMP, its token derived from the
 /// fleet key unless `token` is given.
 fn legit_agent(opamp: &str, fleet_key: &str, token: Option<&str>) -> Proc {
-    let mut args: Vec<String> = ["--device", "legit", "--applier", "memory", "--server"]
+    agent("legit", opamp, fleet_key, token)
+}
+
+/// An `opamp-agent` as `device` over OpAMP, its token derived from the
+/// fleet key unless `token` is given.
+fn agent(device: &str, opamp: &str, fleet_key: &str, token: Option<&str>) -> Proc {
+    let mut args: Vec<String> = ["--device", device, "--applier", "memory", "--server"]
         .map(String::from)
         .into();
     args.push(format!("ws://{opamp}/v1/opamp"));
@@ -191,6 +197,31 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
         .wait_for_log("token for device legit is for device intruder")
         .await;
     impersonator.terminate().await;
+
+    // A device whose token was stolen is revoked: its session is closed, and
+    // every registration after is refused, naming the revocation.
+    let mut stolen = agent("stolen", &opamp, &key, None);
+    common::wait_until("the stolen device online", || async {
+        let (status, body) = rest(&api, "GET", "/api/v1/devices/stolen", "").await;
+        status == 200 && body.contains("\"status\":\"online\"")
+    })
+    .await;
+    let (status, body) = rest(
+        &api,
+        "PUT",
+        "/api/v1/revocations/stolen",
+        r#"{"reason": "token stolen"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    stolen.wait_for_log("device stolen was revoked at").await;
+    stolen.wait_for_log("token stolen").await;
+    common::wait_until("the revoked device offline", || async {
+        let (_, detail) = rest(&api, "GET", "/api/v1/devices/stolen", "").await;
+        detail.contains("\"status\":\"offline\"") && detail.contains("\"reason\":\"token stolen\"")
+    })
+    .await;
+    stolen.terminate().await;
 
     // Garbage on every port: answered or closed, nothing else.
     for address in [&api, &opamp, &grpc] {

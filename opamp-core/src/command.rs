@@ -132,6 +132,14 @@ pub enum CommandKind {
         /// Opaque data.
         data: Vec<u8>,
     },
+    /// Close the device's session, without telling the device anything: the
+    /// supervisor holding it does this itself once the device was revoked
+    /// ([`RevocationStore`](crate::RevocationStore)), so that it registers
+    /// again and is refused. Never sent to a device.
+    Disconnect {
+        /// Why, for the supervisor's log.
+        reason: String,
+    },
 }
 
 impl CommandKind {
@@ -142,6 +150,7 @@ impl CommandKind {
             CommandKind::ApplyConfig { .. } => "apply_config",
             CommandKind::Restart => "restart",
             CommandKind::Custom { .. } => "custom",
+            CommandKind::Disconnect { .. } => "disconnect",
         }
     }
 }
@@ -201,6 +210,10 @@ impl Command {
                 capability: Some(capability.clone()),
                 message_type: Some(message_type.clone()),
                 data: Some(BASE64.encode(data)),
+                ..Payload::default()
+            },
+            CommandKind::Disconnect { reason } => Payload {
+                reason: Some(reason.clone()),
                 ..Payload::default()
             },
         };
@@ -268,6 +281,8 @@ struct Payload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     deadline: Option<String>,
 }
 
@@ -311,9 +326,12 @@ impl WireCommand {
                     .decode(field("data", p.data)?.as_bytes())
                     .map_err(|err| Error::invalid_input(format!("command `payload.data` is not base64: {err}")))?,
             },
+            "disconnect" => CommandKind::Disconnect {
+                reason: p.reason.unwrap_or_default(),
+            },
             other => {
                 return Err(Error::invalid_input(format!(
-                    "unknown command {}; expected toggle_emission, apply_config, restart or custom",
+                    "unknown command {}; expected toggle_emission, apply_config, restart, custom or disconnect",
                     excerpt(other)
                 )));
             }
@@ -476,6 +494,7 @@ mod tests {
                     data: d,
                 }
             }),
+            ".{0,32}".prop_map(|reason| CommandKind::Disconnect { reason }),
         ]
     }
 

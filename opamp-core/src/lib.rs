@@ -42,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod id;
+pub mod revocation;
 pub mod runtime;
 pub mod status;
 pub mod store;
@@ -61,10 +62,11 @@ pub use config::{ConfigBundle, ConfigFile, ConfigHash, ConfigRef, ConfigTemplate
 pub use error::{BoxError, Error, OwnerMismatch, Result};
 pub use event::{ConfigApplyState, DeviceEvent, EventKind};
 pub use id::{AgentType, ConfigVersion, DeviceId, GroupName, SupervisorId};
+pub use revocation::Revocation;
 pub use status::{DeviceStatus, Labels, Presence, PresenceUpdate, StatusPatch};
 pub use store::{
-    Claim, ConfigStore, ConfigStoreExt, Cursor, DEFAULT_LEASE_TTL, Page, PageRequest, RoutingStore, RoutingStoreExt,
-    StatusStore, StatusStoreExt, Store, SupervisorLoad, TrackingStore,
+    Claim, ConfigStore, ConfigStoreExt, Cursor, DEFAULT_LEASE_TTL, Page, PageRequest, RevocationStore, RoutingStore,
+    RoutingStoreExt, StatusStore, StatusStoreExt, Store, SupervisorLoad, TrackingStore,
 };
 pub use time::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use tracking::{

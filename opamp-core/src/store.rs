@@ -1,6 +1,6 @@
 //! The routing, status and configuration store.
 //!
-//! Four small traits, each object-safe and usable as `Arc<dyn …>`:
+//! Five small traits, each object-safe and usable as `Arc<dyn …>`:
 //!
 //! - [`RoutingStore`]: which supervisor holds device X, as leases with a TTL;
 //! - [`StatusStore`]: what is known about each device, with the online and
@@ -9,8 +9,9 @@
 //!   per agent type and each device's desired configuration.
 //!
 //! - [`TrackingStore`]: what control planes track, command records and rollouts.
+//! - [`RevocationStore`]: the devices refused service until reinstated.
 //!
-//! [`Store`] is all four at once; every backend implements it. Conveniences
+//! [`Store`] is all five at once; every backend implements it. Conveniences
 //! built from the required methods live in [`RoutingStoreExt`],
 //! [`StatusStoreExt`] and [`ConfigStoreExt`], implemented for every store.
 
@@ -24,6 +25,7 @@ use crate::command::CorrelationId;
 use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::id::{AgentType, ConfigVersion, DeviceId, SupervisorId};
+use crate::revocation::Revocation;
 use crate::status::{DeviceStatus, StatusPatch};
 use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId, StoreGeneration};
 
@@ -402,7 +404,44 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
 
 /// A complete store: routing, status, configuration and tracking.
 ///
-/// Implemented for every type that implements the four parts; use it as
+/// The devices refused service: a revoked device may not register anywhere
+/// until it is reinstated (see [`crate::revocation`]). Supervisors read one
+/// device's revocation each time it registers; operators list them.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> opamp_core::Result<()> {
+/// use opamp_core::{DeviceId, PageRequest, Revocation, RevocationStore, Timestamp};
+/// use opamp_store::memory::MemoryStore;
+///
+/// let store = MemoryStore::new();
+/// let d5 = DeviceId::new("device-5")?;
+/// assert!(store.revoke(&Revocation::new(d5, "token leaked", Timestamp::now())?).await?);
+/// assert_eq!(store.revocation(&d5).await?.unwrap().reason, "token leaked");
+/// assert_eq!(store.revocations(&PageRequest::first(10)).await?.items.len(), 1);
+/// assert!(store.reinstate(&d5).await?);
+/// assert!(store.revocation(&d5).await?.is_none());
+/// # Ok(())
+/// # }
+/// ```
+#[async_trait]
+pub trait RevocationStore: Send + Sync + Debug + 'static {
+    /// Revokes a device. Returns `false`, changing nothing, when it is
+    /// revoked already: the first revocation, its reason and time, stays.
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool>;
+
+    /// Lifts the revocation of `device`. Returns `false` if it was not revoked.
+    async fn reinstate(&self, device: &DeviceId) -> Result<bool>;
+
+    /// The revocation of `device`, if it is revoked.
+    async fn revocation(&self, device: &DeviceId) -> Result<Option<Revocation>>;
+
+    /// Every revocation, a page at a time (by device id where the backend can).
+    /// While revocations change, a page may repeat one another page had.
+    async fn revocations(&self, page: &PageRequest) -> Result<Page<Revocation>>;
+}
+
+/// Implemented for every type that implements the five parts; use it as
 /// `Arc<dyn Store>` and hand out `Arc<dyn RoutingStore>` (etc.) by upcasting.
 ///
 /// ```
@@ -414,9 +453,9 @@ pub trait TrackingStore: Send + Sync + Debug + 'static {
 /// let routing: Arc<dyn RoutingStore> = store.clone();
 /// # let _ = routing;
 /// ```
-pub trait Store: RoutingStore + StatusStore + ConfigStore + TrackingStore {}
+pub trait Store: RoutingStore + StatusStore + ConfigStore + TrackingStore + RevocationStore {}
 
-impl<T: RoutingStore + StatusStore + ConfigStore + TrackingStore + ?Sized> Store for T {}
+impl<T: RoutingStore + StatusStore + ConfigStore + TrackingStore + RevocationStore + ?Sized> Store for T {}
 
 /// Conveniences over [`RoutingStore`], for every store.
 ///

@@ -701,10 +701,15 @@ async fn what_a_device_says_about_itself_is_bounded() {
         .labels
         .insert("site".into(), "x".repeat(limits.max_label_value_bytes + 1));
     let mut refused = connector.connect(&bloated).await.unwrap();
-    let ended = tokio::time::timeout(WAIT, refused.inbound.recv())
+    let why = tokio::time::timeout(WAIT, refused.inbound.recv())
         .await
-        .expect("closed in time")
+        .expect("answered in time")
         .unwrap();
+    assert!(
+        matches!(&why, Some(ToDevice::Refused(why)) if why.reason.contains("label \"site\"")),
+        "the bloated hello is refused, naming the label: {why:?}"
+    );
+    let ended = refused.inbound.recv().await.unwrap();
     assert_eq!(ended, None, "the bloated hello's session is closed");
     fleet.owner_is("bloated", None).await;
     assert!(fleet.store.status(&did("bloated")).await.unwrap().is_none());
@@ -1298,6 +1303,22 @@ impl ConfigStore for Gated {
 }
 
 #[async_trait]
+impl opamp_core::RevocationStore for Gated {
+    async fn revoke(&self, revocation: &opamp_core::Revocation) -> Result<bool> {
+        self.store.revoke(revocation).await
+    }
+    async fn reinstate(&self, device: &DeviceId) -> Result<bool> {
+        self.store.reinstate(device).await
+    }
+    async fn revocation(&self, device: &DeviceId) -> Result<Option<opamp_core::Revocation>> {
+        self.store.revocation(device).await
+    }
+    async fn revocations(&self, page: &PageRequest) -> Result<Page<opamp_core::Revocation>> {
+        self.store.revocations(page).await
+    }
+}
+
+#[async_trait]
 impl TrackingStore for Gated {
     async fn insert_command(&self, record: &CommandRecord) -> Result<()> {
         self.store.insert_command(record).await
@@ -1358,10 +1379,15 @@ async fn racing_registrations_leave_one_session_and_the_status_naming_the_lease_
     // Now s1's write lands.
     holds.release.notify_one();
 
-    let closed = tokio::time::timeout(WAIT, on_s1.inbound.recv())
+    let refused = tokio::time::timeout(WAIT, on_s1.inbound.recv())
         .await
         .expect("s1 answered in time")
         .unwrap();
+    assert!(
+        matches!(&refused, Some(ToDevice::Refused(why)) if why.reason.contains("s2") && !why.denied),
+        "s1 refused the registration, naming the holder: {refused:?}"
+    );
+    let closed = on_s1.inbound.recv().await.unwrap();
     assert_eq!(closed, None, "s1 closed its session without registering it");
     eventually("s1 holds no session for d1", WAIT, || async {
         !s1.is_connected(&did("d1"))
@@ -1440,4 +1466,95 @@ async fn devices_noticing_the_loss_together_make_one_pass() {
         claims <= DEVICES + 2 * DEVICES,
         "{claims} claims for {DEVICES} devices: more than two passes"
     );
+}
+
+/// A device is revoked while it registers, after its registration read that
+/// it was not revoked and before its session was listed: the disconnect
+/// reaches its supervisor before the session does, and the session is
+/// closed as soon as it is listed, not left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_while_it_registers_is_closed_once_listed() {
+    let fleet = Fleet::new().await;
+    let holds = Arc::new(Gated::new(fleet.store.clone(), Some("s1")));
+    let (s1, c1) = fleet.supervisor_over("s1", holds.clone()).await;
+    let control = opamp_core::runtime::control_plane::ControlPlane::start_with_clock(
+        Default::default(),
+        fleet.store.clone(),
+        fleet.bus.clone(),
+        fleet.clock.clone(),
+    )
+    .await
+    .unwrap();
+
+    // s1 claimed d1 and found it not revoked; its online write is held.
+    let mut device = c1.connect(&hello("d1")).await.unwrap();
+    holds.holding().await;
+    let revoked = control.revoke(&did("d1"), "stolen").await.unwrap();
+    let disconnect = revoked.disconnect.expect("sent to s1, which holds the lease");
+    let ended = control.wait(&disconnect, WAIT).await.unwrap();
+    assert_eq!(
+        ended.state,
+        CommandState::DeviceOffline,
+        "no session of d1 was listed yet"
+    );
+    holds.release.notify_one();
+
+    let mut registered = false;
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(message) = device.inbound.recv().await.unwrap() {
+            registered |= matches!(message, ToDevice::Registered(_));
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the revoked device's session is still open after {WAIT:?}"
+    );
+    assert!(registered, "it was listed, then closed");
+    eventually("s1 holds no session for d1", WAIT, || async {
+        !s1.is_connected(&did("d1"))
+    })
+    .await;
+    control.shutdown().await;
+    s1.shutdown().await;
+}
+
+/// An agent whose sessions are closed again and again after they registered
+/// reconnects after the shortest delay each time: a session that registered
+/// was a success, so the backoff starts over (it used to grow with every
+/// session lost in the agent's life: 11 s for eight with these settings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reconnects_promptly_however_many_registered_sessions_it_lost() {
+    let mut fleet = Fleet::new().await;
+    let (s1, connector) = fleet.supervisor("s1", |c| c).await;
+    let config = opamp_core::runtime::agent::AgentConfig::new(hello("d1"))
+        .backoff(Duration::from_millis(50), Duration::from_secs(5));
+    let agent = Arc::new(opamp_core::runtime::agent::Agent::new(
+        config,
+        Arc::new(connector),
+        Arc::new(MemoryApplier::new()),
+    ));
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = Arc::clone(&agent);
+    tokio::spawn(async move {
+        running
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    fleet
+        .event(|e| matches!(e.kind, EventKind::Connected { .. }).then_some(()))
+        .await;
+    let started = std::time::Instant::now();
+    for _ in 0..8 {
+        let reason = "closed by the test".to_owned();
+        fleet.send("s1", "d1", CommandKind::Disconnect { reason }, WAIT).await;
+        fleet
+            .event(|e| matches!(e.kind, EventKind::Connected { .. }).then_some(()))
+            .await;
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "eight reconnections took {took:?}");
+    s1.shutdown().await;
 }

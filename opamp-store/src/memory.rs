@@ -22,9 +22,9 @@ use async_trait::async_trait;
 use opamp_core::store::validate_ttl;
 use opamp_core::{
     AgentType, Claim, Clock, CommandRecord, CommandState, ConfigRef, ConfigStore, ConfigTemplate, ConfigVersion,
-    CorrelationId, Cursor, DeviceId, DeviceStatus, Endings, EndingsSender, Error, Page, PageRequest, Result, Rollout,
-    RolloutId, RoutingStore, StatusPatch, StatusStore, StoreGeneration, SupervisorId, SupervisorLoad, SystemClock,
-    Timestamp, TrackingStore,
+    CorrelationId, Cursor, DeviceId, DeviceStatus, Endings, EndingsSender, Error, Page, PageRequest, Result,
+    Revocation, RevocationStore, Rollout, RolloutId, RoutingStore, StatusPatch, StatusStore, StoreGeneration,
+    SupervisorId, SupervisorLoad, SystemClock, Timestamp, TrackingStore,
 };
 
 /// How many shards each per-device map is split into: enough that two cores
@@ -71,6 +71,8 @@ pub struct MemoryStore {
     tracking: RwLock<Tracking>,
     /// The watches of `watch_endings`, each told of every command that ends.
     endings: Mutex<Vec<EndingsSender>>,
+    /// By device, so that they page in the order of the other listings.
+    revocations: RwLock<BTreeMap<DeviceId, Revocation>>,
 }
 
 impl MemoryStore {
@@ -92,6 +94,7 @@ impl MemoryStore {
             commands: Sharded::new(),
             tracking: RwLock::new(Tracking::new(DEFAULT_COMMAND_RETENTION)),
             endings: Mutex::default(),
+            revocations: RwLock::default(),
         }
     }
 
@@ -105,7 +108,7 @@ impl MemoryStore {
 
     /// Forgets everything, as a store that restarted without its data does:
     /// leases, statuses and their indexes, templates, desired
-    /// configurations, command records and rollouts. For recovery tests and
+    /// configurations, command records, rollouts and revocations. For recovery tests and
     /// demos; open watches of command endings stay open.
     pub fn clear(&self) {
         for shard in self.leases.shards.iter() {
@@ -116,6 +119,7 @@ impl MemoryStore {
         *write(&self.configs) = Configs::default();
         self.desired.clear();
         self.commands.clear();
+        write(&self.revocations).clear();
         let mut tracking = write(&self.tracking);
         *tracking = Tracking::new(tracking.retention);
     }
@@ -624,7 +628,54 @@ fn online_under(status: &DeviceStatus) -> Option<SupervisorId> {
 /// returned, so inserts and removals elsewhere in the set never shift a page.
 ///
 /// A cursor that is not a device id was not made here: an error naming it.
+#[async_trait]
+impl RevocationStore for MemoryStore {
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool> {
+        match write(&self.revocations).entry(revocation.device) {
+            std::collections::btree_map::Entry::Occupied(_) => Ok(false),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(revocation.clone());
+                Ok(true)
+            }
+        }
+    }
+
+    async fn reinstate(&self, device: &DeviceId) -> Result<bool> {
+        Ok(write(&self.revocations).remove(device).is_some())
+    }
+
+    async fn revocation(&self, device: &DeviceId) -> Result<Option<Revocation>> {
+        Ok(read(&self.revocations).get(device).cloned())
+    }
+
+    async fn revocations(&self, page: &PageRequest) -> Result<Page<Revocation>> {
+        let revocations = read(&self.revocations);
+        page_from(
+            page,
+            |start| {
+                revocations
+                    .range((start, Bound::Unbounded))
+                    .map(|(_, revoked)| revoked.clone())
+            },
+            |revoked| revoked.device,
+        )
+    }
+}
+
 fn page_of(set: &BTreeSet<DeviceId>, page: &PageRequest) -> Result<Page<DeviceId>> {
+    page_from(
+        page,
+        |start| set.range((start, Bound::Unbounded)).copied(),
+        |device| *device,
+    )
+}
+
+/// A page of what `range` yields from a start bound on, in device order; `device` names each item's device.
+fn page_from<T, I: Iterator<Item = T>>(
+    page: &PageRequest,
+    range: impl FnOnce(Bound<DeviceId>) -> I,
+    device: impl Fn(&T) -> DeviceId,
+) -> Result<Page<T>> {
     let limit = page.limit.clamp(1, PageRequest::MAX_LIMIT);
     let start = match &page.after {
         Some(cursor) => Bound::Excluded(DeviceId::new(cursor.as_str()).map_err(|err| {
@@ -632,10 +683,10 @@ fn page_of(set: &BTreeSet<DeviceId>, page: &PageRequest) -> Result<Page<DeviceId
         })?),
         None => Bound::Unbounded,
     };
-    let mut rest = set.range((start, Bound::Unbounded)).copied();
-    let items: Vec<DeviceId> = rest.by_ref().take(limit).collect();
+    let mut rest = range(start);
+    let items: Vec<T> = rest.by_ref().take(limit).collect();
     let next = match (rest.next(), items.last()) {
-        (Some(_), Some(last)) => Some(Cursor::new(last.as_str())),
+        (Some(_), Some(last)) => Some(Cursor::new(device(last).as_str())),
         _ => None,
     };
     Ok(Page { items, next })

@@ -1,7 +1,8 @@
 //! The dashboard page in headless Chromium, driven through chromedriver's
 //! WebDriver API, against a real supervisor and in-process agents: load the
 //! page, give the token, search, toggle a device and see its new state, push
-//! a config as a rollout from the form and see its progress.
+//! a config as a rollout from the form and see its progress, revoke a device
+//! and reinstate it.
 //!
 //! Needs chromedriver (`scripts/services/chromium start DIR`, or
 //! `OPAMP_TEST_CHROMEDRIVER_URL`). Without it the test fails under CI and
@@ -117,6 +118,34 @@ async fn toggle_a_device_from_the_dashboard() {
         .wait_for_text(&row("dash-3", "config-version"), "v7", WAIT)
         .await;
     browser.wait_for_text(&row("dash-1", "config-version"), "–", WAIT).await;
+
+    // Revoke a device from its row: it is marked revoked and listed with the
+    // reason; reinstated from the list, its agent comes back online.
+    browser
+        .run("window.confirm = () => true;", serde_json::json!([]))
+        .await
+        .unwrap();
+    browser.click("tr[data-device=\"dash-1\"] button.revoke").await.unwrap();
+    browser.wait_for_text(&row("dash-1", "presence"), "revoked", WAIT).await;
+    browser
+        .wait_for_text(
+            "tr[data-revoked=\"dash-1\"] td.reason",
+            "revoked from the dashboard",
+            WAIT,
+        )
+        .await;
+    let revocation = fleet.store.revocation(&did("dash-1")).await.unwrap();
+    assert_eq!(revocation.and_then(|r| r.revoked_by).as_deref(), Some("ops"));
+    eventually("the revoked device offline", WAIT, || async {
+        !fleet.store.status(&did("dash-1")).await.unwrap().unwrap().is_online()
+    })
+    .await;
+    browser
+        .click("tr[data-revoked=\"dash-1\"] button.reinstate")
+        .await
+        .unwrap();
+    browser.wait_for_text(&row("dash-1", "presence"), "online", WAIT).await;
+    assert_eq!(browser.count("#revocations tr[data-revoked]").await.unwrap(), 0);
 
     browser.quit().await;
 }

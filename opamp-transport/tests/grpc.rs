@@ -595,3 +595,8 @@ async fn one_address_has_at_most_its_share_of_connections() {
     fleet.owner_is("d2", Some("s1")).await;
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_naming_its_revocation() {
+    common::a_revoked_device_is_refused_naming_its_revocation(&Grpc).await;
+}

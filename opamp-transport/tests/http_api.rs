@@ -892,3 +892,94 @@ async fn the_listener_queues_a_burst_of_connections() {
     assert!(err.to_string().contains(&address.to_string()), "{err}");
     drop(listener);
 }
+
+/// Revoking a device closes its session and keeps it out (its agent comes
+/// back and is refused), the device's detail and the listing show it, a
+/// read-only token may look but not revoke, and reinstating lets it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_disconnects_a_device_until_it_is_reinstated() {
+    let fleet = fleet().await;
+    let addr = fleet.serve(api_config()).await;
+    let (ops, reader) = (Client::new(addr, Some(OPERATOR)), Client::new(addr, Some(READER)));
+
+    let refused = reader.put("/api/v1/revocations/dev-3", &json!({ "reason": "x" })).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    let answer = ops
+        .put("/api/v1/revocations/dev-3", &json!({ "reason": "token leaked" }))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let revoked = answer.json();
+    assert_eq!(revoked["created"], true, "{revoked}");
+    assert_eq!(revoked["revocation"]["revoked_by"], "ops", "{revoked}");
+    let disconnect = revoked["disconnect"].as_str().expect("a session to close").to_owned();
+    let record = settled(&ops, &disconnect).await;
+    assert_eq!(
+        (record["state"].as_str(), record["command"]["command"].as_str()),
+        (Some("acked"), Some("disconnect"))
+    );
+    let store = fleet.store.clone();
+    eventually("the revoked device offline", WAIT, || {
+        let store = store.clone();
+        async move { !store.status(&did("dev-3")).await.unwrap().unwrap().is_online() }
+    })
+    .await;
+
+    let detail = reader.get("/api/v1/devices/dev-3").await.json();
+    assert_eq!(detail["revoked"]["reason"], "token leaked", "{detail}");
+    assert_eq!(reader.get("/api/v1/devices/dev-2").await.json()["revoked"], Value::Null);
+    let listed = reader.get("/api/v1/revocations").await.json();
+    assert_eq!(ids(&listed), vec!["dev-3"]);
+    assert_eq!(reader.get("/api/v1/revocations/dev-3").await.status, StatusCode::OK);
+    let again = ops
+        .put("/api/v1/revocations/dev-3", &json!({ "reason": "again" }))
+        .await
+        .json();
+    assert_eq!(
+        (again["created"].as_bool(), again["revocation"]["reason"].as_str()),
+        (Some(false), Some("token leaked"))
+    );
+    let unseen = ops.put("/api/v1/revocations/dev-77", &json!({})).await.json();
+    assert_eq!(
+        (unseen["created"].as_bool(), &unseen["disconnect"]),
+        (Some(true), &Value::Null),
+        "{unseen}"
+    );
+
+    for (body, says) in [
+        (json!({ "reason": "two\nlines" }), "control character"),
+        (json!({ "reason": "x".repeat(1025) }), "1025 bytes"),
+        (json!({ "why": "unknown field" }), "why"),
+    ] {
+        let bad = ops.put("/api/v1/revocations/dev-1", &body).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text());
+        assert!(bad.message().contains(says), "{}", bad.message());
+    }
+    let bad_id = ops.put("/api/v1/revocations/d%C3%A9%7Bx", &json!({})).await;
+    assert_eq!(bad_id.status, StatusCode::BAD_REQUEST, "{}", bad_id.text());
+    assert_eq!(ops.get("/api/v1/revocations?limit=0").await.code(), "invalid_query");
+
+    assert_eq!(
+        reader.delete("/api/v1/revocations/dev-3").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let reinstated = ops.delete("/api/v1/revocations/dev-3").await;
+    assert_eq!(reinstated.status, StatusCode::OK, "{}", reinstated.text());
+    assert_eq!(reinstated.json()["reason"], "token leaked");
+    let twice = ops.delete("/api/v1/revocations/dev-3").await;
+    assert_eq!(
+        (twice.status, twice.message()),
+        (StatusCode::NOT_FOUND, "device dev-3 is not revoked".to_owned())
+    );
+    assert_eq!(ops.get("/api/v1/revocations/dev-3").await.status, StatusCode::NOT_FOUND);
+
+    // Its agent, refused meanwhile, comes back by itself.
+    eventually("the reinstated device online again", WAIT, || {
+        let store = store.clone();
+        async move { store.status(&did("dev-3")).await.unwrap().unwrap().is_online() }
+    })
+    .await;
+    let toggled = ops
+        .post("/api/v1/devices/dev-3/emission?wait=5s", &json!({ "on": true }))
+        .await;
+    assert_eq!(toggled.json()["state"], "acked", "{}", toggled.text());
+}

@@ -1458,3 +1458,13 @@ async fn one_address_has_at_most_its_share_of_connections() {
     assert_eq!(recv(&mut again).await.error_response, None);
     s1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_naming_its_revocation_over_websocket() {
+    common::a_revoked_device_is_refused_naming_its_revocation(&WS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_naming_its_revocation_over_http_polling() {
+    common::a_revoked_device_is_refused_naming_its_revocation(&HTTP).await;
+}

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -260,7 +260,7 @@ impl Answered {
 enum SessionEnd {
     Shutdown,
     Restart,
-    /// `refused` when the supervisor refused the device's credential,
+    /// `refused` when the device was refused: its credential, or the device itself (revoked),
     /// which retrying will not mend: worth an operator's attention.
     Lost {
         why: String,
@@ -321,10 +321,17 @@ impl Agent {
         let mut jitter = Jitter::seeded(device.as_str());
         let mut failures: u32 = 0;
         loop {
+            let registered = AtomicBool::new(false);
             let end = tokio::select! {
-                end = self.connect_and_serve() => end,
+                end = self.connect_and_serve(&registered) => end,
                 _ = &mut shutdown => SessionEnd::Shutdown,
             };
+            if registered.load(Ordering::Relaxed) {
+                // A session that got as far as registering was a success: the
+                // backoff starts over. One refused at registration (a revoked
+                // device, say) backs off further each time.
+                failures = 0;
+            }
             self.connected.send_replace(false);
             let delay = match end {
                 SessionEnd::Shutdown => return,
@@ -341,7 +348,7 @@ impl Agent {
                         .saturating_mul(1 << failures.min(20).saturating_sub(1));
                     let delay = jitter.spread(exp.min(self.config.backoff_max));
                     if refused {
-                        warn!(%device, reason = %why, ?delay, "the supervisor refused the device's credential; retrying");
+                        warn!(%device, reason = %why, ?delay, "the device was refused (its credential, or the device itself); retrying");
                     } else {
                         debug!(%device, reason = %why, ?delay, "session lost; reconnecting");
                     }
@@ -355,7 +362,7 @@ impl Agent {
         }
     }
 
-    async fn connect_and_serve(&self) -> SessionEnd {
+    async fn connect_and_serve(&self, registered: &AtomicBool) -> SessionEnd {
         let mut hello = self.config.hello.clone();
         if let Some(applied) = self.applier.current() {
             hello.agent_type = Some(applied.config.agent_type);
@@ -367,10 +374,10 @@ impl Agent {
             Err(err) => return SessionEnd::lost(&err),
         };
         self.connected.send_replace(true);
-        self.serve(session).await
+        self.serve(session, registered).await
     }
 
-    async fn serve(&self, mut session: AgentSession) -> SessionEnd {
+    async fn serve(&self, mut session: AgentSession, registered: &AtomicBool) -> SessionEnd {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
@@ -378,6 +385,9 @@ impl Agent {
             tokio::select! {
                 message = session.inbound.recv() => match message {
                     Ok(Some(message)) => {
+                        if matches!(message, ToDevice::Registered(_)) {
+                            registered.store(true, Ordering::Relaxed);
+                        }
                         let (answer, end) = self.handle(message).await;
                         for reply in answer {
                             if session.outbound.send(reply).await.is_err() {
@@ -441,6 +451,13 @@ impl Agent {
             ToDevice::Registered(supervisor) => {
                 debug!(%device, %supervisor, "registered");
                 (Vec::new(), None)
+            }
+            ToDevice::Refused(refused) => {
+                let end = SessionEnd::Lost {
+                    why: format!("not registered: {}", refused.reason),
+                    refused: refused.denied,
+                };
+                (Vec::new(), Some(end))
             }
             ToDevice::ConfigPush(push) => {
                 let ack = |state, error| {

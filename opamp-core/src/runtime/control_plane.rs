@@ -62,6 +62,7 @@ use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::event::{DeviceEvent, EventKind};
 use crate::id::{AgentType, ConfigVersion, DeviceId, GroupName};
+use crate::revocation::Revocation;
 use crate::store::{Cursor, Page, PageRequest, Store, validate_ttl};
 use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::{
@@ -598,6 +599,64 @@ impl ControlPlane {
             .await
     }
 
+    /// Revokes `device`: no supervisor registers it again, whatever
+    /// credential it shows, until it is [reinstated](Self::reinstate), and
+    /// a session it has open is closed by a `disconnect` command to the
+    /// supervisor holding it (recorded as commands are). A device never seen
+    /// may be revoked too (a credential leaked before it first connected).
+    ///
+    /// Revoking a device revoked already keeps the first revocation, and
+    /// closes a session it still has open again. A reason over
+    /// [`Revocation::MAX_REASON`] bytes is [`Error::InvalidInput`].
+    pub async fn revoke(&self, device: &DeviceId, reason: &str) -> Result<Revoked> {
+        let inner = self.inner();
+        let mut revocation = Revocation::new(*device, reason, inner.clock.now())?;
+        if let Some(who) = self.initiator() {
+            revocation = revocation.by(who);
+        }
+        let created = inner.store.revoke(&revocation).await?;
+        if !created {
+            revocation = inner.store.revocation(device).await?.unwrap_or(revocation);
+        }
+        // Looked up after the revocation was written: a supervisor that
+        // registered the device before reading it holds the lease by now.
+        let disconnect = match inner.store.lookup(device).await? {
+            None => None,
+            Some(_) => {
+                let kind = CommandKind::Disconnect {
+                    reason: format!("revoked: {}", revocation.reason),
+                };
+                Some(inner.send(*device, kind, self.initiator()).await?.correlation_id)
+            }
+        };
+        info!(%device, created, disconnect = ?disconnect, "device revoked");
+        Ok(Revoked {
+            revocation,
+            created,
+            disconnect,
+        })
+    }
+
+    /// Lifts the revocation of `device`, so that it may register again.
+    /// Returns `false` if it was not revoked.
+    pub async fn reinstate(&self, device: &DeviceId) -> Result<bool> {
+        let reinstated = self.inner().store.reinstate(device).await?;
+        if reinstated {
+            info!(%device, by = self.initiator().unwrap_or("-"), "device reinstated");
+        }
+        Ok(reinstated)
+    }
+
+    /// The revocation of `device`, if it is revoked.
+    pub async fn revocation(&self, device: &DeviceId) -> Result<Option<Revocation>> {
+        self.inner().store.revocation(device).await
+    }
+
+    /// The revoked devices, a page at a time.
+    pub async fn revocations(&self, page: &PageRequest) -> Result<Page<Revocation>> {
+        self.inner().store.revocations(page).await
+    }
+
     /// The store's generation this control plane works in (see
     /// [`StoreGeneration`](crate::StoreGeneration)): the one it found or
     /// began at start, or the next one after a loss it noticed.
@@ -635,6 +694,19 @@ impl ControlPlane {
         while drivers.join_next().await.is_some() {}
         info!("control plane stopped");
     }
+}
+
+/// What [`ControlPlane::revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Revoked {
+    /// The device's revocation: the one just made, or the one stored before.
+    pub revocation: Revocation,
+    /// Whether this call revoked the device (`false`: it was revoked already).
+    pub created: bool,
+    /// The command closing the device's session, sent to the supervisor
+    /// holding it; `None` when no supervisor held it.
+    pub disconnect: Option<CorrelationId>,
 }
 
 impl Inner {

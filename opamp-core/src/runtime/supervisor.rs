@@ -87,7 +87,7 @@ use crate::time::{Clock, SystemClock, Timestamp, duration_text};
 use crate::tracking::CommandRecord;
 use crate::transport::{
     Capabilities, ConfigPush, DeviceHello, DeviceLimits, DeviceSession, DeviceTransport, FromDevice, Inbound, Outbound,
-    StatusReport, ToDevice, TrySendError,
+    Refused, StatusReport, ToDevice, TrySendError,
 };
 
 /// How a supervisor runs.
@@ -340,6 +340,7 @@ impl Supervisor {
             lost: Notify::new(),
             stopping,
             unrecorded: Mutex::default(),
+            disconnects: Mutex::default(),
         });
         let mut loops = JoinSet::new();
         for transport in transports {
@@ -465,6 +466,10 @@ struct Inner {
     /// deliveries were handed back, and are recorded, not run, when they come
     /// again. Empty unless the store refuses writes.
     unrecorded: Mutex<HashMap<CorrelationId, (CommandOutcome, Option<ConfigHash>)>>,
+    /// Devices told to disconnect (revoked) while no session of theirs was
+    /// listed here, and when: one registering meanwhile, whose check of its
+    /// revocation came just before the revocation, is closed once listed.
+    disconnects: Mutex<HashMap<DeviceId, tokio::time::Instant>>,
 }
 
 /// The first and the longest wait before a store or bus call refused for a
@@ -475,6 +480,9 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration
 /// its deadline, and then the control plane's retry has the device apply it
 /// a second time; not pushed, it is retried with time of its own.
 const START_MARGIN: Duration = Duration::from_secs(1);
+/// How long a disconnect for a device not listed here waits for a
+/// registration under way to list it: far longer than a registration takes.
+const DISCONNECT_WINDOW: Duration = Duration::from_secs(30);
 /// How long a delivery handed back waits before the bus delivers it again.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 /// The most outcomes remembered for deliveries handed back; past it, one
@@ -742,6 +750,14 @@ impl Inner {
             });
             return;
         }
+        if let CommandKind::Disconnect { reason } = &job.command.kind {
+            let outcome = self.disconnect(job.command.device, reason);
+            let inner = Arc::clone(self);
+            lock(&self.session_tasks).spawn(async move {
+                inner.finish(*job, outcome, None).await;
+            });
+            return;
+        }
         let refused = match self.session(&job.command.device) {
             None => (job, CommandOutcome::DeviceOffline),
             Some(session) => match session.offer(Work::Command(job)) {
@@ -763,6 +779,37 @@ impl Inner {
         lock(&self.session_tasks).spawn(async move {
             inner.finish(*refused.0, refused.1, None).await;
         });
+    }
+
+    /// Closes `device`'s session here at once, ahead of whatever it has to
+    /// do (its commands end `device_offline`). With none listed, remembers
+    /// the device for a registration under way.
+    fn disconnect(&self, device: DeviceId, reason: &str) -> CommandOutcome {
+        match self.session(&device) {
+            Some(session) => {
+                info!(%device, supervisor = %self.config.id, reason, "disconnecting the device");
+                session.close();
+                CommandOutcome::Acked
+            }
+            None => {
+                let now = tokio::time::Instant::now();
+                let mut disconnects = lock(&self.disconnects);
+                disconnects.retain(|_, at| now.duration_since(*at) < DISCONNECT_WINDOW);
+                disconnects.insert(device, now);
+                CommandOutcome::DeviceOffline
+            }
+        }
+    }
+
+    /// Whether `device`, just listed, was told to disconnect while it registered.
+    fn told_to_disconnect(&self, device: &DeviceId) -> bool {
+        let mut disconnects = lock(&self.disconnects);
+        if disconnects.is_empty() {
+            return false;
+        }
+        disconnects
+            .remove(device)
+            .is_some_and(|at| at.elapsed() < DISCONNECT_WINDOW)
     }
 
     async fn renew_loop(self: Arc<Self>) {
@@ -934,6 +981,10 @@ impl Inner {
                 Ok(at) => at,
                 Err(err) => {
                     warn!(%device, peer = %session.peer, error = %err, "registering a device failed; closing its session");
+                    // A fresh queue has room; the transport tells the device why.
+                    let _ = session
+                        .outbound
+                        .try_send(ToDevice::Refused(Box::new(Refused::of(&err))));
                     return;
                 }
             };
@@ -977,6 +1028,10 @@ impl Inner {
             if let Some(Listed(previous)) = self.sessions().replace(Listed(Arc::clone(&registered))) {
                 // The device reconnected here while its old session lingered.
                 previous.close();
+            }
+            if self.told_to_disconnect(&device) {
+                info!(%device, supervisor = %me, "device revoked while it registered; closing its session");
+                registered.close();
             }
             if let Some(peer) = &registered.slot().peer {
                 // A fresh queue has room; if the device is already gone the session notices.
@@ -1038,6 +1093,19 @@ impl Inner {
         let me = self.config.id;
         let device = hello.device;
         let claim = self.store.claim(&device, &me, self.config.lease_ttl).await?;
+        // Read after the claim: a revocation written after this read finds
+        // the device's lease here, so its disconnect comes here.
+        let refused = match self.store.revocation(&device).await {
+            Ok(None) => None,
+            Ok(Some(revoked)) => Some(revoked.refusal()),
+            Err(err) => Some(err),
+        };
+        if let Some(refused) = refused {
+            if let Err(release) = self.store.release(&device, &me).await {
+                warn!(%device, error = %release, "releasing a device not registered failed");
+            }
+            return Err(refused);
+        }
         if let Claim::TakenOver { previous } = claim {
             info!(%device, from = %previous, to = %me, "device taken over");
             if let Err(err) = self
@@ -1130,6 +1198,8 @@ impl Inner {
         let command = &job.command;
         let device = command.device;
         let patch = match (&command.kind, &outcome) {
+            // Nothing reached the device: its status is not this command's to change.
+            (CommandKind::Disconnect { .. }, _) => None,
             (CommandKind::SetEmission { state }, CommandOutcome::Acked) => {
                 Some(StatusPatch::new().emission(*state).last_error(None))
             }

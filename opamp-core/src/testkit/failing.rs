@@ -19,9 +19,11 @@ use crate::config::{ConfigRef, ConfigTemplate};
 use crate::error::{Error, Result};
 use crate::event::DeviceEvent;
 use crate::id::{AgentType, ConfigVersion, DeviceId, GroupName, SupervisorId};
+use crate::revocation::Revocation;
 use crate::status::{DeviceStatus, StatusPatch};
 use crate::store::{
-    Claim, ConfigStore, Page, PageRequest, RoutingStore, StatusStore, Store, SupervisorLoad, TrackingStore,
+    Claim, ConfigStore, Page, PageRequest, RevocationStore, RoutingStore, StatusStore, Store, SupervisorLoad,
+    TrackingStore,
 };
 use crate::time::Timestamp;
 use crate::tracking::{CommandRecord, Endings, Rollout, RolloutId, StoreGeneration};
@@ -157,6 +159,22 @@ impl ConfigStore for FailingStore {
     }
     async fn clear_desired(&self, device: &DeviceId) -> Result<bool> {
         guarded!(self, "store", clear_desired(device))
+    }
+}
+
+#[async_trait]
+impl RevocationStore for FailingStore {
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool> {
+        guarded!(self, "store", revoke(revocation))
+    }
+    async fn reinstate(&self, device: &DeviceId) -> Result<bool> {
+        guarded!(self, "store", reinstate(device))
+    }
+    async fn revocation(&self, device: &DeviceId) -> Result<Option<Revocation>> {
+        guarded!(self, "store", revocation(device))
+    }
+    async fn revocations(&self, page: &PageRequest) -> Result<Page<Revocation>> {
+        guarded!(self, "store", revocations(page))
     }
 }
 

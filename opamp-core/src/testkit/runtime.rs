@@ -19,7 +19,7 @@ use crate::id::{AgentType, DeviceId, SupervisorId};
 use crate::runtime::control_plane::{ControlPlane, ControlPlaneConfig};
 use crate::runtime::supervisor::{RunningSupervisor, Supervisor, SupervisorConfig};
 use crate::status::StatusPatch;
-use crate::store::Store;
+use crate::store::{PageRequest, Store};
 use crate::testkit::eventually;
 use crate::testkit::store::StoreFixture;
 use crate::time::Clock;
@@ -70,6 +70,7 @@ macro_rules! runtime_scenarios {
             a_supervisor_shut_down_releases_its_devices_and_marks_them_offline,
             a_command_left_by_a_crashed_supervisor_ends_when_it_restarts,
             lapsed_leases_of_connected_devices_are_claimed_again,
+            a_revoked_device_is_disconnected_and_refused_until_reinstated,
         );
     };
     (@cases $fixture:path, $bus:path; $($case:ident),+ $(,)?) => {
@@ -629,5 +630,72 @@ pub async fn lapsed_leases_of_connected_devices_are_claimed_again(f: &StoreFixtu
     assert_eq!(rig.store.lookup(&device).await.unwrap(), None, "the lease lapsed");
     s1.renew_leases().await;
     rig.owner_is(device, "s1").await;
+    rig.stop(vec![s1]).await;
+}
+
+/// Revoking a connected device closes its session (a `disconnect` command
+/// to its supervisor, recorded as acked); it is then refused at every
+/// registration, and no supervisor holds it, until it is reinstated.
+pub async fn a_revoked_device_is_disconnected_and_refused_until_reinstated(f: &StoreFixture, bus: Arc<dyn Bus>) {
+    let rig = Rig::start(f, bus).await;
+    let (s1, connector) = rig.supervisor("s1").await;
+    let device = did("device-1");
+    let mut session = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+
+    let revoked = rig
+        .control
+        .acting_as("ops")
+        .revoke(&device, "token leaked")
+        .await
+        .expect("revoking");
+    assert!(revoked.created);
+    assert_eq!(revoked.revocation.revoked_by.as_deref(), Some("ops"));
+    let disconnect = revoked.disconnect.expect("a disconnect for the supervisor holding it");
+    assert_eq!(rig.ended(disconnect).await, CommandState::Acked);
+    let closed = tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = session.inbound.recv().await {} }).await;
+    assert!(
+        closed.is_ok(),
+        "the revoked device's session is still open after {WAIT:?}"
+    );
+
+    // It comes back and is refused: no registration, no owner.
+    for _ in 0..2 {
+        let mut again = connector
+            .connect(&hello(device))
+            .await
+            .expect("the transport accepts it");
+        let first = tokio::time::timeout(WAIT, again.inbound.recv()).await;
+        match first {
+            Ok(Ok(Some(ToDevice::Refused(refused)))) => {
+                assert!(refused.denied, "{refused:?}");
+                assert!(refused.reason.contains("device-1 was revoked at"), "{}", refused.reason);
+                assert!(refused.reason.contains("token leaked"), "{}", refused.reason);
+            }
+            other => panic!("a revoked device is told it is refused, not {other:?}"),
+        }
+        let end = tokio::time::timeout(WAIT, again.inbound.recv()).await;
+        assert!(
+            matches!(end, Ok(Ok(None))),
+            "the session ends after the refusal: {end:?}"
+        );
+        assert_eq!(
+            rig.store.lookup(&device).await.unwrap(),
+            None,
+            "nobody holds a revoked device"
+        );
+    }
+    let again = rig.control.revoke(&device, "twice").await.expect("revoking again");
+    assert!(!again.created && again.disconnect.is_none(), "{again:?}");
+    assert_eq!(again.revocation.reason, "token leaked", "the first revocation stays");
+    let listed = rig.control.revocations(&PageRequest::first(10)).await.unwrap();
+    assert_eq!(listed.items.iter().map(|r| r.device).collect::<Vec<_>>(), vec![device]);
+
+    assert!(rig.control.reinstate(&device).await.unwrap());
+    let mut back = connect(&connector, device).await;
+    rig.owner_is(device, "s1").await;
+    let toggle = rig.control.set_emission(&device, true).await.unwrap();
+    answer(&mut back, toggle).await;
+    assert_eq!(rig.ended(toggle).await, CommandState::Acked);
     rig.stop(vec![s1]).await;
 }

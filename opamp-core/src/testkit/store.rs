@@ -20,6 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+mod revocation;
+
+pub use revocation::*;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tokio::sync::Barrier;
@@ -124,6 +128,9 @@ macro_rules! store_conformance {
             concurrent_rollout_driver_claims_have_one_winner,
             the_first_generation_begun_stays,
             concurrent_generations_have_one_winner,
+            revocations_round_trip,
+            revocations_are_listed_once,
+            revocations_leave_leases_and_statuses_alone,
         );
     };
     (@cases $fixture:path; $($case:ident),+ $(,)?) => {

@@ -11,8 +11,8 @@
 //! | [`ToDevice::ConfigPush`]   | supervisor → device  | `config_push = 4`     |
 //! | [`FromDevice::ConfigAck`]  | device → supervisor  | `config_ack = 5`      |
 //!
-//! plus [`FromDevice::CommandAck`], [`FromDevice::Heartbeat`] and
-//! [`ToDevice::Registered`].
+//! plus [`FromDevice::CommandAck`], [`FromDevice::Heartbeat`],
+//! [`ToDevice::Registered`] and [`ToDevice::Refused`].
 //!
 //! The supervisor side is a [`DeviceTransport`], which accepts
 //! [`DeviceSession`]s; the device side is an [`AgentConnector`]. Each session
@@ -148,6 +148,33 @@ pub enum ToDevice {
     /// The device is registered: its lease is claimed by this supervisor. The
     /// first message of every session; needs no answer.
     Registered(Box<SupervisorId>),
+    /// The device is not registered, and why: sent instead of
+    /// [`Registered`](Self::Registered), and the session ends after it.
+    Refused(Box<Refused>),
+}
+
+/// Why a supervisor did not register a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Refused {
+    /// Why, for the device's log.
+    pub reason: String,
+    /// The device itself is denied (revoked, say): its credential will not
+    /// do until an operator acts, and transports answer as they answer a bad
+    /// credential. Otherwise the refusal passes (the store did not answer)
+    /// and the device should try again later.
+    pub denied: bool,
+}
+
+impl Refused {
+    /// The refusal of a registration that failed with `err`: denied when the
+    /// error is [`Error::Unauthenticated`](crate::Error::Unauthenticated).
+    pub fn of(err: &crate::Error) -> Self {
+        Refused {
+            reason: err.to_string(),
+            denied: matches!(err, crate::Error::Unauthenticated { .. }),
+        }
+    }
 }
 
 /// A device's answer to a command.

@@ -87,6 +87,7 @@ mod deadline;
 mod error;
 mod lanes;
 mod pipeline;
+mod revocation;
 mod routing;
 mod rows;
 mod status;

@@ -233,7 +233,7 @@ fn device_page(rows: Vec<String>, limit: usize) -> Result<Page<DeviceId>> {
 }
 
 /// Where a page starts: after the cursor's device, or at the beginning ('' sorts first).
-fn page_start(page: &PageRequest) -> Result<(String, i64)> {
+pub(super) fn page_start(page: &PageRequest) -> Result<(String, i64)> {
     let after = match &page.after {
         Some(cursor) => DeviceId::new(cursor.as_str())
             .map_err(|err| {

@@ -78,6 +78,16 @@ impl Keys {
         self.key(&["devices:online"])
     }
 
+    /// `device:{id}:revoked`: the device's revocation, as JSON.
+    pub(super) fn revocation(&self, device: &DeviceId) -> String {
+        self.key(&["device:{", device.as_str(), "}:revoked"])
+    }
+
+    /// `devices:revoked`: the set of revoked devices, for listing them.
+    pub(super) fn revoked(&self) -> String {
+        self.key(&["devices:revoked"])
+    }
+
     /// `devices`: the set of every device that has been online.
     pub(super) fn known(&self) -> String {
         self.key(&["devices"])

@@ -15,7 +15,8 @@
 //! | `config:{type}:latest` | string | the version `latest` points at |
 //!
 //! and a few of its own (`device:{id}:desired`, `config:{type}`,
-//! `supervisors`, `devices`, `device:{id}:indexing`, and the control plane's
+//! `supervisors`, `devices`, `device:{id}:indexing`, the revocations
+//! `device:{id}:revoked` and `devices:revoked`, and the control plane's
 //! `command:{id}`, `rollout:{rollouts}:id`, `rollouts:{rollouts}`); `docs/data-model.md` describes
 //! each key and field. The braces are literal: they are Redis Cluster hash
 //! tags, keeping a device's keys (and a supervisor's, and an agent type's) in
@@ -87,6 +88,7 @@ mod error;
 pub(crate) mod fuzz;
 mod keys;
 mod node;
+mod revocation;
 mod scripts;
 mod sentinel;
 mod tracking;

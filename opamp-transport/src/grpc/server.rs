@@ -364,6 +364,15 @@ impl Stream for ToDeviceStream {
             }
         }
         match self.queue.poll_recv(cx) {
+            // The supervisor did not register the device: the stream ends with why.
+            Poll::Ready(Some(ToDevice::Refused(refused))) => {
+                self.queue.close();
+                Poll::Ready(Some(Err(if refused.denied {
+                    Status::permission_denied(refused.reason)
+                } else {
+                    Status::unavailable(refused.reason)
+                })))
+            }
             Poll::Ready(Some(message)) => Poll::Ready(Some(Ok(convert::to_device(&message)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,

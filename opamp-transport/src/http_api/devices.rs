@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use opamp_core::time::duration_text;
 use opamp_core::{
     AgentType, CommandRecord, ConfigRef, ConfigVersion, CorrelationId, Cursor, DeviceId, DeviceStatus, Issued, Labels,
-    Page, PageRequest, Store, SupervisorId, Target,
+    Page, PageRequest, Revocation, Store, SupervisorId, Target,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
@@ -104,6 +104,38 @@ pub(super) fn routes() -> Routes {
             )]),
             command,
         )
+}
+
+/// The page a listing's `limit` (1 to `max`, `default` when absent) and
+/// `after` (the previous page's `next`) ask for; any other parameter is refused.
+pub(super) fn page_request(pairs: Vec<(String, String)>, default: usize, max: usize) -> ApiResult<PageRequest> {
+    let mut limit = default;
+    let mut after = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "limit" => {
+                limit = value.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("limit must be 1-{max}, not {value:?}"),
+                    )
+                })?
+            }
+            "after" => after = Some(Cursor::new(value)).filter(|c| !c.as_str().is_empty()),
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("unknown query parameter {other:?}; expected limit or after"),
+                ));
+            }
+        }
+    }
+    Ok(match after {
+        Some(cursor) => PageRequest::after(cursor, limit),
+        None => PageRequest::first(limit),
+    })
 }
 
 /// Parses a path or body value with the core's validation, naming the parameter.
@@ -271,6 +303,7 @@ struct DeviceDetail {
     status: DeviceStatus,
     owner: Option<SupervisorId>,
     desired: Option<ConfigRefBody>,
+    revoked: Option<Revocation>,
 }
 
 async fn detail(State(api): State<Api>, ApiPath(device): ApiPath<String>) -> ApiResult<Json<DeviceDetail>> {
@@ -279,7 +312,13 @@ async fn detail(State(api): State<Api>, ApiPath(device): ApiPath<String>) -> Api
     let store = api.control.store();
     let owner = store.lookup(&device).await?;
     let desired = store.desired(&device).await?.map(ConfigRefBody::from);
-    Ok(Json(DeviceDetail { status, owner, desired }))
+    let revoked = store.revocation(&device).await?;
+    Ok(Json(DeviceDetail {
+        status,
+        owner,
+        desired,
+        revoked,
+    }))
 }
 
 #[derive(Deserialize)]

@@ -50,6 +50,7 @@ mod error;
 pub(crate) mod fuzz;
 mod openapi;
 mod ops;
+mod revocations;
 mod rollouts;
 mod serve;
 mod templates;
@@ -179,6 +180,7 @@ enum Verb {
     Get,
     Post,
     Put,
+    Delete,
 }
 
 impl Verb {
@@ -187,6 +189,7 @@ impl Verb {
             Verb::Get => MethodFilter::GET,
             Verb::Post => MethodFilter::POST,
             Verb::Put => MethodFilter::PUT,
+            Verb::Delete => MethodFilter::DELETE,
         }
     }
 
@@ -195,6 +198,7 @@ impl Verb {
             Verb::Get => "get",
             Verb::Post => "post",
             Verb::Put => "put",
+            Verb::Delete => "delete",
         }
     }
 }
@@ -246,6 +250,7 @@ fn assemble(tokens: Arc<auth::Tokens>, probes_need_token: bool) -> Routes {
     let mut api = devices::routes()
         .merge(templates::routes())
         .merge(rollouts::routes())
+        .merge(revocations::routes())
         .merge(ops::api_routes());
     api.router = api.router.route_layer(auth.clone());
 

@@ -284,7 +284,8 @@ fn schemas() -> Value {
                 "type": "object",
                 "properties": {
                     "owner": nullable_string(),
-                    "desired": { "oneOf": [ reference("ConfigRef"), { "type": "null" } ] }
+                    "desired": { "oneOf": [ reference("ConfigRef"), { "type": "null" } ] },
+                    "revoked": { "oneOf": [ reference("Revocation"), { "type": "null" } ] }
                 }
             } ]
         },
@@ -420,6 +421,33 @@ fn schemas() -> Value {
             }
         },
         "RolloutPage": page_of("Rollout"),
+        "Revocation": {
+            "type": "object",
+            "required": ["device_id", "reason", "revoked_at"],
+            "properties": {
+                "device_id": string(),
+                "reason": string(),
+                "revoked_at": { "type": "string", "format": "date-time" },
+                "revoked_by": { "type": "string", "description": "the name of the API token that revoked it" }
+            }
+        },
+        "RevocationPage": page_of("Revocation"),
+        "Revoke": {
+            "type": "object",
+            "properties": { "reason": { "type": "string", "maxLength": 1024, "description": "why, kept with the revocation (no control characters)" } }
+        },
+        "Revoked": {
+            "type": "object",
+            "required": ["revocation", "created"],
+            "properties": {
+                "revocation": reference("Revocation"),
+                "created": { "type": "boolean", "description": "false: the device was revoked already, and the first revocation stays" },
+                "disconnect": {
+                    "oneOf": [ { "type": "string", "format": "uuid" }, { "type": "null" } ],
+                    "description": "the command closing the device's session, when a supervisor held it"
+                }
+            }
+        },
         "Supervisors": {
             "type": "object",
             "required": ["items"],

@@ -4,11 +4,11 @@ use axum::Json;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use opamp_core::tracking::Tally;
-use opamp_core::{ConfigRef, Cursor, Labels, PageRequest, Rollout, RolloutId, RolloutSpec};
+use opamp_core::{ConfigRef, Cursor, Labels, Rollout, RolloutId, RolloutSpec};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
-use super::devices::{ConfigRefBody, parse};
+use super::devices::{ConfigRefBody, page_request, parse};
 use super::error::{ApiError, ApiJson, ApiPath, ApiResult, QueryPairs};
 use super::openapi::Doc;
 use super::{Api, Routes, Verb};
@@ -135,33 +135,7 @@ struct RolloutPage {
 }
 
 async fn list(State(api): State<Api>, QueryPairs(pairs): QueryPairs) -> ApiResult<Json<RolloutPage>> {
-    let mut limit = 20;
-    let mut after = None;
-    for (key, value) in pairs {
-        match key.as_str() {
-            "limit" => {
-                limit = value.parse().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_query",
-                        format!("limit must be 1-100, not {value:?}"),
-                    )
-                })?
-            }
-            "after" => after = Some(Cursor::new(value)).filter(|c| !c.as_str().is_empty()),
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_query",
-                    format!("unknown query parameter {other:?}; expected limit or after"),
-                ));
-            }
-        }
-    }
-    let request = match after {
-        Some(cursor) => PageRequest::after(cursor, limit),
-        None => PageRequest::first(limit),
-    };
+    let request = page_request(pairs, 20, 100)?;
     let page = api.control.rollouts(&request).await?;
     Ok(Json(RolloutPage {
         items: page.items.into_iter().map(RolloutView::from).collect(),

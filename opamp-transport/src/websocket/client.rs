@@ -488,6 +488,30 @@ impl Link {
     }
 }
 
+impl Link {
+    /// What an error answer to a registration means: a WebSocket server that
+    /// refuses the device (its credential, or the device itself) follows its
+    /// error response with a policy close, which makes it unauthenticated.
+    async fn refusal(&mut self, err: Error) -> Error {
+        let Link::WebSocket(ws, _) = self else {
+            return err;
+        };
+        if !matches!(err, Error::InvalidInput { .. }) {
+            return err;
+        }
+        match tokio::time::timeout(CLOSE_WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) if frame.code == CloseCode::Policy => match err {
+                Error::InvalidInput { message } => Error::unauthenticated(message),
+                other => other,
+            },
+            _ => err,
+        }
+    }
+}
+
+/// How long a refused registration waits for the server's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 impl OpampConnector {
     /// The supervisor a server of another project (which does not name it) is called by: its address.
     fn fallback_supervisor(&self) -> Option<SupervisorId> {
@@ -563,8 +587,10 @@ async fn register(
     let mut message = state.full();
     for _ in 0..REGISTER_ROUNDS {
         let reply = link.exchange(message).await?;
-        let got =
-            convert::from_server(reply, &state.hello, &mut state.emission_ids).map_err(|err| annotate(err, doing))?;
+        let got = match convert::from_server(reply, &state.hello, &mut state.emission_ids) {
+            Ok(got) => got,
+            Err(err) => return Err(annotate(link.refusal(err).await, doing)),
+        };
         if let Some(again) = state.answer(&got) {
             if got.new_instance_uid.is_some() || got.report_full_state {
                 message = again;

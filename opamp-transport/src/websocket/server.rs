@@ -862,6 +862,8 @@ pub(super) async fn register(
     };
     let first = match tokio::time::timeout(config.register_timeout, queue.recv()).await {
         Ok(Some(registered @ ToDevice::Registered(_))) => convert::to_agent(&registered, &uid, fleet).message,
+        Ok(Some(ToDevice::Refused(refused))) if refused.denied => return Err(Refusal::Unauthenticated(refused.reason)),
+        Ok(Some(ToDevice::Refused(refused))) => return Err(unavailable(&refused.reason)),
         Ok(Some(_)) => return Err(unavailable("the supervisor sent something before registering it")),
         Ok(None) => return Err(unavailable("the supervisor closed its session")),
         Err(_) => return Err(unavailable("the supervisor did not register it in time")),

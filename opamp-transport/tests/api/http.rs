@@ -117,6 +117,12 @@ impl Client {
         self.send_json(Method::PUT, path, body).await
     }
 
+    pub(crate) async fn delete(&self, path: &str) -> Answer {
+        let auth = self.auth();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        send(self.addr, Method::DELETE, path, &headers, None).await
+    }
+
     pub(crate) async fn raw(&self, method: Method, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
         let auth = self.auth();
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();

@@ -347,3 +347,53 @@ pub(crate) async fn a_dead_supervisors_leases_lapse_and_the_device_rehomes<W: Wi
     fleet.owner_is("d2", Some("s2")).await;
     s2.shutdown().await;
 }
+
+/// A revoked device is disconnected (a `disconnect` to its supervisor) and
+/// refused at its next registration with an error that names the
+/// revocation, as the transport answers a bad credential; reinstated, it
+/// registers again.
+pub(crate) async fn a_revoked_device_is_refused_naming_its_revocation<W: Wire>(wire: &W) {
+    use opamp_core::{Revocation, RevocationStore};
+    let mut fleet = Fleet::new().await;
+    let (s1, _transport, url) = fleet.serve(wire, "s1").await;
+    let connector = wire.connector(&url, "r1");
+    let mut session = raw_device(&*connector, "r1").await;
+    fleet.owner_is("r1", Some("s1")).await;
+
+    let revocation = Revocation::new(did("r1"), "token stolen", Timestamp::now()).unwrap();
+    assert!(fleet.store.revoke(&revocation).await.unwrap());
+    let reason = "revoked".to_owned();
+    let id = fleet.send("s1", "r1", CommandKind::Disconnect { reason }).await;
+    assert_eq!(fleet.outcome(id).await, CommandOutcome::Acked);
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match session.inbound.recv().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
+
+    let refused = match connector.connect(&hello("r1")).await {
+        Ok(_) => panic!("a revoked device registered"),
+        Err(err) => err,
+    };
+    assert!(
+        matches!(refused, opamp_core::Error::Unauthenticated { .. }),
+        "refused as a bad credential is: {refused:?}"
+    );
+    let text = refused.to_string();
+    assert!(
+        text.contains("r1 was revoked at") && text.contains("token stolen"),
+        "{text}"
+    );
+    fleet.owner_is("r1", None).await;
+
+    assert!(fleet.store.reinstate(&did("r1")).await.unwrap());
+    let _back = raw_device(&*connector, "r1").await;
+    fleet.owner_is("r1", Some("s1")).await;
+    s1.shutdown().await;
+}
