@@ -41,14 +41,15 @@
 //! own), and one lookup per connection at a time leaves the server a wake-up
 //! per lookup. So the store keeps a few connections of its own for lookups
 //! ([`PostgresConfig::lookup_connections`], at most 8 by default) and
-//! pipelines them: each connection's task writes lookups as they come,
-//! without waiting for the answers before them, and hands the answers back
-//! in order, so concurrent lookups share round trips and system calls on
-//! both sides. Connections open as concurrent lookups need them (a
-//! connection carries up to 8 before the next opens). They speak the wire
-//! protocol themselves (plaintext or a Unix socket; trust, password, MD5 or
-//! SCRAM-SHA-256): when the URL asks for TLS, or pipelining is turned off,
-//! lookups use lanes of sqlx connections instead, one lookup at a time each.
+//! pipelines them: each is a `tokio-postgres` client, which writes lookups
+//! as they come, without waiting for the answers before them, and hands the
+//! answers back in order, so concurrent lookups share round trips and
+//! system calls on both sides. Connections open as concurrent lookups need
+//! them (a connection carries up to 8 before the next opens). They are
+//! plaintext or a Unix socket (trust, password, MD5 or SCRAM-SHA-256 with
+//! the server's proof checked): when the URL asks for TLS, or pipelining is
+//! turned off, lookups use lanes of sqlx connections instead, one lookup at
+//! a time each.
 //! A lookup neither can answer goes through the pool, which reports any
 //! error in full.
 //!
@@ -92,7 +93,6 @@ mod routing;
 mod rows;
 mod status;
 mod tracking;
-mod wire;
 
 use std::fmt;
 use std::str::FromStr;

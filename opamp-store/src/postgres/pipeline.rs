@@ -1,75 +1,61 @@
-//! Pipelined lookups: a few connections of the store's own, each driven by
-//! one task that writes every lookup queued for it as soon as it comes
-//! (`Bind`, `Execute`, `Sync` of a statement prepared once) without waiting
-//! for the answers to those before, and reads the answers in order.
+//! Pipelined lookups: a few connections of the store's own, opened with
+//! `tokio-postgres`, whose client writes each query as soon as it is made
+//! without waiting for the answers to those before, and reads the answers in
+//! order. Concurrent lookups thus share round trips, system calls and
+//! wake-ups on both sides: the server reads many lookups in one `recv` and
+//! answers them in one `send`. Each lookup is its own statement execution
+//! (of one statement prepared per connection), so one failing lookup fails
+//! alone.
 //!
-//! Concurrent lookups thus share round trips, system calls and wake-ups on
-//! both sides: the server reads many lookups in one `recv` and answers them
-//! in one `send`. Each lookup keeps its own `Sync`, so one failing statement
-//! fails that lookup alone.
+//! Why not sqlx's connections: one of those runs one statement at a time,
+//! so a lookup in flight holds a whole connection (see `lanes`, which the
+//! store uses when these cannot be).
 //!
-//! These connections speak the protocol themselves (`wire`), so they cover
-//! what sqlx's connection does not let them: plaintext TCP or a Unix socket,
-//! with trust, password, MD5 or SCRAM-SHA-256 authentication. A URL that
-//! wants TLS (`sslmode` `require`, `verify-ca`, `verify-full`, or `prefer`
-//! against a server that offers it), or a server asking for another kind of
-//! authentication, is [`Answer::Unsupported`]: the store then uses lanes of
-//! sqlx connections instead.
+//! These connections speak plaintext TCP or a Unix socket, authenticated as
+//! the server asks (trust, password, MD5, SCRAM-SHA-256 with the server's
+//! proof checked). A URL that wants TLS (`sslmode` `require`, `verify-ca`,
+//! `verify-full`, or `prefer` against a server that offers it) is
+//! [`Answer::Unsupported`]: the store then uses lanes of sqlx connections,
+//! which speak TLS, instead.
 //!
 //! Any other failure answers [`Answer::Failed`] and the lookup goes through
 //! the pool, which reports the error in full. So does a connection gone
-//! silent: once its oldest lookup has waited the store's deadline for an
-//! answer, the connection is closed and every lookup on it fails over. A connection that could not
-//! be opened is not tried again for a second; one whose statement failed
-//! (the table altered under it, say) is closed once its other answers are
-//! in, and the next lookup opens a fresh one.
+//! silent: a lookup that waits the store's deadline for its answer closes
+//! its connection, and every lookup in flight on it fails over at once. A
+//! connection that could not be opened is not tried again for a second;
+//! one whose statement failed (the table altered under it, say) is closed,
+//! and the next lookup opens a fresh one.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::BytesMut;
 use opamp_core::{DeviceId, Timestamp};
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio_postgres::tls::{MakeTlsConnect, NoTlsStream, TlsConnect};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement};
 
 use super::routing::LOOKUP;
-use super::wire::{self, AuthRequest, Scram, WireError};
+use super::rows::sql_time;
 
-/// The name of the prepared lookup statement on each connection.
-const STATEMENT: &str = "opamp_lookup";
-/// Lookups written and not yet answered, at most, per connection. Their
-/// bytes (about 90 each way) stay far below the socket buffers, so writing
-/// never waits on the server writing answers we are not reading.
-const MAX_IN_FLIGHT: usize = 256;
-/// Lookups waiting to be written, at most, per connection.
-const QUEUE: usize = 1024;
 /// A lookup goes to the first connection with fewer lookups than this in
 /// flight (or the least busy one): connections open only as concurrent
 /// lookups need them, and each carries several at once.
 const DEPTH: usize = 8;
+/// Lookups in flight, at most, on one connection; past it on all of them,
+/// a lookup goes through the pool.
+const MAX_IN_FLIGHT: usize = 256;
 /// After a connection could not be opened, lookups use the pool this long
 /// before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Microseconds from the Unix epoch to PostgreSQL's, 2000-01-01.
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Where and how the lookup connections connect.
 #[derive(Clone)]
 pub(super) struct Target {
-    address: Address,
-    user: String,
-    password: Option<String>,
-    database: Option<String>,
-    application_name: Option<String>,
-    /// Startup `options` (`-c search_path=…` and any from the URL).
-    options: Option<String>,
+    config: tokio_postgres::Config,
     /// Ask for TLS first (`sslmode=prefer`): if the server offers it, a
     /// lookup connection would have to use it, which it cannot.
     ask_tls: bool,
@@ -77,13 +63,6 @@ pub(super) struct Target {
     timeout: Duration,
     /// How long a lookup may wait for its answer.
     deadline: Duration,
-}
-
-#[derive(Clone)]
-enum Address {
-    Tcp(String, u16),
-    #[cfg(unix)]
-    Unix(PathBuf),
 }
 
 impl Target {
@@ -94,26 +73,49 @@ impl Target {
             PgSslMode::Prefer => true,
             PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => return None,
         };
-        let address = match options.get_socket() {
-            #[cfg(unix)]
-            Some(dir) => Address::Unix(dir.join(format!(".s.PGSQL.{}", options.get_port()))),
-            #[cfg(not(unix))]
-            Some(_) => return None,
-            None => Address::Tcp(options.get_host().to_owned(), options.get_port()),
-        };
+        let mut config = tokio_postgres::Config::new();
+        match options.get_socket() {
+            // sqlx names the socket's directory; libpq-style configs name it too.
+            Some(dir) => {
+                #[cfg(unix)]
+                config.host_path(dir);
+                #[cfg(not(unix))]
+                return {
+                    let _ = dir;
+                    None
+                };
+            }
+            None => {
+                config.host(options.get_host());
+            }
+        }
+        config.port(options.get_port());
+        config.user(options.get_username());
         // The password as sqlx resolved it: from the URL, PGPASSWORD or the passfile.
-        let password = options.to_url_lossy().password().map(|encoded| {
-            percent_encoding::percent_decode_str(encoded)
-                .decode_utf8_lossy()
-                .into_owned()
+        if let Some(encoded) = options.to_url_lossy().password() {
+            config.password(
+                percent_encoding::percent_decode_str(encoded)
+                    .decode_utf8_lossy()
+                    .as_bytes(),
+            );
+        }
+        if let Some(database) = options.get_database() {
+            config.dbname(database);
+        }
+        if let Some(name) = options.get_application_name() {
+            config.application_name(name);
+        }
+        if let Some(startup) = options.get_options() {
+            config.options(startup);
+        }
+        config.ssl_mode(if ask_tls {
+            tokio_postgres::config::SslMode::Prefer
+        } else {
+            tokio_postgres::config::SslMode::Disable
         });
+        config.connect_timeout(timeout);
         Some(Target {
-            address,
-            user: options.get_username().to_owned(),
-            password,
-            database: options.get_database().map(str::to_owned),
-            application_name: options.get_application_name().map(str::to_owned),
-            options: options.get_options().map(str::to_owned),
+            config,
             ask_tls,
             timeout,
             deadline,
@@ -131,124 +133,266 @@ pub(super) enum Answer {
     Unsupported,
 }
 
-/// A queued lookup.
-struct Request {
-    device: DeviceId,
-    micros: i64,
-    reply: oneshot::Sender<Reply>,
-}
-
-/// The owner's text, or what failed.
-type Reply = Result<Option<String>, WireError>;
-
 /// The pipelined lookup connections of one store.
 pub(super) struct Pipes {
-    shared: Arc<Shared>,
-    target: Target,
-}
-
-struct Shared {
     slots: Vec<SlotCell>,
     /// Why these connections cannot be used, once found out.
     unsupported: OnceLock<String>,
+    target: Target,
 }
 
 #[derive(Default)]
 struct SlotCell {
     /// Lookups sent to this connection and not yet answered or given up.
     load: AtomicUsize,
-    state: Mutex<Slot>,
+    /// Held while the connection is looked at or opened, never across a lookup.
+    state: tokio::sync::Mutex<Slot>,
 }
 
 #[derive(Default)]
 struct Slot {
-    /// The queue of the connection's task, while it runs.
-    queue: Option<mpsc::Sender<Request>>,
+    open: Option<Arc<Open>>,
     /// No new connection before this, after one could not be opened.
     quiet_until: Option<Instant>,
+}
+
+/// An open connection: its client, the lookup prepared on it, and its task.
+struct Open {
+    client: Client,
+    lookup: Statement,
+    /// Aborting the connection's task closes its socket: every lookup in
+    /// flight on it ends at once.
+    task: AbortHandle,
+}
+
+impl Open {
+    fn close(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 impl Pipes {
     /// `count` connections to `target` (at least one), each opened by the first lookup it gets.
     pub(super) fn new(target: Target, count: usize) -> Self {
         Pipes {
-            shared: Arc::new(Shared {
-                slots: (0..count.max(1)).map(|_| SlotCell::default()).collect(),
-                unsupported: OnceLock::new(),
-            }),
+            slots: (0..count.max(1)).map(|_| SlotCell::default()).collect(),
+            unsupported: OnceLock::new(),
             target,
         }
     }
 
     /// The owner's text for `device` at `now`.
     pub(super) async fn lookup(&self, device: DeviceId, now: Timestamp) -> Answer {
-        if self.shared.unsupported.get().is_some() {
+        if self.unsupported.get().is_some() {
             return Answer::Unsupported;
         }
-        let Some((queue, _load)) = self.queue() else {
+        let Some((cell, _load)) = self.pick() else {
             return Answer::Failed;
         };
-        let micros = now
-            .unix_millis()
-            .saturating_mul(1000)
-            .saturating_sub(POSTGRES_EPOCH_MICROS);
-        let (reply, answer) = oneshot::channel();
-        if queue.send(Request { device, micros, reply }).await.is_err() {
+        let Some(open) = self.connection(cell).await else {
             return self.failed();
-        }
-        match answer.await {
-            Ok(Ok(owner)) => Answer::Owner(owner),
-            Ok(Err(_)) | Err(_) => self.failed(),
+        };
+        let Ok(at) = sql_time(now) else {
+            return Answer::Failed;
+        };
+        let id = device.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &at];
+        let query = open.client.query_opt(&open.lookup, &params);
+        match tokio::time::timeout(self.target.deadline, query).await {
+            Ok(Ok(row)) => match row.map(|row| row.try_get::<_, String>(0)).transpose() {
+                Ok(owner) => Answer::Owner(owner),
+                Err(err) => {
+                    tracing::debug!(error = %err, "a pipelined lookup's answer did not read; lookups use the pool");
+                    Answer::Failed
+                }
+            },
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "a pipelined lookup failed; its connection is closed");
+                self.discard(cell, &open).await;
+                Answer::Failed
+            }
+            Err(_) => {
+                tracing::debug!(deadline = ?self.target.deadline, "a pipelined lookup went unanswered; its connection is closed");
+                self.discard(cell, &open).await;
+                Answer::Failed
+            }
         }
     }
 
     /// How the pipelined connections stand, for `Debug`.
     pub(super) fn state(&self) -> String {
-        if let Some(why) = self.shared.unsupported.get() {
+        if let Some(why) = self.unsupported.get() {
             return format!("not used: {why}");
         }
-        let open = (self.shared.slots.iter())
-            .filter(|cell| lock(&cell.state).queue.as_ref().is_some_and(|queue| !queue.is_closed()))
+        let open = (self.slots.iter())
+            .filter(|cell| {
+                cell.state.try_lock().map_or(true, |slot| {
+                    slot.open.as_ref().is_some_and(|open| !open.client.is_closed())
+                })
+            })
             .count();
-        format!("{open} of {} connections open", self.shared.slots.len())
+        format!("{open} of {} connections open", self.slots.len())
     }
 
     fn failed(&self) -> Answer {
-        if self.shared.unsupported.get().is_some() {
+        if self.unsupported.get().is_some() {
             Answer::Unsupported
         } else {
             Answer::Failed
         }
     }
 
-    /// The queue of the first connection with room (see [`DEPTH`]), or
-    /// else the least busy one, starting its task if it has none; and the
-    /// lookup's place in its load.
-    fn queue(&self) -> Option<(mpsc::Sender<Request>, Load<'_>)> {
-        let slots = &self.shared.slots;
-        let loads = slots.iter().map(|cell| cell.load.load(Ordering::Relaxed));
+    /// The first connection with room (see [`DEPTH`]), or else the least
+    /// busy one, and the lookup's place in its load; `None` when every one
+    /// carries [`MAX_IN_FLIGHT`].
+    fn pick(&self) -> Option<(&SlotCell, Load<'_>)> {
+        let loads = self.slots.iter().map(|cell| cell.load.load(Ordering::Relaxed));
         let turn = loads
             .clone()
             .position(|load| load < DEPTH)
             .or_else(|| loads.enumerate().min_by_key(|(_, load)| *load).map(|(turn, _)| turn))?;
-        let cell = &slots[turn];
-        cell.load.fetch_add(1, Ordering::Relaxed);
-        let load = Load(&cell.load);
-        let mut slot = lock(&cell.state);
-        if let Some(queue) = slot.queue.as_ref().filter(|queue| !queue.is_closed()) {
-            return Some((queue.clone(), load));
+        let cell = &self.slots[turn];
+        if cell.load.fetch_add(1, Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            cell.load.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
+        Some((cell, Load(&cell.load)))
+    }
+
+    /// The cell's open connection, opening it if it has none (unless one
+    /// could not be opened a moment ago).
+    async fn connection(&self, cell: &SlotCell) -> Option<Arc<Open>> {
+        let mut slot = cell.state.lock().await;
+        if let Some(open) = slot.open.as_ref().filter(|open| !open.client.is_closed()) {
+            return Some(Arc::clone(open));
+        }
+        slot.open = None;
         if slot.quiet_until.is_some_and(|until| Instant::now() < until) {
             return None;
         }
-        let (queue, requests) = mpsc::channel(QUEUE);
-        slot.queue = Some(queue.clone());
-        slot.quiet_until = None;
-        let target = self.target.clone();
-        let shared = Arc::downgrade(&self.shared);
-        tokio::spawn(run(target, shared, turn, requests));
-        Some((queue, load))
+        match self.open().await {
+            Ok(open) => {
+                let open = Arc::new(open);
+                slot.open = Some(Arc::clone(&open));
+                slot.quiet_until = None;
+                Some(open)
+            }
+            Err(Setup::Unsupported(why)) => {
+                if self.unsupported.set(why.clone()).is_ok() {
+                    tracing::info!(
+                        reason = %why,
+                        "PostgreSQL lookups are not pipelined; they use one connection per lookup in flight"
+                    );
+                }
+                None
+            }
+            Err(Setup::Failed(err)) => {
+                slot.quiet_until = Some(Instant::now() + RETRY_AFTER);
+                tracing::debug!(error = %err, "a PostgreSQL lookup connection could not be opened; lookups use the pool");
+                None
+            }
+        }
     }
+
+    /// Closes `open` and forgets it, unless the cell moved on to another connection meanwhile.
+    async fn discard(&self, cell: &SlotCell, open: &Arc<Open>) {
+        open.close();
+        let mut slot = cell.state.lock().await;
+        if slot.open.as_ref().is_some_and(|current| Arc::ptr_eq(current, open)) {
+            slot.open = None;
+        }
+    }
+
+    /// Opens a connection and prepares the lookup on it, within the
+    /// store's time to open a connection.
+    async fn open(&self) -> Result<Open, Setup> {
+        let connecting = self.target.config.connect(RefuseTls);
+        let (client, connection) = match tokio::time::timeout(self.target.timeout, connecting).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(err)) if self.target.ask_tls && refused_tls(&err) => {
+                return Err(Setup::Unsupported(
+                    "the server offers TLS (sslmode=prefer), which pipelined lookups do not speak".into(),
+                ));
+            }
+            Ok(Err(err)) => return Err(Setup::Failed(err.to_string())),
+            Err(_) => return Err(Setup::Failed("opening the connection timed out".into())),
+        };
+        let task = tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "a PostgreSQL lookup connection ended; the next lookup opens another");
+            }
+        })
+        .abort_handle();
+        let preparing = client.prepare_typed(LOOKUP, &[Type::TEXT, Type::TIMESTAMPTZ]);
+        match tokio::time::timeout(self.target.deadline, preparing).await {
+            Ok(Ok(lookup)) => Ok(Open { client, lookup, task }),
+            failed => {
+                task.abort();
+                Err(Setup::Failed(match failed {
+                    Ok(Err(err)) => format!("preparing the lookup: {err}"),
+                    _ => "preparing the lookup timed out".into(),
+                }))
+            }
+        }
+    }
+}
+
+/// Why a connection could not be set up.
+enum Setup {
+    /// Not with these connections at all: TLS.
+    Unsupported(String),
+    /// This time: the server is down, the password is wrong, the table is missing.
+    Failed(String),
+}
+
+/// A TLS connector that takes no TLS. Under `sslmode=prefer` the client
+/// asks the server for TLS first; a server that offers it gets this
+/// refusal, which sends the store to its lanes (whose connections speak TLS).
+/// A server that declines goes on in plaintext, as the URL allows.
+#[derive(Debug, Clone, Copy)]
+struct RefuseTls;
+
+/// The error [`RefuseTls`] answers a server offering TLS with.
+#[derive(Debug)]
+struct RefusedTls;
+
+impl std::fmt::Display for RefusedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("pipelined lookups do not speak TLS")
+    }
+}
+
+impl std::error::Error for RefusedTls {}
+
+impl<S> MakeTlsConnect<S> for RefuseTls {
+    type Stream = NoTlsStream;
+    type TlsConnect = RefuseTls;
+    type Error = std::convert::Infallible;
+
+    fn make_tls_connect(&mut self, _domain: &str) -> Result<RefuseTls, Self::Error> {
+        Ok(RefuseTls)
+    }
+}
+
+impl<S> TlsConnect<S> for RefuseTls {
+    type Stream = NoTlsStream;
+    type Error = RefusedTls;
+    type Future = std::future::Ready<Result<NoTlsStream, RefusedTls>>;
+
+    fn connect(self, _stream: S) -> Self::Future {
+        std::future::ready(Err(RefusedTls))
+    }
+}
+
+/// Whether `err` is [`RefuseTls`] refusing a server's offer of TLS.
+fn refused_tls(err: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(err).is_some_and(|source| source.is::<RefusedTls>())
 }
 
 /// One lookup counted in a connection's load, until it is answered or dropped.
@@ -260,359 +404,11 @@ impl Drop for Load<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Why a connection could not be set up.
-enum Setup {
-    /// Not with these connections at all: TLS, or an authentication they do not speak.
-    Unsupported(String),
-    /// This time: the server is down, the password is wrong, the table is missing.
-    Failed(WireError),
-}
-
-impl From<WireError> for Setup {
-    fn from(err: WireError) -> Self {
-        Setup::Failed(err)
-    }
-}
-
-impl From<std::io::Error> for Setup {
-    fn from(err: std::io::Error) -> Self {
-        Setup::Failed(err.into())
-    }
-}
-
-/// One connection's task: opens it, then answers lookups until the store
-/// is gone or the connection fails. Lookups still queued when it ends are
-/// dropped, and their callers go to the pool.
-async fn run(target: Target, shared: Weak<Shared>, slot: usize, requests: mpsc::Receiver<Request>) {
-    let opened = tokio::time::timeout(target.timeout, open(&target))
-        .await
-        .unwrap_or_else(|_| Err(Setup::Failed(WireError("opening the connection timed out".into()))));
-    let failure = match opened {
-        Ok(Opened::Tcp(stream)) => {
-            let (reader, writer) = stream.into_split();
-            serve(reader, writer, requests, target.deadline).await.err()
-        }
-        #[cfg(unix)]
-        Ok(Opened::Unix(stream)) => {
-            let (reader, writer) = stream.into_split();
-            serve(reader, writer, requests, target.deadline).await.err()
-        }
-        Err(Setup::Unsupported(why)) => {
-            if let Some(shared) = shared.upgrade() {
-                if shared.unsupported.set(why.clone()).is_ok() {
-                    tracing::info!(
-                        reason = %why,
-                        "PostgreSQL lookups are not pipelined; they use one connection per lookup in flight"
-                    );
-                }
-            }
-            return;
-        }
-        Err(Setup::Failed(err)) => {
-            if let Some(shared) = shared.upgrade() {
-                lock(&shared.slots[slot].state).quiet_until = Some(Instant::now() + RETRY_AFTER);
-            }
-            tracing::debug!(error = %err, "a PostgreSQL lookup connection could not be opened; lookups use the pool");
-            return;
-        }
-    };
-    if let Some(err) = failure {
-        tracing::debug!(error = %err, "a PostgreSQL lookup connection ended; the next lookup opens another");
-    }
-}
-
-enum Opened {
-    Tcp(tokio::net::TcpStream),
-    #[cfg(unix)]
-    Unix(tokio::net::UnixStream),
-}
-
-async fn open(target: &Target) -> Result<Opened, Setup> {
-    match &target.address {
-        Address::Tcp(host, port) => {
-            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-            stream.set_nodelay(true)?;
-            if target.ask_tls {
-                let mut out = BytesMut::new();
-                wire::ssl_request(&mut out);
-                stream.write_all(&out).await?;
-                match stream.read_u8().await? {
-                    b'N' => {}
-                    b'S' => {
-                        return Err(Setup::Unsupported(
-                            "the server offers TLS (sslmode=prefer), which pipelined lookups do not speak".into(),
-                        ));
-                    }
-                    other => {
-                        return Err(Setup::Failed(WireError(format!(
-                            "the server answered the TLS request with {other:#04x}"
-                        ))));
-                    }
-                }
-            }
-            prepare(&mut stream, target).await?;
-            Ok(Opened::Tcp(stream))
-        }
-        #[cfg(unix)]
-        Address::Unix(path) => {
-            let mut stream = tokio::net::UnixStream::connect(path).await?;
-            prepare(&mut stream, target).await?;
-            Ok(Opened::Unix(stream))
-        }
-    }
-}
-
-/// Starts the session, authenticates, and prepares the lookup statement.
-async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &Target) -> Result<(), Setup> {
-    let mut out = BytesMut::with_capacity(256);
-    let mut params = vec![("user", target.user.as_str()), ("client_encoding", "UTF8")];
-    if let Some(database) = &target.database {
-        params.push(("database", database));
-    }
-    if let Some(name) = &target.application_name {
-        params.push(("application_name", name));
-    }
-    if let Some(options) = &target.options {
-        params.push(("options", options));
-    }
-    wire::startup(&mut out, &params);
-    stream.write_all(&out).await?;
-    out.clear();
-
-    let mut input = BytesMut::with_capacity(1024);
-    let mut scram = None;
-    loop {
-        let message = read_message(stream, &mut input).await?;
-        match message.tag {
-            b'R' => {
-                let password = || {
-                    target.password.as_deref().ok_or_else(|| {
-                        Setup::Unsupported("the server asks for a password and the URL gives none".into())
-                    })
-                };
-                match wire::auth_request(message.body)? {
-                    AuthRequest::Ok => {}
-                    AuthRequest::Cleartext => wire::password_message(&mut out, password()?),
-                    AuthRequest::Md5 { salt } => {
-                        wire::password_message(&mut out, &wire::md5_password(&target.user, password()?, salt))
-                    }
-                    AuthRequest::Sasl { mechanisms } => {
-                        if !mechanisms.iter().any(|name| name == wire::SCRAM_SHA_256) {
-                            return Err(Setup::Unsupported(format!(
-                                "the server offers SASL mechanisms {mechanisms:?}, not {}",
-                                wire::SCRAM_SHA_256
-                            )));
-                        }
-                        password()?;
-                        let started = Scram::new(nonce());
-                        wire::sasl_initial_response(&mut out, wire::SCRAM_SHA_256, started.client_first().as_bytes());
-                        scram = Some(started);
-                    }
-                    AuthRequest::SaslContinue(data) => {
-                        let exchange = scram
-                            .as_mut()
-                            .ok_or_else(|| WireError("SASL data before SASL began".into()))?;
-                        let answer = exchange.client_final(password()?, &data)?;
-                        wire::sasl_response(&mut out, answer.as_bytes());
-                    }
-                    AuthRequest::SaslFinal(data) => scram
-                        .as_ref()
-                        .ok_or_else(|| WireError("SASL data before SASL began".into()))?
-                        .verify_server(&data)?,
-                    AuthRequest::Other(code) => {
-                        return Err(Setup::Unsupported(format!(
-                            "the server asks for authentication method {code} (Kerberos, GSSAPI or SSPI)"
-                        )));
-                    }
-                }
-                if !out.is_empty() {
-                    stream.write_all(&out).await?;
-                    out.clear();
-                }
-            }
-            b'E' => return Err(Setup::Failed(WireError(wire::error_text(&message.body)))),
-            // Parameter status, the cancel key, notices: not needed here.
-            b'S' | b'K' | b'N' => {}
-            b'Z' => break,
-            other => return Err(Setup::Failed(unexpected(other))),
-        }
-    }
-
-    wire::parse(&mut out, STATEMENT, LOOKUP, &[wire::TEXT_OID, wire::TIMESTAMPTZ_OID]);
-    wire::sync(&mut out);
-    stream.write_all(&out).await?;
-    let mut failed = None;
-    loop {
-        let message = read_message(stream, &mut input).await?;
-        match message.tag {
-            b'1' | b'S' | b'N' => {}
-            b'E' => failed = Some(WireError(wire::error_text(&message.body))),
-            b'Z' => break,
-            other => return Err(Setup::Failed(unexpected(other))),
-        }
-    }
-    match failed {
-        None if input.is_empty() => Ok(()),
-        None => Err(Setup::Failed(WireError(
-            "bytes after the statement was prepared".into(),
-        ))),
-        Some(err) => Err(Setup::Failed(err)),
-    }
-}
-
-async fn read_message<S: AsyncRead + Unpin>(stream: &mut S, input: &mut BytesMut) -> Result<wire::Message, WireError> {
-    loop {
-        if let Some(message) = wire::next_message(input)? {
-            return Ok(message);
-        }
-        if stream.read_buf(input).await? == 0 {
-            return Err(WireError("the server closed the connection".into()));
-        }
-    }
-}
-
-fn unexpected(tag: u8) -> WireError {
-    WireError(format!("unexpected message {:?} from the server", char::from(tag)))
-}
-
-/// 18 random bytes, base64: the client's SCRAM nonce.
-fn nonce() -> String {
-    let mut bytes = [0u8; 18];
-    // Without an OS random source, a clock-derived nonce still differs per exchange.
-    if getrandom::getrandom(&mut bytes).is_err() {
-        let clock = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes[..16].copy_from_slice(&clock.to_le_bytes());
-    }
-    BASE64.encode(bytes)
-}
-
-/// A lookup written and not yet answered.
-struct InFlight {
-    reply: oneshot::Sender<Reply>,
-    /// When it was written: its answer is due within the deadline.
-    written: tokio::time::Instant,
-    owner: Option<String>,
-    error: Option<WireError>,
-}
-
-/// Writes queued lookups as they come and answers them as their results
-/// arrive, until the queue closes (the store is gone) and every answer is
-/// in, or a statement failed and every answer is in, or the connection fails
-/// or leaves its oldest lookup unanswered for `deadline`.
-async fn serve<R, W>(
-    mut reader: R,
-    mut writer: W,
-    mut requests: mpsc::Receiver<Request>,
-    deadline: Duration,
-) -> Result<(), WireError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut input = BytesMut::with_capacity(8 * 1024);
-    let mut out = BytesMut::with_capacity(8 * 1024);
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut batch = Vec::with_capacity(64);
-    let mut taking = true;
-    let mut retiring = false;
-    // Reset only when the oldest lookup changes, not on every turn.
-    let silence = tokio::time::sleep(deadline);
-    tokio::pin!(silence);
-    let result = loop {
-        if (!taking || retiring) && in_flight.is_empty() {
-            break Ok(());
-        }
-        let room = MAX_IN_FLIGHT - in_flight.len();
-        // A connection gone silent (no byte, no reset) would hold its lookups for ever.
-        let due = in_flight.front().map(|oldest| oldest.written + deadline);
-        if let Some(due) = due.filter(|&due| due != silence.deadline()) {
-            silence.as_mut().reset(due);
-        }
-        tokio::select! {
-            biased;
-            read = reader.read_buf(&mut input) => {
-                match read {
-                    Ok(0) => break Err(WireError("the server closed the connection".into())),
-                    Ok(_) => {}
-                    Err(err) => break Err(err.into()),
-                }
-                if let Err(err) = answer(&mut input, &mut in_flight, &mut retiring) {
-                    break Err(err);
-                }
-            }
-            taken = requests.recv_many(&mut batch, room), if taking && !retiring && room > 0 => {
-                if taken == 0 {
-                    taking = false;
-                    continue;
-                }
-                let written = tokio::time::Instant::now();
-                for request in batch.drain(..) {
-                    wire::bind_execute_sync(&mut out, STATEMENT, request.device.as_str(), request.micros);
-                    in_flight.push_back(InFlight { reply: request.reply, written, owner: None, error: None });
-                }
-                if let Err(err) = writer.write_all(&out).await {
-                    break Err(err.into());
-                }
-                out.clear();
-            }
-            () = &mut silence, if due.is_some() => {
-                break Err(WireError(format!("no answer from PostgreSQL within {deadline:?}")));
-            }
-        }
-    };
-    if result.is_ok() {
-        wire::terminate(&mut out);
-        // The server drops the session either way; this only spares it a log line.
-        let _ = writer.write_all(&out).await;
-    }
-    result
-}
-
-/// Reads the whole messages in `input`, answering lookups as their `ReadyForQuery` arrives.
-fn answer(input: &mut BytesMut, in_flight: &mut VecDeque<InFlight>, retiring: &mut bool) -> Result<(), WireError> {
-    while let Some(message) = wire::next_message(input)? {
-        match message.tag {
-            // BindComplete, CommandComplete, notices, parameter changes, notifications.
-            b'2' | b'C' | b'N' | b'S' | b'A' => {}
-            b'D' => {
-                let lookup = in_flight.front_mut().ok_or_else(|| unexpected(b'D'))?;
-                let column = wire::first_column(message.body)?;
-                lookup.owner = column
-                    .map(|text| String::from_utf8(text.to_vec()))
-                    .transpose()
-                    .map_err(|_| WireError("a supervisor id that is not UTF-8".into()))?;
-            }
-            b'E' => {
-                let lookup = in_flight.front_mut().ok_or_else(|| unexpected(b'E'))?;
-                lookup.error = Some(WireError(wire::error_text(&message.body)));
-                // The statement may be stale (its table altered): start afresh.
-                *retiring = true;
-            }
-            b'Z' => {
-                let lookup = in_flight.pop_front().ok_or_else(|| unexpected(b'Z'))?;
-                let reply = match lookup.error {
-                    Some(err) => Err(err),
-                    None => Ok(lookup.owner),
-                };
-                // The caller may have given up waiting: nothing to do then.
-                let _ = lookup.reply.send(reply);
-            }
-            other => return Err(unexpected(other)),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
+
+    use tokio_postgres::config::Host;
 
     use super::*;
 
@@ -636,18 +432,22 @@ mod tests {
     #[test]
     fn the_target_is_read_from_the_url() {
         let target = target("postgres://alice:an%20open%3Asecret@db.example:6543/fleet?application_name=x").unwrap();
-        assert_eq!(target.password.as_deref(), Some("an open:secret"));
-        assert_eq!(target.user, "alice");
-        assert_eq!(target.database.as_deref(), Some("fleet"));
-        assert_eq!(target.application_name.as_deref(), Some("x"));
-        assert!(matches!(&target.address, Address::Tcp(host, 6543) if host == "db.example"));
+        let config = &target.config;
+        assert_eq!(config.get_password(), Some(&b"an open:secret"[..]));
+        assert_eq!(config.get_user(), Some("alice"));
+        assert_eq!(config.get_dbname(), Some("fleet"));
+        assert_eq!(config.get_application_name(), Some("x"));
+        assert_eq!(config.get_hosts(), &[Host::Tcp("db.example".into())]);
+        assert_eq!(config.get_ports(), &[6543]);
         #[cfg(unix)]
         {
             let local = super::tests::target("postgres://alice@%2Fvar%2Frun%2Fpostgresql:5433/fleet").unwrap();
-            assert!(
-                matches!(&local.address, Address::Unix(path) if path.ends_with("postgresql/.s.PGSQL.5433")),
+            assert_eq!(
+                local.config.get_hosts(),
+                &[Host::Unix("/var/run/postgresql".into())],
                 "a host that is a path is a Unix socket's directory"
             );
+            assert_eq!(local.config.get_ports(), &[5433]);
         }
     }
 }
