@@ -1468,3 +1468,55 @@ async fn a_revoked_device_is_refused_naming_its_revocation_over_websocket() {
 async fn a_revoked_device_is_refused_naming_its_revocation_over_http_polling() {
     common::a_revoked_device_is_refused_naming_its_revocation(&HTTP).await;
 }
+
+/// Connections that have not had a request answered with success are
+/// capped: past the cap, new ones are closed as they come; agents whose
+/// upgrade succeeded do not count; a silent connection that goes gives its
+/// place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_connections_past_their_cap_are_closed_at_once() {
+    use tokio::io::AsyncReadExt as _;
+    let fleet = Fleet::new().await;
+    let (s1, url, _) = opamp_supervisor(&fleet, "s1", |c| c.max_unverified_connections(3)).await;
+    let address = url.trim_start_matches("ws://").trim_end_matches("/v1/opamp").to_owned();
+    let mut agents = Vec::new();
+    for n in 0..4 {
+        let device = format!("u{n}");
+        let mut ws = raw_ws(&url, Some(&bearer(&device))).await.unwrap();
+        send(&mut ws, &report([n as u8 + 1; 16], 1, &device)).await;
+        assert_eq!(recv(&mut ws).await.error_response, None);
+        agents.push(ws);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(address.as_str()).await.unwrap());
+    }
+    // Give the server time to accept them all before the one past the cap.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut past = TcpStream::connect(address.as_str()).await.unwrap();
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), past.read(&mut byte))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    drop(silent.pop());
+    let mut back = None;
+    for _ in 0..50 {
+        // Until the server has seen the silent one go, this one is closed as it comes.
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", bearer("u9").parse().unwrap());
+        let stream = TcpStream::connect(address.as_str()).await.unwrap();
+        if let Ok((ws, _)) = tokio_tungstenite::client_async(request, stream).await {
+            back = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut back = back.expect("a place given back by the silent connection that went");
+    send(&mut back, &report([9; 16], 1, "u9")).await;
+    assert_eq!(recv(&mut back).await.error_response, None);
+    s1.shutdown().await;
+}

@@ -278,6 +278,15 @@ pub struct OpampServerConfig {
     /// agents behind one NAT share an address. Set it where agents have
     /// addresses of their own.
     pub max_connections_per_address: usize,
+    /// Connections open at once that have not yet had a request answered
+    /// with success: still sending their headers, or a TLS handshake, or a
+    /// body under a credential still to check. More are closed as they are
+    /// accepted, before a byte is read, so that clients without a valid
+    /// credential cannot hold more than this many connections (and their
+    /// buffers) whatever the other caps. Default 10,000; raise it for a
+    /// reconnection storm of more agents than that over TLS at once (they
+    /// retry).
+    pub max_unverified_connections: usize,
     /// Agents being registered at once; more are refused as throttled.
     pub max_pending_registrations: usize,
     /// What throttled agents are told to wait.
@@ -312,6 +321,7 @@ impl OpampServerConfig {
             http_session_timeout: DEFAULT_HTTP_SESSION_TIMEOUT,
             max_connections: 50_000,
             max_connections_per_address: 0,
+            max_unverified_connections: 10_000,
             max_pending_registrations: 1024,
             retry_after: DEFAULT_RETRY_AFTER,
             device_queue: 16,
@@ -330,6 +340,13 @@ impl OpampServerConfig {
     /// Serving at most `connections` at once from one address (0: no cap).
     pub fn max_connections_per_address(mut self, connections: usize) -> Self {
         self.max_connections_per_address = connections;
+        self
+    }
+
+    /// Holding at most `connections` not yet past a successful request at once
+    /// (see [`max_unverified_connections`](Self::max_unverified_connections)).
+    pub fn max_unverified_connections(mut self, connections: usize) -> Self {
+        self.max_unverified_connections = connections;
         self
     }
 
@@ -445,10 +462,11 @@ impl OpampServerConfig {
         if self.device_queue == 0
             || self.accept_queue == 0
             || self.max_connections == 0
+            || self.max_unverified_connections == 0
             || self.max_pending_registrations == 0
         {
             return Err(Error::invalid_input(
-                "opamp device_queue, accept_queue, max_connections and max_pending_registrations must be at least 1",
+                "opamp device_queue, accept_queue, max_connections, max_unverified_connections and max_pending_registrations must be at least 1",
             ));
         }
         if let OpampAuth::Basic { username, password } = &self.auth {

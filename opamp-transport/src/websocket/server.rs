@@ -158,6 +158,8 @@ pub(super) struct Shared {
     /// Instance uids with a registered agent, and which connection has each.
     live: Mutex<HashMap<[u8; 16], u64>>,
     connections: AtomicUsize,
+    /// Connections not yet past a successful request (see `Unverified`).
+    unverified: AtomicUsize,
     pending: AtomicUsize,
     next_owner: AtomicU64,
     pub(super) http_agents: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<http::HttpAgent>>>>,
@@ -185,6 +187,7 @@ impl Shared {
             sessions,
             live: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
+            unverified: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             next_owner: AtomicU64::new(HTTP_OWNER + 1),
             http_agents: Mutex::new(HashMap::new()),
@@ -209,6 +212,41 @@ impl Active {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.active.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A connection counted against `max_unverified_connections` until a
+/// request on it is answered with success (its credential held), or it ends.
+struct Unverified {
+    shared: Arc<Shared>,
+    counted: std::sync::atomic::AtomicBool,
+}
+
+impl Unverified {
+    /// The connection's place among the unverified ones; `None` when they are all taken.
+    fn admit(shared: &Arc<Shared>) -> Option<Self> {
+        let before = shared.unverified.fetch_add(1, Ordering::AcqRel);
+        if before >= shared.config.max_unverified_connections {
+            shared.unverified.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Unverified {
+            shared: shared.clone(),
+            counted: true.into(),
+        })
+    }
+
+    /// Gives the place back (once).
+    fn verified(&self) {
+        if self.counted.swap(false, Ordering::AcqRel) {
+            self.shared.unverified.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Unverified {
+    fn drop(&mut self) {
+        self.verified();
     }
 }
 
@@ -247,6 +285,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Some(_) => None,
             None => continue,
         };
+        let Some(unverified) = Unverified::admit(&shared) else {
+            debug!(%peer, cap = shared.config.max_unverified_connections, "closing a connection: too many unverified ones open");
+            continue;
+        };
+        let unverified = Arc::new(unverified);
         let _ = stream.set_nodelay(true);
         // The kernel finds dead peers (a half-open connection would keep its
         // agent's lease alive forever), at no memory cost to the process.
@@ -268,7 +311,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     let shared = shared.clone();
                     let certified = certified.clone();
                     let from = from.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, peer, &certified, from, request).await) }
+                    let unverified = unverified.clone();
+                    async move {
+                        let reply = route(&shared, peer, &certified, from, request).await;
+                        if reply.status().is_success() || reply.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            unverified.verified();
+                        }
+                        Ok::<_, Infallible>(reply)
+                    }
                 }
             });
             let connection = hyper::server::conn::http1::Builder::new()
