@@ -1520,3 +1520,38 @@ async fn unverified_connections_past_their_cap_are_closed_at_once() {
     assert_eq!(recv(&mut back).await.error_response, None);
     s1.shutdown().await;
 }
+
+/// A gzip body is decompressed as it arrives: a bomb is answered 413 as
+/// soon as its output passes the limit, while its sender is still sending,
+/// not once the whole compressed body has come (or the message deadline has
+/// passed), and the compressed body is never held whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_is_refused_as_soon_as_it_inflates_past_the_limit() {
+    let fleet = Fleet::new().await;
+    let transport = bind(|c| c.max_message_size(64 << 10)).await;
+    let addr = transport.local_addr();
+    let s1 = fleet
+        .start("s1", vec![transport.clone() as Arc<dyn DeviceTransport>], |c| c)
+        .await;
+    // 4 MiB of zeros, a few KiB compressed: its first half, then a stall.
+    let bomb = gzip(&vec![0; 4 << 20]);
+    let begun = &bomb[..bomb.len() / 2];
+    let mut request = format!(
+        "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/x-protobuf\r\n\
+         Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        bearer("bomb"),
+        begun.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(begun);
+    request.extend_from_slice(b"\r\n");
+    let started = std::time::Instant::now();
+    let answer = raw_http(addr, &request, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        started.elapsed() < opamp_transport::websocket::DEFAULT_MESSAGE_TIMEOUT / 2,
+        "refused after {:?}",
+        started.elapsed()
+    );
+    s1.shutdown().await;
+}

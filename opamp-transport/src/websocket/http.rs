@@ -78,47 +78,149 @@ pub(super) enum BodyProblem {
     Message(String),
 }
 
-/// The message in a POST body whose `Content-Encoding` is `encoding`
-/// (lowercase): decompressed within `limit` bytes first if it is gzip.
-pub(super) fn read_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<AgentToServer, BodyProblem> {
-    let body: Bytes = match encoding {
-        None | Some("identity") => body,
-        Some("gzip") => match decompress(&body, limit) {
-            Ok(plain) => plain.into(),
-            Err(None) => return Err(BodyProblem::TooLarge),
-            Err(Some(problem)) => return Err(BodyProblem::Compression(problem)),
-        },
-        Some(other) => {
-            return Err(BodyProblem::Encoding(format!(
-                "Content-Encoding {other:?} is not supported: use gzip or none"
-            )));
+/// A POST body's plain bytes, built chunk by chunk as the body arrives: a
+/// gzip body is decompressed as it comes, so the compressed body is never
+/// held whole, and a bomb stops as soon as its output passes the limit.
+pub(super) enum Unpacking {
+    Plain(Vec<u8>, usize),
+    Gzip(Box<flate2::write::GzDecoder<Capped>>),
+}
+
+/// Decompressed output, refused past its limit.
+pub(super) struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+/// What [`Capped`] answers a write past its limit with.
+#[derive(Debug)]
+struct OverLimit;
+
+impl std::fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("over the size limit")
+    }
+}
+
+impl std::error::Error for OverLimit {}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(OverLimit));
         }
-    };
-    AgentToServer::decode(body)
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Unpacking {
+    /// For a body whose `Content-Encoding` is `encoding` (lowercase), of at
+    /// most `limit` bytes once decompressed.
+    pub(super) fn new(encoding: Option<&str>, limit: usize) -> Result<Self, BodyProblem> {
+        match encoding {
+            None | Some("identity") => Ok(Unpacking::Plain(Vec::new(), limit)),
+            Some("gzip") => Ok(Unpacking::Gzip(Box::new(flate2::write::GzDecoder::new(Capped {
+                out: Vec::new(),
+                limit,
+            })))),
+            Some(other) => Err(BodyProblem::Encoding(format!(
+                "Content-Encoding {other:?} is not supported: use gzip or none"
+            ))),
+        }
+    }
+
+    fn is_gzip(&self) -> bool {
+        matches!(self, Unpacking::Gzip(_))
+    }
+
+    /// Takes the next chunk of the body.
+    pub(super) fn feed(&mut self, chunk: &[u8]) -> Result<(), BodyProblem> {
+        match self {
+            Unpacking::Plain(out, limit) => {
+                if out.len() + chunk.len() > *limit {
+                    return Err(BodyProblem::TooLarge);
+                }
+                out.extend_from_slice(chunk);
+                Ok(())
+            }
+            Unpacking::Gzip(decoder) => decoder.write_all(chunk).map_err(inflating),
+        }
+    }
+
+    /// The whole body's plain bytes, once it has all come.
+    pub(super) fn finish(self) -> Result<Bytes, BodyProblem> {
+        match self {
+            Unpacking::Plain(out, _) => Ok(out.into()),
+            Unpacking::Gzip(decoder) => decoder.finish().map(|capped| capped.out.into()).map_err(inflating),
+        }
+    }
+}
+
+fn inflating(err: std::io::Error) -> BodyProblem {
+    if err.get_ref().is_some_and(|inner| inner.is::<OverLimit>()) {
+        BodyProblem::TooLarge
+    } else {
+        BodyProblem::Compression(format!("the gzip body does not decompress: {err}"))
+    }
+}
+
+fn decode(plain: Bytes) -> Result<AgentToServer, BodyProblem> {
+    AgentToServer::decode(plain)
         .map_err(|err| BodyProblem::Message(format!("the body is not a valid AgentToServer: {err}")))
 }
 
-/// Compressed bodies larger than this are decompressed on the blocking
-/// pool: up to `max_message_size` of output is milliseconds of CPU that
-/// would otherwise hold a runtime worker and every connection on it.
-const INLINE_GZIP: usize = 16 * 1024;
+/// The message in a whole POST body whose `Content-Encoding` is `encoding`
+/// (lowercase): decompressed within `limit` bytes first if it is gzip.
+pub(super) fn read_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<AgentToServer, BodyProblem> {
+    let mut unpacking = Unpacking::new(encoding, limit)?;
+    unpacking.feed(&body)?;
+    decode(unpacking.finish()?)
+}
 
-/// [`read_body`], off the runtime's workers when it decompresses much.
-async fn read_body_off_the_workers(
-    encoding: Option<String>,
-    body: Bytes,
-    limit: usize,
-) -> Result<AgentToServer, BodyProblem> {
-    if encoding.as_deref() != Some("gzip") || body.len() <= INLINE_GZIP {
-        return read_body(encoding.as_deref(), body, limit);
+/// Chunks of a gzip body larger than this are decompressed on the blocking
+/// pool: their output, up to about a thousand times their size, is
+/// milliseconds of CPU that would otherwise hold a runtime worker and every
+/// connection on it.
+const INLINE_GZIP: usize = 4 * 1024;
+
+/// Why a POST body was not received.
+enum Unreceived {
+    Body(BodyProblem),
+    /// Reading it failed (the client went, or sent bad chunking).
+    Read(String),
+}
+
+/// The message in the POST body `body`, read and decompressed as it
+/// arrives (see [`Unpacking`]), each large gzip chunk off the runtime's
+/// workers.
+async fn receive(mut body: Limited<Incoming>, mut unpacking: Unpacking) -> Result<AgentToServer, Unreceived> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Unreceived::Body(BodyProblem::TooLarge)
+            } else {
+                Unreceived::Read(format!("reading the body: {err}"))
+            }
+        })?;
+        let Ok(chunk) = frame.into_data() else {
+            // Trailers carry nothing OpAMP reads.
+            continue;
+        };
+        if unpacking.is_gzip() && chunk.len() > INLINE_GZIP {
+            unpacking = tokio::task::spawn_blocking(move || unpacking.feed(&chunk).map(|()| unpacking))
+                .await
+                .map_err(|err| Unreceived::Read(format!("decompressing the body failed: {err}")))?
+                .map_err(Unreceived::Body)?;
+        } else {
+            unpacking.feed(&chunk).map_err(Unreceived::Body)?;
+        }
     }
-    tokio::task::spawn_blocking(move || read_body(encoding.as_deref(), body, limit))
-        .await
-        .unwrap_or_else(|err| {
-            Err(BodyProblem::Compression(format!(
-                "decompressing the body failed: {err}"
-            )))
-        })
+    unpacking.finish().and_then(decode).map_err(Unreceived::Body)
 }
 
 pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
@@ -186,11 +288,32 @@ pub(super) async fn post(
     if request.body().size_hint().lower() > limit as u64 {
         return too_large();
     }
-    let read = Limited::new(request.into_body(), limit).collect();
-    let body = match tokio::time::timeout(config.message_timeout, read).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(err)) => return server::reply(StatusCode::BAD_REQUEST, format!("reading the body: {err}")),
+    let bad_request = |uid: &[u8], problem: String| {
+        protobuf(
+            StatusCode::BAD_REQUEST,
+            &convert::error_response(uid, problem, None),
+            gzip_response,
+        )
+    };
+    // An encoding not spoken is refused before a byte of the body is read.
+    let unpacking = match Unpacking::new(encoding.as_deref(), limit) {
+        Ok(unpacking) => unpacking,
+        Err(BodyProblem::Encoding(problem)) => return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem),
+        Err(_) => return server::reply(StatusCode::BAD_REQUEST, "the body cannot be read".to_owned()),
+    };
+    // The compressed body is held to the limit too, however it inflates.
+    let body = Limited::new(request.into_body(), limit);
+    let message = match tokio::time::timeout(config.message_timeout, receive(body, unpacking)).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(Unreceived::Body(BodyProblem::TooLarge))) => return too_large(),
+        Ok(Err(Unreceived::Body(BodyProblem::Encoding(problem)))) => {
+            return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem);
+        }
+        Ok(Err(Unreceived::Body(BodyProblem::Compression(problem)))) => {
+            return server::reply(StatusCode::BAD_REQUEST, problem);
+        }
+        Ok(Err(Unreceived::Body(BodyProblem::Message(problem)))) => return bad_request(&[], problem),
+        Ok(Err(Unreceived::Read(problem))) => return server::reply(StatusCode::BAD_REQUEST, problem),
         Err(_) => {
             return server::reply(
                 StatusCode::REQUEST_TIMEOUT,
@@ -200,20 +323,6 @@ pub(super) async fn post(
                 ),
             );
         }
-    };
-    let bad_request = |uid: &[u8], problem: String| {
-        protobuf(
-            StatusCode::BAD_REQUEST,
-            &convert::error_response(uid, problem, None),
-            gzip_response,
-        )
-    };
-    let message = match read_body_off_the_workers(encoding, body, limit).await {
-        Ok(message) => message,
-        Err(BodyProblem::TooLarge) => return too_large(),
-        Err(BodyProblem::Encoding(problem)) => return server::reply(StatusCode::UNSUPPORTED_MEDIA_TYPE, problem),
-        Err(BodyProblem::Compression(problem)) => return server::reply(StatusCode::BAD_REQUEST, problem),
-        Err(BodyProblem::Message(problem)) => return bad_request(&[], problem),
     };
     let uid = match super::instance_uid(&message.instance_uid) {
         Ok(uid) => uid,
