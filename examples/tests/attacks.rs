@@ -2,20 +2,24 @@
 //! supervisor in the process serving gRPC and OpAMP, one legitimate agent,
 //! and clients that spend the server's resources without credentials —
 //! silent connections by the hundred on every port, messages of 60 MiB
-//! begun with a bogus bearer token and stalled, a revoked device, forged, expired and other
+//! begun with a bogus bearer token and stalled, slow headers, gzip bombs, a
+//! device flooding reports, a revoked device, forged, expired and other
 //! devices' tokens, garbage on every port.
 //! Throughout, the server's memory stays within a stated bound, every
 //! attacking connection is closed within its deadline, and the legitimate
 //! agent stays connected and has a toggle acked.
 //!
-//! A small fleet of attackers here; `scripts/attack/stalled-messages`
-//! measures the stalled-message attack against a build of your choice.
+//! A small fleet of attackers here; `scripts/attack/each` runs each attack
+//! at full size (a thousand connections a port) against a build of your
+//! choice, for the figures in docs/performance.md.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use opamp_core::DeviceId;
+use opamp_core::transport::{AgentConnector as _, DeviceHello, FromDevice, StatusReport};
 use opamp_transport::auth::FleetKey;
+use opamp_transport::websocket::{OpampConnector, OpampConnectorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -133,6 +137,16 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
             silent.push(TcpStream::connect(address.as_str()).await.unwrap());
         }
     }
+    // Slow ones, half a header and then nothing: the same deadline.
+    for address in [&api, &opamp] {
+        for _ in 0..SILENT {
+            let mut slow = TcpStream::connect(address.as_str()).await.unwrap();
+            slow.write_all(b"GET /v1/opamp HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .unwrap();
+            silent.push(slow);
+        }
+    }
 
     // 60 MiB messages begun with a bogus bearer token, then stalled: of the
     // v1 form, which names no device, so that only the first message can
@@ -222,6 +236,71 @@ async fn the_server_keeps_serving_its_agents_while_attacked() {
     })
     .await;
     stolen.terminate().await;
+
+    // Gzip bombs (256 MiB of zeros, a quarter of a MiB on the wire) under an
+    // unchecked token: refused 413 as soon as they inflate past the limit.
+    let bomb = {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            encoder.write_all(&zeros).unwrap();
+        }
+        encoder.finish().unwrap()
+    };
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(opamp.as_str()).await.unwrap();
+        let head = format!(
+            "POST /v1/opamp HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Encoding: gzip\r\n\
+             Authorization: Bearer v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\nContent-Length: {}\r\n\r\n",
+            bomb.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The server may answer and close before it has all.
+        let _ = stream.write_all(&bomb).await;
+        let mut answer = vec![0; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .expect("a gzip bomb answered in time")
+            .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "a gzip bomb: {answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a gzip bomb took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // A device flooding reports: past its burst it is told to wait (and our
+    // client ends its session, naming the rate); the others carry on.
+    let flooder_id = DeviceId::new("flooder").unwrap();
+    let connector = OpampConnector::new(
+        OpampConnectorConfig::new(format!("ws://{opamp}/v1/opamp")).token(fleet.token(&flooder_id)),
+    )
+    .unwrap();
+    let mut flooder = connector.connect(&DeviceHello::new(flooder_id)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..1_000 {
+            let report = FromDevice::Status(StatusReport::default());
+            if flooder.outbound.send(report).await.is_err() {
+                break;
+            }
+        }
+        loop {
+            match flooder.inbound.recv().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the flood answered in time");
+    match ended {
+        Err(err) => assert!(err.to_string().contains("reports a minute"), "{err}"),
+        Ok(other) => panic!("a flooding device is told to wait, not {other:?}"),
+    }
 
     // Garbage on every port: answered or closed, nothing else.
     for address in [&api, &opamp, &grpc] {

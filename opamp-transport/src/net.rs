@@ -112,3 +112,62 @@ impl Drop for AddressSlot {
         }
     }
 }
+
+/// Connections that have not yet proved a credential, capped: clients
+/// without a valid one can hold at most so many connections (and their
+/// buffers and handshakes), whatever the other caps. A connection past the
+/// cap is closed as soon as it is accepted.
+#[derive(Debug)]
+pub(crate) struct Unverified {
+    cap: usize,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl Unverified {
+    /// At most `cap` unverified connections at once.
+    pub(crate) fn new(cap: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Unverified {
+            cap,
+            open: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// A place for a connection just accepted, held until it is verified or
+    /// dropped; none when the cap is reached.
+    pub(crate) fn admit(self: &std::sync::Arc<Self>, peer: SocketAddr) -> Option<UnverifiedSlot> {
+        use std::sync::atomic::Ordering;
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cap {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(%peer, cap = self.cap, "refusing a connection: the unverified ones are at their cap");
+            return None;
+        }
+        Some(UnverifiedSlot {
+            unverified: std::sync::Arc::clone(self),
+            held: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+/// A connection's place among the unverified ones: given back once it
+/// proves a credential ([`verified`](Self::verified)), or when dropped.
+#[derive(Debug)]
+pub(crate) struct UnverifiedSlot {
+    unverified: std::sync::Arc<Unverified>,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl UnverifiedSlot {
+    /// The connection proved a credential: its place goes back (once).
+    pub(crate) fn verified(&self) {
+        use std::sync::atomic::Ordering;
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.unverified.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for UnverifiedSlot {
+    fn drop(&mut self) {
+        self.verified();
+    }
+}

@@ -600,3 +600,46 @@ async fn one_address_has_at_most_its_share_of_connections() {
 async fn a_revoked_device_is_refused_naming_its_revocation() {
     common::a_revoked_device_is_refused_naming_its_revocation(&Grpc).await;
 }
+
+/// Connections on which no device has registered are capped: past the cap,
+/// new ones are closed as they come (not at the handshake deadline);
+/// connections whose device registered do not count; a silent one that goes
+/// gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_connections_past_their_cap_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let fleet = Fleet::new().await;
+    let (s1, transport, url) = supervisor(&fleet, "s1", |c| c.max_unverified_connections(3), |c| c).await;
+    let address = transport.local_addr();
+    let _registered = [raw_device(&url, "v1").await, raw_device(&url, "v2").await];
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut past = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut scratch = [0; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match past.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection past the cap was not closed at once");
+
+    drop(silent.pop());
+    let mut back = None;
+    for _ in 0..50 {
+        if let Ok(session) = connector(&url, "v3").connect(&common::hello("v3")).await {
+            back = Some(session);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back.is_some(), "a place given back by the silent connection that went");
+    fleet.owner_is("v3", Some("s1")).await;
+    s1.shutdown().await;
+}

@@ -9,7 +9,9 @@
 //! [`OPENING_BYTES`] within the deadline or its reads fail, which ends the
 //! connection; and no more than `max_connections` are served at once (the
 //! rest wait in the listen backlog, as a flood should), nor more than
-//! `max_connections_per_address` from one address (the rest are closed).
+//! `max_connections_per_address` from one address, nor more than
+//! `max_unverified_connections` on which no device has registered yet (the
+//! rest are closed).
 
 use std::future::Future;
 use std::io;
@@ -27,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::debug;
 
-use crate::net::{AddressSlot, PerAddress};
+use crate::net::{AddressSlot, PerAddress, Unverified, UnverifiedSlot};
 use crate::tls::{Certified, MaybeTls, Reloadable, ServerStream};
 
 /// The HTTP/2 client preface is 24 bytes, and a TLS ClientHello is longer:
@@ -43,6 +45,7 @@ pub(super) fn incoming(
     deadline: Duration,
     tls: Option<Arc<Reloadable>>,
     per_address: Arc<PerAddress>,
+    unverified: Arc<Unverified>,
 ) -> ReceiverStream<io::Result<Opening>> {
     let (connections, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -70,7 +73,14 @@ pub(super) fn incoming(
             let Some(from) = per_address.admit(peer) else {
                 continue;
             };
-            let slot = (slot, from);
+            let Some(unverified) = unverified.admit(peer) else {
+                continue;
+            };
+            let slot = Slots {
+                _served: slot,
+                _from: from,
+                unverified: Arc::new(unverified),
+            };
             let _ = stream.set_nodelay(true);
             let Some(tls) = &tls else {
                 let opening = Opening::new(MaybeTls::Plain(stream), None, peer, slot, deadline);
@@ -101,6 +111,16 @@ pub(super) struct ConnectionInfo {
     pub(super) peer: SocketAddr,
     /// The device its client certificate names, if it presented one.
     pub(super) certified: Certified,
+    /// Its place among the unverified connections, given back once a
+    /// device registers on it.
+    pub(super) unverified: Arc<UnverifiedSlot>,
+}
+
+/// A connection's places: among those served, its address's, and the unverified ones.
+struct Slots {
+    _served: OwnedSemaphorePermit,
+    _from: AddressSlot,
+    unverified: Arc<UnverifiedSlot>,
 }
 
 /// An accepted socket whose reads fail once its deadline passes before it
@@ -111,24 +131,22 @@ pub(super) struct Opening {
     /// Until the opening bytes arrive.
     deadline: Option<Pin<Box<Sleep>>>,
     heard: usize,
-    /// Its place among the connections served, and among its address's.
-    _slot: (OwnedSemaphorePermit, AddressSlot),
+    /// Its places among the connections served, its address's and the unverified ones.
+    _slots: Slots,
 }
 
 impl Opening {
-    fn new(
-        stream: ServerStream,
-        certified: Certified,
-        peer: SocketAddr,
-        slot: (OwnedSemaphorePermit, AddressSlot),
-        deadline: Duration,
-    ) -> Self {
+    fn new(stream: ServerStream, certified: Certified, peer: SocketAddr, slots: Slots, deadline: Duration) -> Self {
         Opening {
             stream,
-            info: ConnectionInfo { peer, certified },
+            info: ConnectionInfo {
+                peer,
+                certified,
+                unverified: Arc::clone(&slots.unverified),
+            },
             deadline: Some(Box::pin(tokio::time::sleep(deadline))),
             heard: 0,
-            _slot: slot,
+            _slots: slots,
         }
     }
 }

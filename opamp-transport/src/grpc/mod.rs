@@ -160,6 +160,12 @@ pub struct GrpcServerConfig {
     /// they come. 0 (the default) for no cap: devices behind one NAT share
     /// an address. Set it where devices have addresses of their own.
     pub max_connections_per_address: usize,
+    /// Connections open at once on which no device has registered yet
+    /// (in their TLS handshake, their HTTP/2 preface, or a first stream
+    /// whose register message has not come or did not authenticate). More
+    /// are closed as they are accepted, so that clients without a valid
+    /// credential hold at most this many. Default 10,000.
+    pub max_unverified_connections: usize,
     /// What a device may say about itself: a register message over these
     /// is refused `INVALID_ARGUMENT`, naming the field.
     pub device_limits: DeviceLimits,
@@ -182,6 +188,7 @@ impl GrpcServerConfig {
             max_streams_per_connection: 4,
             max_connections: 50_000,
             max_connections_per_address: 0,
+            max_unverified_connections: 10_000,
             device_limits: DeviceLimits::default(),
         }
     }
@@ -207,6 +214,12 @@ impl GrpcServerConfig {
     /// Serving at most `connections` at once from one address (0: no cap).
     pub fn max_connections_per_address(mut self, connections: usize) -> Self {
         self.max_connections_per_address = connections;
+        self
+    }
+
+    /// Holding at most `connections` on which no device has registered yet (at least 1).
+    pub fn max_unverified_connections(mut self, connections: usize) -> Self {
+        self.max_unverified_connections = connections.max(1);
         self
     }
 

@@ -60,6 +60,7 @@ impl GrpcTransport {
             config.register_timeout,
             tls.clone(),
             crate::net::PerAddress::new(config.max_connections_per_address),
+            crate::net::Unverified::new(config.max_unverified_connections),
         );
 
         let (sessions, accepted) = mpsc::channel(config.accept_queue);
@@ -179,6 +180,7 @@ impl ControlService for Handler {
             DeviceAuth::ClientCertificate => Some(certified_device(connection)?),
             DeviceAuth::FleetToken(_) => None,
         };
+        let unverified = connection.map(|info| Arc::clone(&info.unverified));
         let mut stream = request.into_inner();
 
         let first = tokio::time::timeout(shared.register_timeout, stream.message())
@@ -202,6 +204,9 @@ impl ControlService for Handler {
         };
         let claimed = convert::claimed_device(&identity).map_err(Status::invalid_argument)?;
         let device = authenticate(&shared.auth, claimed, certified, &identity.token)?;
+        if let Some(unverified) = unverified {
+            unverified.verified();
+        }
         let hello = convert::hello(device, identity).map_err(Status::invalid_argument)?;
         shared
             .device_limits

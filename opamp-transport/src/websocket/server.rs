@@ -158,8 +158,8 @@ pub(super) struct Shared {
     /// Instance uids with a registered agent, and which connection has each.
     live: Mutex<HashMap<[u8; 16], u64>>,
     connections: AtomicUsize,
-    /// Connections not yet past a successful request (see `Unverified`).
-    unverified: AtomicUsize,
+    /// Connections not yet past a successful request.
+    unverified: Arc<crate::net::Unverified>,
     pending: AtomicUsize,
     next_owner: AtomicU64,
     pub(super) http_agents: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<http::HttpAgent>>>>,
@@ -181,13 +181,14 @@ impl Shared {
     ) -> Self {
         Shared {
             per_address: PerAddress::new(config.max_connections_per_address),
+            unverified: crate::net::Unverified::new(config.max_unverified_connections),
             address_slots: Mutex::new(HashMap::new()),
             config,
             tls,
             sessions,
             live: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
-            unverified: AtomicUsize::new(0),
+
             pending: AtomicUsize::new(0),
             next_owner: AtomicU64::new(HTTP_OWNER + 1),
             http_agents: Mutex::new(HashMap::new()),
@@ -212,41 +213,6 @@ impl Active {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.active.send_modify(|n| *n -= 1);
-    }
-}
-
-/// A connection counted against `max_unverified_connections` until a
-/// request on it is answered with success (its credential held), or it ends.
-struct Unverified {
-    shared: Arc<Shared>,
-    counted: std::sync::atomic::AtomicBool,
-}
-
-impl Unverified {
-    /// The connection's place among the unverified ones; `None` when they are all taken.
-    fn admit(shared: &Arc<Shared>) -> Option<Self> {
-        let before = shared.unverified.fetch_add(1, Ordering::AcqRel);
-        if before >= shared.config.max_unverified_connections {
-            shared.unverified.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Unverified {
-            shared: shared.clone(),
-            counted: true.into(),
-        })
-    }
-
-    /// Gives the place back (once).
-    fn verified(&self) {
-        if self.counted.swap(false, Ordering::AcqRel) {
-            self.shared.unverified.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Drop for Unverified {
-    fn drop(&mut self) {
-        self.verified();
     }
 }
 
@@ -285,8 +251,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Some(_) => None,
             None => continue,
         };
-        let Some(unverified) = Unverified::admit(&shared) else {
-            debug!(%peer, cap = shared.config.max_unverified_connections, "closing a connection: too many unverified ones open");
+        let Some(unverified) = shared.unverified.admit(peer) else {
             continue;
         };
         let unverified = Arc::new(unverified);
