@@ -884,3 +884,64 @@ async fn pipelined_lookups_authenticate_by_scram_md5_and_password() {
         );
     }
 }
+
+/// The connection listening for command endings is left half-open (no byte
+/// passes, and no FIN or reset comes): within a few response timeouts the
+/// store notices, listens on a fresh connection, and endings are announced
+/// again (those announced meanwhile are missed). A silent listener used to
+/// stay silent for good: the control plane fell back to reading each
+/// waited-for record every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endings_are_announced_again_after_the_listening_connection_goes_silent() {
+    use opamp_core::testkit::proxy::FaultProxy;
+    use opamp_core::{CommandRecord, CommandState, TrackingStore};
+    if std::env::var("OPAMP_TEST_POSTGRES_URL").is_ok() {
+        return;
+    }
+    let proxy = FaultProxy::start("127.0.0.1:5440".parse().unwrap()).await.unwrap();
+    let config = PostgresConfig::new(format!("postgres://postgres@{}/postgres", proxy.addr()))
+        .with_schema(fresh_schema())
+        .with_max_connections(4)
+        .with_acquire_timeout(Duration::from_millis(500))
+        .with_response_timeout(Duration::from_millis(500));
+    let store = connect_with(config, Arc::new(ManualClock::starting_now())).await;
+    store.migrate().await.unwrap();
+    let mut endings = store.watch_endings().await.unwrap();
+    let ends = |name: &str| {
+        let command = Command::new(
+            device(name),
+            CommandKind::Restart,
+            Timestamp::now(),
+            Duration::from_secs(30),
+        );
+        let record = CommandRecord::new(command, Some(supervisor("s1")), CommandState::Pending);
+        let mut ended = record.clone();
+        ended.complete(&CommandOutcome::Acked, Timestamp::now());
+        (record, ended)
+    };
+    let (before, ended) = ends("before");
+    store.insert_command(&before).await.unwrap();
+    store.update_command(&ended).await.unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(5), endings.next()).await;
+    assert_eq!(told.ok().flatten(), Some(before.correlation_id()));
+
+    proxy.half_open();
+    // Ends announced while the listener is silent are missed; keep ending
+    // commands until one is told, through fresh connections (the pool's went
+    // silent too: each write waits its deadline, then goes through another).
+    let started = std::time::Instant::now();
+    let mut told_again = None;
+    for n in 0..40 {
+        let (after, ended) = ends(&format!("after-{n}"));
+        if store.insert_command(&after).await.is_err() || store.update_command(&ended).await.is_err() {
+            continue;
+        }
+        if let Ok(Some(id)) = tokio::time::timeout(Duration::from_millis(500), endings.next()).await {
+            assert_eq!(id, after.correlation_id(), "only this end is announced");
+            told_again = Some(started.elapsed());
+            break;
+        }
+    }
+    let took = told_again.expect("endings announced again after the listener went silent");
+    assert!(took < Duration::from_secs(10), "announced again after {took:?}");
+}

@@ -51,6 +51,11 @@ impl Deadlined {
         &self.pool
     }
 
+    /// How long a statement may take to be answered.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs `statement` on a connection of the pool within the deadline.
     async fn run<T>(
         &self,

@@ -61,9 +61,10 @@
 //! answered; past it the call fails as [`Error::Unavailable`] and the
 //! connection is closed instead of going back to the pool, so the pool
 //! opens fresh ones and never runs dry. Notices of commands ending
-//! (`LISTEN`) arrive on a connection of their own that no deadline can
-//! cover; should it go silent, waits for an outcome fall back to reading
-//! the record every second.
+//! (`LISTEN`) arrive on a connection of their own, which is asked a
+//! `SELECT 1` after four deadlines without a notice and replaced if it
+//! does not answer in time; notices sent meanwhile are missed, and waits
+//! for an outcome read the record every second until they come again.
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]

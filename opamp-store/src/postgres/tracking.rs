@@ -150,15 +150,14 @@ impl TrackingStore for PostgresStore {
     }
 
     async fn watch_endings(&self) -> Result<Endings> {
-        let mut listener = PgListener::connect_with(self.db.pool())
-            .await
-            .map_err(PgError::query(|| "connecting to listen for command endings".to_owned()))?;
-        listener
-            .listen(ENDED)
-            .await
-            .map_err(PgError::query(|| format!("LISTEN {ENDED}")))?;
+        let listener = listen(self.db.pool()).await?;
         let (sender, endings) = Endings::channel();
-        tokio::spawn(relay_endings(listener, format!("{} ", self.schema), sender));
+        let relay = Relay {
+            pool: self.db.pool().clone(),
+            deadline: self.db.timeout(),
+            prefix: format!("{} ", self.schema),
+        };
+        tokio::spawn(relay.run(listener, sender));
         Ok(endings)
     }
 
@@ -307,28 +306,94 @@ impl TrackingStore for PostgresStore {
     }
 }
 
+/// A connection listening for command endings, in a pool of its own: a
+/// listener dropped because its connection went silent unlistens on it
+/// first, which never ends, and that must not hold one of the store's
+/// connections for good.
+async fn listen(pool: &sqlx::PgPool) -> Result<PgListener> {
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let mut listener = PgListener::connect_with(&own)
+        .await
+        .map_err(PgError::query(|| "connecting to listen for command endings".to_owned()))?;
+    listener
+        .listen(ENDED)
+        .await
+        .map_err(PgError::query(|| format!("LISTEN {ENDED}")))?;
+    Ok(listener)
+}
+
 /// Passes each end announced for this store's schema (payloads starting
-/// with `prefix`) to the watch until it is dropped. The listener reconnects
-/// by itself when its connection drops; ends announced meanwhile are missed.
-async fn relay_endings(mut listener: PgListener, prefix: String, watch: EndingsSender) {
-    loop {
-        let notification = tokio::select! {
-            _ = watch.closed() => return,
-            notification = listener.recv() => notification,
-        };
-        match notification {
-            Ok(notification) => {
-                let id = (notification.payload().strip_prefix(prefix.as_str())).and_then(|id| id.parse().ok());
-                if let Some(id) = id {
-                    watch.tell(id);
+/// with `prefix`) to a watch until it is dropped.
+///
+/// The listener reconnects by itself when its connection drops; ends
+/// announced meanwhile are missed. A connection that goes silent instead
+/// (a firewall forgot it, its host vanished) neither answers nor drops, so
+/// after [`PROBE_AFTER`] deadlines without a notice the listener is asked a
+/// `SELECT 1`: unanswered within the deadline, it is replaced by a fresh one.
+struct Relay {
+    pool: sqlx::PgPool,
+    deadline: std::time::Duration,
+    prefix: String,
+}
+
+/// How many statement deadlines a quiet listener waits before it is probed.
+const PROBE_AFTER: u32 = 4;
+
+impl Relay {
+    async fn run(self, mut listener: PgListener, watch: EndingsSender) {
+        let quiet = self.deadline.saturating_mul(PROBE_AFTER);
+        loop {
+            let notification = tokio::select! {
+                _ = watch.closed() => return,
+                notification = listener.recv() => notification,
+                _ = tokio::time::sleep(quiet) => {
+                    let probe = sqlx::query("SELECT 1").execute(&mut listener);
+                    if !matches!(tokio::time::timeout(self.deadline, probe).await, Ok(Ok(_))) {
+                        tracing::warn!("the connection listening for command endings went silent; listening on a fresh one");
+                        match self.relisten(&watch).await {
+                            Some(fresh) => listener = fresh,
+                            None => return,
+                        }
+                    }
+                    continue;
+                }
+            };
+            match notification {
+                Ok(notification) => {
+                    let id = (notification.payload().strip_prefix(self.prefix.as_str())).and_then(|id| id.parse().ok());
+                    if let Some(id) = id {
+                        watch.tell(id);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "listening for command endings failed; trying again in 1s");
+                    tokio::select! {
+                        _ = watch.closed() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
                 }
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "listening for command endings failed; trying again in 1s");
-                tokio::select! {
-                    _ = watch.closed() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+
+    /// A fresh listener, tried every second until one answers; `None` once the watch is gone.
+    async fn relisten(&self, watch: &EndingsSender) -> Option<PgListener> {
+        loop {
+            let opening = tokio::time::timeout(self.deadline.saturating_mul(2), listen(&self.pool));
+            match opening.await {
+                Ok(Ok(listener)) => return Some(listener),
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "listening for command endings again failed; trying again in 1s")
                 }
+                Err(_) => tracing::warn!("listening for command endings again timed out; trying again in 1s"),
+            }
+            tokio::select! {
+                _ = watch.closed() => return None,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
         }
     }
