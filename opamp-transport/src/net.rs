@@ -157,6 +157,11 @@ pub(crate) struct UnverifiedSlot {
 }
 
 impl UnverifiedSlot {
+    /// Whether the connection has proved a credential.
+    pub(crate) fn is_verified(&self) -> bool {
+        !self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The connection proved a credential: its place goes back (once).
     pub(crate) fn verified(&self) {
         use std::sync::atomic::Ordering;

@@ -643,3 +643,39 @@ async fn unverified_connections_past_their_cap_are_closed_at_once() {
     fleet.owner_is("v3", Some("s1")).await;
     s1.shutdown().await;
 }
+
+/// A connection whose registration was refused, kept open by its client,
+/// is closed at its deadline: it does not hold its place among the
+/// unverified connections for as long as it answers pings, so a device
+/// that comes after it registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_which_no_device_registers_is_closed_at_its_deadline() {
+    let fleet = Fleet::new().await;
+    let (s1, _transport, url) = supervisor(
+        &fleet,
+        "s1",
+        |c| c.register_timeout(Duration::from_secs(1)).max_unverified_connections(1),
+        |c| c,
+    )
+    .await;
+    let channel = raw::connect(&url).await;
+    match raw::call_on(channel.clone(), vec![register_frame("intruder", "not-a-token")]).await {
+        Ok(stream) => assert_eq!(closing_status(stream).await.code(), tonic::Code::Unauthenticated),
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unauthenticated),
+    }
+    let started = std::time::Instant::now();
+    let mut registered = None;
+    while registered.is_none() && started.elapsed() < WAIT {
+        match connector(&url, "d1").connect(&common::hello("d1")).await {
+            Ok(session) => registered = Some(session),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(
+        registered.is_some(),
+        "the refused connection still held the only unverified place after {WAIT:?}"
+    );
+    fleet.owner_is("d1", Some("s1")).await;
+    drop(channel);
+    s1.shutdown().await;
+}

@@ -7,7 +7,10 @@
 //! connections by the thousand would cost a supervisor its file
 //! descriptors. Here each accepted socket must deliver its first
 //! [`OPENING_BYTES`] within the deadline or its reads fail, which ends the
-//! connection; and no more than `max_connections` are served at once (the
+//! connection, and one on which no device has registered within twice the
+//! deadline after that is closed too (a refused client could otherwise keep
+//! it, answering pings, for ever); and no more than `max_connections` are
+//! served at once (the
 //! rest wait in the listen backlog, as a flood should), nor more than
 //! `max_connections_per_address` from one address, nor more than
 //! `max_unverified_connections` on which no device has registered yet (the
@@ -124,13 +127,19 @@ struct Slots {
 }
 
 /// An accepted socket whose reads fail once its deadline passes before it
-/// sent [`OPENING_BYTES`]; it holds its slot among the connections served.
+/// sent [`OPENING_BYTES`] and a device registered on it; it holds its slot
+/// among the connections served.
 pub(super) struct Opening {
     stream: ServerStream,
     info: ConnectionInfo,
-    /// Until the opening bytes arrive.
+    /// Until the opening bytes arrive, then until a device registers.
     deadline: Option<Pin<Box<Sleep>>>,
     heard: usize,
+    /// How long a device has to register once the connection has begun:
+    /// twice the registration deadline, so that a stream's own deadline
+    /// answers it first (`DEADLINE_EXCEEDED`) and this one only cuts a
+    /// connection that stays without a device.
+    register_within: Duration,
     /// Its places among the connections served, its address's and the unverified ones.
     _slots: Slots,
 }
@@ -146,6 +155,7 @@ impl Opening {
             },
             deadline: Some(Box::pin(tokio::time::sleep(deadline))),
             heard: 0,
+            register_within: deadline.saturating_mul(2),
             _slots: slots,
         }
     }
@@ -157,14 +167,27 @@ impl AsyncRead for Opening {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if this.deadline.is_some() {
+            let was = this.heard;
             this.heard += buf.filled().len() - before;
-            if this.heard >= OPENING_BYTES {
+            if was < OPENING_BYTES && this.heard >= OPENING_BYTES {
+                if let Some(deadline) = this.deadline.as_mut() {
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.register_within);
+                }
+            }
+            // Until a device registers on it, not only until it begins: one
+            // whose registration was refused would otherwise hold its place
+            // among the unverified connections for as long as it answers pings.
+            if this.heard >= OPENING_BYTES && this._slots.unverified.is_verified() {
                 this.deadline = None;
             } else if read.is_pending() && this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the connection sent no handshake within its deadline",
-                )));
+                let what = if this.heard < OPENING_BYTES {
+                    "the connection sent no handshake within its deadline"
+                } else {
+                    "no device registered on the connection within its deadline"
+                };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
             }
         }
         read

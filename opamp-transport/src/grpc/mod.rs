@@ -164,7 +164,9 @@ pub struct GrpcServerConfig {
     /// (in their TLS handshake, their HTTP/2 preface, or a first stream
     /// whose register message has not come or did not authenticate). More
     /// are closed as they are accepted, so that clients without a valid
-    /// credential hold at most this many. Default 10,000.
+    /// credential hold at most this many; and one on which no device has
+    /// registered within twice `register_timeout` of its handshake is
+    /// closed, so that none holds its place for long. Default 10,000.
     pub max_unverified_connections: usize,
     /// What a device may say about itself: a register message over these
     /// is refused `INVALID_ARGUMENT`, naming the field.
