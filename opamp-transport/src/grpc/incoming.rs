@@ -11,10 +11,9 @@
 //! deadline after that is closed too (a refused client could otherwise keep
 //! it, answering pings, for ever); and no more than `max_connections` are
 //! served at once (the rest wait in the listen backlog, as a flood should),
-//! nor more than
-//! `max_connections_per_address` from one address, nor more than
-//! `max_unverified_connections` on which no device has registered yet (the
-//! rest are closed).
+//! nor more than `max_connections_per_address` from one address, nor more
+//! than `max_unverified_connections` on which no device has registered yet
+//! (the rest are closed).
 
 use std::future::Future;
 use std::io;
